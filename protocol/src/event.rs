@@ -1,0 +1,214 @@
+//! Messages besides jobs and results: operator [`Event`]s, build [`LogChunk`]s and
+//! [`Cancel`] requests.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{JobId, ProjectId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum EventSchema {
+    #[default]
+    #[serde(rename = "corral.event.v1")]
+    V1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum LogSchema {
+    #[default]
+    #[serde(rename = "corral.log.v1")]
+    V1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum CancelSchema {
+    #[default]
+    #[serde(rename = "corral.cancel.v1")]
+    V1,
+}
+
+/// What happened. Alerts (something a job did that operators should see) and lifecycle.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    // Alerts.
+    Oom,
+    PidsLimit,
+    WallTimeout,
+    CpuLimit,
+    DiskLimit,
+    LogLimit,
+    OutputLimit,
+    SeccompDenied,
+    NetworkAttempt,
+    Cancelled,
+    InvalidJob,
+    PlatformError,
+    // Lifecycle.
+    JobStarted,
+    JobFinished,
+    JobRedelivered,
+    WorkerStarted,
+    WorkerDraining,
+    WorkerStopped,
+    BrokerReconnected,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Oom => "oom",
+            EventKind::PidsLimit => "pids_limit",
+            EventKind::WallTimeout => "wall_timeout",
+            EventKind::CpuLimit => "cpu_limit",
+            EventKind::DiskLimit => "disk_limit",
+            EventKind::LogLimit => "log_limit",
+            EventKind::OutputLimit => "output_limit",
+            EventKind::SeccompDenied => "seccomp_denied",
+            EventKind::NetworkAttempt => "network_attempt",
+            EventKind::Cancelled => "cancelled",
+            EventKind::InvalidJob => "invalid_job",
+            EventKind::PlatformError => "platform_error",
+            EventKind::JobStarted => "job_started",
+            EventKind::JobFinished => "job_finished",
+            EventKind::JobRedelivered => "job_redelivered",
+            EventKind::WorkerStarted => "worker_started",
+            EventKind::WorkerDraining => "worker_draining",
+            EventKind::WorkerStopped => "worker_stopped",
+            EventKind::BrokerReconnected => "broker_reconnected",
+        }
+    }
+}
+
+/// How urgently an operator should look. Events are routed on `<severity>.<kind>.<project>`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// An operator alert or lifecycle event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "corral event", extend("$id" = "https://corral.dev/schema/corral.event.v1.json"))]
+pub struct Event {
+    pub schema: EventSchema,
+    pub kind: EventKind,
+    pub severity: Severity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<ProjectId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// The worker that saw it.
+    pub worker: String,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// A one-line summary for humans.
+    pub message: String,
+    /// Kind-specific facts (syscall names and counts, limits, peaks…).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+impl Event {
+    /// The topic routing key: `<severity>.<kind>.<project>` (`-` when there is no project).
+    pub fn routing_key(&self) -> String {
+        let project = self.project.as_ref().map_or("-", ProjectId::as_str);
+        format!(
+            "{}.{}.{}",
+            self.severity.as_str(),
+            self.kind.as_str(),
+            project
+        )
+    }
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    /// Lines the worker adds (stage changes, limit notices).
+    System,
+}
+
+/// A piece of a build's output, published while the build runs. Chunks of one job carry
+/// consecutive `seq` numbers from 0; the last has `eof: true`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "corral log chunk", extend("$id" = "https://corral.dev/schema/corral.log.v1.json"))]
+pub struct LogChunk {
+    pub schema: LogSchema,
+    pub job_id: JobId,
+    pub project: ProjectId,
+    pub seq: u64,
+    pub stream: Stream,
+    /// The bytes, base64 (standard alphabet, padded): build output need not be UTF-8.
+    #[schemars(extend("contentEncoding" = "base64"))]
+    pub data: String,
+    #[serde(default)]
+    pub eof: bool,
+}
+
+impl LogChunk {
+    pub fn new(
+        job_id: JobId,
+        project: ProjectId,
+        seq: u64,
+        stream: Stream,
+        bytes: &[u8],
+        eof: bool,
+    ) -> Self {
+        LogChunk {
+            schema: LogSchema::V1,
+            job_id,
+            project,
+            seq,
+            stream,
+            data: base64::engine::general_purpose::STANDARD.encode(bytes),
+            eof,
+        }
+    }
+
+    /// The decoded bytes, or `None` when `data` is not valid base64.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .ok()
+    }
+}
+
+/// Ask the workers to stop a job: a running one ends `cancelled`; one not yet started is
+/// answered `cancelled` without building.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "corral cancel", extend("$id" = "https://corral.dev/schema/corral.cancel.v1.json"))]
+pub struct Cancel {
+    pub schema: CancelSchema,
+    pub job_id: JobId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<ProjectId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+}

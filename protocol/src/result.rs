@@ -1,0 +1,234 @@
+//! [`JobResult`]: the one final answer to a job.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::ProtocolError;
+use crate::ids::{JobId, ProjectId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum ResultSchema {
+    #[default]
+    #[serde(rename = "corral.result.v1")]
+    V1,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The build exited 0 and its output is stored.
+    Succeeded,
+    /// The build's own fault: non-zero exit, a signal, a resource limit.
+    Failed,
+    /// The build ran past its wall-clock or CPU-time limit.
+    TimedOut,
+    /// The build was killed for breaking a rule (memory, pids, disk, logs, seccomp).
+    Killed,
+    /// A cancel message stopped it, or it was cancelled before it started.
+    Cancelled,
+    /// The job message was invalid; nothing ran.
+    Rejected,
+    /// The platform failed (store, host, worker) and gave up after retries.
+    Error,
+}
+
+impl Status {
+    /// Whether the job's output is usable.
+    pub fn is_success(self) -> bool {
+        self == Status::Succeeded
+    }
+}
+
+/// Why a job did not succeed.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The build exited with a non-zero code.
+    NonzeroExit,
+    /// The build's main process died of a signal it did not get from corral.
+    Signal,
+    Oom,
+    WallTimeout,
+    CpuLimit,
+    PidsLimit,
+    DiskLimit,
+    LogLimit,
+    /// The build's output exceeded the snapshot size cap.
+    OutputLimit,
+    /// A denied system call ended the build.
+    Seccomp,
+    Cancelled,
+    InvalidJob,
+    PlatformError,
+}
+
+/// A rule the job broke (for `rejected` results): the field, the rule and the text.
+pub type ResultError = ProtocolError;
+
+/// One layer of the built image.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    /// sha256 of the compressed blob.
+    pub digest: Digest,
+    /// sha256 of the uncompressed tar (the image config's `rootfs.diff_ids`).
+    pub diff_id: Digest,
+    /// Size of the compressed blob in bytes.
+    pub size: u64,
+    /// e.g. `application/vnd.oci.image.layer.v1.tar+gzip`.
+    pub media_type: String,
+}
+
+/// The stored output of a build: an OCI image of layers [base, source, build].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Digest of the image manifest.
+    pub manifest_digest: Digest,
+    /// Where to fetch it (`oci-dir:/path:tag`, `registry:5000/repo:tag`…).
+    pub reference: String,
+    pub layers: Vec<Layer>,
+}
+
+/// The stored build log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogRef {
+    pub digest: Digest,
+    pub size: u64,
+    /// The log reached `limits.log_bytes` and was cut there.
+    pub truncated: bool,
+}
+
+/// What a build used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub cpu_user_ms: u64,
+    pub cpu_system_ms: u64,
+    pub memory_peak_bytes: u64,
+    pub pids_peak: u64,
+    pub io_read_bytes: u64,
+    pub io_write_bytes: u64,
+    /// Bytes in the upper dir after the build (what the build added or changed).
+    pub upper_bytes: u64,
+    pub wall_ms: u64,
+    /// Denied system calls by name, with how often each was tried.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub denied_syscalls: BTreeMap<String, u64>,
+}
+
+/// Milliseconds spent in each stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// From `submitted_at_ms` to the worker picking the job up, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_ms: Option<u64>,
+    pub fetch_ms: u64,
+    pub build_ms: u64,
+    pub snapshot_ms: u64,
+    pub upload_ms: u64,
+    pub total_ms: u64,
+}
+
+/// Which worker produced a result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub version: String,
+}
+
+/// The final result of one job. Exactly one is published per job; a redelivered job's
+/// result repeats the first (it comes from the action cache).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "corral job result", extend("$id" = "https://corral.dev/schema/corral.result.v1.json"))]
+pub struct JobResult {
+    pub schema: ResultSchema,
+    pub job_id: JobId,
+    /// Absent only when a rejected message carried no readable project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<ProjectId>,
+    pub status: Status,
+    /// Why, when not `succeeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// A human sentence on what happened, when not `succeeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// For `rejected`: the field and the rule that the job broke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ResultError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<Artifact>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub timings: Timings,
+    /// Whether the result came from the action cache instead of a build.
+    #[serde(default)]
+    pub cached: bool,
+    pub worker: WorkerInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// When the result was made (Unix milliseconds).
+    pub finished_at_ms: u64,
+}
+
+impl JobResult {
+    /// A bare result with the given status; callers fill in the rest.
+    pub fn new(
+        job_id: JobId,
+        project: Option<ProjectId>,
+        status: Status,
+        worker: WorkerInfo,
+    ) -> Self {
+        JobResult {
+            schema: ResultSchema::V1,
+            job_id,
+            project,
+            status,
+            reason: None,
+            message: None,
+            error: None,
+            exit_code: None,
+            signal: None,
+            artifact: None,
+            log: None,
+            usage: None,
+            timings: Timings::default(),
+            cached: false,
+            worker,
+            correlation_id: None,
+            finished_at_ms: 0,
+        }
+    }
+
+    /// The `rejected` result for a job message that failed validation.
+    pub fn rejected(
+        job_id: JobId,
+        project: Option<ProjectId>,
+        error: ProtocolError,
+        worker: WorkerInfo,
+    ) -> Self {
+        let mut result = JobResult::new(job_id, project, Status::Rejected, worker);
+        result.reason = Some(Reason::InvalidJob);
+        result.message = Some(error.to_string());
+        result.error = Some(error);
+        result
+    }
+}

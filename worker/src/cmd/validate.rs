@@ -1,0 +1,51 @@
+//! `corral validate`: check job messages the way a worker would, without running them.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::cli::ValidateArgs;
+use crate::exit;
+
+pub fn run(args: ValidateArgs) -> anyhow::Result<u8> {
+    let mut code = exit::SUCCESS;
+    for file in &args.files {
+        let bytes = read(file)?;
+        let verdict = corral_protocol::decode_job(&bytes);
+        let name = file.display();
+        match (&verdict, args.json) {
+            (Ok(job), true) => println!(
+                "{}",
+                serde_json::json!({"file": name.to_string(), "valid": true, "job_id": job.job_id, "project": job.project})
+            ),
+            (Ok(job), false) => println!(
+                "{name}: valid job {} of project {}",
+                job.job_id, job.project
+            ),
+            (Err(err), true) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"file": name.to_string(), "valid": false, "error": err})
+                )
+            }
+            (Err(err), false) => println!("{name}: invalid: {err} [{}]", err.rule),
+        }
+        if verdict.is_err() {
+            code = exit::INVALID_INPUT;
+        }
+    }
+    Ok(code)
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading standard input")?;
+    } else {
+        bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(bytes)
+}

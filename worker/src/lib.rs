@@ -1,0 +1,9 @@
+//! corral-worker: the `corral` binary's library. It owns the CLI commands, the job pipeline,
+//! the layer writer (snapshots), the stores and the AMQP worker. Raw syscalls live in
+//! `corral-sandbox`; wire types in `corral-protocol`.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod cmd;
+pub mod exit;
+pub mod logging;
