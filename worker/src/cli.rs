@@ -35,6 +35,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print or write the JSON Schemas of the wire messages.
     Schema(SchemaArgs),
+    /// Build, import and list bases: the read-only root filesystems builds run on.
+    #[command(subcommand)]
+    Base(BaseCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,4 +58,80 @@ pub struct SchemaArgs {
     /// Which message's schema to print.
     #[arg(value_parser = ["job", "result", "event", "log", "cancel"], default_value = "job")]
     pub message: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DataDirArg {
+    /// The worker's data dir; bases live in `<DIR>/bases`.
+    #[arg(long = "data-dir", value_name = "DIR", env = "CORRAL_DATA_DIR", default_value = crate::base::DEFAULT_DATA_DIR)]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BaseCommand {
+    /// Build a base with debootstrap (minbase variant); needs root and a Debian mirror.
+    Build(BaseBuildArgs),
+    /// Import a base from a rootfs tarball or a single-layer image tarball (.tar or .tar.gz).
+    Import(BaseImportArgs),
+    /// List the bases with their sizes and layer digests.
+    List(BaseListArgs),
+    /// Show one base's facts (its base.json).
+    Show(BaseShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseBuildArgs {
+    /// Name of the new base, e.g. `python-3.11`.
+    pub name: corral_protocol::BaseName,
+    /// Debian suite.
+    #[arg(long, default_value = "bookworm")]
+    pub suite: String,
+    /// Packages beyond minbase, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "PKG,...")]
+    pub include: Vec<String>,
+    /// Debian mirror URL. Default: the host's, from /etc/apt/sources.list.d/*.sources or
+    /// /etc/apt/sources.list.
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// Keep /usr/share/doc, man and info pages (removed by default; license files stay).
+    #[arg(long)]
+    pub docs: bool,
+    /// Rebuild the base if it exists, swapping the new one in when it is complete.
+    #[arg(long)]
+    pub replace: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseImportArgs {
+    /// Name of the new base.
+    pub name: corral_protocol::BaseName,
+    /// A tar or tar.gz of a root filesystem, or of a single-layer image (`docker save`,
+    /// OCI archive).
+    pub tarball: PathBuf,
+    /// Replace the base if it exists, swapping the new one in when it is complete.
+    #[arg(long)]
+    pub replace: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseListArgs {
+    /// Print the bases as a JSON array of their base.json objects.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseShowArgs {
+    pub name: corral_protocol::BaseName,
+    /// Print the base.json object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
 }
