@@ -84,11 +84,19 @@ pub struct BaseBuildArgs {
     /// Name of the new base, e.g. `python-3.11`.
     pub name: corral_protocol::BaseName,
     /// Debian suite.
-    #[arg(long, default_value = "bookworm")]
+    #[arg(long, default_value = "bookworm", conflicts_with = "recipe")]
     pub suite: String,
     /// Packages beyond minbase, comma-separated.
-    #[arg(long, value_delimiter = ',', value_name = "PKG,...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "PKG,...",
+        conflicts_with = "recipe"
+    )]
     pub include: Vec<String>,
+    /// Take suite and packages from a recipe file, e.g. `fixtures/bases/python-3.11.json`.
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
     /// Debian mirror URL. Default: the host's, from /etc/apt/sources.list.d/*.sources or
     /// /etc/apt/sources.list.
     #[arg(long, value_name = "URL")]

@@ -9,19 +9,40 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
+use serde::{Deserialize, Serialize};
+
 use super::{BaseError, Origin, Progress, Step};
 
-/// What to build.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What to build. Also the format of a base recipe file (`fixtures/bases/<name>.json`):
+/// `{"suite": "bookworm", "include": ["python3", "python3-venv"]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Recipe {
     /// Debian suite, e.g. `bookworm`.
     pub suite: String,
     /// Packages beyond minbase, e.g. `python3`, `python3-venv`.
+    #[serde(default)]
     pub include: Vec<String>,
     /// Mirror URL; `None` reads it from the host's apt sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<String>,
     /// Keep `/usr/share/doc`, `man` and `info`.
+    #[serde(default)]
     pub docs: bool,
+}
+
+impl Recipe {
+    /// Reads a recipe file.
+    pub fn load(path: &Path) -> Result<Recipe, BaseError> {
+        let bytes = fs::read(path).map_err(|source| BaseError::ReadRecipe {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| BaseError::ParseRecipe {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
 }
 
 const VARIANT: &str = "minbase";
@@ -476,6 +497,15 @@ I: Base system installed successfully.
                 "note W: something odd",
             ]
         );
+    }
+
+    #[test]
+    fn fixture_recipes_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bases");
+        let recipe = Recipe::load(&dir.join("python-3.11.json")).unwrap();
+        assert_eq!(recipe.suite, "bookworm");
+        assert_eq!(recipe.include, ["python3", "python3-venv"]);
+        assert_eq!(recipe.mirror, None);
     }
 
     #[test]

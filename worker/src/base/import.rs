@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tar::EntryType;
 
-use super::BaseError;
+use super::{BaseError, Progress, Step};
 
 /// What kind of tarball a base was imported from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,11 +56,15 @@ pub struct Extracted {
 const MAX_METADATA: u64 = 4 << 20;
 
 /// Imports `tarball` into the empty directory `root`.
-pub fn import(tarball: &Path, root: &Path) -> Result<Imported, BaseError> {
+pub fn import(
+    tarball: &Path,
+    root: &Path,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Imported, BaseError> {
     let sha256 = sha256_file(tarball)?;
     let (format, layer) = detect(tarball)?;
     let extracted = match &layer {
-        None => extract(open_decompressed(tarball)?, tarball, root)?,
+        None => extract(open_decompressed(tarball)?, tarball, root, progress)?,
         Some(member) => {
             let mut found = None;
             for_member(tarball, member, |reader| {
@@ -68,6 +72,7 @@ pub fn import(tarball: &Path, root: &Path) -> Result<Imported, BaseError> {
                     decompressed(Box::new(reader), tarball)?,
                     tarball,
                     root,
+                    progress,
                 )?);
                 Ok(())
             })?;
@@ -363,6 +368,7 @@ pub fn extract(
     reader: Box<dyn Read + '_>,
     tarball: &Path,
     root: &Path,
+    progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Extracted, BaseError> {
     let read_err = |source| BaseError::ReadTar {
         path: tarball.to_path_buf(),
@@ -501,6 +507,14 @@ pub fn extract(
             }
         }
         done.entries += 1;
+        if done.entries.is_multiple_of(256) {
+            progress(Progress::Item {
+                step: Step::Import,
+                name: &shown,
+                done: done.entries,
+                total: None,
+            });
+        }
     }
     // Last, since creating entries inside a directory changes its mtime.
     for (dir, mtime) in dir_times {

@@ -102,6 +102,13 @@ pub enum BaseError {
     Log { path: PathBuf, source: io::Error },
     #[error("stripping {}: {source}", path.display())]
     Strip { path: PathBuf, source: io::Error },
+    #[error("reading the base recipe {}: {source}", path.display())]
+    ReadRecipe { path: PathBuf, source: io::Error },
+    #[error("{} is not a valid base recipe: {source}", path.display())]
+    ParseRecipe {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 
     // Importing a tarball.
     #[error("opening {}: {source}", path.display())]
@@ -372,7 +379,7 @@ impl Catalogue {
     ) -> Result<Base, BaseError> {
         self.create_with(name, if_exists, progress, |rootfs, progress| {
             progress(Progress::Step(Step::Import));
-            let imported = import::import(tarball, rootfs)?;
+            let imported = import::import(tarball, rootfs, progress)?;
             Ok(Origin::Import {
                 file: tarball.to_path_buf(),
                 sha256: imported.sha256,

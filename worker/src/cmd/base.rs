@@ -36,7 +36,9 @@ fn exit_code(err: &BaseError) -> u8 {
         | BaseError::Open { .. }
         | BaseError::ReadTar { .. }
         | BaseError::Format { .. }
-        | BaseError::Hostile { .. } => exit::INVALID_INPUT,
+        | BaseError::Hostile { .. }
+        | BaseError::ReadRecipe { .. }
+        | BaseError::ParseRecipe { .. } => exit::INVALID_INPUT,
         _ => exit::PLATFORM_ERROR,
     }
 }
@@ -51,11 +53,19 @@ fn if_exists(replace: bool) -> IfExists {
 
 fn build(args: BaseBuildArgs) -> Result<(), BaseError> {
     let catalogue = Catalogue::open(&args.data_dir.dir)?;
-    let recipe = Recipe {
-        suite: args.suite,
-        include: args.include,
-        mirror: args.mirror,
-        docs: args.docs,
+    let recipe = match &args.recipe {
+        Some(path) => {
+            let mut recipe = Recipe::load(path)?;
+            recipe.mirror = args.mirror.or(recipe.mirror);
+            recipe.docs |= args.docs;
+            recipe
+        }
+        None => Recipe {
+            suite: args.suite,
+            include: args.include,
+            mirror: args.mirror,
+            docs: args.docs,
+        },
     };
     eprintln!(
         "corral: building base {} with debootstrap ({} minbase{}{}); this takes a minute or two",
