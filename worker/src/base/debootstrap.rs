@@ -102,7 +102,7 @@ fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    tracing::info!(?command, "running debootstrap");
+    tracing::debug!(?command, "running debootstrap");
     let mut child = command.spawn().map_err(|source| BaseError::Spawn {
         program: "debootstrap",
         source,
@@ -399,7 +399,7 @@ pub fn strip(rootfs: &Path, docs: bool) -> Result<u64, BaseError> {
             })?;
         }
     }
-    tracing::info!(freed, "stripped the base");
+    tracing::debug!(freed, "stripped the base");
     Ok(freed)
 }
 

@@ -82,7 +82,7 @@ pub fn import(
             })?
         }
     };
-    tracing::info!(
+    tracing::debug!(
         file = %tarball.display(),
         ?format,
         entries = extracted.entries,
@@ -516,6 +516,12 @@ pub fn extract(
             });
         }
     }
+    progress(Progress::Item {
+        step: Step::Import,
+        name: "",
+        done: done.entries,
+        total: Some(done.entries),
+    });
     // Last, since creating entries inside a directory changes its mtime.
     for (dir, mtime) in dir_times {
         set_times(&dir, mtime, false)?;
