@@ -424,7 +424,13 @@ pub fn extract(
         if let Some(existing) = &existing {
             match (existing.is_dir(), kind.is_dir()) {
                 (true, true) => {}
-                (true, false) => fs::remove_dir(&path).map_err(write_err)?,
+                (true, false) => fs::remove_dir(&path).map_err(|err| {
+                    if err.kind() == io::ErrorKind::DirectoryNotEmpty {
+                        hostile("it would replace a directory that is not empty".into())
+                    } else {
+                        write_err(err)
+                    }
+                })?,
                 // A file or symlink is replaced, never written through.
                 (false, _) => fs::remove_file(&path).map_err(write_err)?,
             }

@@ -706,6 +706,67 @@ mod tests {
         assert!(none.to_string().contains("no bases in /d/bases yet"));
     }
 
+    fn fill(rootfs: &Path, content: &str) -> Result<Origin, BaseError> {
+        fs::create_dir(rootfs.join("etc")).unwrap();
+        fs::write(rootfs.join("etc/os-release"), content).unwrap();
+        Ok(Origin::Import {
+            file: "test.tar".into(),
+            sha256: "sha256:00".into(),
+            format: ImportFormat::RootfsTar,
+        })
+    }
+
+    #[test]
+    fn creation_keeps_fails_or_replaces_an_existing_base() {
+        let data = tempfile::tempdir().unwrap();
+        let catalogue = Catalogue::open(data.path()).unwrap();
+        let name = BaseName::new("b").unwrap();
+        let quiet = &mut |_: Progress<'_>| {};
+        let base = catalogue
+            .create_with(&name, IfExists::Fail, quiet, |r, _| fill(r, "one"))
+            .unwrap();
+        assert_eq!((base.info.files, base.info.size), (2, 3));
+        assert_eq!(catalogue.get(&name).unwrap().info, base.info);
+
+        let err = catalogue
+            .create_with(&name, IfExists::Fail, quiet, |r, _| fill(r, "two"))
+            .unwrap_err();
+        assert!(matches!(err, BaseError::Exists { .. }));
+        let kept = catalogue
+            .create_with(&name, IfExists::Keep, quiet, |_, _| {
+                panic!("must not rebuild")
+            })
+            .unwrap();
+        assert_eq!(kept.info, base.info);
+        let replaced = catalogue
+            .create_with(&name, IfExists::Replace, quiet, |r, _| fill(r, "three"))
+            .unwrap();
+        assert_eq!(
+            fs::read_to_string(replaced.rootfs().join("etc/os-release")).unwrap(),
+            "three"
+        );
+
+        // A failed creation leaves neither a base nor a build behind.
+        let other = BaseName::new("c").unwrap();
+        let err = catalogue
+            .create_with(&other, IfExists::Fail, quiet, |rootfs, _| {
+                fs::write(rootfs.join("half"), "x").unwrap();
+                Err(BaseError::Format {
+                    path: "x.tar".into(),
+                    why: "broken".into(),
+                })
+            })
+            .unwrap_err();
+        assert!(matches!(err, BaseError::Format { .. }));
+        assert_eq!(catalogue.names().unwrap(), vec![name]);
+        let hidden: Vec<_> = fs::read_dir(catalogue.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.ends_with(".lock") && n.starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{hidden:?}");
+    }
+
     #[test]
     fn base_info_round_trips_with_and_without_a_layer() {
         let info = BaseInfo {
