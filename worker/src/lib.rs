@@ -8,3 +8,5 @@ pub mod cli;
 pub mod cmd;
 pub mod exit;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
