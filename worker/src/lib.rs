@@ -4,7 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod base;
+pub mod cache;
 pub mod cli;
 pub mod cmd;
 pub mod exit;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
