@@ -225,6 +225,74 @@ fn imports_a_single_layer_image_archive() {
     assert!(!data.join("bases/img/rootfs/manifest.json").exists());
 }
 
+fn run(command: &mut Command) {
+    let out = command.output().expect("running a tool");
+    assert!(out.status.success(), "{command:?}: {}", text(&out.stderr));
+}
+
+/// An OCI image made by umoci, tarred: one layer imports, two are refused.
+#[test]
+fn imports_a_single_layer_oci_archive_and_refuses_more_layers() {
+    let umoci = Command::new("umoci").arg("--version").output().is_ok();
+    if !require(umoci, "umoci") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (layout, bundle) = (tmp.path().join("layout"), tmp.path().join("bundle"));
+    let image = format!("{}:t", layout.display());
+    run(Command::new("umoci")
+        .arg("init")
+        .arg("--layout")
+        .arg(&layout));
+    run(Command::new("umoci").args(["new", "--image", &image]));
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &image])
+        .arg(&bundle));
+    make_tree(&bundle.join("rootfs"));
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+    let one_layer = tmp.path().join("one.tar");
+    gnu_tar(&layout, &one_layer, false);
+
+    let data = tmp.path().join("data");
+    let out = corral(
+        &["base", "import", "oci", one_layer.to_str().unwrap()],
+        &data,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let base = &list_json(&data)[0];
+    assert_eq!(base["created"]["origin"]["format"], "oci_archive");
+    let rootfs = data.join("bases/oci/rootfs");
+    assert_eq!(
+        fs::read_link(rootfs.join("etc/alternatives/python")).unwrap(),
+        Path::new("/usr/bin/python3.11")
+    );
+    assert!(!rootfs.join("index.json").exists());
+
+    // A repack adds one layer to the image its bundle was unpacked from.
+    let bundle2 = tmp.path().join("bundle2");
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &image])
+        .arg(&bundle2));
+    fs::write(bundle2.join("rootfs/etc/second"), "layer two\n").unwrap();
+    run(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle2));
+    let two_layers = tmp.path().join("two.tar");
+    gnu_tar(&layout, &two_layers, false);
+    let out = corral(
+        &["base", "import", "oci2", two_layers.to_str().unwrap()],
+        &data,
+    );
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        text(&out.stderr).contains("the image has 2 layers; only single-layer images"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 #[test]
 fn an_unknown_base_is_an_error_listing_the_available_ones() {
     let tmp = tempfile::tempdir().unwrap();

@@ -321,7 +321,9 @@ fn safe_relative(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
     if raw.contains(&0) {
         return Err("the name contains a NUL byte".into());
     }
-    if raw.starts_with(b"/") {
+    // umoci and others name the root directory itself "/": that one is the root, not an
+    // absolute path.
+    if raw.starts_with(b"/") && !raw.iter().all(|b| *b == b'/') {
         return Err("absolute paths are not allowed".into());
     }
     let mut parts = Vec::new();
@@ -648,6 +650,7 @@ mod tests {
             vec![&b"usr"[..], b"bin", b"python3"]
         );
         assert!(safe_relative(b"./").unwrap().is_empty());
+        assert!(safe_relative(b"/").unwrap().is_empty());
         assert!(safe_relative(b"/etc/passwd").is_err());
         assert!(safe_relative(b"../x").is_err());
         assert!(safe_relative(b"a/../../x").is_err());
