@@ -221,7 +221,8 @@ pub enum IfExists {
     Fail,
     /// Return the existing base untouched (get-or-create).
     Keep,
-    /// Build a new one and swap it in.
+    /// Build a new one and swap it in. The old one is deleted: drain the jobs that use it
+    /// first, since their overlays have it as a lower layer.
     Replace,
 }
 
