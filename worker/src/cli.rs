@@ -35,6 +35,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print or write the JSON Schemas of the wire messages.
     Schema(SchemaArgs),
+    /// Work with source bundles in a store.
+    #[command(subcommand)]
+    Source(SourceCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,4 +58,30 @@ pub struct SchemaArgs {
     /// Which message's schema to print.
     #[arg(value_parser = ["job", "result", "event", "log", "cancel"], default_value = "job")]
     pub message: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SourceCommand {
+    /// Pack a directory (deterministically) or check a tar(.gz) bundle, upload it to the
+    /// store and print its digest, the `source.digest` of a job.
+    Push(SourcePushArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SourcePushArgs {
+    /// A directory to pack, or a .tar / .tar.gz bundle to upload as it is.
+    pub path: PathBuf,
+    /// Store URL: oci-dir:/path, oci://host:port/repo or oci+http://host:port/repo.
+    #[arg(
+        long,
+        env = "CORRAL_STORE",
+        default_value = "oci-dir:/var/lib/corral/store"
+    )]
+    pub store: String,
+    /// Registry user name.
+    #[arg(long, env = "CORRAL_STORE_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the registry password (first line).
+    #[arg(long, env = "CORRAL_STORE_PASSWORD_FILE", requires = "username")]
+    pub password_file: Option<PathBuf>,
 }

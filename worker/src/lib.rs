@@ -6,4 +6,7 @@
 pub mod cli;
 pub mod cmd;
 pub mod exit;
+pub mod image;
 pub mod logging;
+pub mod source;
+pub mod store;
