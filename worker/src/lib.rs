@@ -3,10 +3,13 @@
 //! `corral-sandbox`; wire types in `corral-protocol`.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod cli;
 pub mod cmd;
 pub mod exit;
 pub mod image;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
 pub mod source;
 pub mod store;
