@@ -332,6 +332,56 @@ async fn dir_store_concurrent_writers_of_one_blob_and_of_tags() {
 }
 
 #[tokio::test]
+async fn dir_store_copies_a_blob_from_another_filesystem_and_leaves_it_alone() {
+    let shm = Path::new("/dev/shm");
+    if !require(
+        shm.is_dir(),
+        "a tmpfs at /dev/shm (another filesystem than the store)",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("oci-dir:{}", tmp.path().display()), None)
+        .await
+        .unwrap();
+    let data = random_bytes(500_000, 21);
+    let digest = sha256(&data);
+    let mut outside = tempfile::Builder::new().tempfile_in(shm).unwrap();
+    outside.write_all(&data).unwrap();
+    assert_eq!(
+        store
+            .put_blob_file(outside.path(), &digest, data.len() as u64)
+            .await
+            .unwrap(),
+        PutOutcome::Uploaded
+    );
+    let blob = tmp.path().join("blobs/sha256").join(digest.hex());
+    assert_eq!(std::fs::read(&blob).unwrap(), data);
+    assert_eq!(
+        std::fs::read_dir(store.spool_dir().unwrap())
+            .unwrap()
+            .count(),
+        0,
+        "temp files left"
+    );
+    assert!(
+        outside.path().exists(),
+        "a file on another filesystem is copied, not moved"
+    );
+    // An existing blob is not written again.
+    let err = store.put_blob_file(outside.path(), &digest, 1).await;
+    assert!(matches!(err, Ok(PutOutcome::AlreadyPresent)), "{err:?}");
+    let other = random_bytes(10, 22);
+    let mut f = tempfile::Builder::new().tempfile_in(shm).unwrap();
+    f.write_all(&other).unwrap();
+    let err = store
+        .put_blob_file(f.path(), &sha256(&other), 11)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
 async fn dir_store_crash_before_rename_leaves_no_visible_blob() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("store");
@@ -647,6 +697,8 @@ async fn registry_down_at_start_is_a_retryable_error_after_bounded_retries() {
 
 #[tokio::test]
 async fn registry_restarted_mid_upload_the_retry_succeeds() {
+    // The retries show up in the test's output.
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let Some(mut reg) = Registry::start(None) else {
         return;
     };
@@ -709,10 +761,13 @@ async fn registry_restarted_mid_upload_the_retry_succeeds() {
 
 // ---------------------------------------------------------------- faults from a fake registry
 
-/// A minimal HTTP/1.1 server: answers each request with what `respond(n, method, path)`
-/// returns (status line, headers, body) for the n-th request, counting requests.
+/// What the fake registry answers: status, headers, body.
+type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A minimal HTTP/1.1 server: answers the n-th request with `respond(n, method, path,
+/// request head)`, counting requests.
 async fn fake_registry(
-    respond: impl Fn(usize, &str, &str) -> (u16, Vec<(String, String)>, Vec<u8>) + Send + Sync + 'static,
+    respond: impl Fn(usize, &str, &str, &str) -> Answer + Send + Sync + 'static,
 ) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -759,7 +814,7 @@ async fn fake_registry(
                     let mut words = head.split_whitespace();
                     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
                     let n = counter.fetch_add(1, Ordering::SeqCst);
-                    let (status, headers, body) = respond(n, method, path);
+                    let (status, headers, body) = respond(n, method, path, &head);
                     let mut out =
                         format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
                     for (k, v) in headers {
@@ -797,7 +852,7 @@ async fn a_5xx_is_retried_then_succeeds() {
     let blob = b"served after one failure".to_vec();
     let digest = sha256(&blob);
     let served = blob.clone();
-    let (addr, count) = fake_registry(move |n, _, _| {
+    let (addr, count) = fake_registry(move |n, _, _, _| {
         if n == 0 {
             (503, vec![], b"busy".to_vec())
         } else {
@@ -818,7 +873,8 @@ async fn a_5xx_is_retried_then_succeeds() {
 
 #[tokio::test]
 async fn a_4xx_is_final_and_not_retried() {
-    let (addr, count) = fake_registry(|_, _, _| (400, vec![], br#"{"errors":[]}"#.to_vec())).await;
+    let (addr, count) =
+        fake_registry(|_, _, _, _| (400, vec![], br#"{"errors":[]}"#.to_vec())).await;
     let store = fake_store(&addr).await;
     let err = store.has_blob(&sha256(b"x")).await.unwrap_err();
     assert!(
@@ -832,7 +888,7 @@ async fn a_4xx_is_final_and_not_retried() {
 #[tokio::test]
 async fn a_digest_mismatch_is_final_and_leaves_no_blob() {
     let wanted = sha256(b"the bytes the job named");
-    let (addr, count) = fake_registry(|_, _, _| (200, vec![], b"other bytes".to_vec())).await;
+    let (addr, count) = fake_registry(|_, _, _, _| (200, vec![], b"other bytes".to_vec())).await;
     let store = fake_store(&addr).await;
     let dest = tempfile::tempdir().unwrap();
     let path = dest.path().join("blob");
@@ -844,7 +900,7 @@ async fn a_digest_mismatch_is_final_and_leaves_no_blob() {
 
     // A registry that confirms an upload under another digest is caught too.
     let lying = sha256(b"something else");
-    let (addr, _) = fake_registry(move |_, method, _| match method {
+    let (addr, _) = fake_registry(move |_, method, _, _| match method {
         "HEAD" => (404, vec![], vec![]),
         "POST" => (
             202,
@@ -877,4 +933,57 @@ fn sha256_file_matches_sha256sum() {
     assert_eq!(size, 100_000);
     let out = run(Command::new("sha256sum").arg(f.path()));
     assert_eq!(d.hex(), out.split_whitespace().next().unwrap());
+}
+
+#[tokio::test]
+async fn bearer_token_challenge_is_answered_with_the_configured_credentials() {
+    let blob = b"behind a token".to_vec();
+    let digest = sha256(&blob);
+    let served = blob.clone();
+    let addr_cell = Arc::new(std::sync::OnceLock::<String>::new());
+    let realm = addr_cell.clone();
+    let (addr, count) = fake_registry(move |_, _, path, head| {
+        let auth = head
+            .lines()
+            .find_map(|l| l.strip_prefix("authorization: ").or_else(|| l.strip_prefix("Authorization: ")))
+            .unwrap_or("")
+            .to_string();
+        if path.starts_with("/token") {
+            // corral:pw in basic auth, asking for the scope of the challenge.
+            assert_eq!(auth, "Basic Y29ycmFsOnB3", "token request credentials");
+            assert!(path.contains("scope=repository%3Acorral%2Ffake%3Apull"), "{path}");
+            assert!(path.contains("service=fake-registry"), "{path}");
+            return (200, vec![], br#"{"token":"t0ken"}"#.to_vec());
+        }
+        if auth == "Bearer t0ken" {
+            return (200, vec![("docker-content-digest".into(), sha256(&served).to_string())], served.clone());
+        }
+        let challenge = format!(
+            r#"Bearer realm="http://{}/token",service="fake-registry",scope="repository:corral/fake:pull""#,
+            realm.get().unwrap()
+        );
+        (401, vec![("www-authenticate".into(), challenge)], vec![])
+    })
+    .await;
+    addr_cell.set(addr.clone()).unwrap();
+    let store = Store::open_with(
+        &format!("oci+http://{addr}/corral/fake"),
+        StoreOptions {
+            credentials: Some(store::Credentials::new("corral", "pw")),
+            retry: fast_retry(2),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("blob");
+    assert_eq!(
+        store.get_blob_to_file(&digest, &path).await.unwrap(),
+        blob.len() as u64
+    );
+    // challenge, token, retried request; then the cached token serves the next call at once.
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    assert!(store.has_blob(&digest).await.unwrap());
+    assert_eq!(count.load(Ordering::SeqCst), 4);
 }
