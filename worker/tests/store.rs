@@ -427,6 +427,20 @@ async fn dir_store_crash_before_rename_leaves_no_visible_blob() {
     let (d, _) = reopened.put_blob_bytes(&data).await.unwrap();
     assert_eq!(d, digest);
     assert!(reopened.has_blob(&digest).await.unwrap());
+
+    // A leftover temp file is cleaned up once it is old enough to be nobody's.
+    let mut partial = tempfile::Builder::new()
+        .tempfile_in(store.spool_dir().unwrap())
+        .unwrap();
+    partial.write_all(b"half").unwrap();
+    let (file, leftover) = partial.keep().unwrap();
+    let two_days = std::time::SystemTime::now() - Duration::from_secs(2 * 24 * 3600);
+    file.set_modified(two_days).unwrap();
+    drop(file);
+    Store::open(&format!("oci-dir:{}", root.display()), None)
+        .await
+        .unwrap();
+    assert!(!leftover.exists(), "a stale temp file survived");
 }
 
 #[tokio::test]

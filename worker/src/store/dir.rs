@@ -23,6 +23,8 @@ use super::{
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Age after which a temp file in the store is a crashed writer's leftover.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct DirStore {
@@ -74,7 +76,26 @@ impl DirStore {
         self.write_new_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
         let empty = json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": []});
         self.write_new_file("index.json", &to_vec(&empty))?;
+        self.remove_stale_temps();
         Ok(())
+    }
+
+    /// Removes temp files that a crashed writer left behind. Only old ones: a live writer
+    /// in another process may be spooling right now.
+    fn remove_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP));
+            if stale {
+                tracing::info!(path = %entry.path().display(), "store: removing a stale temp file");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Creates `root/name` with `bytes` unless it exists (another worker may be creating it
@@ -149,27 +170,55 @@ impl DirStore {
         let file = File::open(path).map_err(read)?;
         let (actual, actual_size) = sha256_reader(&file).map_err(read)?;
         check(path, digest, size, &actual, actual_size)?;
-        file.sync_all().map_err(read)?;
-        // Readable by whoever reads the layout (skopeo as another user, say); never writable.
-        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o444))
-            .map_err(read)?;
         drop(file);
+        // Adopt the file into the store's temp dir first: a rename when it is on the same
+        // filesystem (the caller's file is consumed), a verified copy otherwise (the
+        // caller's file is left as it was).
+        let dir = self.tmp_dir();
+        let adopted = tempfile::Builder::new()
+            .prefix("adopt-")
+            .tempfile_in(&dir)
+            .map_err(|source| StoreError::Write {
+                path: dir.clone(),
+                source,
+            })?
+            .into_temp_path();
+        match fs::rename(path, &adopted) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
+                return self.copy_in(path, digest, size);
+            }
+            Err(source) => {
+                return Err(StoreError::Rename {
+                    from: path.to_path_buf(),
+                    to: adopted.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let adopted_file = File::open(&adopted).map_err(read)?;
+        // Readable by whoever reads the layout (skopeo as another user, say); never writable.
+        adopted_file
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .map_err(read)?;
+        adopted_file.sync_all().map_err(read)?;
+        drop(adopted_file);
         match rustix::fs::renameat_with(
             rustix::fs::CWD,
-            path,
+            &*adopted,
             rustix::fs::CWD,
             &target,
             RenameFlags::NOREPLACE,
         ) {
             Ok(()) => {
+                // Renamed away: nothing left for the TempPath to delete.
+                let _ = adopted.keep();
                 sync_dir(target.parent().unwrap_or(&self.root))?;
                 Ok(PutOutcome::Uploaded)
             }
             Err(rustix::io::Errno::EXIST) => Ok(PutOutcome::AlreadyPresent),
-            // Another filesystem: copy into the store, checking the copy as it is written.
-            Err(rustix::io::Errno::XDEV) => self.copy_in(path, digest, size),
             Err(e) => Err(StoreError::Rename {
-                from: path.to_path_buf(),
+                from: adopted.to_path_buf(),
                 to: target,
                 source: e.into(),
             }),
