@@ -89,6 +89,9 @@ fn hostile_corpus_ends_in_the_expected_errors() {
             if let Some(n) = l["max_total_bytes"].as_u64() {
                 limits.max_total_bytes = n;
             }
+            if let Some(n) = l["max_header_bytes"].as_u64() {
+                limits.max_header_bytes = n;
+            }
         }
         let scratch = tempfile::tempdir().unwrap();
         let dest = scratch.path().join("dest");

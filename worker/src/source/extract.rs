@@ -72,18 +72,27 @@ pub fn extract(
 
     let compressed = Rc::new(Cell::new(0u64));
     let uncompressed = Rc::new(Cell::new(0u64));
+    let file_bytes = Rc::new(Cell::new(0u64));
     let counted = Counting {
         inner: BufReader::new(file),
         count: compressed.clone(),
+        guard: None,
     };
     let stream: Box<dyn Read> = if gzip {
         Box::new(MultiGzDecoder::new(counted))
     } else {
         Box::new(counted)
     };
+    // The guard stops the tar reader itself: it buffers PAX and GNU long-name members
+    // whole, so a bomb hidden there must be cut off inside the read, not after it.
     let stream = Counting {
         inner: stream,
         count: uncompressed.clone(),
+        guard: Some(Guard {
+            compressed: gzip.then(|| compressed.clone()),
+            file_bytes: file_bytes.clone(),
+            limits: *limits,
+        }),
     };
     let root = rustix::fs::open(
         dest,
@@ -103,12 +112,14 @@ pub fn extract(
         compressed,
         uncompressed,
         stats: ExtractStats::default(),
+        file_bytes,
         dirs: Vec::new(),
     };
     let mut archive = tar::Archive::new(stream);
     let entries = archive.entries().map_err(|e| corrupt("", &e))?;
+    let stream_err = |x: &Extraction, e: &io::Error| x.bomb_or_corrupt("", e);
     for entry in entries {
-        let mut entry = entry.map_err(|e| x.bomb_or_corrupt("", &e))?;
+        let mut entry = entry.map_err(|e| stream_err(&x, &e))?;
         x.stats.entries += 1;
         if x.stats.entries > limits.max_entries {
             return Err(SourceError::TooManyEntries {
@@ -131,6 +142,8 @@ struct Extraction {
     compressed: Rc<Cell<u64>>,
     uncompressed: Rc<Cell<u64>>,
     stats: ExtractStats,
+    /// `stats.bytes`, shared with the stream guard.
+    file_bytes: Rc<Cell<u64>>,
     /// Directories whose mode and mtime are applied last: (components, mode, mtime).
     dirs: Vec<(Vec<Vec<u8>>, u32, u64)>,
 }
@@ -380,6 +393,7 @@ impl Extraction {
                 Err(e) => return Err(self.bomb_or_corrupt(shown, &e)),
             };
             self.stats.bytes += n as u64;
+            self.file_bytes.set(self.stats.bytes);
             if self.stats.bytes > self.limits.max_total_bytes {
                 return Err(SourceError::TooLarge {
                     limit: self.limits.max_total_bytes,
@@ -407,10 +421,15 @@ impl Extraction {
 
     /// A read error is a corrupt archive, unless the stream was already past a cap.
     fn bomb_or_corrupt(&self, shown: &str, e: &io::Error) -> SourceError {
-        match self.check_ratio() {
-            Err(bomb) => bomb,
-            Ok(()) => corrupt(shown, e),
+        if let Err(bomb) = self.check_ratio() {
+            return bomb;
         }
+        if is_stream_too_long(e) {
+            return SourceError::HeadersTooLarge {
+                limit: self.limits.max_header_bytes,
+            };
+        }
+        corrupt(shown, e)
     }
 
     fn own(&self, fd: impl AsFd, shown: &str) -> Result<(), SourceError> {
@@ -485,6 +504,18 @@ fn components(raw: &[u8]) -> Result<Vec<Vec<u8>>, SourceError> {
     Ok(out)
 }
 
+/// Whether `e` (possibly wrapped by the tar reader) is the stream guard's length cap.
+fn is_stream_too_long(e: &io::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|r| r as _);
+    while let Some(err) = cur {
+        if err.is::<StreamTooLong>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    e.to_string().contains("larger than their cap allows")
+}
+
 fn show(raw: &[u8]) -> String {
     String::from_utf8_lossy(raw).chars().take(300).collect()
 }
@@ -510,12 +541,52 @@ fn times(mtime: u64) -> Timestamps {
 struct Counting<R> {
     inner: R,
     count: Rc<Cell<u64>>,
+    guard: Option<Guard>,
 }
+
+/// Caps on the raw tar stream, checked on every read.
+struct Guard {
+    /// Compressed bytes read so far, for gzip bundles.
+    compressed: Option<Rc<Cell<u64>>>,
+    /// File content bytes extracted so far; the rest of the stream is headers.
+    file_bytes: Rc<Cell<u64>>,
+    limits: ExtractLimits,
+}
+
+impl Guard {
+    fn check(&self, u: u64) -> io::Result<()> {
+        if let Some(c) = &self.compressed
+            && u > self.limits.ratio_floor_bytes
+            && u / c.get().max(1) > self.limits.max_ratio
+        {
+            return Err(io::Error::other("compression ratio cap exceeded"));
+        }
+        if u.saturating_sub(self.file_bytes.get()) > self.limits.max_header_bytes {
+            return Err(io::Error::other(StreamTooLong));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct StreamTooLong;
+
+impl std::fmt::Display for StreamTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the tar headers are larger than their cap allows")
+    }
+}
+
+impl std::error::Error for StreamTooLong {}
 
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.count.set(self.count.get() + n as u64);
+        let total = self.count.get() + n as u64;
+        self.count.set(total);
+        if let Some(guard) = &self.guard {
+            guard.check(total)?;
+        }
         Ok(n)
     }
 }

@@ -24,6 +24,9 @@ pub struct ExtractLimits {
     pub max_entries: u64,
     /// Sum of the sizes of the regular files.
     pub max_total_bytes: u64,
+    /// Bytes of the tar stream beyond file contents: headers, padding, PAX records and
+    /// long names (which the tar reader buffers whole, so they must be capped too).
+    pub max_header_bytes: u64,
     /// Uncompressed tar bytes per compressed byte (only checked for gzip bundles, and only
     /// once the tar stream is past [`ExtractLimits::ratio_floor_bytes`]).
     pub max_ratio: u64,
@@ -37,6 +40,7 @@ impl Default for ExtractLimits {
         ExtractLimits {
             max_entries: 100_000,
             max_total_bytes: 2 << 30,
+            max_header_bytes: 256 << 20,
             max_ratio: 100,
             ratio_floor_bytes: 8 << 20,
         }
@@ -106,6 +110,8 @@ pub enum SourceError {
     TooManyEntries { limit: u64 },
     #[error("more than {limit} bytes of files")]
     TooLarge { limit: u64 },
+    #[error("more than {limit} bytes of tar headers, PAX records and long names")]
+    HeadersTooLarge { limit: u64 },
     #[error("compression ratio above {limit}:1 (an archive bomb?)")]
     CompressionRatio { limit: u64 },
 }
@@ -134,6 +140,7 @@ impl SourceError {
             SourceError::Collision { .. } => "collision",
             SourceError::TooManyEntries { .. } => "too_many_entries",
             SourceError::TooLarge { .. } => "too_large",
+            SourceError::HeadersTooLarge { .. } => "headers_too_large",
             SourceError::CompressionRatio { .. } => "compression_ratio",
         }
     }
@@ -169,6 +176,7 @@ impl SourceError {
             | SourceError::SetId { .. } => ("source", Rule::Type),
             SourceError::TooManyEntries { .. }
             | SourceError::TooLarge { .. }
+            | SourceError::HeadersTooLarge { .. }
             | SourceError::CompressionRatio { .. } => ("source", Rule::Size),
             SourceError::Fetch { .. } | SourceError::Open { .. } | SourceError::Write { .. } => {
                 ("source", Rule::Digest)
