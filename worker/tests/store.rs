@@ -479,6 +479,7 @@ struct Registry {
     addr: String,
     pid: u32,
     auth: Option<String>,
+    tls: bool,
 }
 
 fn registry_script() -> PathBuf {
@@ -487,10 +488,17 @@ fn registry_script() -> PathBuf {
 
 impl Registry {
     fn start(auth: Option<&str>) -> Option<Registry> {
+        Registry::start_with(auth, false)
+    }
+
+    fn start_with(auth: Option<&str>, tls: bool) -> Option<Registry> {
         if !require(
             have("docker-registry"),
             "docker-registry (apt-get install docker-registry)",
         ) {
+            return None;
+        }
+        if tls && !require(have("openssl"), "openssl (for a TLS registry)") {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -499,6 +507,7 @@ impl Registry {
             addr: String::new(),
             pid: 0,
             auth: auth.map(str::to_string),
+            tls,
         };
         r.launch(None);
         Some(r)
@@ -511,6 +520,9 @@ impl Registry {
         }
         if let Some(port) = port {
             cmd.args(["--port", port]);
+        }
+        if self.tls {
+            cmd.arg("--tls");
         }
         let out = run(cmd.arg(self.dir.path()));
         for line in out.lines() {
@@ -641,6 +653,68 @@ async fn registry_image_is_pulled_by_skopeo_and_unpacked_by_umoci() {
     assert!(other.has_blob(&layers[0].digest).await.unwrap());
     let missing = other.get_manifest("no-such-tag").await.unwrap_err();
     assert!(missing.is_not_found(), "{missing}");
+}
+
+#[tokio::test]
+async fn registry_over_tls_trusts_the_configured_ca_only() {
+    let Some(reg) = Registry::start_with(Some("corral:tls-pw"), true) else {
+        return;
+    };
+    let ca = reg.dir.path().join("ca.pem");
+    let url = format!("oci://{}/corral/tls", reg.addr);
+    let creds = Some(store::Credentials::new("corral", "tls-pw"));
+    let store = Store::open_with(
+        &url,
+        StoreOptions {
+            credentials: creds.clone(),
+            ca_certificates: vec![ca.clone()],
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (digest, outcome) = store.put_blob_bytes(b"over TLS").await.unwrap();
+    assert_eq!(outcome, PutOutcome::Uploaded);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{digest}","size":8}},"layers":[]}}"#,
+        store::MEDIA_TYPE_MANIFEST,
+        store::MEDIA_TYPE_CONFIG
+    );
+    let md = store
+        .put_manifest("tls-1", manifest.as_bytes(), store::MEDIA_TYPE_MANIFEST)
+        .await
+        .unwrap();
+    assert_eq!(store.get_manifest("tls-1").await.unwrap().digest, md);
+    if have("skopeo") {
+        // skopeo, trusting the same CA, sees the same manifest.
+        let certs = tempfile::tempdir().unwrap();
+        std::fs::copy(&ca, certs.path().join("ca.crt")).unwrap();
+        let raw = run(Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--creds",
+            "corral:tls-pw",
+            "--cert-dir",
+            certs.path().to_str().unwrap(),
+            &store.reference("tls-1"),
+        ]));
+        assert_eq!(sha256(raw.as_bytes()), md);
+    }
+
+    // Without the CA the certificate is refused, finally (retrying would not help).
+    let untrusting = Store::open_with(
+        &url,
+        StoreOptions {
+            credentials: creds,
+            retry: fast_retry(3),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let err = untrusting.has_blob(&digest).await.unwrap_err();
+    assert!(matches!(err, StoreError::Tls { .. }), "{err}");
+    assert!(!err.is_retryable());
 }
 
 #[tokio::test]

@@ -72,6 +72,12 @@ pub enum StoreError {
         url: String,
         source: reqwest::Error,
     },
+    #[error("{step} {url}: TLS: {reason}")]
+    Tls {
+        step: &'static str,
+        url: String,
+        reason: String,
+    },
     #[error("{step} {url}: the registry answered {status}: {body}")]
     Status {
         step: &'static str,
@@ -131,6 +137,7 @@ impl StoreError {
             | StoreError::SizeMismatch { .. }
             | StoreError::NotFound { .. }
             | StoreError::Unauthorized { .. }
+            | StoreError::Tls { .. }
             | StoreError::Protocol { .. } => false,
         }
     }
@@ -246,6 +253,9 @@ pub struct StoreOptions {
     /// Other repositories of the same registry to mount a missing blob from (the base
     /// images' repositories), tried before uploading.
     pub mount_from: Vec<String>,
+    /// PEM files of extra CAs to trust for `oci://` (a registry with a private CA), on top
+    /// of the system's roots.
+    pub ca_certificates: Vec<PathBuf>,
 }
 
 impl Default for StoreOptions {
@@ -255,6 +265,7 @@ impl Default for StoreOptions {
             retry: RetryPolicy::default(),
             chunk_size: 16 << 20,
             mount_from: Vec::new(),
+            ca_certificates: Vec::new(),
         }
     }
 }

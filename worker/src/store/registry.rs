@@ -101,10 +101,25 @@ impl RegistryStore {
         if options.chunk_size == 0 {
             return Err(bad("the upload chunk size must be positive"));
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(120))
+            .read_timeout(Duration::from_secs(120));
+        if !options.ca_certificates.is_empty() {
+            let mut certs = Vec::new();
+            for path in &options.ca_certificates {
+                let pem = std::fs::read(path).map_err(|source| StoreError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                    bad(&format!("{} is not a PEM certificate: {e}", path.display()))
+                })?;
+                certs.push(cert);
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder
             .build()
             .map_err(|e| bad(&format!("cannot build an HTTP client: {e}")))?;
         let scheme = if tls { "https" } else { "http" };
@@ -323,6 +338,29 @@ impl RegistryStore {
         }
     }
 
+    /// Whether repository `repo` of the same registry holds the blob. A repository that
+    /// we may not read counts as not having it.
+    async fn other_repo_has(&self, repo: &str, digest: &Digest) -> Result<bool, StoreError> {
+        let step = "look for a blob to mount";
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.inner.base);
+        let resp = match self
+            .send(step, Method::HEAD, &url, HeaderMap::new(), None)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(StoreError::Unauthorized { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match resp.status() {
+            StatusCode::OK => {
+                check_digest_header(step, &url, &resp, digest)?;
+                Ok(true)
+            }
+            s if s.is_server_error() => Err(status_error(step, &url, resp).await),
+            _ => Ok(false),
+        }
+    }
+
     pub async fn put_blob_file(
         &self,
         path: &Path,
@@ -418,10 +456,11 @@ impl RegistryStore {
         Ok(PutOutcome::Uploaded)
     }
 
-    /// Opens an upload session, or mounts the blob from another repository.
+    /// Opens an upload session, or mounts the blob from the first other repository that
+    /// has it.
     async fn start_upload(&self, digest: &Digest) -> Result<Session, StoreError> {
         for from in &self.inner.options.mount_from {
-            if from == &self.inner.repo {
+            if from == &self.inner.repo || !self.other_repo_has(from, digest).await? {
                 continue;
             }
             let step = "mount a blob";
@@ -692,6 +731,20 @@ fn connect(step: &'static str, url: &str, e: reqwest::Error) -> StoreError {
             url: url.to_string(),
             reason: e.to_string(),
         };
+    }
+    // A certificate the client does not trust will not become trusted by retrying. reqwest
+    // reports it as a connect error; rustls's reason is down the source chain.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = cause {
+        let text = err.to_string();
+        if text.contains("certificate") || text.contains("InvalidCertificate") {
+            return StoreError::Tls {
+                step,
+                url: url.to_string(),
+                reason: text,
+            };
+        }
+        cause = err.source();
     }
     StoreError::Connect {
         step,
