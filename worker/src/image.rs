@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use corral_protocol::{Digest, Layer};
 use serde::Serialize;
 
-use crate::store::{MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, sha256_bytes};
+use crate::store::{MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, Store, StoreError, sha256_bytes};
 
 /// What goes into the image besides its layers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -146,6 +146,30 @@ pub fn build(layers: &[Layer], settings: &ImageSettings) -> Image {
         manifest_digest,
         manifest_media_type: MEDIA_TYPE_MANIFEST,
     }
+}
+
+/// Stores `image` (whose layer blobs must be in the store already) under `tag`: checks
+/// every layer is there, puts the config, then the manifest. Returns the manifest digest
+/// and the reference a user gives skopeo. A manifest never names a missing blob.
+pub async fn publish(
+    store: &Store,
+    tag: &str,
+    layers: &[Layer],
+    image: &Image,
+) -> Result<(Digest, String), StoreError> {
+    for layer in layers {
+        if !store.has_blob(&layer.digest).await? {
+            return Err(StoreError::NotFound {
+                what: format!("layer blob {}", layer.digest),
+            });
+        }
+    }
+    let (config_digest, _) = store.put_blob_bytes(&image.config).await?;
+    debug_assert_eq!(config_digest, image.config_digest);
+    let digest = store
+        .put_manifest(tag, &image.manifest, image.manifest_media_type)
+        .await?;
+    Ok((digest, store.reference(tag)))
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (proleptic Gregorian, UTC).

@@ -384,3 +384,102 @@ fn source_push_refuses_a_hostile_tarball_with_exit_65() {
     assert_eq!(blobs, 0, "a refused bundle reached the store");
     let _ = store::MEDIA_TYPE_MANIFEST;
 }
+
+/// A docker-registry with basic auth from `scripts/registry`, killed (by pid) on drop.
+struct AuthRegistry {
+    _dir: tempfile::TempDir,
+    addr: String,
+    pid: String,
+}
+
+impl AuthRegistry {
+    fn start(user_password: &str) -> Option<AuthRegistry> {
+        let have = Command::new("sh")
+            .args(["-c", "command -v docker-registry"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !require(have, "docker-registry (apt-get install docker-registry)") {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/registry"))
+            .args(["--auth", user_password])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("scripts/registry printed no {key}: {text}"))
+                .to_string()
+        };
+        Some(AuthRegistry {
+            addr: get("CORRAL_TEST_REGISTRY="),
+            pid: get("CORRAL_TEST_REGISTRY_PID="),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(&self.pid).status();
+    }
+}
+
+#[test]
+fn source_push_to_a_registry_with_a_password_file() {
+    let Some(reg) = AuthRegistry::start("producer:pushpw") else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let good = scratch.path().join("good");
+    std::fs::write(&good, "pushpw\n").unwrap();
+    let bad = scratch.path().join("bad");
+    std::fs::write(&bad, "nope\n").unwrap();
+    let bundle = corpus().join("ok-tree.tar.gz");
+    let push = |password_file: &Path| {
+        corral()
+            .args(["source", "push"])
+            .arg(&bundle)
+            .args([
+                "--store",
+                &format!("oci+http://{}/corral/sources", reg.addr),
+            ])
+            .args(["--username", "producer", "--password-file"])
+            .arg(password_file)
+            .output()
+            .unwrap()
+    };
+    let out = push(&good);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = sha256(&std::fs::read(&bundle).unwrap());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        digest.as_str()
+    );
+
+    let out = push(&bad);
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
+    assert!(
+        !stderr.contains("nope"),
+        "the password leaked into the error: {stderr}"
+    );
+}

@@ -127,13 +127,10 @@ async fn push_image(store: &Store, spool: &Path, tag: &str, big: &[u8]) -> (Dige
             ..ImageSettings::default()
         },
     );
-    let (config_digest, _) = store.put_blob_bytes(&img.config).await.unwrap();
-    assert_eq!(config_digest, img.config_digest);
-    let digest = store
-        .put_manifest(tag, &img.manifest, img.manifest_media_type)
-        .await
-        .unwrap();
+    let (digest, reference) = image::publish(store, tag, &layers, &img).await.unwrap();
     assert_eq!(digest, img.manifest_digest);
+    assert_eq!(reference, store.reference(tag));
+    assert!(store.has_blob(&img.config_digest).await.unwrap());
     let fetched = store.get_manifest(tag).await.unwrap();
     assert_eq!(fetched.digest, digest);
     assert_eq!(fetched.bytes, img.manifest);
@@ -1074,4 +1071,25 @@ async fn bearer_token_challenge_is_answered_with_the_configured_credentials() {
     assert_eq!(count.load(Ordering::SeqCst), 3);
     assert!(store.has_blob(&digest).await.unwrap());
     assert_eq!(count.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_manifest_never_names_a_missing_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("oci-dir:{}", tmp.path().display()), None)
+        .await
+        .unwrap();
+    let (layer, _path) = make_layer(tmp.path(), &[("a", b"never stored")]);
+    let img = image::build(std::slice::from_ref(&layer), &ImageSettings::default());
+    let err = image::publish(&store, "job-x", &[layer], &img)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert!(
+        store
+            .get_manifest("job-x")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
 }
