@@ -217,7 +217,7 @@ impl RegistryStore {
                     let status = status.as_u16();
                     return Err(StoreError::Unauthorized {
                         step,
-                        url: url.to_string(),
+                        url: shown_url(url),
                         status,
                         body: body_text(resp).await,
                     });
@@ -235,7 +235,7 @@ impl RegistryStore {
     ) -> Result<HeaderValue, StoreError> {
         let refused = |reason: String| StoreError::Unauthorized {
             step,
-            url: url.to_string(),
+            url: shown_url(url),
             status: 401,
             body: reason,
         };
@@ -565,7 +565,7 @@ impl RegistryStore {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| StoreError::Protocol {
                 step,
-                url: url.to_string(),
+                url: shown_url(url),
                 reason: "no Location header on an upload answer".into(),
             })?;
         if location.starts_with("http://") || location.starts_with("https://") {
@@ -575,7 +575,7 @@ impl RegistryStore {
         } else {
             Err(StoreError::Protocol {
                 step,
-                url: url.to_string(),
+                url: shown_url(url),
                 reason: format!("unusable Location {location:?}"),
             })
         }
@@ -724,11 +724,20 @@ enum Session {
     Open(String),
 }
 
+/// A URL as errors show it: upload sessions carry a long opaque `_state` query that says
+/// nothing to a reader.
+fn shown_url(url: &str) -> String {
+    match url.split_once("?_state=") {
+        Some((head, _)) => format!("{head}?…"),
+        None => url.to_string(),
+    }
+}
+
 fn connect(step: &'static str, url: &str, e: reqwest::Error) -> StoreError {
     if e.is_builder() {
         return StoreError::Protocol {
             step,
-            url: url.to_string(),
+            url: shown_url(url),
             reason: e.to_string(),
         };
     }
@@ -740,7 +749,7 @@ fn connect(step: &'static str, url: &str, e: reqwest::Error) -> StoreError {
         if text.contains("certificate") || text.contains("InvalidCertificate") {
             return StoreError::Tls {
                 step,
-                url: url.to_string(),
+                url: shown_url(url),
                 reason: text,
             };
         }
@@ -748,7 +757,7 @@ fn connect(step: &'static str, url: &str, e: reqwest::Error) -> StoreError {
     }
     StoreError::Connect {
         step,
-        url: url.to_string(),
+        url: shown_url(url),
         source: e,
     }
 }
@@ -767,7 +776,7 @@ async fn status_error(step: &'static str, url: &str, resp: Response) -> StoreErr
     let status = resp.status().as_u16();
     StoreError::Status {
         step,
-        url: url.to_string(),
+        url: shown_url(url),
         status,
         body: body_text(resp).await,
     }
@@ -784,13 +793,13 @@ async fn session_error(step: &'static str, url: &str, resp: Response) -> StoreEr
     if lost {
         StoreError::UploadSessionLost {
             step,
-            url: url.to_string(),
+            url: shown_url(url),
             status,
         }
     } else {
         StoreError::Status {
             step,
-            url: url.to_string(),
+            url: shown_url(url),
             status,
             body,
         }
@@ -810,7 +819,7 @@ fn digest_header(
         .map(Some)
         .map_err(|e| StoreError::Protocol {
             step,
-            url: url.to_string(),
+            url: shown_url(url),
             reason: format!("bad Docker-Content-Digest: {}", e.message),
         })
 }
