@@ -282,16 +282,26 @@ async fn fetch_verifies_the_digest_and_size_from_the_store() {
         digest: digest.clone(),
         size: Some(1),
     };
-    let err = source::fetch(&store, &wrong_size, &scratch.path().join("x"))
+    let err = source::fetch(&store, &wrong_size, &scratch.path().join("x"), u64::MAX)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "size_mismatch");
+    assert!(!scratch.path().join("x").exists());
+    let unsized_ref = SourceRef {
+        digest: digest.clone(),
+        size: None,
+    };
+    let err = source::fetch(&store, &unsized_ref, &scratch.path().join("x"), 100)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "bundle_too_large");
+    assert!(err.is_job_fault());
 
     let missing = SourceRef {
         digest: sha256(b"never stored"),
         size: None,
     };
-    let err = source::fetch(&store, &missing, &scratch.path().join("x"))
+    let err = source::fetch(&store, &missing, &scratch.path().join("x"), u64::MAX)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), "not_found");
@@ -301,7 +311,7 @@ async fn fetch_verifies_the_digest_and_size_from_the_store() {
     let blob = root.join("blobs/sha256").join(digest.hex());
     std::fs::remove_file(&blob).unwrap();
     std::fs::write(&blob, b"tampered").unwrap();
-    let err = source::fetch(&store, &source, &scratch.path().join("x"))
+    let err = source::fetch(&store, &source, &scratch.path().join("x"), u64::MAX)
         .await
         .unwrap_err();
     assert!(matches!(err, SourceError::DigestMismatch { .. }), "{err}");

@@ -1093,3 +1093,31 @@ async fn a_manifest_never_names_a_missing_layer() {
             .is_not_found()
     );
 }
+
+#[tokio::test]
+async fn a_blob_over_the_size_cap_is_refused_before_it_is_read() {
+    let body = vec![b'z'; 10_000];
+    let digest = sha256(&body);
+    let (addr, count) = fake_registry(move |_, _, _, _| (200, vec![], body.clone())).await;
+    let store = fake_store(&addr).await;
+    let dest = tempfile::tempdir().unwrap();
+    let path = dest.path().join("blob");
+    let err = store
+        .get_blob_to_file_max(&digest, &path, 100)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooLarge { limit: 100, .. }),
+        "{err}"
+    );
+    assert!(!err.is_retryable());
+    assert!(!path.exists());
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        store
+            .get_blob_to_file_max(&digest, &path, 10_000)
+            .await
+            .unwrap(),
+        10_000
+    );
+}

@@ -74,6 +74,8 @@ pub enum SourceError {
         expected: u64,
         actual: u64,
     },
+    #[error("the source bundle is larger than the {limit} bytes allowed")]
+    BundleTooLarge { limit: u64 },
     #[error("opening {path}")]
     Open { path: PathBuf, source: io::Error },
     #[error("writing {path}")]
@@ -124,6 +126,7 @@ impl SourceError {
             SourceError::NotFound { .. } => "not_found",
             SourceError::DigestMismatch { .. } => "digest_mismatch",
             SourceError::SizeMismatch { .. } => "size_mismatch",
+            SourceError::BundleTooLarge { .. } => "bundle_too_large",
             SourceError::Open { .. } => "open",
             SourceError::Write { .. } => "write",
             SourceError::Corrupt { .. } => "corrupt",
@@ -162,6 +165,7 @@ impl SourceError {
                 ("source.digest", Rule::Digest)
             }
             SourceError::SizeMismatch { .. } => ("source.size", Rule::Size),
+            SourceError::BundleTooLarge { .. } => ("source", Rule::Size),
             SourceError::Corrupt { .. } => ("source", Rule::Syntax),
             SourceError::AbsolutePath { .. }
             | SourceError::ParentDir { .. }
@@ -186,16 +190,32 @@ impl SourceError {
     }
 }
 
-/// Fetches the bundle `source` names into `dest` (a file), verifying digest and size.
-pub async fn fetch(store: &Store, source: &SourceRef, dest: &Path) -> Result<u64, SourceError> {
+/// Fetches the bundle `source` names into `dest` (a file), verifying digest and size. A
+/// bundle larger than `source.size` (when given) or than `max_bytes` is refused without
+/// reading it all.
+pub async fn fetch(
+    store: &Store,
+    source: &SourceRef,
+    dest: &Path,
+    max_bytes: u64,
+) -> Result<u64, SourceError> {
     let digest = &source.digest;
-    let size = match store.get_blob_to_file(digest, dest).await {
+    let max = source.size.map_or(max_bytes, |s| s.min(max_bytes));
+    let size = match store.get_blob_to_file_max(digest, dest, max).await {
         Ok(size) => size,
         Err(e) => {
             return Err(match e {
                 StoreError::DigestMismatch {
                     expected, actual, ..
                 } => SourceError::DigestMismatch { expected, actual },
+                StoreError::TooLarge { limit, .. } => match source.size {
+                    Some(expected) if expected == limit => SourceError::SizeMismatch {
+                        digest: digest.clone(),
+                        expected,
+                        actual: limit.saturating_add(1),
+                    },
+                    _ => SourceError::BundleTooLarge { limit },
+                },
                 e if e.is_not_found() => SourceError::NotFound {
                     digest: digest.clone(),
                 },
@@ -230,7 +250,10 @@ pub async fn fetch_and_extract(
     owner: Option<Owner>,
     limits: ExtractLimits,
 ) -> Result<ExtractStats, SourceError> {
-    fetch(store, source, spool).await?;
+    let max = limits
+        .max_total_bytes
+        .saturating_add(limits.max_header_bytes);
+    fetch(store, source, spool, max).await?;
     let (spool_owned, dest) = (spool.to_path_buf(), dest.to_path_buf());
     let result = tokio::task::spawn_blocking(move || extract(&spool_owned, &dest, owner, &limits))
         .await

@@ -303,12 +303,32 @@ impl DirStore {
         self.persist_blob(tmp, digest)
     }
 
-    pub async fn get_blob_to_file(&self, digest: &Digest, dest: &Path) -> Result<u64, StoreError> {
+    pub async fn get_blob_to_file(
+        &self,
+        digest: &Digest,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StoreError> {
         let s = self.clone();
         let (dest, digest) = (dest.to_path_buf(), digest.clone());
         blocking(move || {
             let path = s.blob_path(&digest);
-            let mut src = open_blob(&path, &digest)?;
+            let src = open_blob(&path, &digest)?;
+            let len = src
+                .metadata()
+                .map_err(|source| StoreError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            if len > max_bytes {
+                return Err(StoreError::TooLarge {
+                    what: format!("blob {digest}"),
+                    limit: max_bytes,
+                });
+            }
+            // The file may grow under us (a tampered store); never copy more than allowed.
+            let mut src = io::Read::take(src, max_bytes.saturating_add(1));
             let mut out = File::create(&dest).map_err(|source| StoreError::Write {
                 path: dest.clone(),
                 source,
@@ -319,6 +339,12 @@ impl DirStore {
                 source,
             })?;
             let (actual, size) = tee.finish();
+            if size > max_bytes {
+                return Err(StoreError::TooLarge {
+                    what: format!("blob {digest}"),
+                    limit: max_bytes,
+                });
+            }
             if actual != digest {
                 return Err(StoreError::DigestMismatch {
                     what: format!("blob {}", path.display()),

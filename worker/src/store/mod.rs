@@ -64,6 +64,8 @@ pub enum StoreError {
         expected: u64,
         actual: u64,
     },
+    #[error("{what} is larger than the {limit} bytes allowed")]
+    TooLarge { what: String, limit: u64 },
     #[error("{what} not found in the store")]
     NotFound { what: String },
     #[error("{step} {url}: cannot reach the registry")]
@@ -135,6 +137,7 @@ impl StoreError {
             | StoreError::Index { .. }
             | StoreError::DigestMismatch { .. }
             | StoreError::SizeMismatch { .. }
+            | StoreError::TooLarge { .. }
             | StoreError::NotFound { .. }
             | StoreError::Unauthorized { .. }
             | StoreError::Tls { .. }
@@ -355,9 +358,20 @@ impl Store {
     /// mismatch `dest` is removed and the error is [`StoreError::DigestMismatch`]. Returns
     /// the size.
     pub async fn get_blob_to_file(&self, digest: &Digest, dest: &Path) -> Result<u64, StoreError> {
+        self.get_blob_to_file_max(digest, dest, u64::MAX).await
+    }
+
+    /// [`Store::get_blob_to_file`], refusing a blob larger than `max_bytes`
+    /// ([`StoreError::TooLarge`]) before or while reading it, never after.
+    pub async fn get_blob_to_file_max(
+        &self,
+        digest: &Digest,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StoreError> {
         let result = match self {
-            Store::Dir(s) => s.get_blob_to_file(digest, dest).await,
-            Store::Registry(s) => s.get_blob_to_file(digest, dest).await,
+            Store::Dir(s) => s.get_blob_to_file(digest, dest, max_bytes).await,
+            Store::Registry(s) => s.get_blob_to_file(digest, dest, max_bytes).await,
         };
         if result.is_err() {
             // Half-written or unverified bytes must not be mistaken for the blob.

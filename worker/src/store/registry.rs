@@ -581,12 +581,24 @@ impl RegistryStore {
         }
     }
 
-    pub async fn get_blob_to_file(&self, digest: &Digest, dest: &Path) -> Result<u64, StoreError> {
-        self.with_retry("download a blob", || self.get_blob_once(digest, dest))
-            .await
+    pub async fn get_blob_to_file(
+        &self,
+        digest: &Digest,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StoreError> {
+        self.with_retry("download a blob", || {
+            self.get_blob_once(digest, dest, max_bytes)
+        })
+        .await
     }
 
-    async fn get_blob_once(&self, digest: &Digest, dest: &Path) -> Result<u64, StoreError> {
+    async fn get_blob_once(
+        &self,
+        digest: &Digest,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StoreError> {
         let step = "download a blob";
         let url = self.url(&format!("blobs/{digest}"));
         let mut resp = self
@@ -602,6 +614,13 @@ impl RegistryStore {
             _ => return Err(status_error(step, &url, resp).await),
         }
         check_digest_header(step, &url, &resp, digest)?;
+        let too_large = || StoreError::TooLarge {
+            what: format!("blob {digest}"),
+            limit: max_bytes,
+        };
+        if resp.content_length().is_some_and(|len| len > max_bytes) {
+            return Err(too_large());
+        }
         let write = |source| StoreError::Write {
             path: dest.to_path_buf(),
             source,
@@ -612,6 +631,9 @@ impl RegistryStore {
         while let Some(chunk) = resp.chunk().await.map_err(|e| connect(step, &url, e))? {
             hasher.update(&chunk);
             size += chunk.len() as u64;
+            if size > max_bytes {
+                return Err(too_large());
+            }
             out.write_all(&chunk).await.map_err(write)?;
         }
         out.flush().await.map_err(write)?;
