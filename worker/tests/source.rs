@@ -8,7 +8,7 @@ use std::process::Command;
 
 use corral_protocol::{Digest, Rule, SourceRef};
 use corral_worker::source::{self, ExtractLimits, Owner, SourceError};
-use corral_worker::store::{self, Store};
+use corral_worker::store::Store;
 use sha2::{Digest as _, Sha256};
 
 fn require(cond: bool, what: &str) -> bool {
@@ -392,7 +392,6 @@ fn source_push_refuses_a_hostile_tarball_with_exit_65() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(blobs, 0, "a refused bundle reached the store");
-    let _ = store::MEDIA_TYPE_MANIFEST;
 }
 
 /// A docker-registry with basic auth from `scripts/registry`, killed (by pid) on drop.
