@@ -152,7 +152,11 @@ impl Extraction {
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), SourceError> {
         let raw = entry.path_bytes().into_owned();
         let shown = show(&raw);
-        let kind = entry.header().entry_type();
+        let mut kind = entry.header().entry_type();
+        // Pre-POSIX archives mark directories only by a trailing slash.
+        if kind == EntryType::Regular && raw.ends_with(b"/") && entry.size() == 0 {
+            kind = EntryType::Directory;
+        }
         if kind == EntryType::XGlobalHeader {
             return Ok(());
         }
