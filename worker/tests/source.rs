@@ -492,3 +492,45 @@ fn source_push_to_a_registry_with_a_password_file() {
         "the password leaked into the error: {stderr}"
     );
 }
+
+#[test]
+fn concurrent_pushes_from_separate_processes_agree() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store_url = format!("oci-dir:{}", scratch.path().join("store").display());
+    let bundle = corpus().join("ok-tree.tar.gz");
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            corral()
+                .args(["source", "push"])
+                .arg(&bundle)
+                .args(["--store", &store_url])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let digest = sha256(&std::fs::read(&bundle).unwrap());
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            digest.as_str()
+        );
+    }
+    let blobs: Vec<_> = std::fs::read_dir(scratch.path().join("store/blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(blobs, vec![digest.hex().to_string()]);
+    let leftovers = std::fs::read_dir(scratch.path().join("store/.corral/tmp"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 0, "spool files left behind");
+}
