@@ -1121,3 +1121,66 @@ async fn a_blob_over_the_size_cap_is_refused_before_it_is_read() {
         10_000
     );
 }
+
+#[tokio::test]
+async fn credentials_never_follow_a_location_to_another_host() {
+    let payload = b"uploaded elsewhere".to_vec();
+    let digest = sha256(&payload);
+    let saw_auth = Arc::new(AtomicUsize::new(0));
+    let seen = saw_auth.clone();
+    let confirmed = digest.clone();
+    let (elsewhere, hits) = fake_registry(move |_, _, _, head| {
+        if head.to_ascii_lowercase().contains("\r\nauthorization:") {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        (
+            201,
+            vec![("docker-content-digest".into(), confirmed.to_string())],
+            vec![],
+        )
+    })
+    .await;
+    let (addr, _) = fake_registry(move |_, method, _, head| {
+        if !head
+            .to_ascii_lowercase()
+            .contains("\r\nauthorization: basic")
+        {
+            return (
+                401,
+                vec![("www-authenticate".into(), r#"Basic realm="fake""#.into())],
+                vec![],
+            );
+        }
+        match method {
+            "HEAD" => (404, vec![], vec![]),
+            _ => (
+                202,
+                vec![("location".into(), format!("http://{elsewhere}/upload/u1"))],
+                vec![],
+            ),
+        }
+    })
+    .await;
+    let store = Store::open_with(
+        &format!("oci+http://{addr}/corral/fake"),
+        StoreOptions {
+            credentials: Some(store::Credentials::new("corral", "pw")),
+            retry: fast_retry(2),
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (_, outcome) = store.put_blob_bytes(&payload).await.unwrap();
+    assert_eq!(outcome, PutOutcome::Uploaded);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the upload went to the Location"
+    );
+    assert_eq!(
+        saw_auth.load(Ordering::SeqCst),
+        0,
+        "credentials were sent to another host"
+    );
+}

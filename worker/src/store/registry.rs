@@ -189,7 +189,12 @@ impl RegistryStore {
                 .client
                 .request(method.clone(), url)
                 .headers(headers.clone());
-            if let Some(auth) = self.inner.auth.lock().await.clone() {
+            // Credentials go to the registry itself only, never to a host that a Location
+            // header names (a storage backend's pre-signed URL, say).
+            let same_origin = url
+                .strip_prefix(self.inner.base.as_str())
+                .is_some_and(|rest| rest.starts_with('/'));
+            if same_origin && let Some(auth) = self.inner.auth.lock().await.clone() {
                 req = req.header(AUTHORIZATION, auth);
             }
             if let Some(body) = &body {
@@ -260,6 +265,11 @@ impl RegistryStore {
             .find(|(k, _)| k == "realm")
             .map(|(_, v)| v.clone())
             .ok_or_else(|| refused(format!("bearer challenge without realm: {challenge:?}")))?;
+        if self.inner.base.starts_with("https://") && !realm.starts_with("https://") {
+            return Err(refused(format!(
+                "the token realm {realm:?} is not HTTPS; not sending credentials there"
+            )));
+        }
         let mut token_url = realm;
         let mut sep = if token_url.contains('?') { '&' } else { '?' };
         for (k, v) in params
@@ -889,7 +899,11 @@ async fn read_chunk(file: &mut tokio::fs::File, max: usize) -> std::io::Result<V
 }
 
 fn header_value(s: &str) -> Result<HeaderValue, String> {
-    HeaderValue::from_str(s).map_err(|_| "a header value with forbidden characters".to_string())
+    let mut value = HeaderValue::from_str(s)
+        .map_err(|_| "a header value with forbidden characters".to_string())?;
+    // Kept out of any debug output of the request.
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Parses `k="v",k2="v2"` (values may hold commas inside quotes).
