@@ -40,6 +40,9 @@ pub struct ExtractStats {
 
 const NAME_MAX: usize = 255;
 const PATH_MAX: usize = 4096;
+/// Deepest nesting accepted. Each entry is placed by walking its parents one `openat2` at
+/// a time, so this bounds the work a bundle of many deep paths can cost.
+const MAX_DEPTH: usize = 256;
 
 /// Checks that `bundle` is a safe bundle by extracting it into a throwaway directory.
 pub fn validate(bundle: &Path, limits: &ExtractLimits) -> Result<ExtractStats, SourceError> {
@@ -505,6 +508,9 @@ fn components(raw: &[u8]) -> Result<Vec<Vec<u8>>, SourceError> {
             c => out.push(c.to_vec()),
         }
     }
+    if out.len() > MAX_DEPTH {
+        return Err(SourceError::PathTooLong { path: shown() });
+    }
     Ok(out)
 }
 
@@ -616,6 +622,11 @@ mod tests {
         ));
         assert!(matches!(
             components(&[b'a'; 256]),
+            Err(SourceError::PathTooLong { .. })
+        ));
+        assert_eq!(components("a/".repeat(256).as_bytes()).unwrap().len(), 256);
+        assert!(matches!(
+            components("a/".repeat(257).as_bytes()),
             Err(SourceError::PathTooLong { .. })
         ));
     }
