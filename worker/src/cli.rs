@@ -38,6 +38,9 @@ pub enum Command {
     /// Build, import and list bases: the read-only root filesystems builds run on.
     #[command(subcommand)]
     Base(BaseCommand),
+    /// Work with source bundles in a store.
+    #[command(subcommand)]
+    Source(SourceCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -142,4 +145,30 @@ pub struct BaseShowArgs {
     pub json: bool,
     #[command(flatten)]
     pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SourceCommand {
+    /// Pack a directory (deterministically) or check a tar(.gz) bundle, upload it to the
+    /// store and print its digest, the `source.digest` of a job.
+    Push(SourcePushArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SourcePushArgs {
+    /// A directory to pack, or a .tar / .tar.gz bundle to upload as it is.
+    pub path: PathBuf,
+    /// Store URL: oci-dir:/path, oci://host:port/repo or oci+http://host:port/repo.
+    #[arg(
+        long,
+        env = "CORRAL_STORE",
+        default_value = "oci-dir:/var/lib/corral/store"
+    )]
+    pub store: String,
+    /// Registry user name.
+    #[arg(long, env = "CORRAL_STORE_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the registry password (first line).
+    #[arg(long, env = "CORRAL_STORE_PASSWORD_FILE", requires = "username")]
+    pub password_file: Option<PathBuf>,
 }

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
         Command::Base(args) => cmd::base::run(args),
+        Command::Source(command) => cmd::source::run(command),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

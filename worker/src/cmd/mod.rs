@@ -3,4 +3,5 @@
 
 pub mod base;
 pub mod schema;
+pub mod source;
 pub mod validate;
