@@ -35,6 +35,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print or write the JSON Schemas of the wire messages.
     Schema(SchemaArgs),
+    /// Validate a worker config file (plus `CORRAL_*` environment and flags) and print the
+    /// effective config with secrets redacted; exit 65 naming the bad key otherwise.
+    CheckConfig(CheckConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -55,4 +58,15 @@ pub struct SchemaArgs {
     /// Which message's schema to print.
     #[arg(value_parser = ["job", "result", "event", "log", "cancel"], default_value = "job")]
     pub message: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The TOML config file.
+    pub file: PathBuf,
+    /// Print nothing on success (for `validate:` in Ansible and scripts).
+    #[arg(short, long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub flags: crate::config::ConfigFlags,
 }

@@ -5,5 +5,6 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod config;
 pub mod exit;
 pub mod logging;

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
+        Command::CheckConfig(args) => cmd::check_config::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),
