@@ -164,6 +164,22 @@ impl Layers {
         unknown
     }
 
+    /// Drops a dotted key from the merged table. `false` if it is not there.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let mut parts: Vec<&str> = name.split('.').collect();
+        let Some(leaf) = parts.pop() else {
+            return false;
+        };
+        let mut table = &mut self.table;
+        for part in parts {
+            match table.get_mut(part) {
+                Some(Value::Table(inner)) => table = inner,
+                _ => return false,
+            }
+        }
+        table.remove(leaf).is_some()
+    }
+
     /// Sets one dotted key from a string typed as the key expects. `Err` if no such key.
     pub fn set(&mut self, name: &str, text: &str, origin: &Origin) -> Result<(), String> {
         let key = key(name).ok_or_else(|| name.to_string())?;

@@ -413,22 +413,32 @@ impl Config {
                 });
             }
         }
-        if !errors.is_empty() {
-            return Err(ConfigError::Invalid(errors));
+        // A value of the wrong type is reported, dropped, and the rest read again, so that
+        // one run names every bad key.
+        let raw: RawConfig = loop {
+            match serde_path_to_error::deserialize(layers.table.clone()) {
+                Ok(raw) => break raw,
+                Err(e) => {
+                    let key = e.path().to_string();
+                    errors.push(KeyError {
+                        origin: layers.origin(&key),
+                        reason: e.inner().message().trim_end().to_string(),
+                        key: key.clone(),
+                    });
+                    if !layers.remove(&key) {
+                        return Err(ConfigError::Invalid(errors));
+                    }
+                }
+            }
+        };
+        match validate::validate(raw, &layers, &sources.hostname, &mut warnings) {
+            Ok(config) if errors.is_empty() => Ok(Loaded { config, warnings }),
+            Ok(_) => Err(ConfigError::Invalid(errors)),
+            Err(more) => {
+                errors.extend(more);
+                Err(ConfigError::Invalid(errors))
+            }
         }
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(layers.table.clone()).map_err(|e| {
-                let key = e.path().to_string();
-                let reason = e.inner().to_string();
-                ConfigError::Invalid(vec![KeyError {
-                    origin: layers.origin(&key),
-                    key,
-                    reason: reason.trim_end().to_string(),
-                }])
-            })?;
-        validate::validate(raw, &layers, &sources.hostname, &mut warnings)
-            .map(|config| Loaded { config, warnings })
-            .map_err(ConfigError::Invalid)
     }
 
     /// The config built from defaults alone, on a host of this name.

@@ -365,7 +365,7 @@ pub(super) fn validate(
         Some(path) => SandboxHelper::Path(c.absolute("sandbox.helper", path)),
     };
     let cpus_per_build = sb.cpus_per_build.unwrap_or(defaults::CPUS_PER_BUILD);
-    if !(cpus_per_build.is_finite() && cpus_per_build >= 0.01 && cpus_per_build <= 1024.0) {
+    if !(cpus_per_build.is_finite() && (0.01..=1024.0).contains(&cpus_per_build)) {
         c.fail(
             "sandbox.cpus_per_build",
             format!("{cpus_per_build} is outside 0.01..=1024 CPUs"),
