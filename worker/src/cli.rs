@@ -41,6 +41,9 @@ pub enum Command {
     /// Work with source bundles in a store.
     #[command(subcommand)]
     Source(SourceCommand),
+    /// Validate a worker config file (plus `CORRAL_*` environment and flags) and print the
+    /// effective config with secrets redacted; exit 65 naming the bad key otherwise.
+    CheckConfig(CheckConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -171,4 +174,15 @@ pub struct SourcePushArgs {
     /// File holding the registry password (first line).
     #[arg(long, env = "CORRAL_STORE_PASSWORD_FILE", requires = "username")]
     pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The TOML config file.
+    pub file: PathBuf,
+    /// Print nothing on success (for `validate:` in Ansible and scripts).
+    #[arg(short, long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub flags: crate::config::ConfigFlags,
 }

@@ -7,6 +7,7 @@ pub mod base;
 pub mod cache;
 pub mod cli;
 pub mod cmd;
+pub mod config;
 pub mod exit;
 pub mod image;
 pub mod logging;

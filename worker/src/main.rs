@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Schema(args) => cmd::schema::run(args),
         Command::Base(args) => cmd::base::run(args),
         Command::Source(command) => cmd::source::run(command),
+        Command::CheckConfig(args) => cmd::check_config::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

@@ -2,6 +2,7 @@
 //! process exit code (see [`crate::exit`]).
 
 pub mod base;
+pub mod check_config;
 pub mod schema;
 pub mod source;
 pub mod validate;
