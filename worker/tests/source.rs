@@ -319,7 +319,7 @@ async fn fetch_verifies_the_digest_and_size_from_the_store() {
     let pe = err.to_protocol_error();
     assert_eq!(
         (pe.field.as_str(), pe.rule),
-        ("source.digest", Rule::Digest)
+        ("source.digest", Rule::Content)
     );
     assert!(!scratch.path().join("x").exists());
 }

@@ -161,12 +161,11 @@ impl SourceError {
     /// The `rejected`/`invalid_job` error to publish for a job-fault failure.
     pub fn to_protocol_error(&self) -> ProtocolError {
         let (field, rule) = match self {
-            SourceError::NotFound { .. } | SourceError::DigestMismatch { .. } => {
-                ("source.digest", Rule::Digest)
-            }
+            SourceError::NotFound { .. } => ("source.digest", Rule::Unknown),
+            SourceError::DigestMismatch { .. } => ("source.digest", Rule::Content),
             SourceError::SizeMismatch { .. } => ("source.size", Rule::Size),
             SourceError::BundleTooLarge { .. } => ("source", Rule::Size),
-            SourceError::Corrupt { .. } => ("source", Rule::Syntax),
+            SourceError::Corrupt { .. } => ("source", Rule::Content),
             SourceError::AbsolutePath { .. }
             | SourceError::ParentDir { .. }
             | SourceError::PathTooLong { .. }
