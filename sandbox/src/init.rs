@@ -1,0 +1,368 @@
+//! The sandbox helper: the `corral` binary re-executed (`corral __sandbox-init`), single
+//! threaded. It builds the job's root in its own private mount namespace, clones the job's
+//! pid 1 into fresh namespaces, places it in the job's cgroup, then supervises: answers
+//! seccomp notifications, enforces the wall-clock and CPU-seconds limits, relays
+//! cancellation, and finally reports to the worker over its stdin socket.
+//!
+//! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`InitRequest`] line,
+//! then optionally `{"cancel_ms":N}` lines; the helper answers with one JSON [`InitReport`]
+//! line and exits. End of stream from the worker counts as an immediate cancel, so a job
+//! never outlives its worker.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::JobCgroup;
+use crate::outcome::Exit;
+use crate::spec::SandboxSpec;
+use crate::sys::{self, Forked};
+
+/// The first argument that selects the helper in the `corral` binary.
+pub const INIT_ARG: &str = "__sandbox-init";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitRequest {
+    pub spec: SandboxSpec,
+    pub cgroup: JobCgroup,
+    /// Empty directory the job's root is mounted on (in the helper's namespace only).
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub cancel_ms: u64,
+}
+
+/// Which of the helper's own limits ended the job, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    WallTimeout,
+    CpuLimit,
+    Cancelled,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct InitReport {
+    pub exit: Option<Exit>,
+    pub ended_by: Option<EndedBy>,
+    pub denied_syscalls: BTreeMap<String, u64>,
+    pub network_attempts: u64,
+    pub wall: Duration,
+    pub cpu_user: Duration,
+    pub cpu_system: Duration,
+    pub io_read: u64,
+    pub io_write: u64,
+    /// The upper dir's filesystem or `/tmp` had no space or inodes left at the end.
+    pub disk_full: bool,
+    /// Set when the sandbox itself could not be built (the job never ran).
+    pub error: Option<String>,
+}
+
+/// Entry point of `corral __sandbox-init`. Never returns.
+pub fn main() -> ! {
+    // Nothing the worker had open may reach the job.
+    let _ = sys::close_fds_from(3);
+    // fd 0 is the control socket the worker gave us; fd 0 itself later becomes the job's
+    // /dev/null, so keep the socket on a close-on-exec copy.
+    let ctl = match sys::dup_cloexec(0) {
+        Ok(fd) => UnixStream::from(fd),
+        Err(_) => sys::exit_now(70),
+    };
+    let mut reader = BufReader::new(match ctl.try_clone() {
+        Ok(c) => c,
+        Err(_) => sys::exit_now(70),
+    });
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        sys::exit_now(70);
+    }
+    let report = match serde_json::from_str::<InitRequest>(&line) {
+        Ok(req) => supervise(&req, reader),
+        Err(err) => InitReport {
+            error: Some(format!("bad init request: {err}")),
+            ..InitReport::default()
+        },
+    };
+    let mut out = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned());
+    out.push('\n');
+    let mut ctl = ctl;
+    let _ = ctl.write_all(out.as_bytes());
+    sys::exit_now(0)
+}
+
+fn fail(msg: String) -> InitReport {
+    InitReport {
+        error: Some(msg),
+        ..InitReport::default()
+    }
+}
+
+fn supervise(req: &InitRequest, ctl: BufReader<UnixStream>) -> InitReport {
+    let started = Instant::now();
+    let spec = &req.spec;
+    if spec.argv.is_empty() {
+        return fail("empty argv".to_owned());
+    }
+    if let Err(e) = sys::clear_supplementary_groups() {
+        return fail(format!("setgroups: {e}"));
+    }
+    if let Err(e) = sys::unshare(libc::CLONE_NEWNS) {
+        return fail(format!("private mount namespace: {e}"));
+    }
+    if let Err(e) = std::fs::create_dir_all(&req.root) {
+        return fail(format!("creating {}: {e}", req.root.display()));
+    }
+    let report = match crate::rootfs::prepare(&crate::rootfs::Kernel, spec, &req.root) {
+        Ok(()) => run_job(req, ctl, started),
+        Err(e) => fail(format!("{e}: {}", e_source(&e))),
+    };
+    // Our mount namespace dies with us; unmounting now frees the upper dir's filesystem
+    // for the worker as soon as it sees us exit.
+    let _ = sys::umount2(&req.root, libc::MNT_DETACH);
+    let _ = std::fs::remove_dir(&req.root);
+    report
+}
+
+fn e_source(e: &dyn std::error::Error) -> String {
+    e.source().map(|s| s.to_string()).unwrap_or_default()
+}
+
+fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) -> InitReport {
+    let spec = &req.spec;
+    let pipes = (|| -> std::io::Result<_> {
+        let (notify_ours, notify_theirs) = UnixStream::pair()?;
+        Ok((
+            notify_ours,
+            OwnedFd::from(notify_theirs),
+            sys::pipe()?,
+            sys::pipe()?,
+        ))
+    })();
+    let (notify, notify_child, (sync_r, sync_w), (status_r, status_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => return fail(format!("pipes: {e}")),
+    };
+    let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
+        Ok(Forked::Child) => {
+            drop((notify, sync_w, status_r));
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                let _ = sys::dup2(null.as_raw_fd(), 0);
+            }
+            crate::reaper::run(spec, &req.root, sync_r, status_w, notify_child)
+        }
+        Ok(Forked::Parent(pid)) => pid,
+        Err(e) => return fail(format!("clone into new namespaces: {e}")),
+    };
+    drop((sync_r, status_w, notify_child));
+    // The job's output pipes must reach end-of-file when the job's processes are gone,
+    // not when we are.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = sys::dup2(null.as_raw_fd(), 1);
+        let _ = sys::dup2(null.as_raw_fd(), 2);
+    }
+    let placed = crate::namespaces::write_id_maps(pid, &spec.identity)
+        .map_err(|e| format!("writing id maps: {e}"))
+        .and_then(|()| {
+            for file in req.cgroup.version().procs_files() {
+                std::fs::write(&file, pid.to_string())
+                    .map_err(|e| format!("joining {}: {e}", file.display()))?;
+            }
+            Ok(())
+        })
+        .and_then(|()| {
+            std::fs::File::from(sync_w)
+                .write_all(b"g")
+                .map_err(|e| format!("releasing the job: {e}"))
+        });
+    if let Err(msg) = placed {
+        let _ = sys::kill(pid, libc::SIGKILL);
+        let _ = sys::wait4(pid, 0);
+        return fail(msg);
+    }
+
+    let mut report = InitReport::default();
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::wait4(pid, 0);
+            return fail(format!("pidfd_open: {e}"));
+        }
+    };
+    let wall_deadline = started + spec.limits.wall;
+    let mut kill_deadline: Option<Instant> = None;
+    let mut listener: Option<OwnedFd> = None;
+    let mut notify = Some(notify);
+    let mut ctl_open = true;
+    let cpu_limit = spec.limits.cpu_seconds.map(Duration::from_secs);
+    let tick = Duration::from_millis(100);
+    loop {
+        let now = Instant::now();
+        let mut next = wall_deadline;
+        if let Some(k) = kill_deadline {
+            next = next.min(k);
+        }
+        if cpu_limit.is_some() {
+            next = next.min(now + tick);
+        }
+        let timeout = next
+            .saturating_duration_since(now)
+            .as_millis()
+            .min(i32::MAX as u128) as i32;
+        let mut fds = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
+        let ctl_idx = ctl_open.then(|| {
+            fds.push((ctl.get_ref().as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let notify_idx = notify.as_ref().map(|n| {
+            fds.push((n.as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let listener_idx = listener.as_ref().map(|l| {
+            fds.push((l.as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        // A buffered cancel line (rare) would not wake poll: handle it without waiting.
+        let buffered = !ctl.buffer().is_empty();
+        let revents = match sys::poll(&fds, if buffered { 0 } else { timeout }) {
+            Ok(r) => r,
+            Err(_) => vec![0; fds.len()],
+        };
+        if revents[0] != 0 {
+            break;
+        }
+        if let Some(i) = listener_idx {
+            if revents[i] & libc::POLLIN != 0 {
+                answer_notification(
+                    listener.as_ref().map(|l| l.as_raw_fd()).unwrap_or(-1),
+                    &mut report,
+                );
+            } else if revents[i] & (libc::POLLHUP | libc::POLLERR) != 0 {
+                // Every filtered process is gone.
+                listener = None;
+            }
+        }
+        if let Some(i) = notify_idx {
+            if revents[i] != 0 {
+                if let Some(n) = notify.take() {
+                    match sys::recv_fd(n.as_raw_fd()) {
+                        Ok(Some(fd)) => listener = Some(fd),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if let Some(i) = ctl_idx {
+            if buffered || revents[i] != 0 {
+                let mut line = String::new();
+                match ctl.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        ctl_open = false;
+                        report.ended_by.get_or_insert(EndedBy::Cancelled);
+                        let _ = sys::kill(pid, libc::SIGKILL);
+                    }
+                    Ok(_) => {
+                        if let Ok(c) = serde_json::from_str::<CancelRequest>(&line) {
+                            report.ended_by.get_or_insert(EndedBy::Cancelled);
+                            let _ = sys::kill(pid, libc::SIGTERM);
+                            let k = Instant::now() + Duration::from_millis(c.cancel_ms);
+                            kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= wall_deadline {
+            report.ended_by.get_or_insert(EndedBy::WallTimeout);
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        if kill_deadline.is_some_and(|k| now >= k) {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        if let Some(limit) = cpu_limit {
+            if req
+                .cgroup
+                .version()
+                .cpu_usage()
+                .is_ok_and(|used| used >= limit)
+            {
+                report.ended_by.get_or_insert(EndedBy::CpuLimit);
+                let _ = sys::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    let reaped = sys::wait4(pid, 0).ok().flatten();
+    report.wall = started.elapsed();
+    if let Some(r) = reaped {
+        report.cpu_user = r.utime;
+        report.cpu_system = r.stime;
+        report.io_read = r.inblock * 512;
+        report.io_write = r.oublock * 512;
+    }
+    let mut record = Vec::new();
+    let _ = std::fs::File::from(status_r).read_to_end(&mut record);
+    match record.split_first() {
+        Some((&crate::reaper::STATUS_TAG, rest)) if rest.len() == 4 => {
+            let status = i32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            report.exit = Some(decode_status(status));
+        }
+        Some((&crate::reaper::ERROR_TAG, rest)) => {
+            report.error = Some(format!("sandbox setup: {}", String::from_utf8_lossy(rest)));
+        }
+        _ => report.exit = reaped.map(|r| decode_status(r.status)),
+    }
+    report.disk_full = is_full(&req.root) || is_full(&req.root.join("tmp"));
+    report
+}
+
+fn answer_notification(listener: i32, report: &mut InitReport) {
+    let Ok(n) = sys::seccomp_notif_recv(listener) else {
+        return;
+    };
+    let verdict = crate::seccomp::classify(n.nr as i64, &n.args);
+    // ENOENT: the job was killed or the call interrupted before we answered; still counted.
+    let _ = sys::seccomp_notif_fail(listener, n.id, crate::seccomp::errno_for(&verdict));
+    match verdict {
+        crate::seccomp::Verdict::NetworkAttempt => report.network_attempts += 1,
+        crate::seccomp::Verdict::Denied(name) => {
+            *report.denied_syscalls.entry(name).or_default() += 1
+        }
+    }
+}
+
+/// Exit code or terminating signal from a raw wait status.
+pub fn decode_status(status: i32) -> Exit {
+    if libc::WIFSIGNALED(status) {
+        Exit::Signal(libc::WTERMSIG(status))
+    } else {
+        Exit::Code(libc::WEXITSTATUS(status))
+    }
+}
+
+/// No space or no inodes left (a handful of blocks stay out of reach of the job's
+/// allocations, so "full" means under 64 KiB).
+fn is_full(path: &Path) -> bool {
+    match sys::statvfs(path) {
+        Ok(s) => s.bytes_available < 64 * 1024 || (s.files_total > 0 && s.files_available == 0),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_statuses_decode() {
+        assert_eq!(decode_status(3 << 8), Exit::Code(3));
+        assert_eq!(decode_status(libc::SIGKILL), Exit::Signal(9));
+    }
+}
