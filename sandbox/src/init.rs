@@ -347,18 +347,40 @@ pub fn decode_status(status: i32) -> Exit {
     }
 }
 
-/// No space or no inodes left (a handful of blocks stay out of reach of the job's
-/// allocations, so "full" means under 64 KiB).
+/// No space or no inodes left. A failed write leaves up to one write's worth of space
+/// behind, so "full" means under 1% of the filesystem (at least 1 MiB) or no free inode.
 fn is_full(path: &Path) -> bool {
     match sys::statvfs(path) {
-        Ok(s) => s.bytes_available < 64 * 1024 || (s.files_total > 0 && s.files_available == 0),
+        Ok(s) => full(
+            s.bytes_total,
+            s.bytes_available,
+            s.files_total,
+            s.files_available,
+        ),
         Err(_) => false,
     }
+}
+
+fn full(bytes_total: u64, bytes_available: u64, files_total: u64, files_available: u64) -> bool {
+    bytes_available < (bytes_total / 100).max(1 << 20) || (files_total > 0 && files_available == 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearly_full_counts_as_full() {
+        let gib = 1 << 30;
+        assert!(full(gib, 512 << 10, 1000, 10), "half a MiB left of a GiB");
+        assert!(full(gib, 5 << 20, 1000, 10), "under 1%");
+        assert!(!full(gib, 50 << 20, 1000, 10));
+        assert!(full(gib, 500 << 20, 1000, 0), "no inode left");
+        assert!(
+            !full(gib, 500 << 20, 0, 0),
+            "filesystems without inode counts"
+        );
+    }
 
     #[test]
     fn wait_statuses_decode() {

@@ -117,12 +117,12 @@ impl JobDir {
                 message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
-        let device = crate::sys::loop_attach(&file).map_err(|source| JobDirError::Loop {
-            path: img.clone(),
-            source,
-        })?;
-        // The device auto-detaches once unmounted; keep it open until mounted.
-        let _hold = std::fs::File::open(&device);
+        // The device detaches itself once unmounted; `_hold` keeps it until mounted.
+        let (device, _hold) =
+            crate::sys::loop_attach(&file).map_err(|source| JobDirError::Loop {
+                path: img.clone(),
+                source,
+            })?;
         drop(file);
         crate::sys::mount(
             Some(&device),

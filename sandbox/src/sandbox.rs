@@ -135,6 +135,11 @@ impl Sandbox {
 }
 
 impl Running {
+    /// Pid of the helper process (for metrics and crash tests; the job is its child).
+    pub fn helper_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn cancel_handle(&self) -> CancelHandle {
         self.cancel.clone()
     }

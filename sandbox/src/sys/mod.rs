@@ -533,6 +533,7 @@ pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
 /// Free space of the filesystem holding `path`.
 #[derive(Debug, Clone, Copy)]
 pub struct FsSpace {
+    pub bytes_total: u64,
     pub bytes_available: u64,
     pub files_available: u64,
     pub files_total: u64,
@@ -546,15 +547,17 @@ pub fn statvfs(path: &Path) -> io::Result<FsSpace> {
     // SAFETY: filled by the kernel.
     let st = unsafe { st.assume_init() };
     Ok(FsSpace {
+        bytes_total: st.f_blocks.saturating_mul(st.f_frsize),
         bytes_available: st.f_bavail.saturating_mul(st.f_frsize),
         files_available: st.f_favail,
         files_total: st.f_files,
     })
 }
 
-/// Attaches `image` to a free loop device (auto-cleared on last close/unmount) and returns
-/// the device path.
-pub fn loop_attach(image: &std::fs::File) -> io::Result<std::path::PathBuf> {
+/// Attaches `image` to a free loop device and returns its path and an open handle. The
+/// device detaches itself when the last handle closes and nothing mounts it (autoclear), so
+/// keep the handle until the filesystem is mounted.
+pub fn loop_attach(image: &std::fs::File) -> io::Result<(std::path::PathBuf, std::fs::File)> {
     const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
     const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
     const LO_FLAGS_AUTOCLEAR: u32 = 4;
@@ -601,7 +604,7 @@ pub fn loop_attach(image: &std::fs::File) -> io::Result<std::path::PathBuf> {
         // SAFETY: `config` matches struct loop_config.
         let ret = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &config) };
         if ret == 0 {
-            return Ok(path);
+            return Ok((path, dev));
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EBUSY) {
