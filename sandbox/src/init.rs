@@ -5,9 +5,10 @@
 //! cancellation, and finally reports to the worker over its stdin socket.
 //!
 //! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`InitRequest`] line,
-//! then optionally `{"cancel_ms":N}` lines; the helper answers with one JSON [`InitReport`]
-//! line and exits. End of stream from the worker counts as an immediate cancel, so a job
-//! never outlives its worker.
+//! then [`Control`] lines: `"joined"` once it has moved the helper into the job's cgroup
+//! (the job's pid 1 is cloned only then, so it is born inside), and `{"cancel":…}` at any
+//! time. The helper answers with one JSON [`InitReport`] line and exits. End of stream from
+//! the worker counts as an immediate cancel, so a job never outlives its worker.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -34,9 +35,14 @@ pub struct InitRequest {
     pub root: PathBuf,
 }
 
+/// Messages from the worker after the [`InitRequest`].
 #[derive(Debug, Serialize, Deserialize)]
-pub struct CancelRequest {
-    pub cancel_ms: u64,
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    /// The helper now sits in the job's cgroup (oom-immune), so its children are born there.
+    Joined,
+    /// TERM everything, then KILL after `grace_ms`.
+    Cancel { grace_ms: u64 },
 }
 
 /// Which of the helper's own limits ended the job, if any.
@@ -104,7 +110,7 @@ fn fail(msg: String) -> InitReport {
     }
 }
 
-fn supervise(req: &InitRequest, ctl: BufReader<UnixStream>) -> InitReport {
+fn supervise(req: &InitRequest, mut ctl: BufReader<UnixStream>) -> InitReport {
     let started = Instant::now();
     let spec = &req.spec;
     if spec.argv.is_empty() {
@@ -119,15 +125,26 @@ fn supervise(req: &InitRequest, ctl: BufReader<UnixStream>) -> InitReport {
     if let Err(e) = std::fs::create_dir_all(&req.root) {
         return fail(format!("creating {}: {e}", req.root.display()));
     }
-    let report = match crate::rootfs::prepare(&crate::rootfs::Kernel, spec, &req.root) {
-        Ok(()) => run_job(req, ctl, started),
-        Err(e) => fail(format!("{e}: {}", e_source(&e))),
-    };
-    // Our mount namespace dies with us; unmounting now frees the upper dir's filesystem
-    // for the worker as soon as it sees us exit.
-    let _ = sys::umount2(&req.root, libc::MNT_DETACH);
-    let _ = std::fs::remove_dir(&req.root);
-    report
+    // No unmount at the end: our private mount namespace (and every mount in it) is torn
+    // down as we exit, before the worker's wait returns; the worker removes the mount point.
+    if let Err(e) = crate::rootfs::prepare(&crate::rootfs::Kernel, spec, &req.root) {
+        return fail(format!("{e}: {}", e_source(&e)));
+    }
+    // Joining a v1 cgroup waits for an RCU grace period; the worker does it while we were
+    // building the root, and we wait for it here.
+    let mut line = String::new();
+    match ctl
+        .read_line(&mut line)
+        .map(|_| serde_json::from_str::<Control>(&line))
+    {
+        Ok(Ok(Control::Joined)) => run_job(req, ctl, started),
+        Ok(Ok(Control::Cancel { .. })) | Ok(Err(_)) | Err(_) => InitReport {
+            exit: Some(Exit::Signal(libc::SIGKILL)),
+            ended_by: Some(EndedBy::Cancelled),
+            wall: started.elapsed(),
+            ..InitReport::default()
+        },
+    }
 }
 
 fn e_source(e: &dyn std::error::Error) -> String {
@@ -167,20 +184,22 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
         let _ = sys::dup2(null.as_raw_fd(), 1);
         let _ = sys::dup2(null.as_raw_fd(), 2);
     }
-    let placed = crate::namespaces::write_id_maps(pid, &spec.identity)
-        .map_err(|e| format!("writing id maps: {e}"))
+    let mut sync_w = std::fs::File::from(sync_w);
+    // We may be oom-immune (the worker sets -1000 when it can); the job must not be.
+    // Written by us (with CAP_SYS_RESOURCE) it also becomes the job's floor, so the job
+    // cannot lower it again.
+    let placed = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "0")
+        .map_err(|e| format!("oom_score_adj of the job: {e}"))
         .and_then(|()| {
-            for file in req.cgroup.version().procs_files() {
-                std::fs::write(&file, pid.to_string())
-                    .map_err(|e| format!("joining {}: {e}", file.display()))?;
-            }
-            Ok(())
+            crate::namespaces::write_id_maps(pid, &spec.identity)
+                .map_err(|e| format!("writing id maps: {e}"))
         })
         .and_then(|()| {
-            std::fs::File::from(sync_w)
-                .write_all(b"g")
-                .map_err(|e| format!("releasing the job: {e}"))
+            sync_w
+                .write_all(&[crate::reaper::MAPPED, crate::reaper::IN_CGROUP])
+                .map_err(|e| format!("releasing the job's pid 1: {e}"))
         });
+    drop(sync_w);
     if let Err(msg) = placed {
         let _ = sys::kill(pid, libc::SIGKILL);
         let _ = sys::wait4(pid, 0);
@@ -269,10 +288,10 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
                         let _ = sys::kill(pid, libc::SIGKILL);
                     }
                     Ok(_) => {
-                        if let Ok(c) = serde_json::from_str::<CancelRequest>(&line) {
+                        if let Ok(Control::Cancel { grace_ms }) = serde_json::from_str(&line) {
                             report.ended_by.get_or_insert(EndedBy::Cancelled);
                             let _ = sys::kill(pid, libc::SIGTERM);
-                            let k = Instant::now() + Duration::from_millis(c.cancel_ms);
+                            let k = Instant::now() + Duration::from_millis(grace_ms);
                             kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
                         }
                     }

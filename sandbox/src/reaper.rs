@@ -72,13 +72,8 @@ pub fn run(spec: &SandboxSpec, root: &Path, sync: OwnedFd, status: OwnedFd, noti
 fn setup(spec: &SandboxSpec, root: &Path, sync: OwnedFd) -> Result<(), String> {
     // If the supervising helper dies, so does the job (pid 1 takes the namespace with it).
     sys::set_parent_death_signal(libc::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
-    let mut byte = [0u8; 1];
-    match sys_read(&sync, &mut byte) {
-        Ok(1) => {}
-        _ => sys::exit_now(1),
-    }
-    drop(sync);
-    sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
+    // First byte: our id maps are written.
+    await_byte(&sync, MAPPED);
     sys::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
     sys::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
     crate::rootfs::enter(&crate::rootfs::Kernel, root)
@@ -87,7 +82,25 @@ fn setup(spec: &SandboxSpec, root: &Path, sync: OwnedFd) -> Result<(), String> {
         .map_err(|e| format!("chdir {}: {e}", spec.cwd.display()))?;
     sys::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
     sys::mask_signals(&SIGNALS, true).map_err(|e| format!("sigprocmask: {e}"))?;
+    // Second byte: our oom_score_adj is reset; we were born in the job's cgroup, so the
+    // cgroup namespace is rooted there.
+    await_byte(&sync, IN_CGROUP);
+    drop(sync);
+    sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
     Ok(())
+}
+
+/// Bytes on the sync pipe from the helper.
+pub const MAPPED: u8 = b'm';
+pub const IN_CGROUP: u8 = b'c';
+
+/// Reads the expected byte; anything else means the helper gave up on us.
+fn await_byte(sync: &OwnedFd, expected: u8) {
+    let mut byte = [0u8; 1];
+    match sys_read(sync, &mut byte) {
+        Ok(1) if byte[0] == expected => {}
+        _ => sys::exit_now(1),
+    }
 }
 
 fn source_of(err: &dyn std::error::Error) -> String {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupStats, JobCgroup};
-use crate::init::{CancelRequest, EndedBy, INIT_ARG, InitReport, InitRequest};
+use crate::init::{Control, EndedBy, INIT_ARG, InitReport, InitRequest};
 use crate::outcome::{DeathReason, Exit, Outcome, Usage};
 use crate::spec::{SandboxConfig, SandboxSpec};
 
@@ -28,6 +28,8 @@ pub struct Running {
     ctl: BufReader<UnixStream>,
     cancel: CancelHandle,
     cgroup: JobCgroup,
+    /// The helper's (private) mount point of the job's root, removed once it exits.
+    root: std::path::PathBuf,
     waited: bool,
 }
 
@@ -40,8 +42,8 @@ pub struct CancelHandle {
 impl CancelHandle {
     /// Idempotent; a later call with a shorter grace shortens the wait.
     pub fn cancel(&self, grace: Duration) {
-        let line = serde_json::to_string(&CancelRequest {
-            cancel_ms: grace.as_millis() as u64,
+        let line = serde_json::to_string(&Control::Cancel {
+            grace_ms: grace.as_millis() as u64,
         })
         .unwrap_or_default();
         if let Ok(mut ctl) = self.ctl.lock() {
@@ -49,6 +51,15 @@ impl CancelHandle {
             let _ = ctl.write_all(format!("{line}\n").as_bytes());
         }
     }
+}
+
+fn send(ctl: &mut UnixStream, message: &impl serde::Serialize) -> Result<(), Error> {
+    let mut line = serde_json::to_vec(message).map_err(|e| Error::Protocol {
+        message: e.to_string(),
+    })?;
+    line.push(b'\n');
+    ctl.write_all(&line)
+        .map_err(|source| Error::ControlSocket { source })
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
@@ -69,8 +80,9 @@ impl Sandbox {
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         );
         let cg = JobCgroup::create(&layout, &config.cgroup_parent, &name)?;
-        match Self::start(spec, config, &name, &cg) {
-            Ok((child, ctl)) => Self::running(child, ctl, cg),
+        let root = config.run_dir.join(&name);
+        match Self::start(spec, config, &root, &cg) {
+            Ok((child, ctl)) => Self::running(child, ctl, cg, root),
             Err(err) => {
                 let _ = cg.destroy();
                 Err(err)
@@ -81,13 +93,17 @@ impl Sandbox {
     fn start(
         spec: &SandboxSpec,
         config: &SandboxConfig,
-        name: &str,
+        root: &std::path::Path,
         cg: &JobCgroup,
     ) -> Result<(Child, UnixStream), Error> {
-        cg.version().apply(&spec.limits)?;
+        // The helper lives in the job's cgroup too (so the job's pid 1 is born there,
+        // without a second migration): it gets one extra pid.
+        let mut limits = spec.limits.clone();
+        limits.pids = limits.pids.map(|p| p + 1);
+        cg.version().apply(&limits)?;
         let (mut ours, theirs) =
             UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
-        let child = Command::new(&config.helper_exe)
+        let mut child = Command::new(&config.helper_exe)
             .arg(INIT_ARG)
             .env_clear()
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
@@ -101,22 +117,36 @@ impl Sandbox {
         let req = InitRequest {
             spec: spec.clone(),
             cgroup: cg.clone(),
-            root: config.run_dir.join(name),
+            root: root.to_owned(),
         };
-        let mut line = serde_json::to_vec(&req).map_err(|e| Error::Protocol {
-            message: e.to_string(),
-        })?;
-        line.push(b'\n');
-        if let Err(source) = ours.write_all(&line) {
-            let mut child = child;
+        let handshake = (|| -> Result<(), Error> {
+            let pid = child.id();
+            // The OOM killer must pick the job, never its supervisor. Needs
+            // CAP_SYS_RESOURCE; without it the helper stays an unlikely victim (it is small
+            // and the job's own processes rank first), so carry on.
+            let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
+            send(&mut ours, &req)?;
+            // Migration into a v1 cgroup waits for an RCU grace period: do it while the
+            // helper builds the job's root.
+            for file in cg.version().procs_files() {
+                cgroup::write(&file, &pid.to_string())?;
+            }
+            send(&mut ours, &Control::Joined)
+        })();
+        if let Err(err) = handshake {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(Error::ControlSocket { source });
+            return Err(err);
         }
         Ok((child, ours))
     }
 
-    fn running(mut child: Child, ctl: UnixStream, cgroup: JobCgroup) -> Result<Running, Error> {
+    fn running(
+        mut child: Child,
+        ctl: UnixStream,
+        cgroup: JobCgroup,
+        root: std::path::PathBuf,
+    ) -> Result<Running, Error> {
         let cancel_side = ctl
             .try_clone()
             .map_err(|source| Error::ControlSocket { source })?;
@@ -129,6 +159,7 @@ impl Sandbox {
                 ctl: Arc::new(Mutex::new(cancel_side)),
             },
             cgroup,
+            root,
             waited: false,
         })
     }
@@ -151,6 +182,8 @@ impl Running {
         let mut line = String::new();
         let read = self.ctl.read_line(&mut line);
         let _ = self.child.wait();
+        // Only a mount point in the helper's namespace, which died with it.
+        let _ = std::fs::remove_dir(&self.root);
         let stats = self.cgroup.version().stats();
         self.cgroup.destroy()?;
         read.map_err(|source| Error::ControlSocket { source })?;
@@ -180,6 +213,7 @@ impl Drop for Running {
         if !self.waited {
             self.cancel.cancel(Duration::ZERO);
             let _ = self.child.wait();
+            let _ = std::fs::remove_dir(&self.root);
             let _ = self.cgroup.destroy();
         }
     }
@@ -190,7 +224,8 @@ fn usage(report: &InitReport, stats: &CgroupStats) -> Usage {
         cpu_user: stats.cpu_user.max(report.cpu_user),
         cpu_system: stats.cpu_system.max(report.cpu_system),
         memory_peak: stats.memory_peak,
-        pids_peak: stats.pids_peak,
+        // Without the helper.
+        pids_peak: stats.pids_peak.saturating_sub(1),
         io_read: stats.io_read.unwrap_or(report.io_read),
         io_write: stats.io_write.unwrap_or(report.io_write),
         wall: report.wall,

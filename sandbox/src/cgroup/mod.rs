@@ -214,7 +214,7 @@ impl JobCgroup {
     }
 }
 
-pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+pub fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(path, value).map_err(|source| CgroupError::Write {
         path: path.to_owned(),
         value: value.to_owned(),
