@@ -268,18 +268,17 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
                 listener = None;
             }
         }
-        if let Some(i) = notify_idx {
-            if revents[i] != 0 {
-                if let Some(n) = notify.take() {
-                    match sys::recv_fd(n.as_raw_fd()) {
-                        Ok(Some(fd)) => listener = Some(fd),
-                        _ => {}
-                    }
-                }
-            }
+        if let Some(i) = notify_idx
+            && revents[i] != 0
+            && let Some(n) = notify.take()
+            && let Ok(Some(fd)) = sys::recv_fd(n.as_raw_fd())
+        {
+            listener = Some(fd);
         }
-        if let Some(i) = ctl_idx {
-            if buffered || revents[i] != 0 {
+        if let Some(i) = ctl_idx
+            && (buffered || revents[i] != 0)
+        {
+            {
                 let mut line = String::new();
                 match ctl.read_line(&mut line) {
                     Ok(0) | Err(_) => {
@@ -306,16 +305,15 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
         if kill_deadline.is_some_and(|k| now >= k) {
             let _ = sys::kill(pid, libc::SIGKILL);
         }
-        if let Some(limit) = cpu_limit {
-            if req
+        if let Some(limit) = cpu_limit
+            && req
                 .cgroup
                 .version()
                 .cpu_usage()
                 .is_ok_and(|used| used >= limit)
-            {
-                report.ended_by.get_or_insert(EndedBy::CpuLimit);
-                let _ = sys::kill(pid, libc::SIGKILL);
-            }
+        {
+            report.ended_by.get_or_insert(EndedBy::CpuLimit);
+            let _ = sys::kill(pid, libc::SIGKILL);
         }
     }
     let reaped = sys::wait4(pid, 0).ok().flatten();

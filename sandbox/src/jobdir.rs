@@ -166,16 +166,16 @@ impl JobDir {
             return Ok(());
         }
         self.removed = true;
-        if let Err(source) = crate::sys::umount2(&self.dir, 0) {
-            if source.raw_os_error() != Some(libc::EINVAL) {
-                // Busy (someone still reads it): detach so it goes away when they finish.
-                crate::sys::umount2(&self.dir, libc::MNT_DETACH).map_err(|source| {
-                    JobDirError::Unmount {
-                        path: self.dir.clone(),
-                        source,
-                    }
-                })?;
-            }
+        if let Err(source) = crate::sys::umount2(&self.dir, 0)
+            && source.raw_os_error() != Some(libc::EINVAL)
+        {
+            // Busy (someone still reads it): detach so it goes away when they finish.
+            crate::sys::umount2(&self.dir, libc::MNT_DETACH).map_err(|source| {
+                JobDirError::Unmount {
+                    path: self.dir.clone(),
+                    source,
+                }
+            })?;
         }
         std::fs::remove_dir(&self.dir).map_err(|source| JobDirError::Remove {
             path: self.dir.clone(),
