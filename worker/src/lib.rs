@@ -3,7 +3,10 @@
 //! `corral-sandbox`; wire types in `corral-protocol`.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod cli;
 pub mod cmd;
 pub mod exit;
 pub mod logging;
+pub mod metrics;
+pub mod notify;
