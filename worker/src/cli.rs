@@ -36,7 +36,7 @@ pub enum Command {
     /// Print or write the JSON Schemas of the wire messages.
     Schema(SchemaArgs),
     /// Run one command in a sandbox over a root filesystem and print its outcome as JSON.
-    Sandbox(SandboxArgs),
+    Sandbox(Box<SandboxArgs>),
 }
 
 #[derive(Debug, clap::Args)]

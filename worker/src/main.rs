@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
-        Command::Sandbox(args) => cmd::sandbox::run(args),
+        Command::Sandbox(args) => cmd::sandbox::run(*args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

@@ -374,13 +374,13 @@ fn check(expect: &Expect, ran: &Ran, upper: &Path, uid: u32) -> Vec<String> {
             ));
         }
     }
-    if let Some(n) = expect.network_attempts {
-        if o.network_attempts != n {
-            problems.push(format!(
-                "{} network attempts, expected {n}",
-                o.network_attempts
-            ));
-        }
+    if let Some(n) = expect.network_attempts
+        && o.network_attempts != n
+    {
+        problems.push(format!(
+            "{} network attempts, expected {n}",
+            o.network_attempts
+        ));
     }
     for s in &expect.stdout_contains {
         if !ran.stdout.contains(s.as_str()) {

@@ -646,3 +646,14 @@ pub fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: fresh fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
+
+/// `mknod(path, S_IFCHR | mode, makedev(major, minor))`, then `chmod` so the umask does
+/// not narrow the mode.
+pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let p = cstr(path)?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: valid NUL-terminated path; integers otherwise.
+    check(unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR | mode, dev) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+}
