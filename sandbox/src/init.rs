@@ -119,19 +119,14 @@ fn supervise(req: &InitRequest, mut ctl: BufReader<UnixStream>) -> InitReport {
     if let Err(e) = sys::clear_supplementary_groups() {
         return fail(format!("setgroups: {e}"));
     }
-    if let Err(e) = sys::unshare(libc::CLONE_NEWNS) {
-        return fail(format!("private mount namespace: {e}"));
-    }
+    // The mount point only: the root is mounted by the job's pid 1 in its own mount
+    // namespace, which dies with it, so no mount can outlive the job (or a crash of ours).
+    // The worker removes the directory.
     if let Err(e) = std::fs::create_dir_all(&req.root) {
         return fail(format!("creating {}: {e}", req.root.display()));
     }
-    // No unmount at the end: our private mount namespace (and every mount in it) is torn
-    // down as we exit, before the worker's wait returns; the worker removes the mount point.
-    if let Err(e) = crate::rootfs::prepare(&crate::rootfs::Kernel, spec, &req.root) {
-        return fail(format!("{e}: {}", e_source(&e)));
-    }
-    // Joining a v1 cgroup waits for an RCU grace period; the worker does it while we were
-    // building the root, and we wait for it here.
+    // Joining a v1 cgroup waits for an RCU grace period; the worker does it while we
+    // start, and we wait for it here so the job's pid 1 is born in the cgroup.
     let mut line = String::new();
     match ctl
         .read_line(&mut line)
@@ -147,10 +142,6 @@ fn supervise(req: &InitRequest, mut ctl: BufReader<UnixStream>) -> InitReport {
     }
 }
 
-fn e_source(e: &dyn std::error::Error) -> String {
-    e.source().map(|s| s.to_string()).unwrap_or_default()
-}
-
 fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) -> InitReport {
     let spec = &req.spec;
     let pipes = (|| -> std::io::Result<_> {
@@ -160,24 +151,32 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
             OwnedFd::from(notify_theirs),
             sys::pipe()?,
             sys::pipe()?,
+            sys::pipe()?,
         ))
     })();
-    let (notify, notify_child, (sync_r, sync_w), (status_r, status_w)) = match pipes {
-        Ok(p) => p,
-        Err(e) => return fail(format!("pipes: {e}")),
-    };
+    let (notify, notify_child, (sync_r, sync_w), (ready_r, ready_w), (status_r, status_w)) =
+        match pipes {
+            Ok(p) => p,
+            Err(e) => return fail(format!("pipes: {e}")),
+        };
     let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
         Ok(Forked::Child) => {
-            drop((notify, sync_w, status_r));
+            drop((notify, sync_w, ready_r, status_r));
             if let Ok(null) = std::fs::File::open("/dev/null") {
                 let _ = sys::dup2(null.as_raw_fd(), 0);
             }
-            crate::reaper::run(spec, &req.root, sync_r, status_w, notify_child)
+            let pipes = crate::reaper::Pipes {
+                sync: sync_r,
+                ready: ready_w,
+                status: status_w,
+                notify: notify_child,
+            };
+            crate::reaper::run(spec, &req.root, pipes)
         }
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return fail(format!("clone into new namespaces: {e}")),
     };
-    drop((sync_r, status_w, notify_child));
+    drop((sync_r, ready_w, status_w, notify_child));
     // The job's output pipes must reach end-of-file when the job's processes are gone,
     // not when we are.
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
@@ -188,18 +187,39 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
     // We may be oom-immune (the worker sets -1000 when it can); the job must not be.
     // Written by us (with CAP_SYS_RESOURCE) it also becomes the job's floor, so the job
     // cannot lower it again.
+    let mut ready = [0u8; 1];
     let placed = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "0")
         .map_err(|e| format!("oom_score_adj of the job: {e}"))
         .and_then(|()| {
-            crate::namespaces::write_id_maps(pid, &spec.identity)
-                .map_err(|e| format!("writing id maps: {e}"))
+            // Pid 1 builds the root, then asks for its identity mapping. End of file here
+            // means it failed; its reason is on the status pipe.
+            match std::fs::File::from(ready_r).read(&mut ready) {
+                Ok(1) if ready[0] == crate::reaper::UNSHARED => Ok(true),
+                _ => Ok(false),
+            }
         })
-        .and_then(|()| {
+        .and_then(|unshared| {
+            if !unshared {
+                return Ok(false);
+            }
+            crate::namespaces::write_id_maps(pid, &spec.identity)
+                .map_err(|e| format!("writing id maps: {e}"))?;
             sync_w
-                .write_all(&[crate::reaper::MAPPED, crate::reaper::IN_CGROUP])
-                .map_err(|e| format!("releasing the job's pid 1: {e}"))
+                .write_all(&[crate::reaper::MAPPED])
+                .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
+            Ok(true)
         });
     drop(sync_w);
+    if let Ok(false) = placed {
+        let _ = sys::wait4(pid, 0);
+        let mut record = Vec::new();
+        let _ = std::fs::File::from(status_r).read_to_end(&mut record);
+        let why = match record.split_first() {
+            Some((&crate::reaper::ERROR_TAG, rest)) => String::from_utf8_lossy(rest).into_owned(),
+            _ => "the job's pid 1 died during setup".to_owned(),
+        };
+        return fail(format!("sandbox setup: {why}"));
+    }
     if let Err(msg) = placed {
         let _ = sys::kill(pid, libc::SIGKILL);
         let _ = sys::wait4(pid, 0);
@@ -327,8 +347,9 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
     let mut record = Vec::new();
     let _ = std::fs::File::from(status_r).read_to_end(&mut record);
     match record.split_first() {
-        Some((&crate::reaper::STATUS_TAG, rest)) if rest.len() == 4 => {
+        Some((&crate::reaper::STATUS_TAG, rest)) if rest.len() == 5 => {
             let status = i32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            report.disk_full = rest[4] != 0;
             report.exit = Some(decode_status(status));
         }
         Some((&crate::reaper::ERROR_TAG, rest)) => {
@@ -336,7 +357,6 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
         }
         _ => report.exit = reaped.map(|r| decode_status(r.status)),
     }
-    report.disk_full = is_full(&req.root) || is_full(&req.root.join("tmp"));
     report
 }
 
@@ -366,7 +386,7 @@ pub fn decode_status(status: i32) -> Exit {
 
 /// No space or no inodes left. A failed write leaves up to one write's worth of space
 /// behind, so "full" means under 1% of the filesystem (at least 1 MiB) or no free inode.
-fn is_full(path: &Path) -> bool {
+pub(crate) fn is_full(path: &Path) -> bool {
     match sys::statvfs(path) {
         Ok(s) => full(
             s.bytes_total,

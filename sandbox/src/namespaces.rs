@@ -4,10 +4,10 @@ use std::io;
 
 use crate::spec::{Identity, JOB_GID, JOB_UID};
 
-/// Created together at clone time. The cgroup namespace comes later, from inside, once the
-/// job's pid 1 sits in its cgroup (so that cgroup becomes the namespace's root).
-pub const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWUSER
-    | libc::CLONE_NEWNS
+/// Created at clone time, owned by the initial user namespace: the job's pid 1 mounts its
+/// root as real root, and nothing in the job can ever reconfigure these namespaces. The
+/// cgroup and user namespaces come later, from inside (see `reaper::setup`).
+pub const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWPID
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWIPC

@@ -11,7 +11,8 @@ use crate::spec::{JOB_GID, JOB_UID, SandboxSpec};
 use crate::sys::{self, Forked};
 
 /// Status record written to the status pipe: `S` + the raw wait status of the job's main
-/// process, or `E` + a message when the sandbox could not be set up.
+/// process (4 bytes, little endian) + 1 if the root or `/tmp` filled up, or `E` + a
+/// message when the sandbox could not be set up.
 pub const STATUS_TAG: u8 = b'S';
 pub const ERROR_TAG: u8 = b'E';
 
@@ -23,10 +24,28 @@ const SIGNALS: [libc::c_int; 5] = [
     libc::SIGQUIT,
 ];
 
+/// The pipes between the helper and the job's pid 1.
+pub struct Pipes {
+    /// Helper → pid 1: [`MAPPED`] once the id maps are written.
+    pub sync: OwnedFd,
+    /// Pid 1 → helper: [`UNSHARED`] once it sits in its own user namespace.
+    pub ready: OwnedFd,
+    /// Pid 1 → helper: the status record.
+    pub status: OwnedFd,
+    /// Job → helper: the seccomp listener.
+    pub notify: OwnedFd,
+}
+
 /// Runs in the cloned child. Never returns.
-pub fn run(spec: &SandboxSpec, root: &Path, sync: OwnedFd, status: OwnedFd, notify: OwnedFd) -> ! {
+pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
+    let Pipes {
+        sync,
+        ready,
+        status,
+        notify,
+    } = pipes;
     let mut status = std::fs::File::from(status);
-    match setup(spec, root, sync) {
+    match setup(spec, root, sync, ready) {
         Ok(()) => {}
         Err(msg) => {
             let _ = status.write_all(&[ERROR_TAG]);
@@ -61,6 +80,10 @@ pub fn run(spec: &SandboxSpec, root: &Path, sync: OwnedFd, status: OwnedFd, noti
                 while let Ok(Some(_)) = sys::wait4(-1, 0) {}
                 let mut record = vec![STATUS_TAG];
                 record.extend(reaped.status.to_le_bytes());
+                // Only we still see the job's mounts (they die with us).
+                let full =
+                    crate::init::is_full(Path::new("/")) || crate::init::is_full(Path::new("/tmp"));
+                record.push(full as u8);
                 let _ = status.write_all(&record);
                 sys::exit_now(0);
             }
@@ -68,31 +91,37 @@ pub fn run(spec: &SandboxSpec, root: &Path, sync: OwnedFd, status: OwnedFd, noti
     }
 }
 
-/// Everything between clone and fork, as the namespace's privileged pid 1.
-fn setup(spec: &SandboxSpec, root: &Path, sync: OwnedFd) -> Result<(), String> {
+/// Everything between clone and fork. We start as real root in fresh mount, pid, net, ipc
+/// and uts namespaces (all owned by the initial user namespace, so nothing the job does
+/// later can remount, rename or reconfigure them), build and enter the root, and only then
+/// move into the job's own user namespace.
+fn setup(spec: &SandboxSpec, root: &Path, sync: OwnedFd, ready: OwnedFd) -> Result<(), String> {
     // If the supervising helper dies, so does the job (pid 1 takes the namespace with it).
     sys::set_parent_death_signal(libc::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
-    // First byte: our id maps are written.
-    await_byte(&sync, MAPPED);
-    sys::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
-    sys::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
-    crate::rootfs::enter(&crate::rootfs::Kernel, root)
-        .map_err(|e| format!("{e}: {}", source_of(&e)))?;
+    let kernel = crate::rootfs::Kernel;
+    crate::rootfs::prepare(&kernel, spec, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
+    crate::rootfs::enter(&kernel, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| format!("chdir {}: {e}", spec.cwd.display()))?;
+    sys::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    sys::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
+    // We were born in the job's cgroup: root the cgroup namespace there.
+    sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
+    sys::unshare(libc::CLONE_NEWUSER).map_err(|e| format!("user namespace: {e}"))?;
+    std::fs::File::from(ready)
+        .write_all(&[UNSHARED])
+        .map_err(|e| format!("signalling the helper: {e}"))?;
+    await_byte(&sync, MAPPED);
+    drop(sync);
     sys::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
     sys::mask_signals(&SIGNALS, true).map_err(|e| format!("sigprocmask: {e}"))?;
-    // Second byte: our oom_score_adj is reset; we were born in the job's cgroup, so the
-    // cgroup namespace is rooted there.
-    await_byte(&sync, IN_CGROUP);
-    drop(sync);
-    sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
     Ok(())
 }
 
-/// Bytes on the sync pipe from the helper.
+/// Byte on the sync pipe from the helper: the id maps are written.
 pub const MAPPED: u8 = b'm';
-pub const IN_CGROUP: u8 = b'c';
+/// Byte on the ready pipe to the helper: pid 1 has its user namespace.
+pub const UNSHARED: u8 = b'u';
 
 /// Reads the expected byte; anything else means the helper gave up on us.
 fn await_byte(sync: &OwnedFd, expected: u8) {

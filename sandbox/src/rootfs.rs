@@ -284,10 +284,6 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
 /// Finishes the root from inside the job's user, pid and mount namespaces (proc must be
 /// mounted by a member of the new pid namespace), then pivots into it.
 pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
-    // Mounts copied from the helper's (more privileged) namespace are locked, and
-    // pivot_root refuses a locked new root; a recursive bind made here is not locked.
-    sys.mount(Some(root), root, None, libc::MS_BIND | libc::MS_REC, None)
-        .map_err(mount_err("root bind", root))?;
     let proc_dir = root.join("proc");
     let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     sys.mount(
@@ -529,11 +525,7 @@ mod tests {
         let rec = Recorder::default();
         enter(&rec, Path::new("/r")).unwrap();
         let calls = rec.calls.into_inner();
-        assert_eq!(
-            calls[0], "mount /r /r - [bind,rec] -",
-            "an unlocked root for pivot_root"
-        );
-        assert_eq!(calls[1], "mount proc /r/proc proc [nosuid,nodev,noexec] -");
+        assert_eq!(calls[0], "mount proc /r/proc proc [nosuid,nodev,noexec] -");
         assert!(calls.contains(&"mount /r/dev/null /r/proc/kcore - [bind] -".to_owned()));
         assert!(
             calls.contains(
