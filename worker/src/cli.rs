@@ -68,7 +68,7 @@ pub struct SandboxArgs {
     #[arg(long = "layer")]
     pub layers: Vec<PathBuf>,
     /// Upper dir that keeps the command's changes (and a `work` dir beside it is created).
-    /// Default: a temporary dir, deleted afterwards.
+    /// Default: a temporary dir on /dev/shm (tmpfs), deleted afterwards.
     #[arg(long)]
     pub upper: Option<PathBuf>,
     /// Put the upper dir on a loop filesystem of this size (e.g. `512MiB`) under this dir.

@@ -51,7 +51,9 @@ fn prepare_upper(args: &SandboxArgs) -> anyhow::Result<Upper> {
     } else if let Some(dir) = &args.upper {
         Upper::Given(dir.clone())
     } else {
-        let dir = std::env::temp_dir().join(format!("corral-sandbox-{}", std::process::id()));
+        // A tmpfs: creating and deleting the upper and work dirs costs no disk journal
+        // commits (what the job writes there counts against its memory limit).
+        let dir = PathBuf::from(format!("/dev/shm/corral-sandbox-{}", std::process::id()));
         Upper::Temporary(dir)
     };
     let (u, w) = upper.dirs();
