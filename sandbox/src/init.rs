@@ -5,10 +5,9 @@
 //! cancellation, and finally reports to the worker over its stdin socket.
 //!
 //! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`InitRequest`] line,
-//! then [`Control`] lines: `"joined"` once it has moved the helper into the job's cgroup
-//! (the job's pid 1 is cloned only then, so it is born inside), and `{"cancel":…}` at any
-//! time. The helper answers with one JSON [`InitReport`] line and exits. End of stream from
-//! the worker counts as an immediate cancel, so a job never outlives its worker.
+//! then [`Control`] lines (`{"cancel":…}`) at any time. The helper answers with one JSON
+//! [`InitReport`] line and exits. End of stream from the worker counts as an immediate
+//! cancel, so a job never outlives its worker.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -39,8 +38,6 @@ pub struct InitRequest {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Control {
-    /// The helper now sits in the job's cgroup (oom-immune), so its children are born there.
-    Joined,
     /// TERM everything, then KILL after `grace_ms`.
     Cancel { grace_ms: u64 },
 }
@@ -110,7 +107,7 @@ fn fail(msg: String) -> InitReport {
     }
 }
 
-fn supervise(req: &InitRequest, mut ctl: BufReader<UnixStream>) -> InitReport {
+fn supervise(req: &InitRequest, ctl: BufReader<UnixStream>) -> InitReport {
     let started = Instant::now();
     let spec = &req.spec;
     if spec.argv.is_empty() {
@@ -125,21 +122,7 @@ fn supervise(req: &InitRequest, mut ctl: BufReader<UnixStream>) -> InitReport {
     if let Err(e) = std::fs::create_dir_all(&req.root) {
         return fail(format!("creating {}: {e}", req.root.display()));
     }
-    // Joining a v1 cgroup waits for an RCU grace period; the worker does it while we
-    // start, and we wait for it here so the job's pid 1 is born in the cgroup.
-    let mut line = String::new();
-    match ctl
-        .read_line(&mut line)
-        .map(|_| serde_json::from_str::<Control>(&line))
-    {
-        Ok(Ok(Control::Joined)) => run_job(req, ctl, started),
-        Ok(Ok(Control::Cancel { .. })) | Ok(Err(_)) | Err(_) => InitReport {
-            exit: Some(Exit::Signal(libc::SIGKILL)),
-            ended_by: Some(EndedBy::Cancelled),
-            wall: started.elapsed(),
-            ..InitReport::default()
-        },
-    }
+    run_job(req, ctl, started)
 }
 
 fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) -> InitReport {
@@ -184,12 +167,18 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
         let _ = sys::dup2(null.as_raw_fd(), 2);
     }
     let mut sync_w = std::fs::File::from(sync_w);
-    // We may be oom-immune (the worker sets -1000 when it can); the job must not be.
-    // Written by us (with CAP_SYS_RESOURCE) it also becomes the job's floor, so the job
-    // cannot lower it again.
     let mut ready = [0u8; 1];
-    let placed = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "0")
-        .map_err(|e| format!("oom_score_adj of the job: {e}"))
+    // Joining a v1 cgroup waits for an RCU grace period: do it while pid 1 builds the root.
+    // Pid 1 forks the job only after MAPPED, which we send after this.
+    let placed = req
+        .cgroup
+        .version()
+        .procs_files()
+        .iter()
+        .try_for_each(|file| {
+            std::fs::write(file, pid.to_string())
+                .map_err(|e| format!("joining {}: {e}", file.display()))
+        })
         .and_then(|()| {
             // Pid 1 builds the root, then asks for its identity mapping. End of file here
             // means it failed; its reason is on the status pipe.
@@ -210,20 +199,20 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
             Ok(true)
         });
     drop(sync_w);
-    if let Ok(false) = placed {
+    if placed != Ok(true) {
+        // Pid 1's own reason (it failed first) beats ours (a consequence).
+        let _ = sys::kill(pid, libc::SIGKILL);
         let _ = sys::wait4(pid, 0);
         let mut record = Vec::new();
         let _ = std::fs::File::from(status_r).read_to_end(&mut record);
-        let why = match record.split_first() {
-            Some((&crate::reaper::ERROR_TAG, rest)) => String::from_utf8_lossy(rest).into_owned(),
+        let why = match (record.split_first(), placed) {
+            (Some((&crate::reaper::ERROR_TAG, rest)), _) => {
+                String::from_utf8_lossy(rest).into_owned()
+            }
+            (_, Err(msg)) => msg,
             _ => "the job's pid 1 died during setup".to_owned(),
         };
         return fail(format!("sandbox setup: {why}"));
-    }
-    if let Err(msg) = placed {
-        let _ = sys::kill(pid, libc::SIGKILL);
-        let _ = sys::wait4(pid, 0);
-        return fail(msg);
     }
 
     let mut report = InitReport::default();

@@ -105,14 +105,14 @@ fn setup(spec: &SandboxSpec, root: &Path, sync: OwnedFd, ready: OwnedFd) -> Resu
         .map_err(|e| format!("chdir {}: {e}", spec.cwd.display()))?;
     sys::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
     sys::loopback_up().map_err(|e| format!("loopback up: {e}"))?;
-    // We were born in the job's cgroup: root the cgroup namespace there.
-    sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
     sys::unshare(libc::CLONE_NEWUSER).map_err(|e| format!("user namespace: {e}"))?;
     std::fs::File::from(ready)
         .write_all(&[UNSHARED])
         .map_err(|e| format!("signalling the helper: {e}"))?;
+    // MAPPED also means we sit in the job's cgroup: root the cgroup namespace there.
     await_byte(&sync, MAPPED);
     drop(sync);
+    sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
     sys::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
     sys::mask_signals(&SIGNALS, true).map_err(|e| format!("sigprocmask: {e}"))?;
     Ok(())

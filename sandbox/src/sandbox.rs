@@ -96,11 +96,7 @@ impl Sandbox {
         root: &std::path::Path,
         cg: &JobCgroup,
     ) -> Result<(Child, UnixStream), Error> {
-        // The helper lives in the job's cgroup too (so the job's pid 1 is born there,
-        // without a second migration): it gets one extra pid.
-        let mut limits = spec.limits.clone();
-        limits.pids = limits.pids.map(|p| p + 1);
-        cg.version().apply(&limits)?;
+        cg.version().apply(&spec.limits)?;
         let (mut ours, theirs) =
             UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
         let mut child = Command::new(&config.helper_exe)
@@ -119,21 +115,7 @@ impl Sandbox {
             cgroup: cg.clone(),
             root: root.to_owned(),
         };
-        let handshake = (|| -> Result<(), Error> {
-            let pid = child.id();
-            // The OOM killer must pick the job, never its supervisor. Needs
-            // CAP_SYS_RESOURCE; without it the helper stays an unlikely victim (it is small
-            // and the job's own processes rank first), so carry on.
-            let _ = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000");
-            send(&mut ours, &req)?;
-            // Migration into a v1 cgroup waits for an RCU grace period: do it while the
-            // helper builds the job's root.
-            for file in cg.version().procs_files() {
-                cgroup::write(&file, &pid.to_string())?;
-            }
-            send(&mut ours, &Control::Joined)
-        })();
-        if let Err(err) = handshake {
+        if let Err(err) = send(&mut ours, &req) {
             let _ = child.kill();
             let _ = child.wait();
             return Err(err);
@@ -224,8 +206,7 @@ fn usage(report: &InitReport, stats: &CgroupStats) -> Usage {
         cpu_user: stats.cpu_user.max(report.cpu_user),
         cpu_system: stats.cpu_system.max(report.cpu_system),
         memory_peak: stats.memory_peak,
-        // Without the helper.
-        pids_peak: stats.pids_peak.saturating_sub(1),
+        pids_peak: stats.pids_peak,
         io_read: stats.io_read.unwrap_or(report.io_read),
         io_write: stats.io_write.unwrap_or(report.io_write),
         wall: report.wall,
