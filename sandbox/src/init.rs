@@ -1,8 +1,8 @@
 //! The sandbox helper: the `corral` binary re-executed (`corral __sandbox-init`), single
-//! threaded. It builds the job's root in its own private mount namespace, clones the job's
-//! pid 1 into fresh namespaces, places it in the job's cgroup, then supervises: answers
-//! seccomp notifications, enforces the wall-clock and CPU-seconds limits, relays
-//! cancellation, and finally reports to the worker over its stdin socket.
+//! threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
+//! while pid 1 builds its root, writes its id maps, then supervises: answers seccomp
+//! notifications, enforces the wall-clock and CPU-seconds limits, relays cancellation, and
+//! finally reports to the worker over its stdin socket. It never mounts anything itself.
 //!
 //! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`InitRequest`] line,
 //! then [`Control`] lines (`{"cancel":…}`) at any time. The helper answers with one JSON

@@ -19,9 +19,14 @@
 //! ```
 //!
 //! The `corral` binary must dispatch `corral __sandbox-init` ([`INIT_ARG`]) to
-//! [`init::main`] before anything else (no threads, no runtime): that process builds the
-//! job's root in its own mount namespace (so a crash leaves no mount on the host), clones
-//! the job's pid 1 (a reaper) into new namespaces, and supervises it.
+//! [`init::main`] before anything else (no threads, no runtime). That helper clones the
+//! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces and moves it into
+//! the job's cgroup while pid 1, still real root, builds the overlay root in its own mount
+//! namespace (which dies with it, so no crash can leave a mount on the host), pivots into
+//! it and enters the job's user and cgroup namespaces. The helper stays outside the job's
+//! cgroup and supervises: seccomp notifications, wall and CPU limits, cancellation.
+//!
+//! Process tree: worker → helper (`__sandbox-init`) → pid 1 (reaper) → the job's command.
 
 mod cgroup;
 mod identity;

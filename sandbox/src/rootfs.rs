@@ -167,8 +167,8 @@ pub fn overlay_options(spec: &SandboxSpec) -> Result<String, RootfsError> {
     ))
 }
 
-/// Builds the job's root at `root` in the helper's (private) mount namespace, as real
-/// root, before the job's namespaces exist: overlay, `/dev`, `/tmp`, binds, the cwd.
+/// Builds the job's root at `root`, run by the job's pid 1 as real root in its fresh mount
+/// namespace (before it enters its user namespace): overlay, `/dev`, `/tmp`, binds, cwd.
 pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<(), RootfsError> {
     // Nothing mounted from here on may propagate back to the host.
     sys.mount(
@@ -281,8 +281,8 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
     Ok(())
 }
 
-/// Finishes the root from inside the job's user, pid and mount namespaces (proc must be
-/// mounted by a member of the new pid namespace), then pivots into it.
+/// Finishes the root from inside the job's pid and mount namespaces (proc must be mounted
+/// by a member of the new pid namespace), then pivots into it.
 pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
     let proc_dir = root.join("proc");
     let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;

@@ -28,7 +28,7 @@ pub struct Running {
     ctl: BufReader<UnixStream>,
     cancel: CancelHandle,
     cgroup: JobCgroup,
-    /// The helper's (private) mount point of the job's root, removed once it exits.
+    /// Mount point of the job's root (mounted only in the job's namespace), removed at the end.
     root: std::path::PathBuf,
     waited: bool,
 }
