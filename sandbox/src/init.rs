@@ -179,13 +179,13 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
             std::fs::write(file, pid.to_string())
                 .map_err(|e| format!("joining {}: {e}", file.display()))
         })
-        .and_then(|()| {
+        .map(|()| {
             // Pid 1 builds the root, then asks for its identity mapping. End of file here
             // means it failed; its reason is on the status pipe.
-            match std::fs::File::from(ready_r).read(&mut ready) {
-                Ok(1) if ready[0] == crate::reaper::UNSHARED => Ok(true),
-                _ => Ok(false),
-            }
+            matches!(
+                std::fs::File::from(ready_r).read(&mut ready),
+                Ok(1) if ready[0] == crate::reaper::UNSHARED
+            )
         })
         .and_then(|unshared| {
             if !unshared {
