@@ -150,6 +150,9 @@ fn exec_job(spec: &SandboxSpec, notify: OwnedFd) -> ! {
         let _ = writeln!(std::io::stderr(), "corral-sandbox: {what}: {err}");
         sys::exit_now(127)
     };
+    if let Err(e) = sys::reset_signal_dispositions() {
+        fail("signal dispositions", e)
+    }
     if let Err(e) = sys::mask_signals(&SIGNALS, false) {
         fail("sigprocmask", e)
     }

@@ -657,3 +657,41 @@ pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<
     // SAFETY: as above.
     check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
 }
+
+/// Resets every signal's disposition to the default. Ignored signals survive exec, and the
+/// Rust runtime ignores SIGPIPE: a job must not inherit that (`yes | head` would complain
+/// about broken pipes instead of ending quietly).
+pub fn reset_signal_dispositions() -> io::Result<()> {
+    // The raw syscall: glibc's wrappers refuse its reserved real-time signals (32, 33),
+    // which would otherwise stay as inherited.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let action = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        // SAFETY: a valid kernel sigaction (SIG_DFL, no handler code) for a valid signal
+        // number, with the kernel's 8-byte signal set size; the old action is not read.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &action,
+                std::ptr::null::<u8>(),
+                8usize,
+            )
+        })?;
+    }
+    Ok(())
+}
