@@ -154,7 +154,7 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
                 status: status_w,
                 notify: notify_child,
             };
-            crate::reaper::run(spec, &req.root, pipes)
+            crate::reaper::run(spec, &req.cgroup, &req.root, pipes)
         }
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return fail(format!("clone into new namespaces: {e}")),
@@ -168,36 +168,39 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
     }
     let mut sync_w = std::fs::File::from(sync_w);
     let mut ready = [0u8; 1];
-    // Joining a v1 cgroup waits for an RCU grace period: do it while pid 1 builds the root.
-    // Pid 1 forks the job only after MAPPED, which we send after this.
-    let placed = req
-        .cgroup
-        .version()
-        .procs_files()
-        .iter()
-        .try_for_each(|file| {
-            std::fs::write(file, pid.to_string())
-                .map_err(|e| format!("joining {}: {e}", file.display()))
-        })
-        .map(|()| {
-            // Pid 1 builds the root, then asks for its identity mapping. End of file here
-            // means it failed; its reason is on the status pipe.
-            matches!(
-                std::fs::File::from(ready_r).read(&mut ready),
-                Ok(1) if ready[0] == crate::reaper::UNSHARED
-            )
-        })
-        .and_then(|unshared| {
-            if !unshared {
-                return Ok(false);
-            }
-            crate::namespaces::write_id_maps(pid, &spec.identity)
-                .map_err(|e| format!("writing id maps: {e}"))?;
-            sync_w
-                .write_all(&[crate::reaper::MAPPED])
-                .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
-            Ok(true)
-        });
+    // Moving another process into a cgroup waits for an RCU grace period: do it while pid 1
+    // builds the root (on v1 pid 1 moves itself, cheaply). Pid 1 forks the job only after
+    // MAPPED, which we send after this.
+    let cg = req.cgroup.version();
+    let placed = (if cg.self_join_files().is_some() {
+        Vec::new()
+    } else {
+        cg.procs_files()
+    })
+    .iter()
+    .try_for_each(|file| {
+        std::fs::write(file, pid.to_string())
+            .map_err(|e| format!("joining {}: {e}", file.display()))
+    })
+    .map(|()| {
+        // Pid 1 builds the root, then asks for its identity mapping. End of file here
+        // means it failed; its reason is on the status pipe.
+        matches!(
+            std::fs::File::from(ready_r).read(&mut ready),
+            Ok(1) if ready[0] == crate::reaper::UNSHARED
+        )
+    })
+    .and_then(|unshared| {
+        if !unshared {
+            return Ok(false);
+        }
+        crate::namespaces::write_id_maps(pid, &spec.identity)
+            .map_err(|e| format!("writing id maps: {e}"))?;
+        sync_w
+            .write_all(&[crate::reaper::MAPPED])
+            .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
+        Ok(true)
+    });
     drop(sync_w);
     if placed != Ok(true) {
         // Pid 1's own reason (it failed first) beats ours (a consequence).

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
+use crate::cgroup::JobCgroup;
 use crate::spec::{JOB_GID, JOB_UID, SandboxSpec};
 use crate::sys::{self, Forked};
 
@@ -37,7 +38,7 @@ pub struct Pipes {
 }
 
 /// Runs in the cloned child. Never returns.
-pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
+pub fn run(spec: &SandboxSpec, cgroup: &JobCgroup, root: &Path, pipes: Pipes) -> ! {
     let Pipes {
         sync,
         ready,
@@ -45,7 +46,7 @@ pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
         notify,
     } = pipes;
     let mut status = std::fs::File::from(status);
-    match setup(spec, root, sync, ready) {
+    match setup(spec, cgroup, root, sync, ready) {
         Ok(()) => {}
         Err(msg) => {
             let _ = status.write_all(&[ERROR_TAG]);
@@ -95,9 +96,19 @@ pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
 /// and uts namespaces (all owned by the initial user namespace, so nothing the job does
 /// later can remount, rename or reconfigure them), build and enter the root, and only then
 /// move into the job's own user namespace.
-fn setup(spec: &SandboxSpec, root: &Path, sync: OwnedFd, ready: OwnedFd) -> Result<(), String> {
+fn setup(
+    spec: &SandboxSpec,
+    cgroup: &JobCgroup,
+    root: &Path,
+    sync: OwnedFd,
+    ready: OwnedFd,
+) -> Result<(), String> {
     // If the supervising helper dies, so does the job (pid 1 takes the namespace with it).
     sys::set_parent_death_signal(libc::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
+    // On v1 we move ourselves (cheap); otherwise the helper moves us meanwhile.
+    for file in cgroup.version().self_join_files().unwrap_or_default() {
+        std::fs::write(&file, "0").map_err(|e| format!("joining {}: {e}", file.display()))?;
+    }
     let kernel = crate::rootfs::Kernel;
     crate::rootfs::prepare(&kernel, spec, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
     crate::rootfs::enter(&kernel, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;

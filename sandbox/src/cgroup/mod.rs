@@ -61,6 +61,11 @@ pub trait CgroupVersion {
     fn apply(&self, limits: &SandboxLimits) -> Result<(), CgroupError>;
     /// Files the job's first process is written to (one per hierarchy for v1).
     fn procs_files(&self) -> Vec<PathBuf>;
+    /// Files a single-threaded process writes `0` to, to move itself in. A thread moving
+    /// itself skips the global threadgroup lock, whose write side waits for an RCU grace
+    /// period (milliseconds) — the dominant cost of joining a v1 cgroup. `None` on v2,
+    /// where a domain cgroup only takes whole processes.
+    fn self_join_files(&self) -> Option<Vec<PathBuf>>;
     /// Total CPU time so far (user + system), for the CPU-seconds limit.
     fn cpu_usage(&self) -> Result<Duration, CgroupError>;
     fn stats(&self) -> Result<CgroupStats, CgroupError>;

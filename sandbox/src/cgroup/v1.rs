@@ -91,6 +91,10 @@ impl CgroupVersion for V1 {
             .collect()
     }
 
+    fn self_join_files(&self) -> Option<Vec<PathBuf>> {
+        Some(self.dirs().into_iter().map(|d| d.join("tasks")).collect())
+    }
+
     fn cpu_usage(&self) -> Result<Duration, CgroupError> {
         Ok(Duration::from_nanos(read_u64(
             &self.cpuacct.join("cpuacct.usage"),
@@ -177,6 +181,7 @@ mod tests {
         assert_eq!(r(cg.cpu.join("cpu.cfs_quota_us")), "50000");
         assert_eq!(r(cg.cpu.join("cpu.cfs_period_us")), "100000");
         assert_eq!(cg.procs_files().len(), 4);
+        assert_eq!(cg.self_join_files().map(|f| f.len()), Some(4));
     }
 
     #[test]

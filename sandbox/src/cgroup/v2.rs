@@ -81,6 +81,10 @@ impl CgroupVersion for V2 {
         vec![self.file("cgroup.procs")]
     }
 
+    fn self_join_files(&self) -> Option<Vec<PathBuf>> {
+        None
+    }
+
     fn cpu_usage(&self) -> Result<Duration, CgroupError> {
         Ok(Duration::from_micros(keyed(
             &self.file("cpu.stat"),
