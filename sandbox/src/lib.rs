@@ -20,8 +20,9 @@
 //!
 //! The `corral` binary must dispatch `corral __sandbox-init` ([`INIT_ARG`]) to
 //! [`init::main`] before anything else (no threads, no runtime). That helper clones the
-//! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces and moves it into
-//! the job's cgroup while pid 1, still real root, builds the overlay root in its own mount
+//! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces. Pid 1 joins the
+//! job's cgroup (on v1 by moving itself, which avoids an RCU grace period; on v2 the helper
+//! moves it meanwhile) and, still real root, builds the overlay root in its own mount
 //! namespace (which dies with it, so no crash can leave a mount on the host), pivots into
 //! it and enters the job's user and cgroup namespaces. The helper stays outside the job's
 //! cgroup and supervises: seccomp notifications, wall and CPU limits, cancellation.
