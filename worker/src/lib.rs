@@ -3,6 +3,7 @@
 //! `corral-sandbox`; wire types in `corral-protocol`.
 #![forbid(unsafe_code)]
 
+pub mod amqp;
 pub mod cli;
 pub mod cmd;
 pub mod exit;

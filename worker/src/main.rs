@@ -13,6 +13,8 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
+        Command::Work(args) => cmd::work::run(args),
+        Command::Submit(args) => cmd::submit::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

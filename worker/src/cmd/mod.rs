@@ -2,4 +2,6 @@
 //! process exit code (see [`crate::exit`]).
 
 pub mod schema;
+pub mod submit;
 pub mod validate;
+pub mod work;
