@@ -56,6 +56,9 @@ pub struct Worker<R: JobRunner> {
     flights: Flights,
     tracker: TaskTracker,
     draining: CancellationToken,
+    /// The drain deadline passed or a second signal came: stop waiting to publish results
+    /// and hand the jobs back.
+    abandon: CancellationToken,
 }
 
 enum SessionEnd {
@@ -105,6 +108,7 @@ impl<R: JobRunner> Worker<R> {
             flights: Flights::default(),
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
+            abandon: CancellationToken::new(),
             settings,
         }))
     }
@@ -165,7 +169,10 @@ impl<R: JobRunner> Worker<R> {
         self.tracker.close();
         tokio::select! {
             () = self.tracker.wait() => {}
-            () = kill.cancelled() => self.flights.stop_all(None, Cause::Drain),
+            () = kill.cancelled() => {
+                self.flights.stop_all(None, Cause::Drain);
+                self.abandon.cancel();
+            }
         }
         self.tracker.wait().await;
         let stopped = alerts::event(
@@ -326,12 +333,14 @@ impl<R: JobRunner> Worker<R> {
                 () = &mut deadline => {
                     tracing::warn!(running = self.flights.running(), "drain deadline passed; cancelling builds (they are requeued)");
                     self.flights.stop_all(None, Cause::Drain);
+                    self.abandon.cancel();
                     self.tracker.wait().await;
                     break;
                 }
                 () = kill.cancelled() => {
                     tracing::warn!(running = self.flights.running(), "second signal: stopping builds now (they are requeued)");
                     self.flights.stop_all(None, Cause::Drain);
+                    self.abandon.cancel();
                     self.tracker.wait().await;
                     break;
                 }
@@ -588,6 +597,8 @@ impl<R: JobRunner> Worker<R> {
                 tracing::warn!(job = %job.job_id, error = %err, "ack failed after the result was published; the broker will redeliver (identical result)");
             }
             self.emit_for(&result);
+        } else if !lost.is_cancelled() {
+            self.requeue(d, &job.job_id).await;
         }
     }
 
@@ -610,6 +621,9 @@ impl<R: JobRunner> Worker<R> {
                     .publish_result(&result, reply_to.as_deref(), corr, lost)
                     .await
                 {
+                    if !lost.is_cancelled() {
+                        self.requeue(d, &result.job_id).await;
+                    }
                     return;
                 }
                 self.emit_for(&result);
@@ -655,33 +669,31 @@ impl<R: JobRunner> Worker<R> {
         let project = result.project.as_ref().map_or("-", ProjectId::as_str);
         let key = format!("{project}.{id}");
         let mut backoff = Backoff::new(Duration::from_millis(100), self.settings.backoff_max);
+        let mut replied = false;
         loop {
-            match self
+            let to_results = self
                 .publisher
                 .publish(&self.names.results, &key, &body, props.clone())
-                .await
+                .await;
+            // The reply queue counts as a route: a request/reply producer needs no binding
+            // on the results exchange. A reply queue that is gone does not hold the job.
+            if let Some(queue) = reply_to
+                && !replied
             {
+                match self.publisher.publish("", queue, &body, props.clone()).await {
+                    Ok(()) => replied = true,
+                    Err(err) => tracing::warn!(job = id, error = %err, "reply not published"),
+                }
+            }
+            match to_results {
                 Ok(()) => break,
+                Err(PublishError::Unroutable { .. }) if replied => break,
                 Err(err) => {
                     tracing::error!(job = id, error = %err, "result not published; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_delay()) => {}
                         () = lost.cancelled() => return false,
-                    }
-                }
-            }
-        }
-        if let Some(queue) = reply_to {
-            for attempt in 0..3u32 {
-                match self.publisher.publish("", queue, &body, props.clone()).await {
-                    Ok(()) => break,
-                    Err(err @ PublishError::Unroutable { .. }) => {
-                        tracing::warn!(job = id, error = %err, "reply_to queue is gone; the result is on the results exchange");
-                        break;
-                    }
-                    Err(err) => {
-                        tracing::warn!(job = id, attempt, error = %err, "reply not published");
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                        () = self.abandon.cancelled() => return false,
                     }
                 }
             }
