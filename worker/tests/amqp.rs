@@ -125,7 +125,8 @@ impl Env {
         let log = std::fs::File::create(self.log_dir.path().join(format!("worker{n}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
         cmd.args(["work", "--runner", "process", "--prefix", &self.prefix])
-            .args(["--amqp-url", &url(), "--concurrency", "2", "--lease", "10m"])
+            .args(["--amqp-url", &url(), "--lease", "10m"])
+            .env("CORRAL_CONCURRENCY", "2")
             .args(["--delivery-limit", &DELIVERY_LIMIT.to_string(), "--backoff-max", "2s"])
             .args(["--worker-id", &format!("{}-w{n}", self.prefix)])
             .args(extra)
@@ -477,7 +478,7 @@ async fn cancel_stops_a_running_job_and_answers_a_queued_one() {
     // Wait until `running` has produced output, so it surely runs.
     let deadline = Instant::now() + PATIENCE;
     while env.drain_queue(&env.logs).await.is_empty() {
-        assert!(Instant::now() < deadline, "the job never started");
+        assert!(Instant::now() < deadline, "the job never started: {}", env.worker_log(0));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     env.cancel("waiting").await;
