@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use corral_protocol::{JobResult, LogChunk, Status, Stream};
 use corral_worker::amqp::{Names, declare};
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -60,7 +59,29 @@ fn broker_lock(exclusive: bool) -> std::fs::File {
 
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output().unwrap();
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `start_app` can fail while the old listener socket is still closing: retry.
+fn start_app() -> bool {
+    for _ in 0..30 {
+        let ok = Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Command::new("rabbitmqctl")
+                .arg("await_startup")
+                .output()
+                .is_ok_and(|o| o.status.success());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    false
 }
 
 struct Env {
@@ -100,12 +121,21 @@ impl Env {
             log_dir: tempfile::tempdir().unwrap(),
         };
         let (conn, ch) = connect().await.unwrap();
-        declare(&ch, &env.names, "default", DELIVERY_LIMIT).await.unwrap();
+        declare(&ch, &env.names, "default", DELIVERY_LIMIT)
+            .await
+            .unwrap();
         // Durable collector queues: they must outlive connection faults and broker restarts.
-        for (queue, exchange) in [(&env.collect, &env.names.results), (&env.logs, &env.names.logs)] {
-            ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), FieldTable::default())
-                .await
-                .unwrap();
+        for (queue, exchange) in [
+            (&env.collect, &env.names.results),
+            (&env.logs, &env.names.logs),
+        ] {
+            ch.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
             ch.queue_bind(
                 queue.as_str().into(),
                 exchange.as_str().into(),
@@ -122,12 +152,18 @@ impl Env {
 
     fn worker(&mut self, extra: &[&str], env: &[(&str, &str)]) -> usize {
         let n = self.workers.len();
-        let log = std::fs::File::create(self.log_dir.path().join(format!("worker{n}.log"))).unwrap();
+        let log =
+            std::fs::File::create(self.log_dir.path().join(format!("worker{n}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
         cmd.args(["work", "--runner", "process", "--prefix", &self.prefix])
             .args(["--amqp-url", &url(), "--lease", "10m"])
             .env("CORRAL_CONCURRENCY", "2")
-            .args(["--delivery-limit", &DELIVERY_LIMIT.to_string(), "--backoff-max", "2s"])
+            .args([
+                "--delivery-limit",
+                &DELIVERY_LIMIT.to_string(),
+                "--backoff-max",
+                "2s",
+            ])
             .args(["--worker-id", &format!("{}-w{n}", self.prefix)])
             .args(extra)
             .env("RUST_LOG", "info,lapin=error")
@@ -142,7 +178,13 @@ impl Env {
 
     fn signal(&self, n: usize, signal: &str) {
         let pid = self.workers[n].id().to_string();
-        assert!(Command::new("kill").args([&format!("-{signal}"), &pid]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{signal}"), &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     /// Waits for worker `n` to exit (bounded) and returns its exit code.
@@ -152,13 +194,18 @@ impl Env {
             if let Some(status) = self.workers[n].try_wait().unwrap() {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "worker {n} did not exit; log:\n{}", self.worker_log(n));
+            assert!(
+                Instant::now() < deadline,
+                "worker {n} did not exit; log:\n{}",
+                self.worker_log(n)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn worker_log(&self, n: usize) -> String {
-        std::fs::read_to_string(self.log_dir.path().join(format!("worker{n}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.log_dir.path().join(format!("worker{n}.log")))
+            .unwrap_or_default()
     }
 
     fn job(&self, id: &str, script: &str, extra: serde_json::Value) -> Vec<u8> {
@@ -185,7 +232,10 @@ impl Env {
             .basic_publish(
                 exchange.into(),
                 key.into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 body,
                 BasicProperties::default().with_delivery_mode(2),
             )
@@ -194,26 +244,39 @@ impl Env {
             .await
             .unwrap();
         assert!(confirm.is_ack());
-        assert!(confirm.take_message().is_none(), "unroutable publish to {exchange}/{key}");
+        assert!(
+            confirm.take_message().is_none(),
+            "unroutable publish to {exchange}/{key}"
+        );
         let _ = conn.close(200, "".into()).await;
     }
 
     async fn submit(&self, body: &[u8]) {
-        self.publish(&self.names.jobs_exchange, "default", body).await;
+        self.publish(&self.names.jobs_exchange, "default", body)
+            .await;
     }
 
     async fn cancel(&self, id: &str) {
         let cancel = json!({"schema": "corral.cancel.v1", "job_id": id, "reason": "test"});
-        self.publish(&self.names.control, "", cancel.to_string().as_bytes()).await;
+        self.publish(&self.names.control, "", cancel.to_string().as_bytes())
+            .await;
     }
 
     /// Drains a queue with basic.get, reconnecting across broker faults.
     async fn drain_queue(&self, queue: &str) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        let Ok((conn, ch)) = connect().await else { return out };
+        let Ok((conn, ch)) = connect().await else {
+            return out;
+        };
         while let Ok(Some(msg)) = ch.basic_get(queue.into(), BasicGetOptions::default()).await {
             out.push(msg.delivery.data.clone());
-            if msg.delivery.acker.ack(BasicAckOptions::default()).await.is_err() {
+            if msg
+                .delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -230,8 +293,13 @@ impl Env {
             assert!(
                 Instant::now() < deadline,
                 "missing results for {:?}; worker logs:\n{}",
-                ids.iter().filter(|id| !all.contains_key(*id)).collect::<Vec<_>>(),
-                (0..self.workers.len()).map(|n| self.worker_log(n)).collect::<Vec<_>>().join("\n---\n")
+                ids.iter()
+                    .filter(|id| !all.contains_key(*id))
+                    .collect::<Vec<_>>(),
+                (0..self.workers.len())
+                    .map(|n| self.worker_log(n))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
             );
             for body in self.drain_queue(&self.collect).await {
                 let r: JobResult = corral_protocol::decode(&body).expect("a valid result");
@@ -245,7 +313,14 @@ impl Env {
     async fn count(&self, queue: &str) -> u32 {
         let (conn, ch) = connect().await.unwrap();
         let q = ch
-            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         let _ = conn.close(200, "".into()).await;
@@ -271,9 +346,18 @@ impl Env {
             let _ = w.kill();
             let _ = w.wait();
         }
-        let Ok((conn, ch)) = connect().await else { return };
-        for q in [&self.names.jobs_queue, &self.names.dead_queue, &self.collect, &self.logs] {
-            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        let Ok((conn, ch)) = connect().await else {
+            return;
+        };
+        for q in [
+            &self.names.jobs_queue,
+            &self.names.dead_queue,
+            &self.collect,
+            &self.logs,
+        ] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
         }
         for e in [
             &self.names.jobs_exchange,
@@ -283,7 +367,9 @@ impl Env {
             &self.names.logs,
             &self.names.control,
         ] {
-            let _ = ch.exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default()).await;
+            let _ = ch
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
         }
         let _ = conn.close(200, "".into()).await;
     }
@@ -309,9 +395,14 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn happy_path_results_reach_an_independent_pika_consumer() {
-    let Some(mut env) = Env::new(false).await else { return };
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
     if !require(
-        Command::new("python3").args(["-c", "import pika"]).status().is_ok_and(|s| s.success()),
+        Command::new("python3")
+            .args(["-c", "import pika"])
+            .status()
+            .is_ok_and(|s| s.success()),
         "python3 with pika",
     ) {
         return env.cleanup().await;
@@ -328,7 +419,11 @@ async fn happy_path_results_reach_an_independent_pika_consumer() {
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     for (i, id) in jobs.iter().enumerate() {
         // Half succeed, half fail: both are final results, never retried.
-        let script = if i % 2 == 0 { format!("echo {id}") } else { "exit 3".into() };
+        let script = if i % 2 == 0 {
+            format!("echo {id}")
+        } else {
+            "exit 3".into()
+        };
         env.submit(&env.job(id, &script, json!({}))).await;
     }
     env.worker(&[], &[]);
@@ -337,7 +432,10 @@ async fn happy_path_results_reach_an_independent_pika_consumer() {
         let r: JobResult = serde_json::from_str(&line.unwrap()).unwrap();
         seen.entry(r.job_id.to_string()).or_default().push(r);
     }
-    assert!(pika.wait().unwrap().success(), "pika collector timed out; got {seen:?}");
+    assert!(
+        pika.wait().unwrap().success(),
+        "pika collector timed out; got {seen:?}"
+    );
     for (i, id) in jobs.iter().enumerate() {
         let r = &seen[id][0];
         if i % 2 == 0 {
@@ -355,7 +453,9 @@ async fn happy_path_results_reach_an_independent_pika_consumer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_messages_are_dead_lettered_with_rejected_results() {
-    let Some(mut env) = Env::new(false).await else { return };
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/invalid");
     let expected: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
@@ -377,9 +477,20 @@ async fn invalid_messages_are_dead_lettered_with_rejected_results() {
         published += 1;
     }
     // A job whose wall limit exceeds the lease is refused up front.
-    env.submit(&env.job("too-long", "true", json!({"limits": {"wall_seconds": 3600}}))).await;
+    env.submit(&env.job(
+        "too-long",
+        "true",
+        json!({"limits": {"wall_seconds": 3600}}),
+    ))
+    .await;
     published += 1;
-    want.insert("too-long".into(), ("(lease)".into(), json!({"field": "limits.wall_seconds", "rule": "maximum"})));
+    want.insert(
+        "too-long".into(),
+        (
+            "(lease)".into(),
+            json!({"field": "limits.wall_seconds", "rule": "maximum"}),
+        ),
+    );
     env.worker(&[], &[]);
     let ids: Vec<String> = want.keys().cloned().collect();
     let results = env.results(&ids).await;
@@ -398,16 +509,25 @@ async fn invalid_messages_are_dead_lettered_with_rejected_results() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_that_crashes_the_worker_every_time_is_dead_lettered_after_the_delivery_limit() {
-    let Some(mut env) = Env::new(false).await else { return };
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
     env.submit(&env.job("crash-1", "true", json!({}))).await;
     let mut runs = 0;
     while env.count(&env.names.dead_queue).await == 0 {
         runs += 1;
-        assert!(runs <= DELIVERY_LIMIT as usize + 3, "not dead-lettered after {runs} crashes");
+        assert!(
+            runs <= DELIVERY_LIMIT as usize + 3,
+            "not dead-lettered after {runs} crashes"
+        );
         let n = env.worker(&[], &[("CORRAL_FAULT_ABORT_JOB", "crash-")]);
         env.wait(n);
     }
-    assert_eq!(runs, DELIVERY_LIMIT as usize + 1, "one delivery plus the limit's redeliveries");
+    assert_eq!(
+        runs,
+        DELIVERY_LIMIT as usize + 1,
+        "one delivery plus the limit's redeliveries"
+    );
     // A platform failure is retried with backoff, then dead-lettered with an `error` result.
     env.submit(&env.job("plat-1", "true", json!({}))).await;
     env.submit(&env.job("fine-1", "true", json!({}))).await;
@@ -423,10 +543,13 @@ async fn a_job_that_crashes_the_worker_every_time_is_dead_lettered_after_the_del
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_build_loses_no_job() {
-    let Some(mut env) = Env::new(false).await else { return };
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
     let jobs = ids("k9", 5);
     for id in &jobs {
-        env.submit(&env.job(id, "sleep 1; echo done", json!({}))).await;
+        env.submit(&env.job(id, "sleep 1; echo done", json!({})))
+            .await;
     }
     let w = env.worker(&[], &[]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -435,18 +558,26 @@ async fn kill_9_mid_build_loses_no_job() {
     env.worker(&[], &[]);
     let results = env.results(&jobs).await;
     one_outcome_each(&results);
-    assert!(jobs.iter().all(|id| results[id][0].status == Status::Succeeded), "{results:?}");
+    assert!(
+        jobs.iter()
+            .all(|id| results[id][0].status == Status::Succeeded),
+        "{results:?}"
+    );
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_running_builds_and_requeues_the_rest() {
-    let Some(mut env) = Env::new(false).await else { return };
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
     // Concurrency 1: `short` runs and finishes within the drain; `long` would outlast the
     // drain deadline and is requeued; `queued` never starts.
-    env.submit(&env.job("short", "sleep 2; echo finished", json!({}))).await;
-    env.submit(&env.job("queued", "echo never here", json!({}))).await;
+    env.submit(&env.job("short", "sleep 2; echo finished", json!({})))
+        .await;
+    env.submit(&env.job("queued", "echo never here", json!({})))
+        .await;
     let w = env.worker(&["--concurrency", "1", "--drain-deadline", "3s"], &[]);
     tokio::time::sleep(Duration::from_millis(800)).await;
     env.signal(w, "TERM");
@@ -454,7 +585,11 @@ async fn sigterm_drains_running_builds_and_requeues_the_rest() {
     let results = env.results(&["short".into()]).await;
     assert_eq!(results["short"][0].status, Status::Succeeded);
     assert!(!results.contains_key("queued"));
-    assert_eq!(env.count(&env.names.jobs_queue).await, 1, "the unstarted job is back in the queue");
+    assert_eq!(
+        env.count(&env.names.jobs_queue).await,
+        1,
+        "the unstarted job is back in the queue"
+    );
 
     env.submit(&env.job("long", "sleep 60", json!({}))).await;
     let w = env.worker(&["--concurrency", "1", "--drain-deadline", "2s"], &[]);
@@ -464,21 +599,36 @@ async fn sigterm_drains_running_builds_and_requeues_the_rest() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     env.signal(w, "TERM");
     assert_eq!(env.wait(w), Some(0), "{}", env.worker_log(w));
-    assert_eq!(env.count(&env.names.jobs_queue).await, 1, "the build cut by the deadline is requeued");
-    assert!(env.drain_queue(&env.collect).await.is_empty(), "no result for the requeued build");
+    assert_eq!(
+        env.count(&env.names.jobs_queue).await,
+        1,
+        "the build cut by the deadline is requeued"
+    );
+    assert!(
+        env.drain_queue(&env.collect).await.is_empty(),
+        "no result for the requeued build"
+    );
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_a_running_job_and_answers_a_queued_one() {
-    let Some(mut env) = Env::new(false).await else { return };
-    env.submit(&env.job("running", "echo started; sleep 60", json!({}))).await;
-    env.submit(&env.job("waiting", "echo should not run", json!({}))).await;
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    env.submit(&env.job("running", "echo started; sleep 60", json!({})))
+        .await;
+    env.submit(&env.job("waiting", "echo should not run", json!({})))
+        .await;
     env.worker(&["--concurrency", "1"], &[]);
     // Wait until `running` has produced output, so it surely runs.
     let deadline = Instant::now() + PATIENCE;
     while env.drain_queue(&env.logs).await.is_empty() {
-        assert!(Instant::now() < deadline, "the job never started: {}", env.worker_log(0));
+        assert!(
+            Instant::now() < deadline,
+            "the job never started: {}",
+            env.worker_log(0)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     env.cancel("waiting").await;
@@ -488,14 +638,19 @@ async fn cancel_stops_a_running_job_and_answers_a_queued_one() {
     one_outcome_each(&results);
     assert_eq!(results["running"][0].status, Status::Cancelled);
     assert_eq!(results["waiting"][0].status, Status::Cancelled);
-    assert_eq!(results["waiting"][0].message.as_deref(), Some("cancelled before it started"));
+    assert_eq!(
+        results["waiting"][0].message.as_deref(),
+        Some("cancelled before it started")
+    );
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn log_chunks_arrive_in_order_and_complete_and_the_limit_ends_the_job() {
-    let Some(mut env) = Env::new(false).await else { return };
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
     let script = "i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done; echo oops >&2";
     env.submit(&env.job("chatty", script, json!({}))).await;
     env.submit(&env.job(
@@ -508,7 +663,10 @@ async fn log_chunks_arrive_in_order_and_complete_and_the_limit_ends_the_job() {
     let results = env.results(&["chatty".into(), "flood".into()]).await;
     assert_eq!(results["chatty"][0].status, Status::Succeeded);
     let flood = &results["flood"][0];
-    assert_eq!((flood.status, flood.reason), (Status::Killed, Some(corral_protocol::Reason::LogLimit)));
+    assert_eq!(
+        (flood.status, flood.reason),
+        (Status::Killed, Some(corral_protocol::Reason::LogLimit))
+    );
     let mut chunks: HashMap<String, Vec<LogChunk>> = HashMap::new();
     for body in env.drain_queue(&env.logs).await {
         let c: LogChunk = corral_protocol::decode(&body).unwrap();
@@ -520,12 +678,28 @@ async fn log_chunks_arrive_in_order_and_complete_and_the_limit_ends_the_job() {
         assert_eq!(c.seq, i as u64, "chunks arrive in order");
         assert_eq!(c.eof, i == chatty.len() - 1, "only the last chunk is eof");
     }
-    let stdout: Vec<u8> = chatty.iter().filter(|c| c.stream == Stream::Stdout).flat_map(|c| c.bytes().unwrap()).collect();
+    let stdout: Vec<u8> = chatty
+        .iter()
+        .filter(|c| c.stream == Stream::Stdout)
+        .flat_map(|c| c.bytes().unwrap())
+        .collect();
     let expected: String = (0..20000).map(|i| format!("line {i}\n")).collect();
-    assert_eq!(String::from_utf8(stdout).unwrap(), expected, "the log is complete");
-    let stderr: Vec<u8> = chatty.iter().filter(|c| c.stream == Stream::Stderr).flat_map(|c| c.bytes().unwrap()).collect();
+    assert_eq!(
+        String::from_utf8(stdout).unwrap(),
+        expected,
+        "the log is complete"
+    );
+    let stderr: Vec<u8> = chatty
+        .iter()
+        .filter(|c| c.stream == Stream::Stderr)
+        .flat_map(|c| c.bytes().unwrap())
+        .collect();
     assert_eq!(stderr, b"oops\n");
-    let flood_out: usize = chunks["flood"].iter().filter(|c| c.stream == Stream::Stdout).map(|c| c.bytes().unwrap().len()).sum();
+    let flood_out: usize = chunks["flood"]
+        .iter()
+        .filter(|c| c.stream == Stream::Stdout)
+        .map(|c| c.bytes().unwrap().len())
+        .sum();
     assert_eq!(flood_out, 65536, "the live log stops at limits.log_bytes");
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
@@ -536,28 +710,36 @@ struct BrokerRestore;
 
 impl Drop for BrokerRestore {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl").args(["set_vm_memory_high_watermark", "0.4"]).output();
+        start_app();
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .output();
     }
 }
 
 fn have_rabbitmqctl() -> bool {
     require(
-        Command::new("rabbitmqctl").args(["-q", "status"]).output().is_ok_and(|o| o.status.success()),
+        Command::new("rabbitmqctl")
+            .args(["-q", "status"])
+            .output()
+            .is_ok_and(|o| o.status.success()),
         "rabbitmqctl with rights on the local broker",
     )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_loss_and_broker_restart_lose_nothing() {
-    let Some(mut env) = Env::new(true).await else { return };
+    let Some(mut env) = Env::new(true).await else {
+        return;
+    };
     if !have_rabbitmqctl() {
         return env.cleanup().await;
     }
     let _restore = BrokerRestore;
     let jobs = ids("fault", 8);
     for id in &jobs {
-        env.submit(&env.job(id, "sleep 0.5; echo done", json!({}))).await;
+        env.submit(&env.job(id, "sleep 0.5; echo done", json!({})))
+            .await;
     }
     env.worker(&[], &[]);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -565,25 +747,31 @@ async fn connection_loss_and_broker_restart_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     rabbitmqctl(&["stop_app"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
+    assert!(start_app(), "the broker did not come back");
     let results = env.results(&jobs).await;
     one_outcome_each(&results);
-    assert!(jobs.iter().all(|id| results[id][0].status == Status::Succeeded), "{results:?}");
+    assert!(
+        jobs.iter()
+            .all(|id| results[id][0].status == Status::Succeeded),
+        "{results:?}"
+    );
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn results_due_during_a_memory_alarm_are_published_once_it_clears() {
-    let Some(mut env) = Env::new(true).await else { return };
+    let Some(mut env) = Env::new(true).await else {
+        return;
+    };
     if !have_rabbitmqctl() {
         return env.cleanup().await;
     }
     let restore = BrokerRestore;
     let jobs = ids("alarm", 4);
     for id in &jobs {
-        env.submit(&env.job(id, "sleep 0.3; echo done", json!({}))).await;
+        env.submit(&env.job(id, "sleep 0.3; echo done", json!({})))
+            .await;
     }
     rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
     env.worker(&[], &[]);
@@ -595,27 +783,41 @@ async fn results_due_during_a_memory_alarm_are_published_once_it_clears() {
     let results = env.results(&jobs).await;
     assert_eq!(early, 0, "results were published during the alarm");
     one_outcome_each(&results);
-    assert!(jobs.iter().all(|id| results[id][0].status == Status::Succeeded));
+    assert!(
+        jobs.iter()
+            .all(|id| results[id][0].status == Status::Succeeded)
+    );
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_wait_prints_the_result() {
-    let Some(mut env) = Env::new(false).await else { return };
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
     env.worker(&[], &[]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("job.json");
     std::fs::write(&file, env.job("sub-1", "echo hi", json!({}))).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["submit", file.to_str().unwrap(), "--wait", "--timeout", "90s"])
+        .args([
+            "submit",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "90s",
+        ])
         .args(["--amqp-url", &url(), "--prefix", &env.prefix])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: JobResult = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((r.job_id.as_str(), r.status), ("sub-1", Status::Succeeded));
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
-

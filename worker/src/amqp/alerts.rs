@@ -61,7 +61,8 @@ pub fn for_result(result: &JobResult, worker: &str) -> Vec<Event> {
                 .clone()
                 .unwrap_or_else(|| format!("job {} ended {}", result.job_id, kind.as_str())),
         );
-        e.details.insert("status".into(), serde_json::json!(result.status));
+        e.details
+            .insert("status".into(), serde_json::json!(result.status));
         if let Some(error) = &result.error {
             e.details.insert("error".into(), serde_json::json!(error));
         }

@@ -86,7 +86,11 @@ impl Out<'_> {
 impl LogPump {
     /// Runs until every sender of `rx` is dropped (the build ended), then publishes the
     /// final chunk. Stops `flight` with [`Cause::LogLimit`] when the output passes the limit.
-    pub async fn run(self, mut rx: mpsc::Receiver<(Stream, Bytes)>, flight: Arc<Flight>) -> LogTally {
+    pub async fn run(
+        self,
+        mut rx: mpsc::Receiver<(Stream, Bytes)>,
+        flight: Arc<Flight>,
+    ) -> LogTally {
         let mut out = Out {
             key: format!("{}.{}", self.project, self.job_id),
             pump: &self,

@@ -24,7 +24,9 @@ pub enum PublishError {
         #[source]
         source: lapin::Error,
     },
-    #[error("the broker returned the message to {exchange:?} with key {key:?} as unroutable ({reply})")]
+    #[error(
+        "the broker returned the message to {exchange:?} with key {key:?} as unroutable ({reply})"
+    )]
     Unroutable {
         exchange: String,
         key: String,

@@ -84,7 +84,11 @@ impl ProcessRunner {
 impl JobRunner for ProcessRunner {
     async fn run(&self, job: Job, ctx: RunContext) -> RunOutcome {
         let id = job.job_id.as_str();
-        if self.abort_prefix.as_deref().is_some_and(|p| id.starts_with(p)) {
+        if self
+            .abort_prefix
+            .as_deref()
+            .is_some_and(|p| id.starts_with(p))
+        {
             tracing::error!(job = id, "fault injection: aborting the worker");
             std::process::abort();
         }
@@ -124,7 +128,10 @@ impl JobRunner for ProcessRunner {
             Err(err) => {
                 // The program is missing or not executable: the job's fault, like exit 127.
                 let msg = format!("cannot run {:?}: {err}\n", job.command[0]);
-                let _ = ctx.logs.send((Stream::System, Bytes::from(msg.clone()))).await;
+                let _ = ctx
+                    .logs
+                    .send((Stream::System, Bytes::from(msg.clone())))
+                    .await;
                 result.reason = Some(Reason::NonzeroExit);
                 result.exit_code = Some(127);
                 result.message = Some(msg.trim_end().to_owned());
@@ -133,8 +140,14 @@ impl JobRunner for ProcessRunner {
         };
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
         let readers = [
-            child.stdout.take().map(|r| pump(r, Stream::Stdout, ctx.logs.clone())),
-            child.stderr.take().map(|r| pump(r, Stream::Stderr, ctx.logs.clone())),
+            child
+                .stdout
+                .take()
+                .map(|r| pump(r, Stream::Stdout, ctx.logs.clone())),
+            child
+                .stderr
+                .take()
+                .map(|r| pump(r, Stream::Stderr, ctx.logs.clone())),
         ];
         drop(ctx.logs);
         let wall = Duration::from_secs(job.limits.wall_seconds);
@@ -233,7 +246,12 @@ fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     // Keep draining after the sink is gone so the build never blocks on a pipe.
-                    if open && sink.send((stream, Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                    if open
+                        && sink
+                            .send((stream, Bytes::copy_from_slice(&buf[..n])))
+                            .await
+                            .is_err()
+                    {
                         open = false;
                     }
                 }

@@ -122,10 +122,12 @@ impl AmqpSettings {
     /// The broker URI with the heartbeat set (unless the URL sets its own).
     pub fn uri(&self) -> Result<lapin::uri::AMQPUri, super::AmqpError> {
         let mut uri: lapin::uri::AMQPUri =
-            self.amqp_url.parse().map_err(|reason| super::AmqpError::Url {
-                url: redact(&self.amqp_url),
-                reason,
-            })?;
+            self.amqp_url
+                .parse()
+                .map_err(|reason| super::AmqpError::Url {
+                    url: redact(&self.amqp_url),
+                    reason,
+                })?;
         if uri.query.heartbeat.is_none() {
             uri.query.heartbeat = Some(self.heartbeat);
         }

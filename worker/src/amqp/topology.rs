@@ -55,7 +55,10 @@ pub async fn declare(
         })?;
     }
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args.insert(
         "x-delivery-limit".into(),
         AMQPValue::LongLongInt(i64::from(delivery_limit)),

@@ -133,7 +133,10 @@ impl<R: JobRunner> Worker<R> {
             None,
             None,
             &self.info.id,
-            format!("worker {} consuming {}", self.info.id, self.names.jobs_queue),
+            format!(
+                "worker {} consuming {}",
+                self.info.id, self.names.jobs_queue
+            ),
         ));
         let mut backoff = Backoff::new(Duration::from_millis(200), self.settings.backoff_max);
         let mut session = 0u64;
@@ -319,10 +322,13 @@ impl<R: JobRunner> Worker<R> {
             .basic_cancel(jobs.tag(), BasicCancelOptions::default())
             .await;
         // Whatever was in flight from the broker before the cancel still arrives.
-        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(200), jobs.next()).await {
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(200), jobs.next()).await
+        {
             let this = self.clone();
             let lost = lost.clone();
-            self.tracker.spawn(async move { this.handle(d, session, lost).await });
+            self.tracker
+                .spawn(async move { this.handle(d, session, lost).await });
         }
         self.tracker.close();
         let deadline = tokio::time::sleep(self.settings.drain_deadline);
@@ -372,7 +378,11 @@ impl<R: JobRunner> Worker<R> {
     async fn handle(self: Arc<Self>, d: Delivery, session: u64, lost: CancellationToken) {
         let count = delivery_count(&d.properties);
         let prop_reply = d.properties.reply_to().as_ref().map(|s| s.to_string());
-        let prop_corr = d.properties.correlation_id().as_ref().map(|s| s.to_string());
+        let prop_corr = d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string());
         let job = match corral_protocol::decode_job_within(&d.data, &Limits::MAX) {
             Ok(job) => job,
             Err(err) => {
@@ -444,7 +454,10 @@ impl<R: JobRunner> Worker<R> {
                 Some(job.project.clone()),
                 Some(job.job_id.clone()),
                 &self.info.id,
-                format!("job {} delivered again (earlier deliveries: {count})", job.job_id),
+                format!(
+                    "job {} delivered again (earlier deliveries: {count})",
+                    job.job_id
+                ),
             ));
         }
         let (flight_id, flight) = self.flights.start(job.job_id.clone(), session);
@@ -542,10 +555,7 @@ impl<R: JobRunner> Worker<R> {
                         .await
                     {
                         self.emit_for(&r);
-                        let _ = d
-                            .acker
-                            .reject(BasicRejectOptions { requeue: false })
-                            .await;
+                        let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
                     }
                     return;
                 }
@@ -637,10 +647,7 @@ impl<R: JobRunner> Worker<R> {
                 format!("unreadable job message dead-lettered: {err}"),
             )),
         }
-        let _ = d
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await;
+        let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
     }
 
     /// Publishes a result to the results exchange (required: retried until confirmed, or
@@ -680,7 +687,11 @@ impl<R: JobRunner> Worker<R> {
             if let Some(queue) = reply_to
                 && !replied
             {
-                match self.publisher.publish("", queue, &body, props.clone()).await {
+                match self
+                    .publisher
+                    .publish("", queue, &body, props.clone())
+                    .await
+                {
                     Ok(()) => replied = true,
                     Err(err) => tracing::warn!(job = id, error = %err, "reply not published"),
                 }
@@ -727,7 +738,10 @@ async fn publish_event(publisher: &Publisher, exchange: &str, event: &corral_pro
         .with_type("corral.event.v1".into());
     let key = event.routing_key();
     for attempt in 0..3u32 {
-        match publisher.publish(exchange, &key, &body, props.clone()).await {
+        match publisher
+            .publish(exchange, &key, &body, props.clone())
+            .await
+        {
             // No operator subscribed to this kind of event: fine.
             Ok(()) | Err(PublishError::Unroutable { .. }) => return,
             Err(err) => {

@@ -8,7 +8,9 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use corral_protocol::{JobResult, Status};
 use futures_lite::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
@@ -21,7 +23,11 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
     let mut job = match corral_protocol::decode_job(&bytes) {
         Ok(job) => job,
         Err(err) => {
-            eprintln!("corral: {}: invalid job: {err} [{}]", args.job.display(), err.rule);
+            eprintln!(
+                "corral: {}: invalid job: {err} [{}]",
+                args.job.display(),
+                err.rule
+            );
             return Ok(exit::INVALID_INPUT);
         }
     };
