@@ -53,8 +53,6 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
-    #[error("publishing: {0}")]
-    Publish(#[from] PublishError),
 }
 
 /// Milliseconds since the Unix epoch, as the wire messages carry time.

@@ -40,7 +40,7 @@ pub struct RunContext {
 pub enum RunOutcome {
     /// The job's final result (succeeded, failed, timed_out, killed, cancelled…). Published,
     /// then the job is acked. Job failures are final: never retried.
-    Final(JobResult),
+    Final(Box<JobResult>),
     /// The platform failed (store down, disk full on the worker): the job is retried with
     /// backoff, and dead-lettered with an `error` result after the delivery limit.
     Retry(String),
@@ -135,7 +135,7 @@ impl JobRunner for ProcessRunner {
                 result.reason = Some(Reason::NonzeroExit);
                 result.exit_code = Some(127);
                 result.message = Some(msg.trim_end().to_owned());
-                return RunOutcome::Final(result);
+                return RunOutcome::Final(Box::new(result));
             }
         };
         let pgid = child.id().and_then(|p| i32::try_from(p).ok());
@@ -172,13 +172,12 @@ impl JobRunner for ProcessRunner {
                         child.wait().await
                     }
                 }
-                .map(|status| {
+                .inspect(|_| {
                     result.status = if matches!(end, End::Wall) {
                         Status::TimedOut
                     } else {
                         Status::Cancelled
                     };
-                    status
                 })
             }
         };
@@ -223,7 +222,7 @@ impl JobRunner for ProcessRunner {
                 result.message = Some(format!("the build exited with {:?}", status.code()));
             }
         }
-        RunOutcome::Final(result)
+        RunOutcome::Final(Box::new(result))
     }
 }
 

@@ -499,7 +499,7 @@ impl<R: JobRunner> Worker<R> {
             }
             (Some(Cause::LogLimit), outcome) => {
                 let mut r = match outcome {
-                    RunOutcome::Final(r) => r,
+                    RunOutcome::Final(r) => *r,
                     _ => JobResult::new(
                         job.job_id.clone(),
                         Some(job.project.clone()),
@@ -517,7 +517,7 @@ impl<R: JobRunner> Worker<R> {
             }
             (Some(Cause::CancelMessage(why)), outcome) => {
                 let mut r = match outcome {
-                    RunOutcome::Final(r) => r,
+                    RunOutcome::Final(r) => *r,
                     _ => JobResult::new(
                         job.job_id.clone(),
                         Some(job.project.clone()),
@@ -534,7 +534,7 @@ impl<R: JobRunner> Worker<R> {
                 });
                 r
             }
-            (_, RunOutcome::Final(r)) => r,
+            (_, RunOutcome::Final(r)) => *r,
             (_, RunOutcome::Interrupted) => return self.requeue(&d, &job.job_id).await,
             (_, RunOutcome::Retry(why)) => {
                 if count >= self.settings.delivery_limit {
