@@ -818,6 +818,82 @@ async fn submit_wait_prints_the_result() {
     );
     let r: JobResult = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((r.job_id.as_str(), r.status), ("sub-1", Status::Succeeded));
+    // The same from Python, as fixtures/producer.py shows other producers.
+    if require(
+        Command::new("python3")
+            .args(["-c", "import pika"])
+            .status()
+            .is_ok_and(|s| s.success()),
+        "python3 with pika",
+    ) {
+        std::fs::write(&file, env.job("py-1", "exit 4", json!({}))).unwrap();
+        let producer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/producer.py");
+        let out = Command::new("python3")
+            .arg(producer)
+            .arg(&file)
+            .args(["--url", &url(), "--prefix", &env.prefix, "--timeout", "90"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: JobResult = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (r.job_id.as_str(), r.status, r.exit_code),
+            ("py-1", Status::Failed, Some(4))
+        );
+    }
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_job_queue_is_redeclared_and_consumed_again() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    env.submit(&env.job("before", "true", json!({}))).await;
+    env.worker(&[], &[]);
+    env.results(&["before".into()]).await;
+    // The broker cancels the consumer when its queue is deleted; the worker starts over.
+    let (conn, ch) = connect().await.unwrap();
+    ch.queue_delete(
+        env.names.jobs_queue.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "".into()).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (conn, ch) = connect().await.unwrap();
+        let q = ch
+            .queue_declare(
+                env.names.jobs_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = conn.close(200, "".into()).await;
+        if q.is_ok_and(|q| q.consumer_count() > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue not redeclared: {}",
+            env.worker_log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.submit(&env.job("after", "true", json!({}))).await;
+    let results = env.results(&["after".into()]).await;
+    assert_eq!(results["after"][0].status, Status::Succeeded);
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
