@@ -92,6 +92,7 @@ struct Env {
     _lock: std::fs::File,
     workers: Vec<Child>,
     log_dir: tempfile::TempDir,
+    cleaned: bool,
 }
 
 async fn connect() -> lapin::Result<(Connection, Channel)> {
@@ -119,6 +120,7 @@ impl Env {
             _lock: lock,
             workers: Vec::new(),
             log_dir: tempfile::tempdir().unwrap(),
+            cleaned: false,
         };
         let (conn, ch) = connect().await.unwrap();
         declare(&ch, &env.names, "default", DELIVERY_LIMIT)
@@ -341,38 +343,67 @@ impl Env {
         assert_eq!(left, 0, "jobs left in {}", self.names.jobs_queue);
     }
 
+    /// Explicit end of a test; [`Drop`] does the same when a test panics.
     async fn cleanup(&mut self) {
+        self.kill_workers();
+        cleanup_names(
+            self.names.clone(),
+            [self.collect.clone(), self.logs.clone()],
+        )
+        .await;
+        self.cleaned = true;
+    }
+
+    fn kill_workers(&mut self) {
         for w in &mut self.workers {
             let _ = w.kill();
             let _ = w.wait();
         }
-        let Ok((conn, ch)) = connect().await else {
-            return;
-        };
-        for q in [
-            &self.names.jobs_queue,
-            &self.names.dead_queue,
-            &self.collect,
-            &self.logs,
-        ] {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for e in [
-            &self.names.jobs_exchange,
-            &self.names.dead_exchange,
-            &self.names.results,
-            &self.names.events,
-            &self.names.logs,
-            &self.names.control,
-        ] {
-            let _ = ch
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = conn.close(200, "".into()).await;
     }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.kill_workers();
+        let names = self.names.clone();
+        let extra = [self.collect.clone(), self.logs.clone()];
+        // Drop may run inside the test's runtime: clean up from a thread with its own.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(cleanup_names(names, extra))
+        })
+        .join();
+    }
+}
+
+async fn cleanup_names(names: Names, extra: [String; 2]) {
+    let Ok((conn, ch)) = connect().await else {
+        return;
+    };
+    for q in [&names.jobs_queue, &names.dead_queue, &extra[0], &extra[1]] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for e in [
+        &names.jobs_exchange,
+        &names.dead_exchange,
+        &names.results,
+        &names.events,
+        &names.logs,
+        &names.control,
+    ] {
+        let _ = ch
+            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "".into()).await;
 }
 
 /// Every job has exactly one final result, or duplicates that agree on the outcome.
