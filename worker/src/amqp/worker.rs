@@ -751,3 +751,23 @@ async fn publish_event(publisher: &Publisher, exchange: &str, event: &corral_pro
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_count_reads_the_quorum_queue_header() {
+        assert_eq!(delivery_count(&BasicProperties::default()), 0);
+        for value in [
+            AMQPValue::LongLongInt(3),
+            AMQPValue::LongInt(3),
+            AMQPValue::ShortShortUInt(3),
+        ] {
+            let mut headers = FieldTable::default();
+            headers.insert("x-delivery-count".into(), value);
+            let props = BasicProperties::default().with_headers(headers);
+            assert_eq!(delivery_count(&props), 3);
+        }
+    }
+}
