@@ -622,7 +622,8 @@ async fn sigterm_drains_running_builds_and_requeues_the_rest() {
         "the unstarted job is back in the queue"
     );
 
-    env.submit(&env.job("long", "sleep 60", json!({}))).await;
+    env.submit(&env.job("long", "echo started; sleep 60", json!({})))
+        .await;
     let w = env.worker(&["--concurrency", "1", "--drain-deadline", "2s"], &[]);
     // `queued` runs first (FIFO), then `long`.
     let results = env.results(&["queued".into()]).await;
@@ -639,6 +640,29 @@ async fn sigterm_drains_running_builds_and_requeues_the_rest() {
         env.drain_queue(&env.collect).await.is_empty(),
         "no result for the requeued build"
     );
+
+    // A second signal does not wait for the (default, 5 min) drain deadline.
+    env.drain_queue(&env.logs).await;
+    let w = env.worker(&["--concurrency", "1"], &[]);
+    let deadline = Instant::now() + PATIENCE;
+    while env.drain_queue(&env.logs).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the long job never started: {}",
+            env.worker_log(w)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.signal(w, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.signal(w, "TERM");
+    assert_eq!(env.wait(w), Some(0), "{}", env.worker_log(w));
+    assert_eq!(
+        env.count(&env.names.jobs_queue).await,
+        1,
+        "the stopped build is requeued"
+    );
+    assert!(env.drain_queue(&env.collect).await.is_empty());
     env.cleanup().await;
 }
 
