@@ -46,6 +46,10 @@ pub enum Command {
     CheckConfig(CheckConfigArgs),
     /// Run one command in a sandbox over a root filesystem and print its outcome as JSON.
     Sandbox(Box<SandboxArgs>),
+    /// Consume build jobs from RabbitMQ until SIGTERM (then drain).
+    Work(WorkArgs),
+    /// Publish a job message to RabbitMQ; with --wait, print its result.
+    Submit(SubmitArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -251,4 +255,43 @@ pub struct SandboxArgs {
 pub enum SandboxNetwork {
     None,
     Loopback,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WorkArgs {
+    #[command(flatten)]
+    pub amqp: crate::amqp::AmqpSettings,
+    /// What runs a job. `process` runs the command as a plain child process WITHOUT any
+    /// sandbox (tests and benchmarks only).
+    #[arg(long, value_enum, env = "CORRAL_RUNNER")]
+    pub runner: RunnerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunnerKind {
+    /// Unsandboxed child process (tests and benchmarks only).
+    Process,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// The job message (JSON). `-` reads standard input.
+    pub job: PathBuf,
+    /// Wait for the job's result (through a reply queue) and print it as JSON.
+    #[arg(long)]
+    pub wait: bool,
+    /// Broker URL.
+    #[arg(
+        long,
+        alias = "amqp",
+        env = "CORRAL_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Prefix of the exchange names (`<prefix>.jobs`).
+    #[arg(long, env = "CORRAL_AMQP_PREFIX", default_value = "corral")]
+    pub prefix: String,
+    /// With --wait: give up after this long (exit 75).
+    #[arg(long, default_value = "1h", value_parser = crate::amqp::parse_duration)]
+    pub timeout: std::time::Duration,
 }

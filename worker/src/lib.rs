@@ -3,6 +3,7 @@
 //! `corral-sandbox`; wire types in `corral-protocol`.
 #![forbid(unsafe_code)]
 
+pub mod amqp;
 pub mod base;
 pub mod cache;
 pub mod cli;

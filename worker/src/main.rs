@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         Command::Source(command) => cmd::source::run(command),
         Command::CheckConfig(args) => cmd::check_config::run(args),
         Command::Sandbox(args) => cmd::sandbox::run(*args),
+        Command::Work(args) => cmd::work::run(args),
+        Command::Submit(args) => cmd::submit::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

@@ -6,4 +6,6 @@ pub mod check_config;
 pub mod sandbox;
 pub mod schema;
 pub mod source;
+pub mod submit;
 pub mod validate;
+pub mod work;

@@ -1,0 +1,184 @@
+//! [`Publisher`]: results, events and log chunks go out on their OWN connection, on a
+//! confirm-mode channel, so a resource alarm that blocks publishing never freezes the
+//! consumer connection's acks. Every publish is persistent and mandatory and counts only
+//! once the broker confirmed it and did not return it as unroutable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+/// Why one publish did not count.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("connecting the publisher: {0}")]
+    Connect(#[source] lapin::Error),
+    #[error("publishing to {exchange:?} with key {key:?}: {source}")]
+    Send {
+        exchange: String,
+        key: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "the broker returned the message to {exchange:?} with key {key:?} as unroutable ({reply})"
+    )]
+    Unroutable {
+        exchange: String,
+        key: String,
+        reply: String,
+    },
+    #[error("the broker refused (nack) the message to {exchange:?} with key {key:?}")]
+    Nacked { exchange: String, key: String },
+    #[error("the broker has blocked publishing ({0:?} so far); giving up this attempt")]
+    Blocked(Duration),
+    #[error("no confirm from the broker within {0:?}")]
+    ConfirmTimeout(Duration),
+}
+
+/// How long a confirm may take while the connection is not blocked before the connection is
+/// presumed dead and replaced.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+
+pub struct Publisher {
+    uri: AMQPUri,
+    name: String,
+    blocked_wait: Duration,
+    link: Mutex<Option<(Arc<Connection>, Channel)>>,
+}
+
+impl Publisher {
+    /// Lazy: connects on the first publish and after every failure.
+    pub fn new(uri: AMQPUri, name: String, blocked_wait: Duration) -> Self {
+        Publisher {
+            uri,
+            name,
+            blocked_wait,
+            link: Mutex::new(None),
+        }
+    }
+
+    async fn channel(&self) -> Result<(Arc<Connection>, Channel), PublishError> {
+        let mut link = self.link.lock().await;
+        if let Some((conn, ch)) = link.as_ref()
+            && conn.status().connected()
+            && ch.status().connected()
+        {
+            return Ok((conn.clone(), ch.clone()));
+        }
+        if let Some((conn, _)) = link.take() {
+            let _ = conn.close(320, "replaced".into()).await;
+        }
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let conn = Connection::connect_uri(self.uri.clone(), props)
+            .await
+            .map_err(PublishError::Connect)?;
+        let conn = Arc::new(conn);
+        let ch = conn.create_channel().await.map_err(PublishError::Connect)?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(PublishError::Connect)?;
+        *link = Some((conn.clone(), ch.clone()));
+        Ok((conn, ch))
+    }
+
+    /// Drops the current connection so the next publish opens a fresh one.
+    async fn reset(&self) {
+        if let Some((conn, _)) = self.link.lock().await.take() {
+            let _ = conn.close(320, "reset after a failed publish".into()).await;
+        }
+    }
+
+    /// Publishes once and waits for the broker's confirm. While the broker blocks the
+    /// connection (`connection.blocked`: memory or disk alarm) the wait is bounded by the
+    /// configured blocked wait.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let (conn, ch) = self.channel().await?;
+        let blocked_since = Instant::now();
+        while conn.status().blocked() {
+            if blocked_since.elapsed() >= self.blocked_wait {
+                return Err(PublishError::Blocked(blocked_since.elapsed()));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let fail = |source| PublishError::Send {
+            exchange: exchange.to_owned(),
+            key: key.to_owned(),
+            source,
+        };
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let props = props.with_delivery_mode(2);
+        let confirm = match ch
+            .basic_publish(exchange.into(), ShortString::from(key), opts, body, props)
+            .await
+        {
+            Ok(confirm) => confirm,
+            Err(err) => {
+                self.reset().await;
+                return Err(fail(err));
+            }
+        };
+        // Wait for the confirm; time spent blocked counts against the blocked wait, the rest
+        // against the confirm timeout.
+        let mut confirm = std::pin::pin!(confirm);
+        let mut unblocked_wait = Duration::ZERO;
+        let mut blocked_wait = Duration::ZERO;
+        let confirmation = loop {
+            match tokio::time::timeout(POLL * 4, &mut confirm).await {
+                Ok(Ok(c)) => break c,
+                Ok(Err(err)) => {
+                    self.reset().await;
+                    return Err(fail(err));
+                }
+                Err(_) if conn.status().blocked() => {
+                    blocked_wait += POLL * 4;
+                    if blocked_wait >= self.blocked_wait {
+                        self.reset().await;
+                        return Err(PublishError::Blocked(blocked_wait));
+                    }
+                }
+                Err(_) => {
+                    unblocked_wait += POLL * 4;
+                    if unblocked_wait >= CONFIRM_TIMEOUT {
+                        self.reset().await;
+                        return Err(PublishError::ConfirmTimeout(CONFIRM_TIMEOUT));
+                    }
+                }
+            }
+        };
+        if confirmation.is_nack() {
+            return Err(PublishError::Nacked {
+                exchange: exchange.to_owned(),
+                key: key.to_owned(),
+            });
+        }
+        if let Some(returned) = confirmation.take_message() {
+            return Err(PublishError::Unroutable {
+                exchange: exchange.to_owned(),
+                key: key.to_owned(),
+                reply: format!("{} {}", returned.reply_code, returned.reply_text),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        if let Some((conn, _)) = self.link.lock().await.take() {
+            let _ = conn.close(200, "worker stopping".into()).await;
+        }
+    }
+}

@@ -1,0 +1,773 @@
+//! [`Worker`]: the consumer side. One session per broker connection: declare the topology,
+//! set prefetch to the concurrency, consume the pool's queue and the worker's control queue,
+//! run each delivery through the [`JobRunner`], publish its result on the publisher's own
+//! connection, and ack only once the broker confirmed the result. A lost session stops the
+//! builds whose deliveries died and reconnects with capped, jittered backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_protocol::{
+    Cancel, EventKind, Job, JobId, JobResult, Limits, ProjectId, ProtocolError, Reason, Rule,
+    Severity, Status, WorkerInfo,
+};
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::alerts;
+use super::backoff::Backoff;
+use super::control::{Cause, Flights};
+use super::logs::LogPump;
+use super::publisher::{PublishError, Publisher};
+use super::runner::{JobRunner, RunContext, RunOutcome};
+use super::settings::{AmqpSettings, Names, redact};
+use super::{AmqpError, now_ms};
+
+/// Time a job needs besides its build (fetch, snapshot, upload, publish): a job's wall limit
+/// plus this must fit in the lease, or the broker's consumer timeout could fire mid-build.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// Log output buffered between a build and its log pump before the build waits.
+const LOG_QUEUE: usize = 64;
+
+/// How the worker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Drained: every build finished or was requeued, connections closed cleanly.
+    Drained,
+}
+
+pub struct Worker<R: JobRunner> {
+    settings: AmqpSettings,
+    names: Names,
+    uri: AMQPUri,
+    info: WorkerInfo,
+    runner: Arc<R>,
+    publisher: Arc<Publisher>,
+    flights: Flights,
+    tracker: TaskTracker,
+    draining: CancellationToken,
+    /// The drain deadline passed or a second signal came: stop waiting to publish results
+    /// and hand the jobs back.
+    abandon: CancellationToken,
+}
+
+enum SessionEnd {
+    Drained,
+    Lost(String),
+}
+
+fn delivery_count(props: &BasicProperties) -> u32 {
+    let Some(value) = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"))
+    else {
+        return 0;
+    };
+    let n: i64 = match value {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => 0,
+    };
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}
+
+impl<R: JobRunner> Worker<R> {
+    pub fn new(settings: AmqpSettings, runner: R) -> Result<Arc<Self>, AmqpError> {
+        let uri = settings.uri()?;
+        let id = settings.worker_id();
+        let publisher = Publisher::new(
+            uri.clone(),
+            format!("corral {id} publisher"),
+            settings.blocked_wait,
+        );
+        Ok(Arc::new(Worker {
+            names: settings.names(),
+            uri,
+            info: WorkerInfo {
+                id,
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            runner: Arc::new(runner),
+            publisher: Arc::new(publisher),
+            flights: Flights::default(),
+            tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            settings,
+        }))
+    }
+
+    /// Runs until `drain` fires and the drain is over. `kill` (a second signal) cuts the
+    /// drain short: running builds are stopped at once and requeued.
+    pub async fn run(
+        self: Arc<Self>,
+        drain: CancellationToken,
+        kill: CancellationToken,
+    ) -> Result<WorkerExit, AmqpError> {
+        tracing::info!(
+            url = %redact(&self.settings.amqp_url),
+            queue = %self.names.jobs_queue,
+            concurrency = self.settings.concurrency,
+            worker = %self.info.id,
+            "worker starting"
+        );
+        self.emit(alerts::event(
+            EventKind::WorkerStarted,
+            Severity::Info,
+            None,
+            None,
+            &self.info.id,
+            format!(
+                "worker {} consuming {}",
+                self.info.id, self.names.jobs_queue
+            ),
+        ));
+        let mut backoff = Backoff::new(Duration::from_millis(200), self.settings.backoff_max);
+        let mut session = 0u64;
+        loop {
+            if drain.is_cancelled() {
+                break;
+            }
+            session += 1;
+            let lost = CancellationToken::new();
+            let end = self
+                .clone()
+                .session(session, &drain, &kill, &lost, &mut backoff)
+                .await;
+            lost.cancel();
+            match end {
+                Ok(SessionEnd::Drained) => break,
+                Ok(SessionEnd::Lost(why)) => {
+                    tracing::warn!(session, reason = %why, "broker session lost; stopping its builds")
+                }
+                Err(err) => tracing::warn!(session, error = %err, "broker session failed"),
+            }
+            // Their deliveries died with the session: the broker hands them out again.
+            self.flights.stop_all(Some(session), Cause::Lost);
+            let delay = backoff.next_delay();
+            tracing::info!(?delay, "reconnecting");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = drain.cancelled() => break,
+            }
+        }
+        self.draining.cancel();
+        // Builds of a lost session may still be stopping.
+        self.tracker.close();
+        tokio::select! {
+            () = self.tracker.wait() => {}
+            () = kill.cancelled() => {
+                self.flights.stop_all(None, Cause::Drain);
+                self.abandon.cancel();
+            }
+        }
+        self.tracker.wait().await;
+        let stopped = alerts::event(
+            EventKind::WorkerStopped,
+            Severity::Info,
+            None,
+            None,
+            &self.info.id,
+            format!("worker {} stopped", self.info.id),
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.publish_event(&stopped)).await;
+        self.publisher.close().await;
+        tracing::info!("worker stopped");
+        Ok(WorkerExit::Drained)
+    }
+
+    async fn session(
+        self: Arc<Self>,
+        session: u64,
+        drain: &CancellationToken,
+        kill: &CancellationToken,
+        lost: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> Result<SessionEnd, AmqpError> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("corral {} consumer", self.info.id).into());
+        let conn = Connection::connect_uri(self.uri.clone(), props)
+            .await
+            .map_err(|source| AmqpError::Connect {
+                url: redact(&self.settings.amqp_url),
+                source,
+            })?;
+        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
+        super::topology::declare(
+            &ch,
+            &self.names,
+            self.settings.pool.as_str(),
+            self.settings.delivery_limit,
+        )
+        .await?;
+        // Prefetch before consuming: the broker must never push more jobs than free slots.
+        ch.basic_qos(self.settings.concurrency, BasicQosOptions::default())
+            .await
+            .map_err(AmqpError::Channel)?;
+        let mut jobs = ch
+            .basic_consume(
+                self.names.jobs_queue.as_str().into(),
+                format!("{}.{session}", self.info.id).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| AmqpError::Consume {
+                queue: self.names.jobs_queue.clone(),
+                source,
+            })?;
+        let ctl = conn.create_channel().await.map_err(AmqpError::Channel)?;
+        let ctl_queue = ctl
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions::exclusive().auto_delete(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| AmqpError::Declare {
+                what: "the control queue".into(),
+                source,
+            })?;
+        ctl.queue_bind(
+            ctl_queue.name().clone(),
+            self.names.control.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Declare {
+            what: "the control binding".into(),
+            source,
+        })?;
+        let mut cancels = ctl
+            .basic_consume(
+                ctl_queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| AmqpError::Consume {
+                queue: ctl_queue.name().to_string(),
+                source,
+            })?;
+        backoff.reset();
+        tracing::info!(session, queue = %self.names.jobs_queue, "consuming");
+        if session > 1 {
+            self.emit(alerts::event(
+                EventKind::BrokerReconnected,
+                Severity::Warning,
+                None,
+                None,
+                &self.info.id,
+                format!("worker {} reconnected (session {session})", self.info.id),
+            ));
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = drain.cancelled() => break,
+                cancel = cancels.next() => match cancel {
+                    Some(Ok(d)) => self.on_cancel(&d.data),
+                    Some(Err(err)) => return Ok(SessionEnd::Lost(format!("control channel: {err}"))),
+                    None => return Ok(SessionEnd::Lost("control consumer cancelled by the broker".into())),
+                },
+                delivery = jobs.next() => match delivery {
+                    Some(Ok(d)) => {
+                        let this = self.clone();
+                        let lost = lost.clone();
+                        self.tracker.spawn(async move { this.handle(d, session, lost).await });
+                    }
+                    // A closed channel (consumer timeout: the lease is lost) or connection.
+                    Some(Err(err)) => return Ok(SessionEnd::Lost(err.to_string())),
+                    // The broker cancelled the consumer (queue deleted): start over, which
+                    // redeclares the queue.
+                    None => return Ok(SessionEnd::Lost("job consumer cancelled by the broker".into())),
+                },
+            }
+        }
+        // Drain: no new jobs; deliveries already pushed to us but not started are requeued
+        // by the handler (it sees `draining`).
+        tracing::info!(running = self.flights.running(), deadline = ?self.settings.drain_deadline, "draining");
+        self.draining.cancel();
+        self.emit(alerts::event(
+            EventKind::WorkerDraining,
+            Severity::Info,
+            None,
+            None,
+            &self.info.id,
+            format!("worker {} draining", self.info.id),
+        ));
+        let _ = ch
+            .basic_cancel(jobs.tag(), BasicCancelOptions::default())
+            .await;
+        // Whatever was in flight from the broker before the cancel still arrives.
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(200), jobs.next()).await
+        {
+            let this = self.clone();
+            let lost = lost.clone();
+            self.tracker
+                .spawn(async move { this.handle(d, session, lost).await });
+        }
+        self.tracker.close();
+        let deadline = tokio::time::sleep(self.settings.drain_deadline);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = self.tracker.wait() => break,
+                () = &mut deadline => {
+                    tracing::warn!(running = self.flights.running(), "drain deadline passed; cancelling builds (they are requeued)");
+                    self.flights.stop_all(None, Cause::Drain);
+                    self.abandon.cancel();
+                    self.tracker.wait().await;
+                    break;
+                }
+                () = kill.cancelled() => {
+                    tracing::warn!(running = self.flights.running(), "second signal: stopping builds now (they are requeued)");
+                    self.flights.stop_all(None, Cause::Drain);
+                    self.abandon.cancel();
+                    self.tracker.wait().await;
+                    break;
+                }
+                cancel = cancels.next() => if let Some(Ok(d)) = cancel { self.on_cancel(&d.data) },
+            }
+        }
+        let _ = ctl.close(200, "draining done".into()).await;
+        let _ = ch.close(200, "draining done".into()).await;
+        let _ = conn.close(200, "worker stopping".into()).await;
+        Ok(SessionEnd::Drained)
+    }
+
+    fn on_cancel(&self, data: &[u8]) {
+        match corral_protocol::decode::<Cancel>(data) {
+            Ok(cancel) => {
+                let here = self.flights.cancel(
+                    &cancel.job_id,
+                    cancel.reason.clone(),
+                    self.settings.cancel_memory,
+                );
+                tracing::info!(job = %cancel.job_id, running_here = here, "cancel received");
+            }
+            Err(err) => tracing::warn!(error = %err, "ignoring an invalid cancel message"),
+        }
+    }
+
+    /// One delivery, from decode to ack. Never panics on input; every path acks, rejects,
+    /// requeues, or (when the delivery died) leaves the job to the broker.
+    async fn handle(self: Arc<Self>, d: Delivery, session: u64, lost: CancellationToken) {
+        let count = delivery_count(&d.properties);
+        let prop_reply = d.properties.reply_to().as_ref().map(|s| s.to_string());
+        let prop_corr = d
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string());
+        let job = match corral_protocol::decode_job_within(&d.data, &Limits::MAX) {
+            Ok(job) => job,
+            Err(err) => {
+                let (job_id, project) = corral_protocol::recover_ids(&d.data);
+                tracing::warn!(job = ?job_id, error = %err, "invalid job message: dead-lettering");
+                self.refuse(&d, job_id, project, err, prop_reply, prop_corr, &lost)
+                    .await;
+                return;
+            }
+        };
+        let reply_to = job.reply_to.clone().or(prop_reply);
+        let corr = job.correlation_id.clone().or(prop_corr);
+        let lease = self.settings.lease;
+        if Duration::from_secs(job.limits.wall_seconds) + LEASE_MARGIN > lease {
+            let err = ProtocolError::new(
+                "limits.wall_seconds",
+                Rule::Maximum,
+                format!(
+                    "{} s plus {} s for fetch and upload exceed this worker's lease of {} s \
+                     (the broker's consumer_timeout); run long builds on a pool with a longer lease",
+                    job.limits.wall_seconds,
+                    LEASE_MARGIN.as_secs(),
+                    lease.as_secs()
+                ),
+            );
+            tracing::warn!(job = %job.job_id, error = %err, "job refused: wall limit above the lease");
+            self.refuse(
+                &d,
+                Some(job.job_id.clone()),
+                Some(job.project.clone()),
+                err,
+                reply_to,
+                corr,
+                &lost,
+            )
+            .await;
+            return;
+        }
+        if self
+            .flights
+            .was_cancelled(&job.job_id, self.settings.cancel_memory)
+        {
+            let mut result = JobResult::new(
+                job.job_id.clone(),
+                Some(job.project.clone()),
+                Status::Cancelled,
+                self.info.clone(),
+            );
+            result.reason = Some(Reason::Cancelled);
+            result.message = Some("cancelled before it started".into());
+            self.finish(&d, &job, result, reply_to, corr, &lost).await;
+            return;
+        }
+        if self.draining.is_cancelled() {
+            // Not started: hand it back for another worker, untouched.
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+            return;
+        }
+        if d.redelivered || count > 0 {
+            self.emit(alerts::event(
+                EventKind::JobRedelivered,
+                Severity::Info,
+                Some(job.project.clone()),
+                Some(job.job_id.clone()),
+                &self.info.id,
+                format!(
+                    "job {} delivered again (earlier deliveries: {count})",
+                    job.job_id
+                ),
+            ));
+        }
+        let (flight_id, flight) = self.flights.start(job.job_id.clone(), session);
+        if lost.is_cancelled() {
+            flight.stop(Cause::Lost);
+        }
+        let (log_tx, log_rx) = mpsc::channel(LOG_QUEUE);
+        let pump = LogPump {
+            publisher: self.publisher.clone(),
+            exchange: self.names.logs.clone(),
+            job_id: job.job_id.clone(),
+            project: job.project.clone(),
+            limit: job.limits.log_bytes.0,
+        };
+        let pump = tokio::spawn(pump.run(log_rx, flight.clone()));
+        let ctx = RunContext {
+            cancel: flight.token.clone(),
+            logs: log_tx,
+            redelivered: d.redelivered,
+            delivery_count: count,
+            worker: self.info.clone(),
+        };
+        let outcome = self.runner.run(job.clone(), ctx).await;
+        let tally = pump.await.unwrap_or_default();
+        self.flights.finish(flight_id);
+        tracing::debug!(job = %job.job_id, ?tally, "build ended");
+        let cause = flight.cause().cloned();
+        let result = match (cause, outcome) {
+            (Some(Cause::Lost), _) => {
+                tracing::info!(job = %job.job_id, "build stopped: its delivery died; the broker redelivers it");
+                return;
+            }
+            (Some(Cause::Drain), RunOutcome::Interrupted)
+            | (Some(Cause::Drain), RunOutcome::Retry(_)) => {
+                return self.requeue(&d, &job.job_id).await;
+            }
+            (Some(Cause::Drain), RunOutcome::Final(r)) if r.status == Status::Cancelled => {
+                return self.requeue(&d, &job.job_id).await;
+            }
+            (Some(Cause::LogLimit), outcome) => {
+                let mut r = match outcome {
+                    RunOutcome::Final(r) => *r,
+                    _ => JobResult::new(
+                        job.job_id.clone(),
+                        Some(job.project.clone()),
+                        Status::Killed,
+                        self.info.clone(),
+                    ),
+                };
+                r.status = Status::Killed;
+                r.reason = Some(Reason::LogLimit);
+                r.message = Some(format!(
+                    "the build's output passed its limit of {} bytes",
+                    job.limits.log_bytes.0
+                ));
+                r
+            }
+            (Some(Cause::CancelMessage(why)), outcome) => {
+                let mut r = match outcome {
+                    RunOutcome::Final(r) => *r,
+                    _ => JobResult::new(
+                        job.job_id.clone(),
+                        Some(job.project.clone()),
+                        Status::Cancelled,
+                        self.info.clone(),
+                    ),
+                };
+                r.status = Status::Cancelled;
+                r.reason = Some(Reason::Cancelled);
+                r.artifact = None;
+                r.message = Some(match why {
+                    Some(why) => format!("cancelled: {why}"),
+                    None => "cancelled".into(),
+                });
+                r
+            }
+            (_, RunOutcome::Final(r)) => *r,
+            (_, RunOutcome::Interrupted) => return self.requeue(&d, &job.job_id).await,
+            (_, RunOutcome::Retry(why)) => {
+                if count >= self.settings.delivery_limit {
+                    let mut r = JobResult::new(
+                        job.job_id.clone(),
+                        Some(job.project.clone()),
+                        Status::Error,
+                        self.info.clone(),
+                    );
+                    r.reason = Some(Reason::PlatformError);
+                    r.message = Some(format!(
+                        "platform failure, giving up after {} attempts: {why}",
+                        count + 1
+                    ));
+                    tracing::error!(job = %job.job_id, attempts = count + 1, error = %why, "platform failure: dead-lettering");
+                    if self
+                        .publish_result(&r, reply_to.as_deref(), corr, &lost)
+                        .await
+                    {
+                        self.emit_for(&r);
+                        let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
+                    }
+                    return;
+                }
+                let delay = Backoff::new(Duration::from_secs(1), self.settings.backoff_max)
+                    .cap(count)
+                    .mul_f64(0.5 + fastrand::f64() / 2.0);
+                tracing::warn!(job = %job.job_id, attempt = count + 1, ?delay, error = %why, "platform failure: retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = lost.cancelled() => return,
+                    () = self.draining.cancelled() => {}
+                }
+                return self.requeue(&d, &job.job_id).await;
+            }
+        };
+        self.finish(&d, &job, result, reply_to, corr, &lost).await;
+    }
+
+    async fn requeue(&self, d: &Delivery, job_id: &JobId) {
+        tracing::info!(job = %job_id, "requeueing");
+        let _ = d
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+    }
+
+    /// Publishes the final result, then acks; alerts follow.
+    async fn finish(
+        &self,
+        d: &Delivery,
+        job: &Job,
+        mut result: JobResult,
+        reply_to: Option<String>,
+        corr: Option<String>,
+        lost: &CancellationToken,
+    ) {
+        result.worker = self.info.clone();
+        if result.timings.queued_ms.is_none() {
+            result.timings.queued_ms = job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
+        }
+        if self
+            .publish_result(&result, reply_to.as_deref(), corr, lost)
+            .await
+        {
+            if let Err(err) = d.acker.ack(BasicAckOptions::default()).await {
+                tracing::warn!(job = %job.job_id, error = %err, "ack failed after the result was published; the broker will redeliver (identical result)");
+            }
+            self.emit_for(&result);
+        } else if !lost.is_cancelled() {
+            self.requeue(d, &job.job_id).await;
+        }
+    }
+
+    /// Invalid input: a `rejected` result when the ids are known, then dead-letter.
+    #[allow(clippy::too_many_arguments)]
+    async fn refuse(
+        &self,
+        d: &Delivery,
+        job_id: Option<JobId>,
+        project: Option<ProjectId>,
+        err: ProtocolError,
+        reply_to: Option<String>,
+        corr: Option<String>,
+        lost: &CancellationToken,
+    ) {
+        match job_id {
+            Some(job_id) => {
+                let result = JobResult::rejected(job_id, project, err, self.info.clone());
+                if !self
+                    .publish_result(&result, reply_to.as_deref(), corr, lost)
+                    .await
+                {
+                    if !lost.is_cancelled() {
+                        self.requeue(d, &result.job_id).await;
+                    }
+                    return;
+                }
+                self.emit_for(&result);
+            }
+            None => self.emit(alerts::event(
+                EventKind::InvalidJob,
+                Severity::Warning,
+                project,
+                None,
+                &self.info.id,
+                format!("unreadable job message dead-lettered: {err}"),
+            )),
+        }
+        let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
+    }
+
+    /// Publishes a result to the results exchange (required: retried until confirmed, or
+    /// until the job's delivery dies) and to `reply_to` (best effort: a producer that went
+    /// away must not hold the job hostage). Returns whether the result is out.
+    async fn publish_result(
+        &self,
+        result: &JobResult,
+        reply_to: Option<&str>,
+        corr: Option<String>,
+        lost: &CancellationToken,
+    ) -> bool {
+        let mut result = result.clone();
+        result.correlation_id = corr;
+        if result.finished_at_ms == 0 {
+            result.finished_at_ms = now_ms();
+        }
+        let body = serde_json::to_vec(&result).unwrap_or_default();
+        let id = result.job_id.as_str();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_type("corral.result.v1".into())
+            .with_message_id(id.into())
+            .with_correlation_id(id.into())
+            .with_timestamp(now_ms() / 1000);
+        let project = result.project.as_ref().map_or("-", ProjectId::as_str);
+        let key = format!("{project}.{id}");
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.settings.backoff_max);
+        let mut replied = false;
+        loop {
+            let to_results = self
+                .publisher
+                .publish(&self.names.results, &key, &body, props.clone())
+                .await;
+            // The reply queue counts as a route: a request/reply producer needs no binding
+            // on the results exchange. A reply queue that is gone does not hold the job.
+            if let Some(queue) = reply_to
+                && !replied
+            {
+                match self
+                    .publisher
+                    .publish("", queue, &body, props.clone())
+                    .await
+                {
+                    Ok(()) => replied = true,
+                    Err(err) => tracing::warn!(job = id, error = %err, "reply not published"),
+                }
+            }
+            match to_results {
+                Ok(()) => break,
+                Err(PublishError::Unroutable { .. }) if replied => break,
+                Err(err) => {
+                    tracing::error!(job = id, error = %err, "result not published; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                        () = lost.cancelled() => return false,
+                        () = self.abandon.cancelled() => return false,
+                    }
+                }
+            }
+        }
+        tracing::info!(job = id, status = ?result.status, "result published");
+        true
+    }
+
+    fn emit_for(&self, result: &JobResult) {
+        for event in alerts::for_result(result, &self.info.id) {
+            self.emit(event);
+        }
+    }
+
+    /// Events are published in the background: an alert must not delay a job's ack.
+    fn emit(&self, event: corral_protocol::Event) {
+        let publisher = self.publisher.clone();
+        let exchange = self.names.events.clone();
+        tokio::spawn(async move { publish_event(&publisher, &exchange, &event).await });
+    }
+
+    async fn publish_event(&self, event: &corral_protocol::Event) {
+        publish_event(&self.publisher, &self.names.events, event).await;
+    }
+}
+
+async fn publish_event(publisher: &Publisher, exchange: &str, event: &corral_protocol::Event) {
+    let body = serde_json::to_vec(event).unwrap_or_default();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_type("corral.event.v1".into());
+    let key = event.routing_key();
+    for attempt in 0..3u32 {
+        match publisher
+            .publish(exchange, &key, &body, props.clone())
+            .await
+        {
+            // No operator subscribed to this kind of event: fine.
+            Ok(()) | Err(PublishError::Unroutable { .. }) => return,
+            Err(err) => {
+                tracing::warn!(key, attempt, error = %err, "event not published");
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_count_reads_the_quorum_queue_header() {
+        assert_eq!(delivery_count(&BasicProperties::default()), 0);
+        for value in [
+            AMQPValue::LongLongInt(3),
+            AMQPValue::LongInt(3),
+            AMQPValue::ShortShortUInt(3),
+        ] {
+            let mut headers = FieldTable::default();
+            headers.insert("x-delivery-count".into(), value);
+            let props = BasicProperties::default().with_headers(headers);
+            assert_eq!(delivery_count(&props), 3);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! `corral submit JOB.json [--wait]`: publish a job to `<prefix>.jobs` (routing key = its
+//! pool) with publisher confirms; with `--wait`, receive its result on an exclusive reply
+//! queue (AMQP `reply_to`, correlation id = job id) and print it.
+
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use corral_protocol::{JobResult, Status};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+use crate::amqp::AmqpError;
+use crate::cli::SubmitArgs;
+use crate::exit;
+
+pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
+    let bytes = read(&args.job)?;
+    let mut job = match corral_protocol::decode_job(&bytes) {
+        Ok(job) => job,
+        Err(err) => {
+            eprintln!(
+                "corral: {}: invalid job: {err} [{}]",
+                args.job.display(),
+                err.rule
+            );
+            return Ok(exit::INVALID_INPUT);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let url = crate::amqp::redact(&args.amqp_url);
+        let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default())
+            .await
+            .map_err(|source| AmqpError::Connect { url, source })?;
+        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(AmqpError::Channel)?;
+        let id = job.job_id.to_string();
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(id.as_str().into())
+            .with_correlation_id(id.as_str().into());
+        let mut replies = None;
+        if args.wait {
+            let queue = ch
+                .queue_declare("".into(), QueueDeclareOptions::exclusive().auto_delete(), FieldTable::default())
+                .await
+                .map_err(AmqpError::Channel)?;
+            props = props.with_reply_to(queue.name().clone());
+            let consumer = ch
+                .basic_consume(
+                    queue.name().clone(),
+                    "".into(),
+                    BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(AmqpError::Channel)?;
+            replies = Some(consumer);
+        }
+        job.submitted_at_ms.get_or_insert_with(crate::amqp::now_ms);
+        let body = serde_json::to_vec(&job).context("encoding the job")?;
+        let exchange = format!("{}.jobs", args.prefix);
+        let confirm = ch
+            .basic_publish(
+                exchange.as_str().into(),
+                job.pool.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                &body,
+                props,
+            )
+            .await
+            .context("publishing the job")?
+            .await
+            .context("waiting for the broker's confirm")?;
+        if confirm.is_nack() {
+            bail!("the broker refused the job (nack)");
+        }
+        if confirm.take_message().is_some() {
+            eprintln!(
+                "corral: no queue is bound for pool {:?} on {exchange:?}: start a worker of that pool first",
+                job.pool.as_str()
+            );
+            return Ok(exit::PLATFORM_ERROR);
+        }
+        eprintln!("corral: submitted job {id} to pool {}", job.pool);
+        let Some(mut replies) = replies else {
+            return Ok(exit::SUCCESS);
+        };
+        let wait = async {
+            while let Some(delivery) = replies.next().await {
+                let delivery = delivery.context("receiving the result")?;
+                let Ok(result) = corral_protocol::decode::<JobResult>(&delivery.data) else {
+                    continue;
+                };
+                if result.job_id == job.job_id {
+                    return Ok(Some(result));
+                }
+            }
+            anyhow::Ok(None)
+        };
+        let result = match tokio::time::timeout(args.timeout, wait).await {
+            Ok(Ok(Some(result))) => result,
+            Ok(Ok(None)) => bail!("the reply queue was closed before the result came"),
+            Ok(Err(err)) => return Err(err),
+            Err(_) => {
+                eprintln!("corral: no result for job {id} within {:?}", args.timeout);
+                return Ok(exit::PLATFORM_ERROR);
+            }
+        };
+        println!("{}", serde_json::to_string(&result)?);
+        let _ = conn.close(200, "done".into()).await;
+        Ok(match result.status {
+            Status::Succeeded => exit::SUCCESS,
+            Status::Rejected => exit::INVALID_INPUT,
+            Status::Error => exit::PLATFORM_ERROR,
+            _ => exit::JOB_FAILED,
+        })
+    })
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("reading standard input")?;
+    } else {
+        bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(bytes)
+}

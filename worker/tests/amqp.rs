@@ -1,0 +1,954 @@
+//! `corral work` against the real RabbitMQ: the real binary (runner `process`), real queues.
+//! Each test uses its own name prefix and deletes what it declared. Tests that disturb the
+//! whole broker (closing connections, stopping the app, memory alarm) hold an exclusive file
+//! lock; all others hold it shared, so they never overlap with those.
+//!
+//! Broker: `CORRAL_TEST_AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use corral_protocol::{JobResult, LogChunk, Status, Stream};
+use corral_worker::amqp::{Names, declare};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::json;
+
+const DELIVERY_LIMIT: u32 = 2;
+/// Generous bound on waiting for results: a hang fails the test instead of blocking CI.
+const PATIENCE: Duration = Duration::from_secs(90);
+
+fn url() -> String {
+    std::env::var("CORRAL_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A missing prerequisite fails under CI=true and skips loudly otherwise.
+fn require(ok: bool, what: &str) -> bool {
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("prerequisite missing: {what}");
+        }
+        eprintln!("SKIPPING: prerequisite missing: {what}");
+    }
+    ok
+}
+
+/// Serializes broker-wide faults against everything else.
+fn broker_lock(exclusive: bool) -> std::fs::File {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("corral-amqp-tests.lock"))
+        .unwrap();
+    if exclusive {
+        file.lock().unwrap();
+    } else {
+        file.lock_shared().unwrap();
+    }
+    file
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `start_app` can fail while the old listener socket is still closing: retry.
+fn start_app() -> bool {
+    for _ in 0..30 {
+        let ok = Command::new("rabbitmqctl")
+            .arg("start_app")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Command::new("rabbitmqctl")
+                .arg("await_startup")
+                .output()
+                .is_ok_and(|o| o.status.success());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    false
+}
+
+struct Env {
+    prefix: String,
+    names: Names,
+    collect: String,
+    logs: String,
+    _lock: std::fs::File,
+    workers: Vec<Child>,
+    log_dir: tempfile::TempDir,
+    cleaned: bool,
+}
+
+async fn connect() -> lapin::Result<(Connection, Channel)> {
+    let conn = Connection::connect(&url(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, ch))
+}
+
+impl Env {
+    async fn new(exclusive: bool) -> Option<Env> {
+        let lock = broker_lock(exclusive);
+        let up = connect().await.is_ok();
+        if !require(up, &format!("RabbitMQ at {url}", url = url())) {
+            return None;
+        }
+        let prefix = format!("t{:08x}", fastrand::u32(..));
+        let pool = corral_protocol::PoolName::new("default").unwrap();
+        let names = Names::new(&prefix, &pool);
+        let env = Env {
+            collect: format!("{prefix}.collect"),
+            logs: format!("{prefix}.logcollect"),
+            names,
+            prefix,
+            _lock: lock,
+            workers: Vec::new(),
+            log_dir: tempfile::tempdir().unwrap(),
+            cleaned: false,
+        };
+        let (conn, ch) = connect().await.unwrap();
+        declare(&ch, &env.names, "default", DELIVERY_LIMIT)
+            .await
+            .unwrap();
+        // Durable collector queues: they must outlive connection faults and broker restarts.
+        for (queue, exchange) in [
+            (&env.collect, &env.names.results),
+            (&env.logs, &env.names.logs),
+        ] {
+            ch.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let _ = conn.close(200, "".into()).await;
+        Some(env)
+    }
+
+    fn worker(&mut self, extra: &[&str], env: &[(&str, &str)]) -> usize {
+        let n = self.workers.len();
+        let log =
+            std::fs::File::create(self.log_dir.path().join(format!("worker{n}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+        cmd.args(["work", "--runner", "process", "--prefix", &self.prefix])
+            .args(["--amqp-url", &url(), "--lease", "10m"])
+            .env("CORRAL_CONCURRENCY", "2")
+            .args([
+                "--delivery-limit",
+                &DELIVERY_LIMIT.to_string(),
+                "--backoff-max",
+                "2s",
+            ])
+            .args(["--worker-id", &format!("{}-w{n}", self.prefix)])
+            .args(extra)
+            .env("RUST_LOG", "info,lapin=error")
+            .env_remove("CORRAL_FAULT_ABORT_JOB")
+            .env_remove("CORRAL_FAULT_PLATFORM_JOB")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.workers.push(cmd.spawn().unwrap());
+        n
+    }
+
+    fn signal(&self, n: usize, signal: &str) {
+        let pid = self.workers[n].id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{signal}"), &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for worker `n` to exit (bounded) and returns its exit code.
+    fn wait(&mut self, n: usize) -> Option<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.workers[n].try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {n} did not exit; log:\n{}",
+                self.worker_log(n)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn worker_log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.log_dir.path().join(format!("worker{n}.log")))
+            .unwrap_or_default()
+    }
+
+    fn job(&self, id: &str, script: &str, extra: serde_json::Value) -> Vec<u8> {
+        let mut job = json!({
+            "schema": "corral.job.v1",
+            "job_id": id,
+            "project": "acme",
+            "base": "python-3.11",
+            "source": {"digest": format!("sha256:{}", "0".repeat(64))},
+            "command": ["sh", "-c", script],
+            "limits": {"wall_seconds": 120},
+        });
+        if let serde_json::Value::Object(extra) = extra {
+            for (k, v) in extra {
+                job[k] = v;
+            }
+        }
+        serde_json::to_vec(&job).unwrap()
+    }
+
+    async fn publish(&self, exchange: &str, key: &str, body: &[u8]) {
+        let (conn, ch) = connect().await.unwrap();
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        assert!(
+            confirm.take_message().is_none(),
+            "unroutable publish to {exchange}/{key}"
+        );
+        let _ = conn.close(200, "".into()).await;
+    }
+
+    async fn submit(&self, body: &[u8]) {
+        self.publish(&self.names.jobs_exchange, "default", body)
+            .await;
+    }
+
+    async fn cancel(&self, id: &str) {
+        let cancel = json!({"schema": "corral.cancel.v1", "job_id": id, "reason": "test"});
+        self.publish(&self.names.control, "", cancel.to_string().as_bytes())
+            .await;
+    }
+
+    /// Drains a queue with basic.get, reconnecting across broker faults.
+    async fn drain_queue(&self, queue: &str) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let Ok((conn, ch)) = connect().await else {
+            return out;
+        };
+        while let Ok(Some(msg)) = ch.basic_get(queue.into(), BasicGetOptions::default()).await {
+            out.push(msg.delivery.data.clone());
+            if msg
+                .delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = conn.close(200, "".into()).await;
+        out
+    }
+
+    /// Collects results until every id in `ids` has one (bounded), then a little longer to
+    /// catch duplicates. Returns every result per job id.
+    async fn results(&self, ids: &[String]) -> HashMap<String, Vec<JobResult>> {
+        let mut all: HashMap<String, Vec<JobResult>> = HashMap::new();
+        let deadline = Instant::now() + PATIENCE;
+        while !ids.iter().all(|id| all.contains_key(id)) {
+            assert!(
+                Instant::now() < deadline,
+                "missing results for {:?}; worker logs:\n{}",
+                ids.iter()
+                    .filter(|id| !all.contains_key(*id))
+                    .collect::<Vec<_>>(),
+                (0..self.workers.len())
+                    .map(|n| self.worker_log(n))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            for body in self.drain_queue(&self.collect).await {
+                let r: JobResult = corral_protocol::decode(&body).expect("a valid result");
+                all.entry(r.job_id.to_string()).or_default().push(r);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        all
+    }
+
+    async fn count(&self, queue: &str) -> u32 {
+        let (conn, ch) = connect().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Stops every worker still running (SIGTERM, then waits), and checks that the job
+    /// queue holds nothing: no job left unacked (it would be back to ready once its
+    /// consumer is gone) and none left unanswered.
+    async fn stop_all_and_check_queue_empty(&mut self) {
+        for n in 0..self.workers.len() {
+            if self.workers[n].try_wait().unwrap().is_none() {
+                self.signal(n, "TERM");
+                self.wait(n);
+            }
+        }
+        let left = self.count(&self.names.jobs_queue).await;
+        assert_eq!(left, 0, "jobs left in {}", self.names.jobs_queue);
+    }
+
+    /// Explicit end of a test; [`Drop`] does the same when a test panics.
+    async fn cleanup(&mut self) {
+        self.kill_workers();
+        cleanup_names(
+            self.names.clone(),
+            [self.collect.clone(), self.logs.clone()],
+        )
+        .await;
+        self.cleaned = true;
+    }
+
+    fn kill_workers(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.kill_workers();
+        let names = self.names.clone();
+        let extra = [self.collect.clone(), self.logs.clone()];
+        // Drop may run inside the test's runtime: clean up from a thread with its own.
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(cleanup_names(names, extra))
+        })
+        .join();
+    }
+}
+
+async fn cleanup_names(names: Names, extra: [String; 2]) {
+    let Ok((conn, ch)) = connect().await else {
+        return;
+    };
+    for q in [&names.jobs_queue, &names.dead_queue, &extra[0], &extra[1]] {
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for e in [
+        &names.jobs_exchange,
+        &names.dead_exchange,
+        &names.results,
+        &names.events,
+        &names.logs,
+        &names.control,
+    ] {
+        let _ = ch
+            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// Every job has exactly one final result, or duplicates that agree on the outcome.
+fn one_outcome_each(results: &HashMap<String, Vec<JobResult>>) {
+    for (id, rs) in results {
+        let first = &rs[0];
+        for r in rs {
+            assert_eq!(
+                (r.status, r.reason, r.exit_code),
+                (first.status, first.reason, first.exit_code),
+                "job {id} has conflicting results"
+            );
+        }
+    }
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn happy_path_results_reach_an_independent_pika_consumer() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    if !require(
+        Command::new("python3")
+            .args(["-c", "import pika"])
+            .status()
+            .is_ok_and(|s| s.success()),
+        "python3 with pika",
+    ) {
+        return env.cleanup().await;
+    }
+    let jobs = ids("ok", 8);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pika_collect.py");
+    let mut pika = Command::new("python3")
+        .arg(script)
+        .args([&url(), &env.names.results, &jobs.len().to_string(), "90"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(pika.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    for (i, id) in jobs.iter().enumerate() {
+        // Half succeed, half fail: both are final results, never retried.
+        let script = if i % 2 == 0 {
+            format!("echo {id}")
+        } else {
+            "exit 3".into()
+        };
+        env.submit(&env.job(id, &script, json!({}))).await;
+    }
+    env.worker(&[], &[]);
+    let mut seen: BTreeMap<String, Vec<JobResult>> = BTreeMap::new();
+    for line in lines {
+        let r: JobResult = serde_json::from_str(&line.unwrap()).unwrap();
+        seen.entry(r.job_id.to_string()).or_default().push(r);
+    }
+    assert!(
+        pika.wait().unwrap().success(),
+        "pika collector timed out; got {seen:?}"
+    );
+    for (i, id) in jobs.iter().enumerate() {
+        let r = &seen[id][0];
+        if i % 2 == 0 {
+            assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        } else {
+            assert_eq!((r.status, r.exit_code), (Status::Failed, Some(3)), "{r:?}");
+        }
+    }
+    let results = env.results(&jobs).await;
+    one_outcome_each(&results);
+    env.stop_all_and_check_queue_empty().await;
+    assert_eq!(env.count(&env.names.dead_queue).await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_messages_are_dead_lettered_with_rejected_results() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/invalid");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    let mut want = BTreeMap::new();
+    let mut published = 0;
+    for (i, (file, rule)) in expected.as_object().unwrap().iter().enumerate() {
+        let mut bytes = std::fs::read(dir.join(file)).unwrap();
+        // Give each a distinct id where it has a usable one, so results can be told apart.
+        if let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice(&bytes)
+            && corral_protocol::recover_ids(&bytes).0.is_some()
+        {
+            map.insert("job_id".into(), json!(format!("inv-{i}")));
+            bytes = serde_json::to_vec(&map).unwrap();
+        }
+        if let (Some(id), _) = corral_protocol::recover_ids(&bytes) {
+            want.insert(id.to_string(), (file.clone(), rule.clone()));
+        }
+        env.submit(&bytes).await;
+        published += 1;
+    }
+    // A job whose wall limit exceeds the lease is refused up front.
+    env.submit(&env.job(
+        "too-long",
+        "true",
+        json!({"limits": {"wall_seconds": 3600}}),
+    ))
+    .await;
+    published += 1;
+    want.insert(
+        "too-long".into(),
+        (
+            "(lease)".into(),
+            json!({"field": "limits.wall_seconds", "rule": "maximum"}),
+        ),
+    );
+    env.worker(&[], &[]);
+    let ids: Vec<String> = want.keys().cloned().collect();
+    let results = env.results(&ids).await;
+    one_outcome_each(&results);
+    for (id, (file, rule)) in &want {
+        let r = &results[id][0];
+        assert_eq!(r.status, Status::Rejected, "{file}: {r:?}");
+        let err = r.error.as_ref().expect("a rejected result names the error");
+        assert_eq!(err.field, rule["field"].as_str().unwrap(), "{file}");
+        assert_eq!(err.rule.as_str(), rule["rule"].as_str().unwrap(), "{file}");
+    }
+    env.stop_all_and_check_queue_empty().await;
+    assert_eq!(env.count(&env.names.dead_queue).await, published);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_crashes_the_worker_every_time_is_dead_lettered_after_the_delivery_limit() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    env.submit(&env.job("crash-1", "true", json!({}))).await;
+    let mut runs = 0;
+    while env.count(&env.names.dead_queue).await == 0 {
+        runs += 1;
+        assert!(
+            runs <= DELIVERY_LIMIT as usize + 3,
+            "not dead-lettered after {runs} crashes"
+        );
+        let n = env.worker(&[], &[("CORRAL_FAULT_ABORT_JOB", "crash-")]);
+        env.wait(n);
+    }
+    assert_eq!(
+        runs,
+        DELIVERY_LIMIT as usize + 1,
+        "one delivery plus the limit's redeliveries"
+    );
+    // A platform failure is retried with backoff, then dead-lettered with an `error` result.
+    env.submit(&env.job("plat-1", "true", json!({}))).await;
+    env.submit(&env.job("fine-1", "true", json!({}))).await;
+    env.worker(&[], &[("CORRAL_FAULT_PLATFORM_JOB", "plat-")]);
+    let results = env.results(&["plat-1".into(), "fine-1".into()]).await;
+    one_outcome_each(&results);
+    assert_eq!(results["plat-1"][0].status, Status::Error);
+    assert_eq!(results["fine-1"][0].status, Status::Succeeded);
+    env.stop_all_and_check_queue_empty().await;
+    assert_eq!(env.count(&env.names.dead_queue).await, 2);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_build_loses_no_job() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    let jobs = ids("k9", 5);
+    for id in &jobs {
+        env.submit(&env.job(id, "sleep 1; echo done", json!({})))
+            .await;
+    }
+    let w = env.worker(&[], &[]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.signal(w, "KILL");
+    env.wait(w);
+    env.worker(&[], &[]);
+    let results = env.results(&jobs).await;
+    one_outcome_each(&results);
+    assert!(
+        jobs.iter()
+            .all(|id| results[id][0].status == Status::Succeeded),
+        "{results:?}"
+    );
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_running_builds_and_requeues_the_rest() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    // Concurrency 1: `short` runs and finishes within the drain; `long` would outlast the
+    // drain deadline and is requeued; `queued` never starts.
+    env.submit(&env.job("short", "sleep 2; echo finished", json!({})))
+        .await;
+    env.submit(&env.job("queued", "echo never here", json!({})))
+        .await;
+    let w = env.worker(&["--concurrency", "1", "--drain-deadline", "3s"], &[]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    env.signal(w, "TERM");
+    assert_eq!(env.wait(w), Some(0), "{}", env.worker_log(w));
+    let results = env.results(&["short".into()]).await;
+    assert_eq!(results["short"][0].status, Status::Succeeded);
+    assert!(!results.contains_key("queued"));
+    assert_eq!(
+        env.count(&env.names.jobs_queue).await,
+        1,
+        "the unstarted job is back in the queue"
+    );
+
+    env.submit(&env.job("long", "echo started; sleep 60", json!({})))
+        .await;
+    let w = env.worker(&["--concurrency", "1", "--drain-deadline", "2s"], &[]);
+    // `queued` runs first (FIFO), then `long`.
+    let results = env.results(&["queued".into()]).await;
+    assert_eq!(results["queued"][0].status, Status::Succeeded);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    env.signal(w, "TERM");
+    assert_eq!(env.wait(w), Some(0), "{}", env.worker_log(w));
+    assert_eq!(
+        env.count(&env.names.jobs_queue).await,
+        1,
+        "the build cut by the deadline is requeued"
+    );
+    assert!(
+        env.drain_queue(&env.collect).await.is_empty(),
+        "no result for the requeued build"
+    );
+
+    // A second signal does not wait for the (default, 5 min) drain deadline.
+    env.drain_queue(&env.logs).await;
+    let w = env.worker(&["--concurrency", "1"], &[]);
+    let deadline = Instant::now() + PATIENCE;
+    while env.drain_queue(&env.logs).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the long job never started: {}",
+            env.worker_log(w)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.signal(w, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.signal(w, "TERM");
+    assert_eq!(env.wait(w), Some(0), "{}", env.worker_log(w));
+    assert_eq!(
+        env.count(&env.names.jobs_queue).await,
+        1,
+        "the stopped build is requeued"
+    );
+    assert!(env.drain_queue(&env.collect).await.is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_stops_a_running_job_and_answers_a_queued_one() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    env.submit(&env.job("running", "echo started; sleep 60", json!({})))
+        .await;
+    env.submit(&env.job("waiting", "echo should not run", json!({})))
+        .await;
+    env.worker(&["--concurrency", "1"], &[]);
+    // Wait until `running` has produced output, so it surely runs.
+    let deadline = Instant::now() + PATIENCE;
+    while env.drain_queue(&env.logs).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the job never started: {}",
+            env.worker_log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.cancel("waiting").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.cancel("running").await;
+    let results = env.results(&["running".into(), "waiting".into()]).await;
+    one_outcome_each(&results);
+    assert_eq!(results["running"][0].status, Status::Cancelled);
+    assert_eq!(results["waiting"][0].status, Status::Cancelled);
+    assert_eq!(
+        results["waiting"][0].message.as_deref(),
+        Some("cancelled before it started")
+    );
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_chunks_arrive_in_order_and_complete_and_the_limit_ends_the_job() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    let script = "i=0; while [ $i -lt 20000 ]; do echo line $i; i=$((i+1)); done; echo oops >&2";
+    env.submit(&env.job("chatty", script, json!({}))).await;
+    env.submit(&env.job(
+        "flood",
+        "yes 0123456789abcdef | head -c 10000000",
+        json!({"limits": {"wall_seconds": 120, "log_bytes": 65536}}),
+    ))
+    .await;
+    env.worker(&[], &[]);
+    let results = env.results(&["chatty".into(), "flood".into()]).await;
+    assert_eq!(results["chatty"][0].status, Status::Succeeded);
+    let flood = &results["flood"][0];
+    assert_eq!(
+        (flood.status, flood.reason),
+        (Status::Killed, Some(corral_protocol::Reason::LogLimit))
+    );
+    let mut chunks: HashMap<String, Vec<LogChunk>> = HashMap::new();
+    for body in env.drain_queue(&env.logs).await {
+        let c: LogChunk = corral_protocol::decode(&body).unwrap();
+        chunks.entry(c.job_id.to_string()).or_default().push(c);
+    }
+    let chatty = &chunks["chatty"];
+    assert!(chatty.len() > 1, "a long log comes in several chunks");
+    for (i, c) in chatty.iter().enumerate() {
+        assert_eq!(c.seq, i as u64, "chunks arrive in order");
+        assert_eq!(c.eof, i == chatty.len() - 1, "only the last chunk is eof");
+    }
+    let stdout: Vec<u8> = chatty
+        .iter()
+        .filter(|c| c.stream == Stream::Stdout)
+        .flat_map(|c| c.bytes().unwrap())
+        .collect();
+    let expected: String = (0..20000).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        String::from_utf8(stdout).unwrap(),
+        expected,
+        "the log is complete"
+    );
+    let stderr: Vec<u8> = chatty
+        .iter()
+        .filter(|c| c.stream == Stream::Stderr)
+        .flat_map(|c| c.bytes().unwrap())
+        .collect();
+    assert_eq!(stderr, b"oops\n");
+    let flood_out: usize = chunks["flood"]
+        .iter()
+        .filter(|c| c.stream == Stream::Stdout)
+        .map(|c| c.bytes().unwrap().len())
+        .sum();
+    assert_eq!(flood_out, 65536, "the live log stops at limits.log_bytes");
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+/// Restores the broker even when the test fails.
+struct BrokerRestore;
+
+impl Drop for BrokerRestore {
+    fn drop(&mut self) {
+        start_app();
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", "0.4"])
+            .output();
+    }
+}
+
+fn have_rabbitmqctl() -> bool {
+    require(
+        Command::new("rabbitmqctl")
+            .args(["-q", "status"])
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "rabbitmqctl with rights on the local broker",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_loss_and_broker_restart_lose_nothing() {
+    let Some(mut env) = Env::new(true).await else {
+        return;
+    };
+    if !have_rabbitmqctl() {
+        return env.cleanup().await;
+    }
+    let _restore = BrokerRestore;
+    let jobs = ids("fault", 8);
+    for id in &jobs {
+        env.submit(&env.job(id, "sleep 0.5; echo done", json!({})))
+            .await;
+    }
+    env.worker(&[], &[]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    rabbitmqctl(&["close_all_connections", "test: connection loss"]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    rabbitmqctl(&["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(start_app(), "the broker did not come back");
+    let results = env.results(&jobs).await;
+    one_outcome_each(&results);
+    assert!(
+        jobs.iter()
+            .all(|id| results[id][0].status == Status::Succeeded),
+        "{results:?}"
+    );
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_due_during_a_memory_alarm_are_published_once_it_clears() {
+    let Some(mut env) = Env::new(true).await else {
+        return;
+    };
+    if !have_rabbitmqctl() {
+        return env.cleanup().await;
+    }
+    let restore = BrokerRestore;
+    let jobs = ids("alarm", 4);
+    for id in &jobs {
+        env.submit(&env.job(id, "sleep 0.3; echo done", json!({})))
+            .await;
+    }
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0"]);
+    env.worker(&[], &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Publishing is blocked: no result can be out yet.
+    let early = env.count(&env.collect).await;
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"]);
+    drop(restore);
+    let results = env.results(&jobs).await;
+    assert_eq!(early, 0, "results were published during the alarm");
+    one_outcome_each(&results);
+    assert!(
+        jobs.iter()
+            .all(|id| results[id][0].status == Status::Succeeded)
+    );
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_wait_prints_the_result() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    env.worker(&[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.json");
+    std::fs::write(&file, env.job("sub-1", "echo hi", json!({}))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args([
+            "submit",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "90s",
+        ])
+        .args(["--amqp-url", &url(), "--prefix", &env.prefix])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: JobResult = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((r.job_id.as_str(), r.status), ("sub-1", Status::Succeeded));
+    // The same from Python, as fixtures/producer.py shows other producers.
+    if require(
+        Command::new("python3")
+            .args(["-c", "import pika"])
+            .status()
+            .is_ok_and(|s| s.success()),
+        "python3 with pika",
+    ) {
+        std::fs::write(&file, env.job("py-1", "exit 4", json!({}))).unwrap();
+        let producer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/producer.py");
+        let out = Command::new("python3")
+            .arg(producer)
+            .arg(&file)
+            .args(["--url", &url(), "--prefix", &env.prefix, "--timeout", "90"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: JobResult = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (r.job_id.as_str(), r.status, r.exit_code),
+            ("py-1", Status::Failed, Some(4))
+        );
+    }
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_job_queue_is_redeclared_and_consumed_again() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    env.submit(&env.job("before", "true", json!({}))).await;
+    env.worker(&[], &[]);
+    env.results(&["before".into()]).await;
+    // The broker cancels the consumer when its queue is deleted; the worker starts over.
+    let (conn, ch) = connect().await.unwrap();
+    ch.queue_delete(
+        env.names.jobs_queue.as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "".into()).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (conn, ch) = connect().await.unwrap();
+        let q = ch
+            .queue_declare(
+                env.names.jobs_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = conn.close(200, "".into()).await;
+        if q.is_ok_and(|q| q.consumer_count() > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue not redeclared: {}",
+            env.worker_log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.submit(&env.job("after", "true", json!({}))).await;
+    let results = env.results(&["after".into()]).await;
+    assert_eq!(results["after"][0].status, Status::Succeeded);
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
