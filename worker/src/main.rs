@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

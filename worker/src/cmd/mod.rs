@@ -2,4 +2,5 @@
 //! process exit code (see [`crate::exit`]).
 
 pub mod schema;
+pub mod snapshot;
 pub mod validate;
