@@ -225,8 +225,8 @@ mod tests {
     fn pax_record_length_counts_itself() {
         let mut out = Vec::new();
         record(&mut out, b"path", &[b'a'; 93]);
-        assert_eq!(out.len(), 102);
-        assert!(out.starts_with(b"102 path="));
+        assert_eq!(out.len(), 103);
+        assert!(out.starts_with(b"103 path="));
         let mut out = Vec::new();
         record(&mut out, b"path", b"x");
         assert_eq!(out, b"9 path=x\n");
