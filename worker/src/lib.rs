@@ -6,5 +6,5 @@
 pub mod cli;
 pub mod cmd;
 pub mod exit;
-pub mod logging;
 pub mod layer;
+pub mod logging;

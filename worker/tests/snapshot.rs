@@ -309,22 +309,18 @@ fn build_tree(root: &Path, steps: &[Value]) {
         } else if let Some(p) = at("xattr") {
             let name = step["name"].as_str().unwrap();
             let value = step["value"].as_str().unwrap();
-            rustix::fs::lsetxattr(
-                &p,
-                name,
-                value.as_bytes(),
-                rustix::fs::XattrFlags::empty(),
-            )
-            .unwrap();
+            rustix::fs::lsetxattr(&p, name, value.as_bytes(), rustix::fs::XattrFlags::empty())
+                .unwrap();
         } else if let Some(p) = at("deep") {
             fs::create_dir(&p).unwrap();
             // fd-relative, one open fd at a time: the path quickly passes PATH_MAX.
-            let mut fd = rustix::fs::open(&p, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
-                .unwrap();
+            let mut fd =
+                rustix::fs::open(&p, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
             for _ in 1..step["depth"].as_u64().unwrap() {
                 rustix::fs::mkdirat(&fd, "d", Mode::from_raw_mode(0o755)).unwrap();
-                fd = rustix::fs::openat(&fd, "d", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
-                    .unwrap();
+                fd =
+                    rustix::fs::openat(&fd, "d", OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())
+                        .unwrap();
             }
         } else if let Some(p) = at("many") {
             fs::create_dir(&p).unwrap();
@@ -369,7 +365,11 @@ fn hostile_tree_corpus() {
             failures.push(format!("{name}: {why}"));
         }
     }
-    assert!(failures.is_empty(), "fixtures failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "fixtures failed:\n{}",
+        failures.join("\n")
+    );
 }
 
 fn run_fixture(spec: &Value) {
@@ -604,8 +604,16 @@ fn digests_are_independently_verifiable() {
     fs::create_dir(&tree).unwrap();
     sample_tree(&tree, false);
     for (compression, decompress, media) in [
-        ("gzip", "gzip -dc", "application/vnd.oci.image.layer.v1.tar+gzip"),
-        ("zstd", "zstd -dc", "application/vnd.oci.image.layer.v1.tar+zstd"),
+        (
+            "gzip",
+            "gzip -dc",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
+        (
+            "zstd",
+            "zstd -dc",
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
     ] {
         let layer = scratch.path().join(format!("layer.{compression}"));
         let json = snapshot_ok(&tree, &layer, &["--plain", "--compression", compression]);
@@ -712,8 +720,16 @@ fn write_image(layout: &Path, layers: &[(Value, Vec<u8>)]) {
             "annotations": {"org.opencontainers.image.ref.name": "test"},
         }],
     });
-    fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
 }
 
 fn mount_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> bool {
@@ -770,14 +786,23 @@ fn umoci_unpacks_base_plus_upper_layer_from_a_real_overlay() {
     };
     let result = job();
     let merged_view = describe(&merged);
-    assert!(Command::new("umount").arg(&merged).status().unwrap().success());
+    assert!(
+        Command::new("umount")
+            .arg(&merged)
+            .status()
+            .unwrap()
+            .success()
+    );
     result.unwrap();
 
     let base_layer = scratch.path().join("base.tgz");
     let base = snapshot_ok(&lower, &base_layer, &["--plain"]);
     let upper_layer = scratch.path().join("upper.tgz");
     let top = snapshot_ok(&upper, &upper_layer, &[]);
-    let names: Vec<Vec<u8>> = python_list(&upper_layer).into_iter().map(|(n, _)| n).collect();
+    let names: Vec<Vec<u8>> = python_list(&upper_layer)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert!(names.contains(&b".wh.doomed".to_vec()), "{names:?}");
     assert!(names.contains(&b"cache/.wh..wh..opq".to_vec()), "{names:?}");
 
@@ -796,13 +821,26 @@ fn umoci_unpacks_base_plus_upper_layer_from_a_real_overlay() {
         bundle.display()
     ));
     let rootfs = bundle.join("rootfs");
-    assert!(!rootfs.join("doomed").exists(), "whiteout removed the base file");
-    assert!(!rootfs.join("cache/old").exists(), "opaque dir hides base files");
-    assert!(!rootfs.join("cache/deep").exists(), "opaque dir hides base dirs");
+    assert!(
+        !rootfs.join("doomed").exists(),
+        "whiteout removed the base file"
+    );
+    assert!(
+        !rootfs.join("cache/old").exists(),
+        "opaque dir hides base files"
+    );
+    assert!(
+        !rootfs.join("cache/deep").exists(),
+        "opaque dir hides base dirs"
+    );
     assert_eq!(fs::read(rootfs.join("cache/new")).unwrap(), b"new\n");
     assert_eq!(fs::read(rootfs.join("keep")).unwrap(), b"base keep\n");
     assert_eq!(fs::read(rootfs.join("etc/conf")).unwrap(), b"v2\n");
-    assert_eq!(describe(&rootfs), merged_view, "unpacked image = merged overlay view");
+    assert_eq!(
+        describe(&rootfs),
+        merged_view,
+        "unpacked image = merged overlay view"
+    );
 
     // skopeo verifies every blob against its digest while copying.
     let copied = scratch.path().join("copied");

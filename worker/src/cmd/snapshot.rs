@@ -26,9 +26,9 @@ pub fn run(args: SnapshotArgs) -> anyhow::Result<u8> {
     // Large writes already come in blocks; the buffer only batches the small header writes.
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let result = write_layer(&args.dir, &opts, &mut out).and_then(|summary| {
+        // No fsync: a store that needs durability copies or uploads the blob itself.
         out.into_inner()
             .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
             .map_err(|source| crate::layer::LayerError::Write { source })?;
         Ok(summary)
     });
@@ -102,9 +102,9 @@ fn options(args: &SnapshotArgs) -> anyhow::Result<LayerOptions> {
             level: args.level.unwrap_or(3),
         },
     };
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-    });
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
     let mut id_map = IdMap::identity();
     for &(host, inner) in &args.map_uid {
         id_map = id_map.uid(host, inner);

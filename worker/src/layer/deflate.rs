@@ -14,7 +14,7 @@ use flate2::{Compress, Crc, FlushCompress, Status};
 
 /// Input bytes per independently deflated block. Part of the layer format: changing it
 /// changes every digest.
-pub const BLOCK_SIZE: usize = 256 * 1024;
+pub const BLOCK_SIZE: usize = 1024 * 1024;
 /// Deflate's window: the dictionary handed from one block to the next.
 const WINDOW: usize = 32 * 1024;
 /// Fixed gzip header: no name, mtime 0, no extra flags, OS "unknown".
@@ -36,40 +36,58 @@ struct Done {
 }
 
 /// Compresses one block: raw deflate primed with `dictionary`, sync-flushed.
-fn deflate_block(c: &mut Compress, dictionary: &[u8], data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-    c.reset();
+///
+/// The output slice handed to deflate has a length fixed by the input size alone, never by
+/// a reused buffer's capacity: zlib emits an extra empty stored block when a flush exactly
+/// fills the output space and deflate is called again, so output space must not vary
+/// between threads.
+fn deflate_block(level: u32, dictionary: &[u8], data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    // A fresh compressor per block: zlib-rs's reset() leaves state behind that changes the
+    // output of the next block, which would tie the bytes to which thread got which block.
+    let c = &mut compressor(level);
     if !dictionary.is_empty() {
         c.set_dictionary(dictionary).map_err(io::Error::other)?;
     }
+    // Far above deflate's worst case (stored blocks: 5 bytes per 16 KiB) plus the flush.
+    let mut room = data.len() + data.len() / 8 + 1024;
     out.clear();
-    out.reserve(data.len() + data.len() / 16 + 1024);
-    let start = c.total_in();
+    out.resize(room, 0);
+    let (in0, out0) = (c.total_in(), c.total_out());
     loop {
-        let consumed = (c.total_in() - start) as usize;
+        let consumed = (c.total_in() - in0) as usize;
+        let produced = (c.total_out() - out0) as usize;
         let status = c
-            .compress_vec(&data[consumed..], out, FlushCompress::Sync)
+            .compress(
+                &data[consumed..],
+                &mut out[produced..room],
+                FlushCompress::Sync,
+            )
             .map_err(io::Error::other)?;
-        let consumed = (c.total_in() - start) as usize;
+        let consumed = (c.total_in() - in0) as usize;
+        let produced = (c.total_out() - out0) as usize;
         // A sync flush is complete once the compressor leaves output space unused.
-        if consumed == data.len() && out.len() < out.capacity() {
+        if consumed == data.len() && produced < room {
+            out.truncate(produced);
             return Ok(());
         }
         if status == Status::StreamEnd {
             return Err(io::Error::other("deflate ended a stream early"));
         }
-        out.reserve(64 * 1024);
+        room += 64 * 1024;
+        out.resize(room, 0);
     }
 }
 
 /// A gzip member written block by block into `out`.
 pub struct GzipWriter<W: Write> {
+    level: u32,
     out: W,
     block: Vec<u8>,
     dictionary: Vec<u8>,
     crc: Crc,
     next_seq: u64,
     written_seq: u64,
-    inline: Option<(Compress, Vec<u8>)>,
+    inline: Option<Vec<u8>>,
     jobs: Option<SyncSender<Job>>,
     results: Option<Receiver<Done>>,
     pending: BTreeMap<u64, Done>,
@@ -88,6 +106,7 @@ impl<W: Write> GzipWriter<W> {
     ) -> io::Result<Self> {
         out.write_all(&HEADER)?;
         let mut w = GzipWriter {
+            level,
             out,
             block: Vec::with_capacity(BLOCK_SIZE),
             dictionary: Vec::new(),
@@ -99,13 +118,14 @@ impl<W: Write> GzipWriter<W> {
             results: None,
             pending: BTreeMap::new(),
             spare: Vec::new(),
-            max_in_flight: 2 * threads as u64 + 1,
+            // Deep enough that workers keep busy while the walking thread waits for the CPU.
+            max_in_flight: 4 * threads as u64 + 2,
         };
         if threads <= 1 {
-            w.inline = Some((compressor(level), Vec::new()));
+            w.inline = Some(Vec::new());
             return Ok(w);
         }
-        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads);
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(4 * threads + 2);
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         for _ in 0..threads {
@@ -148,14 +168,17 @@ impl<W: Write> GzipWriter<W> {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        let fresh = self.spare.pop().unwrap_or_else(|| Vec::with_capacity(BLOCK_SIZE));
+        let fresh = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BLOCK_SIZE));
         let data = std::mem::replace(&mut self.block, fresh);
         let tail = &data[data.len().saturating_sub(WINDOW)..];
         let dictionary = std::mem::replace(&mut self.dictionary, tail.to_vec());
         let seq = self.next_seq;
         self.next_seq += 1;
-        if let Some((c, buf)) = &mut self.inline {
-            deflate_block(c, &dictionary, &data, buf)?;
+        if let Some(buf) = &mut self.inline {
+            deflate_block(self.level, &dictionary, &data, buf)?;
             self.crc.update(&data);
             self.out.write_all(buf)?;
             self.written_seq += 1;
@@ -174,7 +197,16 @@ impl<W: Write> GzipWriter<W> {
         while self.next_seq - self.written_seq >= self.max_in_flight {
             self.wait_one()?;
         }
-        Ok(())
+        self.drain_ready()
+    }
+
+    /// Writes the blocks already compressed, without waiting.
+    fn drain_ready(&mut self) -> io::Result<()> {
+        let results = self.results.as_ref().expect("parallel writer has results");
+        while let Ok(done) = results.try_recv() {
+            self.pending.insert(done.seq, done);
+        }
+        self.write_pending()
     }
 
     /// Waits for at least one block and writes every block now ready, in order.
@@ -184,6 +216,10 @@ impl<W: Write> GzipWriter<W> {
             .recv()
             .map_err(|_| io::Error::other("deflate worker stopped"))?;
         self.pending.insert(done.seq, done);
+        self.write_pending()
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
         while let Some(done) = self.pending.remove(&self.written_seq) {
             let compressed = done.compressed?;
             self.out.write_all(&compressed)?;
@@ -202,7 +238,6 @@ fn compressor(level: u32) -> Compress {
 }
 
 fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
-    let mut c = compressor(level);
     loop {
         let job = {
             let Ok(rx) = jobs.lock() else { return };
@@ -214,7 +249,7 @@ fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
         let mut crc = Crc::new();
         crc.update(&job.data);
         let mut out = Vec::new();
-        let compressed = deflate_block(&mut c, &job.dictionary, &job.data, &mut out).map(|()| out);
+        let compressed = deflate_block(level, &job.dictionary, &job.data, &mut out).map(|()| out);
         let result = Done {
             seq: job.seq,
             compressed,
@@ -248,21 +283,40 @@ mod tests {
         let mut x: u32 = 1;
         for i in 0..(3 * BLOCK_SIZE + 12345) {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            data.push(if i % 3 == 0 { (x >> 24) as u8 } else { b"corral"[i % 6] });
+            data.push(if i % 3 == 0 {
+                (x >> 24) as u8
+            } else {
+                b"corral"[i % 6]
+            });
         }
         let one = gzip(&data, 1);
         assert_eq!(one, gzip(&data, 2));
         assert_eq!(one, gzip(&data, 5));
         let mut back = Vec::new();
-        flate2::read::GzDecoder::new(&one[..]).read_to_end(&mut back).unwrap();
+        flate2::read::GzDecoder::new(&one[..])
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn real_data_gives_same_bytes_for_any_thread_count() {
+        // Machine code mixes compressible and incompressible stretches: it once exposed
+        // output that depended on which worker (and which reused compressor) got a block.
+        let exe = std::fs::read("/proc/self/exe").unwrap();
+        let data = &exe[..exe.len().min(6 * BLOCK_SIZE + 777)];
+        let one = gzip(data, 1);
+        assert_eq!(one, gzip(data, 2));
+        assert_eq!(one, gzip(data, 3));
     }
 
     #[test]
     fn empty_input_is_a_valid_member() {
         let gz = gzip(&[], 2);
         let mut back = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut back).unwrap();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut back)
+            .unwrap();
         assert!(back.is_empty());
     }
 }

@@ -23,7 +23,7 @@
 //! - Paths longer than [`LayerOptions::max_path_bytes`] (default 4096, what extractors can
 //!   open) are refused with [`LayerError::PathTooLong`].
 //! - gzip: a fixed header (mtime 0, OS 255), zlib-rs deflate at the given level, in
-//!   256 KiB blocks chained by 32 KiB dictionaries: byte-identical for any thread count.
+//!   1 MiB blocks chained by 32 KiB dictionaries: byte-identical for any thread count.
 //!   zstd: always the library's multi-threaded mode (at least one worker), whose output does
 //!   not depend on the worker count; no checksum, no content size.
 
@@ -304,7 +304,11 @@ pub enum LayerError {
         minor: u32,
     },
     #[error("a path of {len} bytes exceeds the {max}-byte limit: {path:?}…")]
-    PathTooLong { path: PathBuf, len: usize, max: usize },
+    PathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
     #[error("the compressed layer exceeds the {limit}-byte output cap")]
     OutputTooLarge { limit: u64 },
     #[error("the uncompressed layer exceeds the {limit}-byte tar cap")]

@@ -270,8 +270,7 @@ impl<W: Write> Walker<'_, '_, W> {
                     continue;
                 }
             };
-            if matches!(kind, Kind::Char | Kind::Block) && self.opts.devices == DevicePolicy::Skip
-            {
+            if matches!(kind, Kind::Char | Kind::Block) && self.opts.devices == DevicePolicy::Skip {
                 self.skip(full(), SkipReason::Device);
                 continue;
             }
@@ -375,8 +374,12 @@ impl<W: Write> Walker<'_, '_, W> {
             path: path_of(path),
             source: e.into(),
         })?;
-        let same_type = FileType::from_raw_mode(st.st_mode) == FileType::from_raw_mode(entry.meta.mode);
-        if u64::from(st.st_ino) != entry.meta.ino || u64::from(st.st_dev) != entry.meta.dev || !same_type {
+        let same_type =
+            FileType::from_raw_mode(st.st_mode) == FileType::from_raw_mode(entry.meta.mode);
+        if u64::from(st.st_ino) != entry.meta.ino
+            || u64::from(st.st_dev) != entry.meta.dev
+            || !same_type
+        {
             return Err(LayerError::Changed {
                 path: path_of(path),
             });
@@ -414,10 +417,7 @@ impl<W: Write> Walker<'_, '_, W> {
             }
             Kind::Fifo => self.header(&self.base(path, TypeFlag::Fifo, meta)),
             Kind::Char | Kind::Block => {
-                let (major, minor) = (
-                    rustix::fs::major(meta.rdev),
-                    rustix::fs::minor(meta.rdev),
-                );
+                let (major, minor) = (rustix::fs::major(meta.rdev), rustix::fs::minor(meta.rdev));
                 if self.opts.devices == DevicePolicy::Refuse {
                     return Err(LayerError::Device {
                         path: path_of(path),

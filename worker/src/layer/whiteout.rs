@@ -64,7 +64,10 @@ mod tests {
     fn classifies_overlay_xattrs() {
         assert_eq!(classify(b"trusted.overlay.opaque"), OverlayXattr::Opaque);
         assert_eq!(classify(b"user.overlay.opaque"), OverlayXattr::Opaque);
-        assert_eq!(classify(b"trusted.overlay.redirect"), OverlayXattr::Redirect);
+        assert_eq!(
+            classify(b"trusted.overlay.redirect"),
+            OverlayXattr::Redirect
+        );
         assert_eq!(classify(b"user.overlay.metacopy"), OverlayXattr::Metacopy);
         assert_eq!(classify(b"trusted.overlay.origin"), OverlayXattr::Dropped);
         assert_eq!(
