@@ -31,7 +31,7 @@ impl fmt::Display for ByteSize {
         let n = self.0;
         for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
             if n >= size {
-                return if n % size == 0 {
+                return if n.is_multiple_of(size) {
                     write!(f, "{} {unit}", n / size)
                 } else {
                     // Precision is for display only; the wire value is exact.

@@ -109,7 +109,7 @@ impl Severity {
 /// An operator alert or lifecycle event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "corral event", extend("$id" = "https://corral.dev/schema/corral.event.v1.json"))]
+#[schemars(title = "corral event", extend("$id" = "urn:corral:schema:corral.event.v1"))]
 pub struct Event {
     pub schema: EventSchema,
     pub kind: EventKind,
@@ -156,7 +156,7 @@ pub enum Stream {
 /// consecutive `seq` numbers from 0; the last has `eof: true`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "corral log chunk", extend("$id" = "https://corral.dev/schema/corral.log.v1.json"))]
+#[schemars(title = "corral log chunk", extend("$id" = "urn:corral:schema:corral.log.v1"))]
 pub struct LogChunk {
     pub schema: LogSchema,
     pub job_id: JobId,
@@ -202,7 +202,7 @@ impl LogChunk {
 /// answered `cancelled` without building.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "corral cancel", extend("$id" = "https://corral.dev/schema/corral.cancel.v1.json"))]
+#[schemars(title = "corral cancel", extend("$id" = "urn:corral:schema:corral.cancel.v1"))]
 pub struct Cancel {
     pub schema: CancelSchema,
     pub job_id: JobId,

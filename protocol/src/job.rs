@@ -33,7 +33,7 @@ pub const MAX_SHORTSTR: usize = 255;
 /// A build job: run `command` in `workdir` on top of `base` and `source`, within `limits`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "corral job", extend("$id" = "https://corral.dev/schema/corral.job.v1.json"))]
+#[schemars(title = "corral job", extend("$id" = "urn:corral:schema:corral.job.v1"))]
 pub struct Job {
     /// Always `corral.job.v1`.
     pub schema: JobSchema,
@@ -49,12 +49,13 @@ pub struct Job {
     /// The build command as argv; the first entry is looked up in `PATH` of the base.
     #[schemars(
         length(min = 1, max = 1024),
-        inner(length(max = 8192), regex(pattern = r"^[^\u0000]*$"))
+        inner(length(max = 8192), regex(pattern = r"^[^\u0000]*$")),
+        extend("prefixItems" = [{"type": "string", "minLength": 1, "maxLength": 8192, "pattern": "^[^\\u0000]*$"}])
     )]
     pub command: Vec<String>,
     /// Environment of the build, in addition to a minimal `PATH`, `HOME` and `LANG`.
     #[serde(default)]
-    #[schemars(length(max = 256), extend("propertyNames" = {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"}, "additionalProperties" = {"type": "string", "maxLength": 8192, "pattern": "^[^\\u0000]*$"}))]
+    #[schemars(extend("maxProperties" = 256, "propertyNames" = {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"}, "additionalProperties" = {"type": "string", "maxLength": 8192, "pattern": "^[^\\u0000]*$"}))]
     pub env: BTreeMap<String, String>,
     /// Working directory: absolute, normalized, no `..`. Default `/app`.
     #[serde(default)]
@@ -182,14 +183,14 @@ impl Job {
             ("reply_to", &self.reply_to),
             ("correlation_id", &self.correlation_id),
         ] {
-            if let Some(value) = value {
-                if value.is_empty() || value.len() > MAX_SHORTSTR {
-                    return Err(ProtocolError::new(
-                        field,
-                        Rule::Length,
-                        format!("must be 1 to {MAX_SHORTSTR} bytes, got {}", value.len()),
-                    ));
-                }
+            if let Some(value) = value
+                && (value.is_empty() || value.len() > MAX_SHORTSTR)
+            {
+                return Err(ProtocolError::new(
+                    field,
+                    Rule::Length,
+                    format!("must be 1 to {MAX_SHORTSTR} bytes, got {}", value.len()),
+                ));
             }
         }
         Ok(())

@@ -150,7 +150,7 @@ pub struct WorkerInfo {
 /// result repeats the first (it comes from the action cache).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "corral job result", extend("$id" = "https://corral.dev/schema/corral.result.v1.json"))]
+#[schemars(title = "corral job result", extend("$id" = "urn:corral:schema:corral.result.v1"))]
 pub struct JobResult {
     pub schema: ResultSchema,
     pub job_id: JobId,

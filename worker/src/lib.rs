@@ -3,8 +3,11 @@
 //! `corral-sandbox`; wire types in `corral-protocol`.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod cli;
 pub mod cmd;
 pub mod exit;
 pub mod layer;
 pub mod logging;
+pub mod metrics;
+pub mod notify;

@@ -490,9 +490,12 @@ fn run_fixture(spec: &Value) {
     assert_eq!(run.json["setid_stripped"], expect["setid_stripped"]);
 }
 
+/// One way of adding to a tree.
+type Step = Box<dyn Fn(&Path)>;
+
 /// A small but varied tree with known content.
 fn sample_tree(root: &Path, reverse: bool) {
-    let mut steps: Vec<Box<dyn Fn(&Path)>> = vec![
+    let mut steps: Vec<Step> = vec![
         Box::new(|r| fs::create_dir_all(r.join("lib/python3/site-packages/pkg")).unwrap()),
         Box::new(|r| fs::write(r.join("README"), b"hello layer\n").unwrap()),
         Box::new(|r| {

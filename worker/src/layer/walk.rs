@@ -26,6 +26,9 @@ const READ_CHUNK: usize = 1024 * 1024;
 /// The largest value Linux allows for one extended attribute.
 const XATTR_MAX: usize = 64 * 1024;
 
+/// Extended attributes to store, as (name, value), sorted by name.
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Counts the walk reports.
 pub(crate) struct WalkStats {
     pub entries: u64,
@@ -59,6 +62,8 @@ struct Meta {
 }
 
 impl From<&Stat> for Meta {
+    // `stat` field types differ between architectures; the conversions are for the others.
+    #[allow(clippy::useless_conversion)]
     fn from(st: &Stat) -> Self {
         Meta {
             mode: st.st_mode,
@@ -148,8 +153,8 @@ pub(crate) fn walk<W: Write>(
     let pending = w.list(&root, &path)?;
     let mut frames = vec![Frame {
         fd: Some(root),
-        dev: u64::from(st.st_dev),
-        ino: u64::from(st.st_ino),
+        dev: Meta::from(&st).dev,
+        ino: Meta::from(&st).ino,
         prefix: 0,
         pending,
     }];
@@ -205,7 +210,8 @@ fn reopen_parent(child: &Frame, parent: &Frame, path: &[u8]) -> Result<OwnedFd, 
         path: parent_path(),
         source: e.into(),
     })?;
-    if u64::from(st.st_ino) != parent.ino || u64::from(st.st_dev) != parent.dev {
+    let meta = Meta::from(&st);
+    if meta.ino != parent.ino || meta.dev != parent.dev {
         return Err(LayerError::Changed {
             path: parent_path(),
         });
@@ -376,10 +382,8 @@ impl<W: Write> Walker<'_, '_, W> {
         })?;
         let same_type =
             FileType::from_raw_mode(st.st_mode) == FileType::from_raw_mode(entry.meta.mode);
-        if u64::from(st.st_ino) != entry.meta.ino
-            || u64::from(st.st_dev) != entry.meta.dev
-            || !same_type
-        {
+        let meta = Meta::from(&st);
+        if meta.ino != entry.meta.ino || meta.dev != entry.meta.dev || !same_type {
             return Err(LayerError::Changed {
                 path: path_of(path),
             });
@@ -512,7 +516,7 @@ impl<W: Write> Walker<'_, '_, W> {
         fd: &OwnedFd,
         path: &[u8],
         is_dir: bool,
-    ) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, bool), LayerError> {
+    ) -> Result<(Xattrs, bool), LayerError> {
         let err = |e: Errno| LayerError::ReadXattr {
             path: path_of(path),
             source: e.into(),

@@ -1,0 +1,84 @@
+//! The `corral` binary's command line as a user types it: help, version, and the job check
+//! that README's first command runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn corral() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn help_lists_subcommands_and_version_prints() {
+    let out = corral().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for sub in ["validate", "schema"] {
+        assert!(help.contains(sub), "{sub} missing from --help:\n{help}");
+    }
+    let out = corral().arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("corral {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn validate_accepts_golden_jobs_and_names_the_broken_rule() {
+    let out = corral()
+        .current_dir(repo())
+        .args(["validate", "fixtures/jobs/hello.json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let out = corral()
+        .current_dir(repo())
+        .args([
+            "validate",
+            "fixtures/jobs/hello.json",
+            "fixtures/invalid/memory-above-maximum.json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("limits.memory_bytes: 64 GiB exceeds the maximum of 16 GiB [maximum]"),
+        "{text}"
+    );
+
+    let out = corral()
+        .current_dir(repo())
+        .args(["validate", "--json", "fixtures/invalid/workdir-dotdot.json"])
+        .output()
+        .unwrap();
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdict["valid"], false);
+    assert_eq!(verdict["error"]["field"], "workdir");
+    assert_eq!(verdict["error"]["rule"], "path");
+}
+
+#[test]
+fn schema_command_prints_the_committed_schema() {
+    let out = corral().args(["schema", "job"]).output().unwrap();
+    assert!(out.status.success());
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let committed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo().join("protocol/schema/corral.job.v1.schema.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(printed, committed);
+}
