@@ -450,6 +450,9 @@ fn run_fixture(spec: &Value) {
                 .collect();
             assert_eq!(m.xattrs, want, "{shown:?} xattrs");
         }
+        if let Some(uid) = e["uid"].as_u64() {
+            assert_eq!(m.uid, uid, "{shown:?} uid");
+        }
         if let Some(major) = e["major"].as_u64() {
             assert_eq!((m.major, m.minor), (major, e["minor"].as_u64().unwrap()));
         }
@@ -547,6 +550,8 @@ fn describe(root: &Path) -> BTreeMap<Vec<u8>, (String, u32, String)> {
             } else if meta.file_type().is_symlink() {
                 let t = fs::read_link(entry.path()).unwrap();
                 ("symlink".into(), mode, t.to_string_lossy().into_owned())
+            } else if !meta.is_file() {
+                ("special".into(), mode, String::new())
             } else {
                 let data = fs::read(entry.path()).unwrap();
                 ("file".into(), mode, sha256_hex(&data))
@@ -592,6 +597,50 @@ fn gnu_tar_and_python_read_back_the_tree() {
         })
         .collect();
     assert_eq!(listed, describe(&tree), "Python tarfile listing");
+}
+
+/// The pipeline's first layer: a real Debian rootfs snapshotted in plain mode reads back
+/// (GNU tar) as the same tree, minus the device nodes it reports as skipped.
+#[test]
+fn base_rootfs_becomes_a_plain_layer() {
+    let rootfs = PathBuf::from(
+        std::env::var("CORRAL_TEST_ROOTFS")
+            .unwrap_or_else(|_| "/var/cache/corral-test/rootfs".into()),
+    );
+    if !require(rootfs.is_dir(), "the test rootfs (CORRAL_TEST_ROOTFS)")
+        || !require(is_root(), "root (to extract a rootfs faithfully)")
+        || !require(have("tar"), "GNU tar")
+    {
+        return;
+    }
+    let scratch = Scratch::new();
+    let layer = scratch.path().join("base.tgz");
+    let json = snapshot_ok(&rootfs, &layer, &["--plain", "--keep-setid"]);
+    let skipped: Vec<Vec<u8>> = json["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            assert_eq!(s["reason"], "device", "{s}");
+            s["path"].as_str().unwrap().as_bytes().to_vec()
+        })
+        .collect();
+    assert!(
+        skipped.contains(&b"dev/null".to_vec()),
+        "devices are skipped: {skipped:?}"
+    );
+    let extracted = scratch.path().join("x");
+    fs::create_dir(&extracted).unwrap();
+    sh(&format!(
+        "tar --numeric-owner -xpzf '{}' -C '{}'",
+        layer.display(),
+        extracted.display()
+    ));
+    let mut want = describe(&rootfs);
+    for path in &skipped {
+        assert_eq!(want.remove(path).map(|v| v.0), Some("special".to_string()));
+    }
+    assert_eq!(describe(&extracted), want);
 }
 
 #[test]

@@ -242,6 +242,30 @@ mod tests {
     }
 
     #[test]
+    fn big_sizes_and_ids_go_to_pax() {
+        let mut out = Vec::new();
+        let h = Header {
+            path: b"big",
+            kind: TypeFlag::Regular,
+            mode: 0o644,
+            uid: 5_000_000,
+            gid: 7,
+            size: 9 << 30,
+            mtime: 0,
+            link: b"",
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: &[],
+        };
+        encode(&h, &mut out);
+        let text = String::from_utf8_lossy(&out[BLOCK..2 * BLOCK]);
+        assert!(text.contains(&format!("size={}\n", 9u64 << 30)), "{text}");
+        assert!(text.contains("uid=5000000\n"), "{text}");
+        assert!(!text.contains("gid="), "{text}");
+        assert_eq!(out.len(), 3 * BLOCK);
+    }
+
+    #[test]
     fn checksum_matches_ustar_rule() {
         let mut out = Vec::new();
         let h = Header {
