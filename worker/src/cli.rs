@@ -83,6 +83,7 @@ pub struct SnapshotArgs {
     /// Source-date epoch: later mtimes are clamped to it.
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
     pub epoch: u64,
+    /// Layer compression (media type `…tar+gzip` or `…tar+zstd`).
     #[arg(long, value_enum, default_value_t = LayerCompression::Gzip)]
     pub compression: LayerCompression,
     /// Compression level (default: 6 for gzip, 3 for zstd).

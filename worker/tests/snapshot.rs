@@ -726,6 +726,47 @@ fn same_content_gives_same_digest_whatever_its_history_or_threads() {
     }
 }
 
+/// Enough data for many gzip blocks and several zstd jobs, so the workers really split it.
+#[test]
+fn large_layers_are_byte_identical_for_any_thread_count() {
+    let scratch = Scratch::new();
+    let tree = scratch.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    let mut x: u64 = 7;
+    let data: Vec<u8> = (0..48 << 20)
+        .map(|i: u32| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // Text-like: mostly a small alphabet, some noise.
+            if i % 5 == 0 {
+                (x >> 56) as u8
+            } else {
+                b"abcdefgh\n "[(x >> 60) as usize % 10]
+            }
+        })
+        .collect();
+    fs::write(tree.join("big"), &data).unwrap();
+    for compression in ["gzip", "zstd"] {
+        let digests: Vec<Value> = ["1", "2", "4"]
+            .iter()
+            .map(|threads| {
+                let out = scratch.path().join(format!("{compression}-{threads}"));
+                let args = [
+                    "--plain",
+                    "--compression",
+                    compression,
+                    "--threads",
+                    threads,
+                ];
+                snapshot_ok(&tree, &out, &args)["digest"].clone()
+            })
+            .collect();
+        assert!(
+            digests.windows(2).all(|w| w[0] == w[1]),
+            "{compression}: {digests:?}"
+        );
+    }
+}
+
 /// An OCI image layout with the given layers (blobs already written under `blobs/sha256`).
 fn write_image(layout: &Path, layers: &[(Value, Vec<u8>)]) {
     let blobs = layout.join("blobs/sha256");
