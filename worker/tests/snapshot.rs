@@ -737,7 +737,7 @@ fn large_layers_are_byte_identical_for_any_thread_count() {
         .map(|i: u32| {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             // Text-like: mostly a small alphabet, some noise.
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 (x >> 56) as u8
             } else {
                 b"abcdefgh\n "[(x >> 60) as usize % 10]
