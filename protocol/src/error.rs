@@ -34,6 +34,11 @@ pub enum Rule {
     Minimum,
     /// A total size (all of `env`, say) above its budget.
     Size,
+    /// A well-formed name that this worker does not know (a base, say).
+    Unknown,
+    /// A referenced object that is missing or not what its reference says (a source bundle
+    /// whose bytes do not match its digest, say).
+    Content,
 }
 
 impl Rule {
@@ -51,6 +56,8 @@ impl Rule {
             Rule::Maximum => "maximum",
             Rule::Minimum => "minimum",
             Rule::Size => "size",
+            Rule::Unknown => "unknown",
+            Rule::Content => "content",
         }
     }
 

@@ -122,6 +122,13 @@ pub struct Usage {
     /// Denied system calls by name, with how often each was tried.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub denied_syscalls: BTreeMap<String, u64>,
+    /// Attempts to open a network socket that the job's network policy forbids.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub network_attempts: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Milliseconds spent in each stage.

@@ -1,3 +1,78 @@
 //! corral-sandbox: runs one hostile build command in user, mount, pid, net, ipc, uts and
 //! cgroup namespaces over an overlayfs root, with cgroup (v1 or v2) limits, rlimits, a
 //! seccomp filter, and accounting. It knows nothing of the wire protocol or of AMQP.
+//!
+//! # How the worker uses it
+//!
+//! ```text
+//! let ids = IdentityMap::open(data_dir, 200_000..=299_999)?;      // once
+//! let dir = JobDir::create(jobs_root, job_id, disk_bytes)?;       // upper/ + work/, size-limited
+//! let spec = SandboxSpec { lower_dirs: vec![source, base], upper: dir.upper(), work: dir.work(),
+//!                          identity: ids.identity(project)?, argv, env, cwd, limits, network,
+//!                          read_only_binds: vec![], hostname: "corral".into() };
+//! let mut run = Sandbox::spawn(&spec, &SandboxConfig::new()?)?;   // safe from tokio threads
+//! let (out, err) = (run.stdout.take(), run.stderr.take());        // stream them as logs
+//! let cancel = run.cancel_handle();                               // cancel.cancel(grace)
+//! let outcome: Outcome = run.wait()?;                             // blocking: use spawn_blocking
+//! // every job process is dead and its cgroup removed: snapshot dir.upper() now
+//! dir.remove()?;
+//! ```
+//!
+//! The `corral` binary must dispatch `corral __sandbox-init` ([`INIT_ARG`]) to
+//! [`init::main`] before anything else (no threads, no runtime). That helper clones the
+//! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces. Pid 1 joins the
+//! job's cgroup (on v1 by moving itself, which avoids an RCU grace period; on v2 the helper
+//! moves it meanwhile) and, still real root, builds the overlay root in its own mount
+//! namespace (which dies with it, so no crash can leave a mount on the host), pivots into
+//! it and enters the job's user and cgroup namespaces. The helper stays outside the job's
+//! cgroup and supervises: seccomp notifications, wall and CPU limits, cancellation.
+//!
+//! Process tree: worker → helper (`__sandbox-init`) → pid 1 (reaper) → the job's command.
+
+mod cgroup;
+mod identity;
+pub mod init;
+mod jobdir;
+mod namespaces;
+mod outcome;
+mod reaper;
+mod rlimits;
+mod rootfs;
+mod sandbox;
+mod seccomp;
+mod spec;
+mod sys;
+
+pub use cgroup::{
+    CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, discover as discover_cgroups,
+};
+pub use identity::{IdentityError, IdentityMap};
+pub use init::INIT_ARG;
+pub use jobdir::{JobDir, JobDirError};
+pub use outcome::{DeathReason, Exit, Outcome, Usage};
+pub use rootfs::RootfsError;
+pub use sandbox::{CancelHandle, Running, Sandbox};
+pub use seccomp::DENIED as DENIED_SYSCALLS;
+pub use spec::{Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec};
+
+/// Errors of [`Sandbox::spawn`] and [`Running::wait`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading /proc/self/mountinfo")]
+    Mountinfo { source: std::io::Error },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("creating the control socket to the sandbox helper")]
+    ControlSocket { source: std::io::Error },
+    #[error("starting the sandbox helper {path}")]
+    SpawnHelper {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("malformed message between worker and sandbox helper: {message}")]
+    Protocol { message: String },
+    #[error("the sandbox helper died without a report")]
+    HelperDied,
+    #[error("the sandbox could not be set up: {message}")]
+    Setup { message: String },
+}

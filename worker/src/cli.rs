@@ -38,6 +38,17 @@ pub enum Command {
     /// Write a directory (an overlay upper dir, or a plain tree with --plain) as a
     /// deterministic OCI layer and print its digests as JSON.
     Snapshot(SnapshotArgs),
+    /// Build, import and list bases: the read-only root filesystems builds run on.
+    #[command(subcommand)]
+    Base(BaseCommand),
+    /// Work with source bundles in a store.
+    #[command(subcommand)]
+    Source(SourceCommand),
+    /// Validate a worker config file (plus `CORRAL_*` environment and flags) and print the
+    /// effective config with secrets redacted; exit 65 naming the bad key otherwise.
+    CheckConfig(CheckConfigArgs),
+    /// Run one command in a sandbox over a root filesystem and print its outcome as JSON.
+    Sandbox(Box<SandboxArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,4 +132,189 @@ fn parse_id_pair(s: &str) -> Result<(u32, u32), String> {
         .ok_or_else(|| format!("{s:?} is not HOST:INNER"))?;
     let parse = |v: &str| v.parse::<u32>().map_err(|e| format!("{v:?}: {e}"));
     Ok((parse(host)?, parse(inner)?))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DataDirArg {
+    /// The worker's data dir; bases live in `<DIR>/bases`.
+    #[arg(long = "data-dir", value_name = "DIR", env = "CORRAL_DATA_DIR", default_value = crate::base::DEFAULT_DATA_DIR)]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BaseCommand {
+    /// Build a base with debootstrap (minbase variant); needs root and a Debian mirror.
+    Build(BaseBuildArgs),
+    /// Import a base from a rootfs tarball or a single-layer image tarball (.tar or .tar.gz).
+    Import(BaseImportArgs),
+    /// List the bases with their sizes and layer digests.
+    List(BaseListArgs),
+    /// Show one base's facts (its base.json).
+    Show(BaseShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseBuildArgs {
+    /// Name of the new base, e.g. `python-3.11`.
+    pub name: corral_protocol::BaseName,
+    /// Debian suite.
+    #[arg(long, default_value = "bookworm", conflicts_with = "recipe")]
+    pub suite: String,
+    /// Packages beyond minbase, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "PKG,...",
+        conflicts_with = "recipe"
+    )]
+    pub include: Vec<String>,
+    /// Take suite and packages from a recipe file, e.g. `fixtures/bases/python-3.11.json`.
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+    /// Debian mirror URL. Default: the host's, from /etc/apt/sources.list.d/*.sources or
+    /// /etc/apt/sources.list.
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// Keep /usr/share/doc, man and info pages (removed by default; license files stay).
+    #[arg(long)]
+    pub docs: bool,
+    /// Rebuild the base if it exists, swapping the new one in when it is complete.
+    #[arg(long)]
+    pub replace: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseImportArgs {
+    /// Name of the new base.
+    pub name: corral_protocol::BaseName,
+    /// A tar or tar.gz of a root filesystem, or of a single-layer image (`docker save`,
+    /// OCI archive).
+    pub tarball: PathBuf,
+    /// Replace the base if it exists, swapping the new one in when it is complete.
+    #[arg(long)]
+    pub replace: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseListArgs {
+    /// Print the bases as a JSON array of their base.json objects.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BaseShowArgs {
+    pub name: corral_protocol::BaseName,
+    /// Print the base.json object.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SourceCommand {
+    /// Pack a directory (deterministically) or check a tar(.gz) bundle, upload it to the
+    /// store and print its digest, the `source.digest` of a job.
+    Push(SourcePushArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SourcePushArgs {
+    /// A directory to pack, or a .tar / .tar.gz bundle to upload as it is.
+    pub path: PathBuf,
+    /// Store URL: oci-dir:/path, oci://host:port/repo or oci+http://host:port/repo.
+    #[arg(
+        long,
+        env = "CORRAL_STORE",
+        default_value = "oci-dir:/var/lib/corral/store"
+    )]
+    pub store: String,
+    /// Registry user name.
+    #[arg(long, env = "CORRAL_STORE_USERNAME")]
+    pub username: Option<String>,
+    /// File holding the registry password (first line).
+    #[arg(long, env = "CORRAL_STORE_PASSWORD_FILE", requires = "username")]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The TOML config file.
+    pub file: PathBuf,
+    /// Print nothing on success (for `validate:` in Ansible and scripts).
+    #[arg(short, long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub flags: crate::config::ConfigFlags,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SandboxArgs {
+    /// Read-only root filesystem (lowest layer).
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    /// Extra read-only layers above the rootfs, top first.
+    #[arg(long = "layer")]
+    pub layers: Vec<PathBuf>,
+    /// Upper dir that keeps the command's changes (and a `work` dir beside it is created).
+    /// Default: a temporary dir on /dev/shm (tmpfs), deleted afterwards.
+    #[arg(long)]
+    pub upper: Option<PathBuf>,
+    /// Put the upper dir on a loop filesystem of this size (e.g. `512MiB`) under this dir.
+    #[arg(long, value_name = "SIZE", conflicts_with = "upper")]
+    pub disk: Option<corral_protocol::ByteSize>,
+    /// Where `--disk` creates the job dir.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp/corral-jobs")]
+    pub disk_dir: PathBuf,
+    /// Memory limit (RAM, no swap).
+    #[arg(long, default_value = "2GiB")]
+    pub memory: corral_protocol::ByteSize,
+    /// Maximum processes and threads.
+    #[arg(long, default_value_t = 512)]
+    pub pids: u64,
+    /// CPU quota in cores.
+    #[arg(long, default_value_t = 1.0)]
+    pub cpus: f64,
+    /// Wall-clock limit in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    pub wall: f64,
+    /// CPU-seconds limit of the whole job.
+    #[arg(long)]
+    pub cpu_seconds: Option<u64>,
+    /// Size of the private /tmp.
+    #[arg(long, default_value = "256MiB")]
+    pub tmp: corral_protocol::ByteSize,
+    #[arg(long, value_enum, default_value_t = SandboxNetwork::None)]
+    pub network: SandboxNetwork,
+    /// Host uid (and gid) the command runs as; it is uid 1000 inside.
+    #[arg(long, default_value_t = 65_000)]
+    pub uid: u32,
+    /// Working directory inside the sandbox.
+    #[arg(long, default_value = "/")]
+    pub cwd: PathBuf,
+    /// Environment variable `KEY=VALUE` (repeatable); PATH and HOME have defaults.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Read-only bind `HOST:SANDBOX` (repeatable).
+    #[arg(long = "bind", value_name = "HOST:SANDBOX")]
+    pub binds: Vec<String>,
+    /// Do not copy the command's stdout/stderr to ours.
+    #[arg(long)]
+    pub quiet: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SandboxNetwork {
+    None,
+    Loopback,
 }

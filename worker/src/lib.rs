@@ -3,11 +3,16 @@
 //! `corral-sandbox`; wire types in `corral-protocol`.
 #![forbid(unsafe_code)]
 
+pub mod base;
 pub mod cache;
 pub mod cli;
 pub mod cmd;
+pub mod config;
 pub mod exit;
+pub mod image;
 pub mod layer;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod source;
+pub mod store;

@@ -8,12 +8,21 @@ use corral_worker::cli::{Cli, Command};
 use corral_worker::{cmd, exit, logging};
 
 fn main() -> ExitCode {
+    // The hidden sandbox helper must start before anything spawns a thread.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(corral_sandbox::INIT_ARG))
+    {
+        corral_sandbox::init::main();
+    }
     let cli = Cli::parse();
     logging::install(cli.log_format, cli.verbose);
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
         Command::Snapshot(args) => cmd::snapshot::run(args),
+        Command::Base(args) => cmd::base::run(args),
+        Command::Source(command) => cmd::source::run(command),
+        Command::CheckConfig(args) => cmd::check_config::run(args),
+        Command::Sandbox(args) => cmd::sandbox::run(*args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,386 @@
+//! Job cgroups: discovery of the host's hierarchy (v2, or v1 with one mount per
+//! controller), creation with limits, accounting and event counters, killing and removal.
+//! Both versions sit behind [`CgroupVersion`]; discovery takes the mountinfo text as a
+//! parameter so tests run on fake trees.
+
+mod v1;
+mod v2;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use v1::V1;
+pub use v2::V2;
+
+use crate::spec::SandboxLimits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error(
+        "no usable cgroup hierarchy: cgroup v2 {v2}; cgroup v1 lacks the controllers {v1_missing:?}"
+    )]
+    NoUsableHierarchy { v2: String, v1_missing: Vec<String> },
+    #[error("creating cgroup {path}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("writing {value:?} to {path}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: io::Error,
+    },
+    #[error("reading {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("malformed {path}: {line:?}")]
+    Parse { path: PathBuf, line: String },
+    #[error("removing cgroup {path}")]
+    Remove { path: PathBuf, source: io::Error },
+}
+
+/// What the job's cgroup counted. Read once the job is dead.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupStats {
+    pub cpu_user: Duration,
+    pub cpu_system: Duration,
+    pub memory_peak: u64,
+    pub pids_peak: u64,
+    /// Processes the memory controller killed for exceeding the limit.
+    pub oom_kills: u64,
+    /// Times the pids controller refused a fork or clone.
+    pub pids_limit_hits: u64,
+    pub io_read: Option<u64>,
+    pub io_write: Option<u64>,
+}
+
+/// The operations that differ between cgroup v1 and v2.
+pub trait CgroupVersion {
+    /// Writes the memory (no swap), pids and CPU quota limits.
+    fn apply(&self, limits: &SandboxLimits) -> Result<(), CgroupError>;
+    /// Files the job's first process is written to (one per hierarchy for v1).
+    fn procs_files(&self) -> Vec<PathBuf>;
+    /// Files a single-threaded process writes `0` to, to move itself in. A thread moving
+    /// itself skips the global threadgroup lock, whose write side waits for an RCU grace
+    /// period (milliseconds) — the dominant cost of joining a v1 cgroup. `None` on v2,
+    /// where a domain cgroup only takes whole processes.
+    fn self_join_files(&self) -> Option<Vec<PathBuf>>;
+    /// Total CPU time so far (user + system), for the CPU-seconds limit.
+    fn cpu_usage(&self) -> Result<Duration, CgroupError>;
+    fn stats(&self) -> Result<CgroupStats, CgroupError>;
+    /// Pids still in the cgroup.
+    fn pids(&self) -> Result<Vec<i32>, CgroupError>;
+    /// Kills every process in the cgroup (repeat until [`CgroupVersion::pids`] is empty).
+    fn kill_all(&self) -> Result<(), CgroupError>;
+    /// Removes the (empty) cgroup directories.
+    fn remove(&self) -> Result<(), CgroupError>;
+}
+
+/// Where the controllers live on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    /// The unified hierarchy with memory, pids and cpu available.
+    V2 { root: PathBuf },
+    /// Legacy hierarchies: controller name → mount point.
+    V1 { mounts: BTreeMap<String, PathBuf> },
+}
+
+/// Controllers the sandbox needs.
+const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
+const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// Finds a usable hierarchy from `/proc/self/mountinfo` text: v2 when it offers the
+/// controllers, otherwise v1 when each controller is mounted. Reads `cgroup.controllers`
+/// below the v2 mount point found in `mountinfo`.
+pub fn discover(mountinfo: &str) -> Result<Layout, CgroupError> {
+    let mut v2_root = None;
+    let mut v1 = BTreeMap::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mount_point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mut right = right.split(' ');
+        let (Some(fstype), Some(_source), Some(super_opts)) =
+            (right.next(), right.next(), right.next())
+        else {
+            continue;
+        };
+        let mount_point = PathBuf::from(unescape(mount_point));
+        match fstype {
+            "cgroup2" => v2_root = Some(mount_point),
+            "cgroup" => {
+                for opt in super_opts.split(',') {
+                    if V1_CONTROLLERS.contains(&opt) {
+                        v1.entry(opt.to_owned())
+                            .or_insert_with(|| mount_point.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let v2_verdict = match &v2_root {
+        None => "is not mounted".to_owned(),
+        Some(root) => {
+            let file = root.join("cgroup.controllers");
+            match std::fs::read_to_string(&file) {
+                Ok(text) => {
+                    let have: Vec<&str> = text.split_whitespace().collect();
+                    let missing: Vec<&str> = V2_CONTROLLERS
+                        .iter()
+                        .copied()
+                        .filter(|c| !have.contains(c))
+                        .collect();
+                    if missing.is_empty() {
+                        return Ok(Layout::V2 { root: root.clone() });
+                    }
+                    format!("at {} lacks the controllers {missing:?}", root.display())
+                }
+                Err(err) => format!("at {} is unreadable: {err}", root.display()),
+            }
+        }
+    };
+    let v1_missing: Vec<String> = V1_CONTROLLERS
+        .iter()
+        .filter(|c| !v1.contains_key(**c))
+        .map(|c| (*c).to_owned())
+        .collect();
+    if v1_missing.is_empty() {
+        return Ok(Layout::V1 { mounts: v1 });
+    }
+    Err(CgroupError::NoUsableHierarchy {
+        v2: v2_verdict,
+        v1_missing,
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 4 <= bytes.len()
+            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
+        {
+            out.push(v as char);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// One job's cgroup, of whichever version the host offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobCgroup {
+    V1(V1),
+    V2(V2),
+}
+
+impl JobCgroup {
+    /// Creates `<parent>/<name>` in the hierarchy (and the parent when missing).
+    pub fn create(layout: &Layout, parent: &str, name: &str) -> Result<Self, CgroupError> {
+        match layout {
+            Layout::V1 { mounts } => V1::create(mounts, parent, name).map(JobCgroup::V1),
+            Layout::V2 { root } => V2::create(root, parent, name).map(JobCgroup::V2),
+        }
+    }
+
+    pub fn version(&self) -> &dyn CgroupVersion {
+        match self {
+            JobCgroup::V1(v) => v,
+            JobCgroup::V2(v) => v,
+        }
+    }
+
+    /// Kills what is left, waits for the cgroup to be empty, and removes it.
+    pub fn destroy(&self) -> Result<(), CgroupError> {
+        let cg = self.version();
+        for attempt in 0..200 {
+            if cg.pids()?.is_empty() {
+                match cg.remove() {
+                    Ok(()) => return Ok(()),
+                    Err(err) if attempt == 199 => return Err(err),
+                    Err(_) => {}
+                }
+            } else {
+                cg.kill_all()?;
+            }
+            std::thread::sleep(Duration::from_millis(if attempt < 20 { 1 } else { 10 }));
+        }
+        cg.remove()
+    }
+}
+
+pub fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_owned(),
+        value: value.to_owned(),
+        source,
+    })
+}
+
+pub(crate) fn read(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads a file holding one integer (`max` counts as `u64::MAX`).
+pub(crate) fn read_u64(path: &Path) -> Result<u64, CgroupError> {
+    let text = read(path)?;
+    let t = text.trim();
+    if t == "max" {
+        return Ok(u64::MAX);
+    }
+    t.parse().map_err(|_| CgroupError::Parse {
+        path: path.to_owned(),
+        line: t.to_owned(),
+    })
+}
+
+/// Value of `key` in a flat keyed file (`key value` per line), 0 when absent.
+pub(crate) fn keyed(path: &Path, key: &str) -> Result<u64, CgroupError> {
+    let text = read(path)?;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        if it.next() == Some(key) {
+            let v = it.next().unwrap_or("");
+            return v.parse().map_err(|_| CgroupError::Parse {
+                path: path.to_owned(),
+                line: line.to_owned(),
+            });
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) fn read_pids(path: &Path) -> Result<Vec<i32>, CgroupError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(CgroupError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+pub(crate) fn kill_pids(pids: &[i32]) {
+    for &pid in pids {
+        // A pid that already exited is fine: we only need the cgroup to drain.
+        let _ = crate::sys::kill(pid, libc::SIGKILL);
+    }
+}
+
+pub(crate) fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+pub(crate) fn rmdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CgroupError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const THIS_HOST: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / CG/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / CG/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+35 31 0:32 / CG/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / CG/pids rw,relatime - cgroup cgroup rw,pids
+41 31 0:38 / CG/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    fn fake_tree(controllers: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("unified")).unwrap();
+        std::fs::write(dir.path().join("unified/cgroup.controllers"), controllers).unwrap();
+        let info = THIS_HOST.replace("CG", dir.path().to_str().unwrap());
+        (dir, info)
+    }
+
+    #[test]
+    fn controllerless_v2_falls_back_to_v1() {
+        let (dir, info) = fake_tree("\n");
+        let layout = discover(&info).unwrap();
+        let Layout::V1 { mounts } = layout else {
+            panic!("expected v1, got {layout:?}")
+        };
+        assert_eq!(mounts["memory"], dir.path().join("memory"));
+        assert_eq!(mounts["cpuacct"], dir.path().join("cpuacct"));
+    }
+
+    #[test]
+    fn v2_with_controllers_wins() {
+        let (dir, info) = fake_tree("cpuset cpu io memory pids\n");
+        assert_eq!(
+            discover(&info).unwrap(),
+            Layout::V2 {
+                root: dir.path().join("unified")
+            }
+        );
+    }
+
+    #[test]
+    fn comounted_v1_controllers_are_found() {
+        let info = "1 0 0:1 / /cg/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+                    2 0 0:2 / /cg/memory rw - cgroup cgroup rw,memory\n\
+                    3 0 0:3 / /cg/pids rw - cgroup cgroup rw,pids\n";
+        let Layout::V1 { mounts } = discover(info).unwrap() else {
+            panic!()
+        };
+        assert_eq!(mounts["cpu"], PathBuf::from("/cg/cpu,cpuacct"));
+        assert_eq!(mounts["cpuacct"], PathBuf::from("/cg/cpu,cpuacct"));
+    }
+
+    #[test]
+    fn neither_version_usable_is_a_typed_error() {
+        let (_dir, info) = fake_tree("cpu\n");
+        let info: String = info
+            .lines()
+            .filter(|l| !l.contains("memory"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        match discover(&info) {
+            Err(CgroupError::NoUsableHierarchy { v1_missing, v2 }) => {
+                assert_eq!(v1_missing, vec!["memory".to_owned()]);
+                assert!(v2.contains("lacks"), "{v2}");
+            }
+            other => panic!("expected NoUsableHierarchy, got {other:?}"),
+        }
+        let err = discover("").unwrap_err();
+        assert!(err.to_string().contains("not mounted"), "{err}");
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}

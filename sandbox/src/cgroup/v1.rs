@@ -1,0 +1,220 @@
+//! cgroup v1: one directory per controller hierarchy (memory, pids, cpu, cpuacct).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    CgroupError, CgroupStats, CgroupVersion, keyed, kill_pids, mkdir, read_pids, read_u64, rmdir,
+    write,
+};
+use crate::spec::SandboxLimits;
+
+/// A job's directories in each v1 hierarchy. Co-mounted controllers share one directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct V1 {
+    pub memory: PathBuf,
+    pub pids: PathBuf,
+    pub cpu: PathBuf,
+    pub cpuacct: PathBuf,
+}
+
+/// CFS period for the CPU quota.
+const PERIOD_US: u64 = 100_000;
+
+impl V1 {
+    pub(super) fn create(
+        mounts: &BTreeMap<String, PathBuf>,
+        parent: &str,
+        name: &str,
+    ) -> Result<Self, CgroupError> {
+        let dir = |ctl: &str| mounts[ctl].join(parent).join(name);
+        let cg = V1 {
+            memory: dir("memory"),
+            pids: dir("pids"),
+            cpu: dir("cpu"),
+            cpuacct: dir("cpuacct"),
+        };
+        for d in cg.dirs() {
+            if let Some(p) = d.parent() {
+                mkdir(p)?;
+            }
+            mkdir(d)?;
+        }
+        Ok(cg)
+    }
+
+    fn dirs(&self) -> Vec<&Path> {
+        let mut dirs: Vec<&Path> = vec![&self.memory, &self.pids, &self.cpu, &self.cpuacct];
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    /// Nanosecond counters `cpuacct.usage_user` / `cpuacct.usage_sys`.
+    fn cpu_split(&self) -> Result<(Duration, Duration), CgroupError> {
+        let user = read_u64(&self.cpuacct.join("cpuacct.usage_user"))?;
+        let sys = read_u64(&self.cpuacct.join("cpuacct.usage_sys"))?;
+        Ok((Duration::from_nanos(user), Duration::from_nanos(sys)))
+    }
+}
+
+impl CgroupVersion for V1 {
+    fn apply(&self, limits: &SandboxLimits) -> Result<(), CgroupError> {
+        if let Some(mem) = limits.memory_bytes {
+            write(&self.memory.join("memory.limit_in_bytes"), &mem.to_string())?;
+            // Without swap accounting the file is absent and swap cannot be limited here;
+            // where it exists, memory+swap = memory means no swap.
+            let memsw = self.memory.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                write(&memsw, &mem.to_string())?;
+            }
+            write(&self.memory.join("memory.swappiness"), "0")?;
+        }
+        if let Some(pids) = limits.pids {
+            write(&self.pids.join("pids.max"), &pids.to_string())?;
+        }
+        if let Some(cores) = limits.cpu_quota {
+            write(&self.cpu.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
+            let quota = ((cores * PERIOD_US as f64) as u64).max(1000);
+            write(&self.cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    fn self_join_files(&self) -> Option<Vec<PathBuf>> {
+        Some(self.dirs().into_iter().map(|d| d.join("tasks")).collect())
+    }
+
+    fn cpu_usage(&self) -> Result<Duration, CgroupError> {
+        Ok(Duration::from_nanos(read_u64(
+            &self.cpuacct.join("cpuacct.usage"),
+        )?))
+    }
+
+    fn stats(&self) -> Result<CgroupStats, CgroupError> {
+        let (cpu_user, cpu_system) = self.cpu_split()?;
+        let pids_peak_file = self.pids.join("pids.peak");
+        Ok(CgroupStats {
+            cpu_user,
+            cpu_system,
+            memory_peak: read_u64(&self.memory.join("memory.max_usage_in_bytes"))?,
+            // pids.peak reached v1 in Linux 6.1; older kernels report 0.
+            pids_peak: if pids_peak_file.exists() {
+                read_u64(&pids_peak_file)?
+            } else {
+                0
+            },
+            oom_kills: keyed(&self.memory.join("memory.oom_control"), "oom_kill")?,
+            pids_limit_hits: keyed(&self.pids.join("pids.events"), "max")?,
+            io_read: None,
+            io_write: None,
+        })
+    }
+
+    fn pids(&self) -> Result<Vec<i32>, CgroupError> {
+        let mut all = Vec::new();
+        for d in self.dirs() {
+            all.extend(read_pids(&d.join("cgroup.procs"))?);
+        }
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
+    }
+
+    fn kill_all(&self) -> Result<(), CgroupError> {
+        // v1 has no cgroup.kill; a fork racing this is caught by the caller's next round.
+        kill_pids(&self.pids()?);
+        Ok(())
+    }
+
+    fn remove(&self) -> Result<(), CgroupError> {
+        for d in self.dirs() {
+            rmdir(d)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake() -> (tempfile::TempDir, V1) {
+        let t = tempfile::tempdir().unwrap();
+        let mut mounts = BTreeMap::new();
+        for c in ["memory", "pids", "cpu", "cpuacct"] {
+            std::fs::create_dir(t.path().join(c)).unwrap();
+            mounts.insert(c.to_owned(), t.path().join(c));
+        }
+        let cg = V1::create(&mounts, "corral", "job1").unwrap();
+        (t, cg)
+    }
+
+    #[test]
+    fn limits_are_written_in_v1_units() {
+        let (_t, cg) = fake();
+        std::fs::write(cg.memory.join("memory.memsw.limit_in_bytes"), "").unwrap();
+        let limits = SandboxLimits {
+            memory_bytes: Some(256 << 20),
+            pids: Some(64),
+            cpu_quota: Some(0.5),
+            ..SandboxLimits::default()
+        };
+        cg.apply(&limits).unwrap();
+        let r = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(r(cg.memory.join("memory.limit_in_bytes")), "268435456");
+        assert_eq!(
+            r(cg.memory.join("memory.memsw.limit_in_bytes")),
+            "268435456"
+        );
+        assert_eq!(r(cg.pids.join("pids.max")), "64");
+        assert_eq!(r(cg.cpu.join("cpu.cfs_quota_us")), "50000");
+        assert_eq!(r(cg.cpu.join("cpu.cfs_period_us")), "100000");
+        assert_eq!(cg.procs_files().len(), 4);
+        assert_eq!(cg.self_join_files().map(|f| f.len()), Some(4));
+    }
+
+    #[test]
+    fn stats_come_from_v1_counters() {
+        let (_t, cg) = fake();
+        let w = |p: PathBuf, s: &str| std::fs::write(p, s).unwrap();
+        w(cg.cpuacct.join("cpuacct.usage_user"), "1500000000\n");
+        w(cg.cpuacct.join("cpuacct.usage_sys"), "250000000\n");
+        w(cg.cpuacct.join("cpuacct.usage"), "1750000000\n");
+        w(cg.memory.join("memory.max_usage_in_bytes"), "123456\n");
+        w(
+            cg.memory.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        w(cg.pids.join("pids.events"), "max 7\n");
+        w(cg.pids.join("pids.peak"), "64\n");
+        let s = cg.stats().unwrap();
+        assert_eq!(s.cpu_user, Duration::from_millis(1500));
+        assert_eq!(s.cpu_system, Duration::from_millis(250));
+        assert_eq!(s.memory_peak, 123456);
+        assert_eq!(s.oom_kills, 2);
+        assert_eq!(s.pids_limit_hits, 7);
+        assert_eq!(s.pids_peak, 64);
+        assert_eq!(cg.cpu_usage().unwrap(), Duration::from_millis(1750));
+    }
+
+    #[test]
+    fn garbage_counter_is_a_parse_error_naming_the_file() {
+        let (_t, cg) = fake();
+        std::fs::write(cg.cpuacct.join("cpuacct.usage"), "lots\n").unwrap();
+        let err = cg.cpu_usage().unwrap_err();
+        assert!(
+            matches!(err, CgroupError::Parse { ref path, .. } if path.ends_with("cpuacct.usage"))
+        );
+    }
+}

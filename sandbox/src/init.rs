@@ -1,0 +1,419 @@
+//! The sandbox helper: the `corral` binary re-executed (`corral __sandbox-init`), single
+//! threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
+//! while pid 1 builds its root, writes its id maps, then supervises: answers seccomp
+//! notifications, enforces the wall-clock and CPU-seconds limits, relays cancellation, and
+//! finally reports to the worker over its stdin socket. It never mounts anything itself.
+//!
+//! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`InitRequest`] line,
+//! then [`Control`] lines (`{"cancel":…}`) at any time. The helper answers with one JSON
+//! [`InitReport`] line and exits. End of stream from the worker counts as an immediate
+//! cancel, so a job never outlives its worker.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::JobCgroup;
+use crate::outcome::Exit;
+use crate::spec::SandboxSpec;
+use crate::sys::{self, Forked};
+
+/// The first argument that selects the helper in the `corral` binary.
+pub const INIT_ARG: &str = "__sandbox-init";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InitRequest {
+    pub spec: SandboxSpec,
+    pub cgroup: JobCgroup,
+    /// Empty directory the job's root is mounted on (in the helper's namespace only).
+    pub root: PathBuf,
+}
+
+/// Messages from the worker after the [`InitRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Control {
+    /// TERM everything, then KILL after `grace_ms`.
+    Cancel { grace_ms: u64 },
+}
+
+/// Which of the helper's own limits ended the job, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    WallTimeout,
+    CpuLimit,
+    Cancelled,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct InitReport {
+    pub exit: Option<Exit>,
+    pub ended_by: Option<EndedBy>,
+    pub denied_syscalls: BTreeMap<String, u64>,
+    pub network_attempts: u64,
+    pub wall: Duration,
+    pub cpu_user: Duration,
+    pub cpu_system: Duration,
+    pub io_read: u64,
+    pub io_write: u64,
+    /// The upper dir's filesystem or `/tmp` had no space or inodes left at the end.
+    pub disk_full: bool,
+    /// Set when the sandbox itself could not be built (the job never ran).
+    pub error: Option<String>,
+}
+
+/// Entry point of `corral __sandbox-init`. Never returns.
+pub fn main() -> ! {
+    // Nothing the worker had open may reach the job.
+    let _ = sys::close_fds_from(3);
+    // fd 0 is the control socket the worker gave us; fd 0 itself later becomes the job's
+    // /dev/null, so keep the socket on a close-on-exec copy.
+    let ctl = match sys::dup_cloexec(0) {
+        Ok(fd) => UnixStream::from(fd),
+        Err(_) => sys::exit_now(70),
+    };
+    let mut reader = BufReader::new(match ctl.try_clone() {
+        Ok(c) => c,
+        Err(_) => sys::exit_now(70),
+    });
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        sys::exit_now(70);
+    }
+    let report = match serde_json::from_str::<InitRequest>(&line) {
+        Ok(req) => supervise(&req, reader),
+        Err(err) => InitReport {
+            error: Some(format!("bad init request: {err}")),
+            ..InitReport::default()
+        },
+    };
+    let mut out = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned());
+    out.push('\n');
+    let mut ctl = ctl;
+    let _ = ctl.write_all(out.as_bytes());
+    sys::exit_now(0)
+}
+
+fn fail(msg: String) -> InitReport {
+    InitReport {
+        error: Some(msg),
+        ..InitReport::default()
+    }
+}
+
+fn supervise(req: &InitRequest, ctl: BufReader<UnixStream>) -> InitReport {
+    let started = Instant::now();
+    let spec = &req.spec;
+    if spec.argv.is_empty() {
+        return fail("empty argv".to_owned());
+    }
+    if let Err(e) = sys::clear_supplementary_groups() {
+        return fail(format!("setgroups: {e}"));
+    }
+    // The mount point only: the root is mounted by the job's pid 1 in its own mount
+    // namespace, which dies with it, so no mount can outlive the job (or a crash of ours).
+    // The worker removes the directory.
+    if let Err(e) = std::fs::create_dir_all(&req.root) {
+        return fail(format!("creating {}: {e}", req.root.display()));
+    }
+    run_job(req, ctl, started)
+}
+
+fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) -> InitReport {
+    let spec = &req.spec;
+    let pipes = (|| -> std::io::Result<_> {
+        let (notify_ours, notify_theirs) = UnixStream::pair()?;
+        Ok((
+            notify_ours,
+            OwnedFd::from(notify_theirs),
+            sys::pipe()?,
+            sys::pipe()?,
+            sys::pipe()?,
+        ))
+    })();
+    let (notify, notify_child, (sync_r, sync_w), (ready_r, ready_w), (status_r, status_w)) =
+        match pipes {
+            Ok(p) => p,
+            Err(e) => return fail(format!("pipes: {e}")),
+        };
+    let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
+        Ok(Forked::Child) => {
+            drop((notify, sync_w, ready_r, status_r));
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                let _ = sys::dup2(null.as_raw_fd(), 0);
+            }
+            let pipes = crate::reaper::Pipes {
+                sync: sync_r,
+                ready: ready_w,
+                status: status_w,
+                notify: notify_child,
+            };
+            crate::reaper::run(spec, &req.cgroup, &req.root, pipes)
+        }
+        Ok(Forked::Parent(pid)) => pid,
+        Err(e) => return fail(format!("clone into new namespaces: {e}")),
+    };
+    drop((sync_r, ready_w, status_w, notify_child));
+    // The job's output pipes must reach end-of-file when the job's processes are gone,
+    // not when we are.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = sys::dup2(null.as_raw_fd(), 1);
+        let _ = sys::dup2(null.as_raw_fd(), 2);
+    }
+    let mut sync_w = std::fs::File::from(sync_w);
+    let mut ready = [0u8; 1];
+    // Moving another process into a cgroup waits for an RCU grace period: do it while pid 1
+    // builds the root (on v1 pid 1 moves itself, cheaply). Pid 1 forks the job only after
+    // MAPPED, which we send after this.
+    let cg = req.cgroup.version();
+    let placed = (if cg.self_join_files().is_some() {
+        Vec::new()
+    } else {
+        cg.procs_files()
+    })
+    .iter()
+    .try_for_each(|file| {
+        std::fs::write(file, pid.to_string())
+            .map_err(|e| format!("joining {}: {e}", file.display()))
+    })
+    .map(|()| {
+        // Pid 1 builds the root, then asks for its identity mapping. End of file here
+        // means it failed; its reason is on the status pipe.
+        matches!(
+            std::fs::File::from(ready_r).read(&mut ready),
+            Ok(1) if ready[0] == crate::reaper::UNSHARED
+        )
+    })
+    .and_then(|unshared| {
+        if !unshared {
+            return Ok(false);
+        }
+        crate::namespaces::write_id_maps(pid, &spec.identity)
+            .map_err(|e| format!("writing id maps: {e}"))?;
+        sync_w
+            .write_all(&[crate::reaper::MAPPED])
+            .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
+        Ok(true)
+    });
+    drop(sync_w);
+    if placed != Ok(true) {
+        // Pid 1's own reason (it failed first) beats ours (a consequence).
+        let _ = sys::kill(pid, libc::SIGKILL);
+        let _ = sys::wait4(pid, 0);
+        let mut record = Vec::new();
+        let _ = std::fs::File::from(status_r).read_to_end(&mut record);
+        let why = match (record.split_first(), placed) {
+            (Some((&crate::reaper::ERROR_TAG, rest)), _) => {
+                String::from_utf8_lossy(rest).into_owned()
+            }
+            (_, Err(msg)) => msg,
+            _ => "the job's pid 1 died during setup".to_owned(),
+        };
+        return fail(format!("sandbox setup: {why}"));
+    }
+
+    let mut report = InitReport::default();
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::wait4(pid, 0);
+            return fail(format!("pidfd_open: {e}"));
+        }
+    };
+    let wall_deadline = started + spec.limits.wall;
+    let mut kill_deadline: Option<Instant> = None;
+    let mut listener: Option<OwnedFd> = None;
+    let mut notify = Some(notify);
+    let mut ctl_open = true;
+    let cpu_limit = spec.limits.cpu_seconds.map(Duration::from_secs);
+    let tick = Duration::from_millis(100);
+    loop {
+        let now = Instant::now();
+        let mut next = wall_deadline;
+        if let Some(k) = kill_deadline {
+            next = next.min(k);
+        }
+        if cpu_limit.is_some() {
+            next = next.min(now + tick);
+        }
+        let timeout = next
+            .saturating_duration_since(now)
+            .as_millis()
+            .min(i32::MAX as u128) as i32;
+        let mut fds = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
+        let ctl_idx = ctl_open.then(|| {
+            fds.push((ctl.get_ref().as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let notify_idx = notify.as_ref().map(|n| {
+            fds.push((n.as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let listener_idx = listener.as_ref().map(|l| {
+            fds.push((l.as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        // A buffered cancel line (rare) would not wake poll: handle it without waiting.
+        let buffered = !ctl.buffer().is_empty();
+        let revents = match sys::poll(&fds, if buffered { 0 } else { timeout }) {
+            Ok(r) => r,
+            Err(_) => vec![0; fds.len()],
+        };
+        if revents[0] != 0 {
+            break;
+        }
+        if let Some(i) = listener_idx {
+            if revents[i] & libc::POLLIN != 0 {
+                answer_notification(
+                    listener.as_ref().map(|l| l.as_raw_fd()).unwrap_or(-1),
+                    &mut report,
+                );
+            } else if revents[i] & (libc::POLLHUP | libc::POLLERR) != 0 {
+                // Every filtered process is gone.
+                listener = None;
+            }
+        }
+        if let Some(i) = notify_idx
+            && revents[i] != 0
+            && let Some(n) = notify.take()
+            && let Ok(Some(fd)) = sys::recv_fd(n.as_raw_fd())
+        {
+            listener = Some(fd);
+        }
+        if let Some(i) = ctl_idx
+            && (buffered || revents[i] != 0)
+        {
+            {
+                let mut line = String::new();
+                match ctl.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        ctl_open = false;
+                        report.ended_by.get_or_insert(EndedBy::Cancelled);
+                        let _ = sys::kill(pid, libc::SIGKILL);
+                    }
+                    Ok(_) => {
+                        if let Ok(Control::Cancel { grace_ms }) = serde_json::from_str(&line) {
+                            report.ended_by.get_or_insert(EndedBy::Cancelled);
+                            let _ = sys::kill(pid, libc::SIGTERM);
+                            let k = Instant::now() + Duration::from_millis(grace_ms);
+                            kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
+                        }
+                    }
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= wall_deadline {
+            report.ended_by.get_or_insert(EndedBy::WallTimeout);
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        if kill_deadline.is_some_and(|k| now >= k) {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+        if let Some(limit) = cpu_limit
+            && req
+                .cgroup
+                .version()
+                .cpu_usage()
+                .is_ok_and(|used| used >= limit)
+        {
+            report.ended_by.get_or_insert(EndedBy::CpuLimit);
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+    }
+    let reaped = sys::wait4(pid, 0).ok().flatten();
+    report.wall = started.elapsed();
+    if let Some(r) = reaped {
+        report.cpu_user = r.utime;
+        report.cpu_system = r.stime;
+        report.io_read = r.inblock * 512;
+        report.io_write = r.oublock * 512;
+    }
+    let mut record = Vec::new();
+    let _ = std::fs::File::from(status_r).read_to_end(&mut record);
+    match record.split_first() {
+        Some((&crate::reaper::STATUS_TAG, rest)) if rest.len() == 5 => {
+            let status = i32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            report.disk_full = rest[4] != 0;
+            report.exit = Some(decode_status(status));
+        }
+        Some((&crate::reaper::ERROR_TAG, rest)) => {
+            report.error = Some(format!("sandbox setup: {}", String::from_utf8_lossy(rest)));
+        }
+        _ => report.exit = reaped.map(|r| decode_status(r.status)),
+    }
+    report
+}
+
+fn answer_notification(listener: i32, report: &mut InitReport) {
+    let Ok(n) = sys::seccomp_notif_recv(listener) else {
+        return;
+    };
+    let verdict = crate::seccomp::classify(n.nr as i64, &n.args);
+    // ENOENT: the job was killed or the call interrupted before we answered; still counted.
+    let _ = sys::seccomp_notif_fail(listener, n.id, crate::seccomp::errno_for(&verdict));
+    match verdict {
+        crate::seccomp::Verdict::NetworkAttempt => report.network_attempts += 1,
+        crate::seccomp::Verdict::Denied(name) => {
+            *report.denied_syscalls.entry(name).or_default() += 1
+        }
+    }
+}
+
+/// Exit code or terminating signal from a raw wait status.
+pub fn decode_status(status: i32) -> Exit {
+    if libc::WIFSIGNALED(status) {
+        Exit::Signal(libc::WTERMSIG(status))
+    } else {
+        Exit::Code(libc::WEXITSTATUS(status))
+    }
+}
+
+/// No space or no inodes left. A failed write leaves up to one write's worth of space
+/// behind, so "full" means under 1% of the filesystem (at least 1 MiB) or no free inode.
+pub(crate) fn is_full(path: &Path) -> bool {
+    match sys::statvfs(path) {
+        Ok(s) => full(
+            s.bytes_total,
+            s.bytes_available,
+            s.files_total,
+            s.files_available,
+        ),
+        Err(_) => false,
+    }
+}
+
+fn full(bytes_total: u64, bytes_available: u64, files_total: u64, files_available: u64) -> bool {
+    bytes_available < (bytes_total / 100).max(1 << 20) || (files_total > 0 && files_available == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearly_full_counts_as_full() {
+        let gib = 1 << 30;
+        assert!(full(gib, 512 << 10, 1000, 10), "half a MiB left of a GiB");
+        assert!(full(gib, 5 << 20, 1000, 10), "under 1%");
+        assert!(!full(gib, 50 << 20, 1000, 10));
+        assert!(full(gib, 500 << 20, 1000, 0), "no inode left");
+        assert!(
+            !full(gib, 500 << 20, 0, 0),
+            "filesystems without inode counts"
+        );
+    }
+
+    #[test]
+    fn wait_statuses_decode() {
+        assert_eq!(decode_status(3 << 8), Exit::Code(3));
+        assert_eq!(decode_status(libc::SIGKILL), Exit::Signal(9));
+    }
+}

@@ -1,0 +1,304 @@
+//! The worker's side of a run: create the job's cgroup, launch the helper, hand it the
+//! spec, stream the job's output, relay cancellation, and turn the helper's report plus the
+//! cgroup's counters into an [`Outcome`]. Safe to call from a multi-threaded process: it
+//! only spawns a process and reads and writes files.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::Error;
+use crate::cgroup::{self, CgroupStats, JobCgroup};
+use crate::init::{Control, EndedBy, INIT_ARG, InitReport, InitRequest};
+use crate::outcome::{DeathReason, Exit, Outcome, Usage};
+use crate::spec::{SandboxConfig, SandboxSpec};
+
+/// Entry point: `Sandbox::spawn(&spec, &config)`.
+pub struct Sandbox;
+
+/// A started job. Take [`Running::stdout`] and [`Running::stderr`] and drain them (the
+/// job blocks when a pipe is full), then call [`Running::wait`].
+pub struct Running {
+    pub stdout: Option<ChildStdout>,
+    pub stderr: Option<ChildStderr>,
+    child: Child,
+    ctl: BufReader<UnixStream>,
+    cancel: CancelHandle,
+    cgroup: JobCgroup,
+    /// Mount point of the job's root (mounted only in the job's namespace), removed at the end.
+    root: std::path::PathBuf,
+    waited: bool,
+}
+
+/// Cancels a running job from any thread: TERM to every process, `grace`, then KILL.
+#[derive(Clone)]
+pub struct CancelHandle {
+    ctl: Arc<Mutex<UnixStream>>,
+}
+
+impl CancelHandle {
+    /// Idempotent; a later call with a shorter grace shortens the wait.
+    pub fn cancel(&self, grace: Duration) {
+        let line = serde_json::to_string(&Control::Cancel {
+            grace_ms: grace.as_millis() as u64,
+        })
+        .unwrap_or_default();
+        if let Ok(mut ctl) = self.ctl.lock() {
+            // A closed socket means the helper already finished: nothing left to cancel.
+            let _ = ctl.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+}
+
+fn send(ctl: &mut UnixStream, message: &impl serde::Serialize) -> Result<(), Error> {
+    let mut line = serde_json::to_vec(message).map_err(|e| Error::Protocol {
+        message: e.to_string(),
+    })?;
+    line.push(b'\n');
+    ctl.write_all(&line)
+        .map_err(|source| Error::ControlSocket { source })
+}
+
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+impl Sandbox {
+    /// Creates the job's cgroup with its limits and starts the helper. The job is running
+    /// (or failing to start, which [`Running::wait`] reports) when this returns.
+    pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
+        let mountinfo = match &config.mountinfo {
+            Some(m) => m.clone(),
+            None => std::fs::read_to_string("/proc/self/mountinfo")
+                .map_err(|source| Error::Mountinfo { source })?,
+        };
+        let layout = cgroup::discover(&mountinfo)?;
+        let name = format!(
+            "job-{}-{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let cg = JobCgroup::create(&layout, &config.cgroup_parent, &name)?;
+        let root = config.run_dir.join(&name);
+        match Self::start(spec, config, &root, &cg) {
+            Ok((child, ctl)) => Self::running(child, ctl, cg, root),
+            Err(err) => {
+                let _ = cg.destroy();
+                Err(err)
+            }
+        }
+    }
+
+    fn start(
+        spec: &SandboxSpec,
+        config: &SandboxConfig,
+        root: &std::path::Path,
+        cg: &JobCgroup,
+    ) -> Result<(Child, UnixStream), Error> {
+        cg.version().apply(&spec.limits)?;
+        let (mut ours, theirs) =
+            UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
+        let mut child = Command::new(&config.helper_exe)
+            .arg(INIT_ARG)
+            .env_clear()
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| Error::SpawnHelper {
+                path: config.helper_exe.clone(),
+                source,
+            })?;
+        let req = InitRequest {
+            spec: spec.clone(),
+            cgroup: cg.clone(),
+            root: root.to_owned(),
+        };
+        if let Err(err) = send(&mut ours, &req) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(err);
+        }
+        Ok((child, ours))
+    }
+
+    fn running(
+        mut child: Child,
+        ctl: UnixStream,
+        cgroup: JobCgroup,
+        root: std::path::PathBuf,
+    ) -> Result<Running, Error> {
+        let cancel_side = ctl
+            .try_clone()
+            .map_err(|source| Error::ControlSocket { source })?;
+        Ok(Running {
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            child,
+            ctl: BufReader::new(ctl),
+            cancel: CancelHandle {
+                ctl: Arc::new(Mutex::new(cancel_side)),
+            },
+            cgroup,
+            root,
+            waited: false,
+        })
+    }
+}
+
+impl Running {
+    /// Pid of the helper process (for metrics and crash tests; the job is its child).
+    pub fn helper_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
+    /// Waits for the job to end. When this returns (even with an error) every process of
+    /// the job is dead and its cgroup has been removed.
+    pub fn wait(mut self) -> Result<Outcome, Error> {
+        self.waited = true;
+        let mut line = String::new();
+        let read = self.ctl.read_line(&mut line);
+        let _ = self.child.wait();
+        // Only a mount point in the helper's namespace, which died with it.
+        let _ = std::fs::remove_dir(&self.root);
+        let stats = self.cgroup.version().stats();
+        self.cgroup.destroy()?;
+        read.map_err(|source| Error::ControlSocket { source })?;
+        if line.is_empty() {
+            return Err(Error::HelperDied);
+        }
+        let report: InitReport = serde_json::from_str(&line).map_err(|e| Error::Protocol {
+            message: e.to_string(),
+        })?;
+        if let Some(message) = report.error {
+            return Err(Error::Setup { message });
+        }
+        let stats = stats?;
+        let exit = report.exit.ok_or(Error::HelperDied)?;
+        Ok(Outcome {
+            exit,
+            reason: decide(report.ended_by, exit, &stats, report.disk_full),
+            usage: usage(&report, &stats),
+            denied_syscalls: report.denied_syscalls,
+            network_attempts: report.network_attempts,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.waited {
+            self.cancel.cancel(Duration::ZERO);
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir(&self.root);
+            let _ = self.cgroup.destroy();
+        }
+    }
+}
+
+fn usage(report: &InitReport, stats: &CgroupStats) -> Usage {
+    Usage {
+        cpu_user: stats.cpu_user.max(report.cpu_user),
+        cpu_system: stats.cpu_system.max(report.cpu_system),
+        memory_peak: stats.memory_peak,
+        pids_peak: stats.pids_peak,
+        io_read: stats.io_read.unwrap_or(report.io_read),
+        io_write: stats.io_write.unwrap_or(report.io_write),
+        wall: report.wall,
+    }
+}
+
+/// Why the job ended. An operator's cancel wins; then the limit the kernel enforced (its
+/// event counters say so); then our own timers; then a full disk; a clean exit 0 is always
+/// `Completed`.
+pub fn decide(
+    ended_by: Option<EndedBy>,
+    exit: Exit,
+    stats: &CgroupStats,
+    disk_full: bool,
+) -> DeathReason {
+    if ended_by == Some(EndedBy::Cancelled) {
+        return DeathReason::Cancelled;
+    }
+    if exit == Exit::Code(0) && ended_by.is_none() {
+        return DeathReason::Completed;
+    }
+    if stats.oom_kills > 0 {
+        return DeathReason::Oom;
+    }
+    if stats.pids_limit_hits > 0 {
+        return DeathReason::PidsLimit;
+    }
+    match ended_by {
+        Some(EndedBy::CpuLimit) => return DeathReason::CpuLimit,
+        Some(EndedBy::WallTimeout) => return DeathReason::WallTimeout,
+        _ => {}
+    }
+    if exit == Exit::Signal(libc::SIGXCPU) {
+        return DeathReason::CpuLimit;
+    }
+    if disk_full {
+        return DeathReason::DiskLimit;
+    }
+    if exit == Exit::Signal(libc::SIGSYS) {
+        return DeathReason::Seccomp;
+    }
+    DeathReason::Completed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_follow_the_counters_not_the_signal() {
+        let quiet = CgroupStats::default();
+        let oom = CgroupStats {
+            oom_kills: 1,
+            ..CgroupStats::default()
+        };
+        let pids = CgroupStats {
+            pids_limit_hits: 3,
+            ..CgroupStats::default()
+        };
+        assert_eq!(
+            decide(None, Exit::Code(0), &oom, true),
+            DeathReason::Completed
+        );
+        assert_eq!(
+            decide(None, Exit::Signal(9), &quiet, false),
+            DeathReason::Completed,
+            "a plain kill -9 is not an OOM"
+        );
+        assert_eq!(decide(None, Exit::Signal(9), &oom, false), DeathReason::Oom);
+        assert_eq!(
+            decide(Some(EndedBy::WallTimeout), Exit::Signal(9), &pids, false),
+            DeathReason::PidsLimit
+        );
+        assert_eq!(
+            decide(Some(EndedBy::WallTimeout), Exit::Signal(9), &quiet, false),
+            DeathReason::WallTimeout
+        );
+        assert_eq!(
+            decide(Some(EndedBy::Cancelled), Exit::Signal(15), &oom, false),
+            DeathReason::Cancelled
+        );
+        assert_eq!(
+            decide(None, Exit::Code(1), &quiet, true),
+            DeathReason::DiskLimit
+        );
+        assert_eq!(
+            decide(None, Exit::Signal(libc::SIGXCPU), &quiet, false),
+            DeathReason::CpuLimit
+        );
+        assert_eq!(
+            decide(None, Exit::Signal(libc::SIGSYS), &quiet, false),
+            DeathReason::Seccomp
+        );
+    }
+}

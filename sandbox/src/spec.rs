@@ -1,0 +1,129 @@
+//! What a sandbox is asked to run: the filesystem layers, the identity, the command, the
+//! limits and the network policy. Plain data, serialisable so the worker can hand it to the
+//! single-threaded helper process over a socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything one sandboxed run needs. The worker maps a wire `Job` to this.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Read-only layers of the root filesystem, top first (e.g. `[source, base]`).
+    pub lower_dirs: Vec<PathBuf>,
+    /// Overlay upper dir: receives every change the job makes. Must survive the job so the
+    /// worker can snapshot it (see [`crate::JobDir`]).
+    pub upper: PathBuf,
+    /// Overlay work dir: empty, on the same filesystem as `upper`.
+    pub work: PathBuf,
+    /// The project's host identity; the job runs as [`JOB_UID`]/[`JOB_GID`] inside.
+    pub identity: Identity,
+    /// The command; `argv[0]` is resolved by `execve` as a path inside the sandbox, or looked
+    /// up in the `PATH` of `env` when it has no slash.
+    pub argv: Vec<String>,
+    /// The job's whole environment (nothing is inherited from the worker).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox. Created (owned by the job) when missing.
+    pub cwd: PathBuf,
+    pub limits: SandboxLimits,
+    pub network: Network,
+    /// Host paths bind-mounted read-only (and nosuid, nodev) at the given sandbox path.
+    #[serde(default)]
+    pub read_only_binds: Vec<(PathBuf, PathBuf)>,
+    /// Hostname inside the UTS namespace.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+}
+
+fn default_hostname() -> String {
+    "corral".to_owned()
+}
+
+/// Uid inside the sandbox that the project's host uid is mapped to.
+pub const JOB_UID: u32 = 1000;
+/// Gid inside the sandbox that the project's host gid is mapped to.
+pub const JOB_GID: u32 = 1000;
+
+/// A project's host identity: files the job writes in the upper dir are owned by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub host_uid: u32,
+    pub host_gid: u32,
+}
+
+/// Resource limits of one run. `None` means "no limit of that kind".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxLimits {
+    /// Memory (RAM, no swap) of the whole job, in bytes (cgroup).
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads of the whole job (cgroup).
+    pub pids: Option<u64>,
+    /// CPU bandwidth in cores, e.g. `1.0` (cgroup quota).
+    pub cpu_quota: Option<f64>,
+    /// Wall-clock limit; the job is killed when it passes.
+    pub wall: Duration,
+    /// CPU time (user + system) of the whole job, in seconds.
+    pub cpu_seconds: Option<u64>,
+    /// `RLIMIT_NOFILE`.
+    pub open_files: u64,
+    /// Size of the private `/tmp` (a tmpfs, charged to the job's memory).
+    pub tmp_bytes: u64,
+    /// `RLIMIT_FSIZE`: the largest file the job may write.
+    pub file_size_bytes: Option<u64>,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits {
+            memory_bytes: Some(2 << 30),
+            pids: Some(512),
+            cpu_quota: Some(1.0),
+            wall: Duration::from_secs(30 * 60),
+            cpu_seconds: None,
+            open_files: 4096,
+            tmp_bytes: 256 << 20,
+            file_size_bytes: None,
+        }
+    }
+}
+
+/// Network policy. Both give a fresh network namespace holding only loopback, so the
+/// host's services (the broker on 127.0.0.1) and abstract unix sockets are unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// No IP networking at all: `socket(AF_INET/AF_INET6/AF_PACKET)` is refused and counted
+    /// in [`crate::Outcome::network_attempts`].
+    #[default]
+    None,
+    /// IP sockets allowed, but only the namespace's own loopback exists.
+    Loopback,
+}
+
+/// How the worker launches sandboxes on this host.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The `corral` binary, re-executed as the single-threaded helper
+    /// (`<helper_exe> __sandbox-init`).
+    pub helper_exe: PathBuf,
+    /// Cgroup (relative to each hierarchy's root) under which job cgroups are created.
+    pub cgroup_parent: String,
+    /// Where the helper creates the mount point of a job's root (mounted only inside the
+    /// job's own mount namespace; the directory is removed by [`crate::Running::wait`]).
+    pub run_dir: PathBuf,
+    /// Content of `/proc/self/mountinfo`, read at spawn when `None` (tests inject fakes).
+    pub mountinfo: Option<String>,
+}
+
+impl SandboxConfig {
+    /// The helper is the current executable, jobs go under the `corral` cgroup.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(SandboxConfig {
+            helper_exe: std::env::current_exe()?,
+            cgroup_parent: "corral".to_owned(),
+            run_dir: PathBuf::from("/run/corral"),
+            mountinfo: None,
+        })
+    }
+}

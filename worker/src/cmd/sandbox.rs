@@ -1,0 +1,155 @@
+//! `corral sandbox`: run one command in a sandbox and print its `Outcome` as JSON, for
+//! operators poking at a base image and for the benchmark.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use corral_sandbox::{
+    Identity, JobDir, Network, Sandbox, SandboxConfig, SandboxLimits, SandboxSpec,
+};
+
+use crate::cli::{SandboxArgs, SandboxNetwork};
+use crate::exit;
+
+/// Where the upper dir lives for this run, and how it goes away.
+enum Upper {
+    Given(PathBuf),
+    Temporary(PathBuf),
+    Limited(JobDir),
+}
+
+impl Upper {
+    fn dirs(&self) -> (PathBuf, PathBuf) {
+        match self {
+            Upper::Given(p) | Upper::Temporary(p) => (p.join("upper"), p.join("work")),
+            Upper::Limited(j) => (j.upper(), j.work()),
+        }
+    }
+}
+
+pub fn run(args: SandboxArgs) -> anyhow::Result<u8> {
+    let upper = prepare_upper(&args)?;
+    let result = run_in(&args, &upper);
+    match upper {
+        Upper::Temporary(p) => {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?
+        }
+        Upper::Limited(j) => j.remove().context("removing the job dir")?,
+        Upper::Given(_) => {}
+    }
+    result
+}
+
+fn prepare_upper(args: &SandboxArgs) -> anyhow::Result<Upper> {
+    let upper = if let Some(size) = args.disk {
+        let name = format!("sandbox-{}", std::process::id());
+        std::fs::create_dir_all(&args.disk_dir)
+            .with_context(|| format!("creating {}", args.disk_dir.display()))?;
+        Upper::Limited(JobDir::create(&args.disk_dir, &name, size.0)?)
+    } else if let Some(dir) = &args.upper {
+        Upper::Given(dir.clone())
+    } else {
+        // A tmpfs: creating and deleting the upper and work dirs costs no disk journal
+        // commits (what the job writes there counts against its memory limit).
+        let dir = PathBuf::from(format!("/dev/shm/corral-sandbox-{}", std::process::id()));
+        Upper::Temporary(dir)
+    };
+    let (u, w) = upper.dirs();
+    for d in [&u, &w] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(upper)
+}
+
+fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<u8> {
+    let (upper_dir, work_dir) = upper.dirs();
+    let mut lower_dirs = args.layers.clone();
+    lower_dirs.push(args.rootfs.clone());
+    let mut env = vec![
+        ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
+        ("HOME".to_owned(), "/tmp".to_owned()),
+    ];
+    for kv in &args.env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--env {kv:?} is not KEY=VALUE"))?;
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_owned(), v.to_owned()));
+    }
+    let mut read_only_binds = Vec::new();
+    for b in &args.binds {
+        let (h, s) = b
+            .split_once(':')
+            .with_context(|| format!("--bind {b:?} is not HOST:SANDBOX"))?;
+        read_only_binds.push((PathBuf::from(h), PathBuf::from(s)));
+    }
+    let spec = SandboxSpec {
+        lower_dirs,
+        upper: upper_dir,
+        work: work_dir,
+        identity: Identity {
+            host_uid: args.uid,
+            host_gid: args.uid,
+        },
+        argv: args.command.clone(),
+        env,
+        cwd: args.cwd.clone(),
+        limits: SandboxLimits {
+            memory_bytes: Some(args.memory.0),
+            pids: Some(args.pids),
+            cpu_quota: Some(args.cpus),
+            wall: Duration::try_from_secs_f64(args.wall).context("--wall")?,
+            cpu_seconds: args.cpu_seconds,
+            open_files: 4096,
+            tmp_bytes: args.tmp.0,
+            file_size_bytes: None,
+        },
+        network: match args.network {
+            SandboxNetwork::None => Network::None,
+            SandboxNetwork::Loopback => Network::Loopback,
+        },
+        read_only_binds,
+        hostname: "corral".to_owned(),
+    };
+    let config = SandboxConfig::new().context("locating the corral binary")?;
+    let mut running = Sandbox::spawn(&spec, &config)?;
+    let quiet = args.quiet;
+    let out = running
+        .stdout
+        .take()
+        .map(|s| copy(s, quiet, std::io::stdout()));
+    let err = running
+        .stderr
+        .take()
+        .map(|s| copy(s, quiet, std::io::stderr()));
+    let outcome = running.wait()?;
+    for t in [out, err].into_iter().flatten() {
+        let _ = t.join();
+    }
+    println!("{}", serde_json::to_string(&outcome)?);
+    Ok(if outcome.success() {
+        exit::SUCCESS
+    } else {
+        exit::JOB_FAILED
+    })
+}
+
+fn copy<R: Read + Send + 'static, W: Write + Send + 'static>(
+    mut from: R,
+    quiet: bool,
+    mut to: W,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if !quiet {
+                let _ = to.write_all(&buf[..n]);
+            }
+        }
+    })
+}

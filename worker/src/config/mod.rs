@@ -1,0 +1,465 @@
+//! The worker's configuration: defaults, then one TOML file, then `CORRAL_*` environment
+//! variables, then command-line flags, merged into a [`RawConfig`] (every key optional) and
+//! validated into the typed [`Config`]. Every error names the dotted key, why it is wrong and
+//! which layer set it. `deploy/corral.example.toml` documents every key and its default.
+
+mod layers;
+mod raw;
+mod url;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use corral_protocol::{ByteSize, Limits, PoolName};
+
+use crate::cli::LogFormat;
+
+pub use layers::{Key, Origin, keys};
+pub use raw::{RawBytes, RawConfig};
+pub use url::{AmqpUrl, StoreUrl};
+
+/// Defaults that are not derived from other keys.
+pub mod defaults {
+    pub const DATA_DIR: &str = "/var/lib/corral";
+    pub const INSTANCE: &str = "0";
+    pub const CONCURRENCY: u16 = 2;
+    pub const DRAIN_DEADLINE_SECONDS: u64 = 600;
+    pub const AMQP_URL: &str = "amqp://corral@127.0.0.1:5672/corral";
+    pub const POOL: &str = "default";
+    pub const JOBS_EXCHANGE: &str = "corral.jobs";
+    pub const DEAD_LETTER_EXCHANGE: &str = "corral.dead";
+    pub const DEAD_LETTER_QUEUE: &str = "corral.jobs.dead";
+    pub const RESULTS_EXCHANGE: &str = "corral.results";
+    pub const EVENTS_EXCHANGE: &str = "corral.events";
+    pub const LOGS_EXCHANGE: &str = "corral.logs";
+    pub const CONTROL_EXCHANGE: &str = "corral.control";
+    pub const DELIVERY_LIMIT: u32 = 5;
+    pub const HEARTBEAT_SECONDS: u64 = 15;
+    /// RabbitMQ's own default `consumer_timeout` (30 min).
+    pub const LEASE_SECONDS: u64 = 1800;
+    /// Time kept for snapshot, upload and result after the build's wall limit.
+    pub const LEASE_MARGIN_SECONDS: u64 = 300;
+    pub const RECONNECT_MAX_SECONDS: u64 = 30;
+    pub const UID_START: u32 = 1_000_000;
+    pub const GID_START: u32 = 1_000_000;
+    pub const ID_COUNT: u32 = 65_536;
+    pub const CGROUP_PARENT: &str = "auto";
+    pub const HELPER: &str = "self";
+    pub const CPUS_PER_BUILD: f64 = 1.0;
+    pub const KILL_GRACE_SECONDS: u64 = 10;
+    /// Below the protocol's 7200 s so that wall + margin fits the default lease.
+    pub const WALL_SECONDS: u64 = 1500;
+    pub const GZIP_LEVEL: u32 = 6;
+    pub const ZSTD_LEVEL: u32 = 3;
+    pub const SNAPSHOT_THREADS: u32 = 1;
+    pub const MAX_OUTPUT_BYTES: u64 = 16 << 30;
+}
+
+/// The validated configuration of one worker process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub worker: WorkerConfig,
+    /// Host-wide state shared by the instances on a host: bases, the local store, caches.
+    pub data_dir: PathBuf,
+    /// Builds run at once; also the AMQP prefetch.
+    pub concurrency: u16,
+    /// How long running builds may go on after SIGTERM before they are cancelled and requeued.
+    pub drain_deadline: Duration,
+    pub store: StoreConfig,
+    pub amqp: AmqpConfig,
+    pub sandbox: SandboxConfig,
+    /// This worker's maxima: a job asking for more is refused. Each is at most
+    /// [`Limits::MAX`].
+    pub limits: Limits,
+    pub snapshot: SnapshotConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Names this worker in results, events, consumer tags and its control queue.
+    pub id: String,
+    /// The systemd instance (`%i`); several run on one host.
+    pub instance: String,
+    /// Per-instance job directories (upper and work dirs of running builds).
+    pub scratch_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub url: StoreUrl,
+    pub auth: RegistryAuth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryAuth {
+    Anonymous,
+    Basic { username: String, password: Secret },
+    Bearer(Secret),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    pub url: AmqpUrl,
+    pub password: Option<Secret>,
+    pub pool: PoolName,
+    pub jobs_exchange: String,
+    pub jobs_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub results_exchange: String,
+    pub events_exchange: String,
+    pub logs_exchange: String,
+    pub control_exchange: String,
+    /// `x-delivery-limit` of the quorum job queue.
+    pub delivery_limit: u32,
+    pub heartbeat: Duration,
+    /// Equal to `concurrency`: the broker sends no more jobs than there are free slots.
+    pub prefetch: u16,
+    /// How long the broker lets a delivery stay unacked (its `consumer_timeout`).
+    pub lease: Duration,
+    pub lease_margin: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl AmqpConfig {
+    /// The URI to connect with, password included. Never log it.
+    pub fn connection_uri(&self) -> String {
+        self.url
+            .with_password(self.password.as_ref().map(Secret::expose))
+    }
+
+    /// The longest wall limit a job may ask for and still be acked within the lease.
+    pub fn max_wall(&self) -> Duration {
+        self.lease.saturating_sub(self.lease_margin)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxConfig {
+    /// First host uid of the range that project identities are mapped into.
+    pub uid_start: u32,
+    pub gid_start: u32,
+    /// Size of both ranges.
+    pub id_count: u32,
+    pub cgroup_parent: CgroupParent,
+    pub helper: SandboxHelper,
+    /// CPU quota of one build, in CPUs (1.5 = 150 ms per 100 ms period).
+    pub cpus_per_build: f64,
+    /// Between SIGTERM and SIGKILL when a build is cancelled.
+    pub kill_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupParent {
+    /// The cgroup systemd delegated to the service (`Delegate=`); the worker moves itself
+    /// into a leaf below it and creates one cgroup per build beside that leaf.
+    Delegated,
+    /// A cgroup path below each controller's mount, e.g. `/corral/builds`.
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxHelper {
+    /// The running `corral` binary re-executed as the helper.
+    SelfExe,
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    pub compression: Compression,
+    pub level: u32,
+    pub threads: u32,
+    /// A compressed layer larger than this fails the job (`disk_limit`).
+    pub max_output_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `None`: no listener.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// A password or token. Never printed: `Debug` and the effective config show it redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    value: String,
+    /// The file it was read from, shown instead of the value.
+    file: Option<PathBuf>,
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(path) => write!(f, "Secret(from {})", path.display()),
+            None => f.write_str("Secret(<redacted>)"),
+        }
+    }
+}
+
+/// Shown in place of a secret's value.
+pub const REDACTED: &str = "<redacted>";
+
+/// One bad key: its dotted name, why, and the layer that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+    pub origin: Origin,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)?;
+        if self.origin != Origin::Default {
+            write!(f, " (set by {})", self.origin)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {message}")]
+    ParseFile { path: PathBuf, message: String },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<KeyError>),
+}
+
+impl ConfigError {
+    /// The keys at fault (empty when the file could not be read or parsed).
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            ConfigError::Invalid(errors) => errors.iter().map(|e| e.key.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Command-line flags that override config keys; `corral work` and `corral check-config`
+/// flatten these.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigFlags {
+    /// Override any key, e.g. `--set amqp.pool=gpu` (repeatable; after the environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Override `worker.id`.
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// Override `worker.instance` (the systemd unit passes `%i`).
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
+    /// Override `data_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Override `concurrency`.
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<u64>,
+    /// Override `metrics.listen` (empty: off).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+}
+
+impl ConfigFlags {
+    fn pairs(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for item in &self.set {
+            let (key, value) = item.split_once('=').unwrap_or((item.as_str(), ""));
+            out.push((
+                key.trim().to_string(),
+                value.to_string(),
+                format!("--set {key}"),
+            ));
+        }
+        let mut flag = |key: &str, value: Option<String>, name: &str| {
+            if let Some(value) = value {
+                out.push((key.to_string(), value, name.to_string()));
+            }
+        };
+        flag("worker.id", self.worker_id.clone(), "--worker-id");
+        flag("worker.instance", self.instance.clone(), "--instance");
+        flag(
+            "data_dir",
+            self.data_dir.as_ref().map(|p| p.display().to_string()),
+            "--data-dir",
+        );
+        flag(
+            "concurrency",
+            self.concurrency.map(|n| n.to_string()),
+            "--concurrency",
+        );
+        flag(
+            "metrics.listen",
+            self.metrics_listen.clone(),
+            "--metrics-listen",
+        );
+        out
+    }
+}
+
+/// Everything a config is built from. [`Sources::from_process`] reads the real ones.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    pub flags: ConfigFlags,
+    /// For the default `worker.id`.
+    pub hostname: String,
+}
+
+impl Sources {
+    pub fn from_process(file: Option<PathBuf>, flags: ConfigFlags) -> Sources {
+        Sources {
+            file,
+            env: std::env::vars().collect(),
+            flags,
+            hostname: hostname(),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// A validated config and what deserves a look without being wrong.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Layers the sources, then validates. All bad keys are reported at once.
+    pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+        let mut layers = layers::Layers::default();
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        if let Some(path) = &sources.file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+                path: path.clone(),
+                source,
+            })?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::ParseFile {
+                        path: path.clone(),
+                        message: e.to_string().trim_end().to_string(),
+                    })?;
+            let origin = Origin::File(path.clone());
+            for key in layers.overlay(table, &origin) {
+                errors.push(KeyError {
+                    key,
+                    reason: "unknown key".into(),
+                    origin: origin.clone(),
+                });
+            }
+        }
+        for var in layers::from_env(&sources.env, &mut layers) {
+            if !var.starts_with("CORRAL_TEST_") {
+                warnings.push(format!("{var}: ignored, names no config key"));
+            }
+        }
+        for (key, value, flag) in sources.flags.pairs() {
+            let origin = Origin::Flag(flag);
+            if layers.set(&key, &value, &origin).is_err() {
+                errors.push(KeyError {
+                    key,
+                    reason: "unknown key".into(),
+                    origin,
+                });
+            }
+        }
+        // A value of the wrong type is reported, dropped, and the rest read again, so that
+        // one run names every bad key.
+        let raw: RawConfig = loop {
+            match serde_path_to_error::deserialize(layers.table.clone()) {
+                Ok(raw) => break raw,
+                Err(e) => {
+                    let key = e.path().to_string();
+                    errors.push(KeyError {
+                        origin: layers.origin(&key),
+                        reason: e.inner().message().trim_end().to_string(),
+                        key: key.clone(),
+                    });
+                    if !layers.remove(&key) {
+                        return Err(ConfigError::Invalid(errors));
+                    }
+                }
+            }
+        };
+        match validate::validate(raw, &layers, &sources.hostname, &mut warnings) {
+            Ok(config) if errors.is_empty() => Ok(Loaded { config, warnings }),
+            Ok(_) => Err(ConfigError::Invalid(errors)),
+            Err(more) => {
+                errors.extend(more);
+                Err(ConfigError::Invalid(errors))
+            }
+        }
+    }
+
+    /// The config built from defaults alone, on a host of this name.
+    pub fn defaults(hostname: &str) -> Config {
+        let sources = Sources {
+            hostname: hostname.to_string(),
+            ..Sources::default()
+        };
+        match Config::load(&sources) {
+            Ok(loaded) => loaded.config,
+            Err(err) => panic!("the built-in defaults are invalid: {err}"),
+        }
+    }
+
+    /// The effective config in the file's own shape (it parses back to the same config),
+    /// with secret values replaced by [`REDACTED`] or by the file they came from.
+    pub fn to_raw(&self) -> RawConfig {
+        validate::to_raw(self)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.to_raw()).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}

@@ -1,0 +1,607 @@
+//! The directory store: an OCI image layout (`oci-layout`, `index.json`,
+//! `blobs/sha256/<hex>`) that skopeo, umoci and podman read as `oci:DIR:TAG`.
+//!
+//! A blob becomes visible only by a no-replace rename of a complete, fsynced file whose
+//! digest was checked, so concurrent writers of one blob are safe, an existing blob is never
+//! rewritten, and a crash leaves at most a temp file under `.corral/tmp/`, never a partial
+//! blob. `index.json` is replaced atomically under an exclusive lock on `.corral/index.lock`;
+//! a tag is the `org.opencontainers.image.ref.name` annotation of a manifest descriptor.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use corral_protocol::Digest;
+use rustix::fs::{FlockOperation, RenameFlags};
+use serde_json::{Value, json};
+
+use super::{
+    FetchedManifest, MEDIA_TYPE_MANIFEST, PutOutcome, StoreError, blocking, sha256_bytes,
+    sha256_reader,
+};
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Age after which a temp file in the store is a crashed writer's leftover.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct DirStore {
+    root: Arc<PathBuf>,
+}
+
+impl DirStore {
+    /// Opens the layout at `root`, creating it (and its parents) when missing.
+    pub async fn open(root: PathBuf) -> Result<DirStore, StoreError> {
+        let root = if root.is_absolute() {
+            root
+        } else {
+            std::env::current_dir()
+                .map_err(|source| StoreError::Read {
+                    path: root.clone(),
+                    source,
+                })?
+                .join(root)
+        };
+        let store = DirStore {
+            root: Arc::new(root),
+        };
+        let s = store.clone();
+        blocking(move || s.create_layout()).await?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(super) fn tmp_dir(&self) -> PathBuf {
+        self.root.join(".corral/tmp")
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
+    fn create_layout(&self) -> Result<(), StoreError> {
+        for dir in [self.root.join("blobs/sha256"), self.tmp_dir()] {
+            fs::create_dir_all(&dir)
+                .map_err(|source| StoreError::CreateDir { path: dir, source })?;
+        }
+        self.write_new_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        let empty = json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": []});
+        self.write_new_file("index.json", &to_vec(&empty))?;
+        self.remove_stale_temps();
+        Ok(())
+    }
+
+    /// Removes temp files that a crashed writer left behind. Only old ones: a live writer
+    /// in another process may be spooling right now.
+    fn remove_stale_temps(&self) {
+        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMP));
+            if stale {
+                tracing::info!(path = %entry.path().display(), "store: removing a stale temp file");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Creates `root/name` with `bytes` unless it exists (another worker may be creating it
+    /// at the same moment: whoever renames first wins, and both wrote the same thing).
+    fn write_new_file(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.root.join(name);
+        if path.exists() {
+            return Ok(());
+        }
+        let tmp = self.spool(bytes)?;
+        match tmp.persist_noclobber(&path) {
+            Ok(_) => sync_dir(&self.root),
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(StoreError::Rename {
+                from: e.file.path().to_path_buf(),
+                to: path,
+                source: e.error,
+            }),
+        }
+    }
+
+    /// Writes `bytes` to a fresh, fsynced temp file in the store.
+    fn spool(&self, bytes: &[u8]) -> Result<tempfile::NamedTempFile, StoreError> {
+        let dir = self.tmp_dir();
+        let write = |source| StoreError::Write {
+            path: dir.clone(),
+            source,
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix("spool-")
+            .tempfile_in(&dir)
+            .map_err(write)?;
+        tmp.write_all(bytes).map_err(write)?;
+        tmp.as_file().sync_all().map_err(write)?;
+        Ok(tmp)
+    }
+
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let path = self.blob_path(digest);
+        match tokio::fs::symlink_metadata(&path).await {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StoreError::Read { path, source }),
+        }
+    }
+
+    pub async fn put_blob_file(
+        &self,
+        path: &Path,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        let s = self.clone();
+        let (path, digest) = (path.to_path_buf(), digest.clone());
+        blocking(move || s.put_blob_file_sync(&path, &digest, size)).await
+    }
+
+    fn put_blob_file_sync(
+        &self,
+        path: &Path,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<PutOutcome, StoreError> {
+        let target = self.blob_path(digest);
+        if target.is_file() {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let read = |source| StoreError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(read)?;
+        let (actual, actual_size) = sha256_reader(&file).map_err(read)?;
+        check(path, digest, size, &actual, actual_size)?;
+        drop(file);
+        // Adopt the file into the store's temp dir first: a rename when it is on the same
+        // filesystem (the caller's file is consumed), a verified copy otherwise (the
+        // caller's file is left as it was).
+        let dir = self.tmp_dir();
+        let adopted = tempfile::Builder::new()
+            .prefix("adopt-")
+            .tempfile_in(&dir)
+            .map_err(|source| StoreError::Write {
+                path: dir.clone(),
+                source,
+            })?
+            .into_temp_path();
+        match fs::rename(path, &adopted) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
+                return self.copy_in(path, digest, size);
+            }
+            Err(source) => {
+                return Err(StoreError::Rename {
+                    from: path.to_path_buf(),
+                    to: adopted.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let adopted_file = File::open(&adopted).map_err(read)?;
+        // Readable by whoever reads the layout (skopeo as another user, say); never writable.
+        adopted_file
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .map_err(read)?;
+        adopted_file.sync_all().map_err(read)?;
+        drop(adopted_file);
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &*adopted,
+            rustix::fs::CWD,
+            &target,
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {
+                // Renamed away: nothing left for the TempPath to delete.
+                let _ = adopted.keep();
+                sync_dir(target.parent().unwrap_or(&self.root))?;
+                Ok(PutOutcome::Uploaded)
+            }
+            Err(rustix::io::Errno::EXIST) => Ok(PutOutcome::AlreadyPresent),
+            Err(e) => Err(StoreError::Rename {
+                from: adopted.to_path_buf(),
+                to: target,
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn copy_in(&self, path: &Path, digest: &Digest, size: u64) -> Result<PutOutcome, StoreError> {
+        let dir = self.tmp_dir();
+        let write = |source| StoreError::Write {
+            path: dir.clone(),
+            source,
+        };
+        let mut tmp = tempfile::Builder::new()
+            .prefix("copy-")
+            .tempfile_in(&dir)
+            .map_err(write)?;
+        let mut src = File::open(path).map_err(|source| StoreError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut tee = HashingWriter::new(tmp.as_file_mut());
+        io::copy(&mut src, &mut tee).map_err(write)?;
+        let (actual, actual_size) = tee.finish();
+        check(path, digest, size, &actual, actual_size)?;
+        tmp.as_file().sync_all().map_err(write)?;
+        self.persist_blob(tmp, digest)
+    }
+
+    fn persist_blob(
+        &self,
+        tmp: tempfile::NamedTempFile,
+        digest: &Digest,
+    ) -> Result<PutOutcome, StoreError> {
+        let target = self.blob_path(digest);
+        fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o444),
+        )
+        .map_err(|source| StoreError::Write {
+            path: tmp.path().to_path_buf(),
+            source,
+        })?;
+        match tmp.persist_noclobber(&target) {
+            Ok(_) => {
+                sync_dir(target.parent().unwrap_or(&self.root))?;
+                Ok(PutOutcome::Uploaded)
+            }
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                Ok(PutOutcome::AlreadyPresent)
+            }
+            Err(e) => Err(StoreError::Rename {
+                from: e.file.path().to_path_buf(),
+                to: target,
+                source: e.error,
+            }),
+        }
+    }
+
+    pub async fn put_blob_bytes(
+        &self,
+        bytes: &[u8],
+        digest: &Digest,
+    ) -> Result<PutOutcome, StoreError> {
+        let s = self.clone();
+        let (bytes, digest) = (bytes.to_vec(), digest.clone());
+        blocking(move || s.put_blob_bytes_sync(&bytes, &digest)).await
+    }
+
+    fn put_blob_bytes_sync(&self, bytes: &[u8], digest: &Digest) -> Result<PutOutcome, StoreError> {
+        if self.blob_path(digest).is_file() {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let actual = sha256_bytes(bytes);
+        if &actual != digest {
+            return Err(StoreError::DigestMismatch {
+                what: "blob to store".into(),
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        let tmp = self.spool(bytes)?;
+        self.persist_blob(tmp, digest)
+    }
+
+    pub async fn get_blob_to_file(
+        &self,
+        digest: &Digest,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<u64, StoreError> {
+        let s = self.clone();
+        let (dest, digest) = (dest.to_path_buf(), digest.clone());
+        blocking(move || {
+            let path = s.blob_path(&digest);
+            let src = open_blob(&path, &digest)?;
+            let len = src
+                .metadata()
+                .map_err(|source| StoreError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            if len > max_bytes {
+                return Err(StoreError::TooLarge {
+                    what: format!("blob {digest}"),
+                    limit: max_bytes,
+                });
+            }
+            // The file may grow under us (a tampered store); never copy more than allowed.
+            let mut src = io::Read::take(src, max_bytes.saturating_add(1));
+            let mut out = File::create(&dest).map_err(|source| StoreError::Write {
+                path: dest.clone(),
+                source,
+            })?;
+            let mut tee = HashingWriter::new(&mut out);
+            io::copy(&mut src, &mut tee).map_err(|source| StoreError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let (actual, size) = tee.finish();
+            if size > max_bytes {
+                return Err(StoreError::TooLarge {
+                    what: format!("blob {digest}"),
+                    limit: max_bytes,
+                });
+            }
+            if actual != digest {
+                return Err(StoreError::DigestMismatch {
+                    what: format!("blob {}", path.display()),
+                    expected: digest,
+                    actual,
+                });
+            }
+            Ok(size)
+        })
+        .await
+    }
+
+    fn read_blob_verified(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(digest);
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut open_blob(&path, digest)?, &mut bytes).map_err(|source| {
+            StoreError::Read {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let actual = sha256_bytes(&bytes);
+        if &actual != digest {
+            return Err(StoreError::DigestMismatch {
+                what: format!("blob {}", path.display()),
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    pub async fn put_manifest(
+        &self,
+        tag: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, StoreError> {
+        let s = self.clone();
+        let (tag, bytes, media_type) = (tag.to_string(), bytes.to_vec(), media_type.to_string());
+        blocking(move || {
+            let digest = sha256_bytes(&bytes);
+            s.put_blob_bytes_sync(&bytes, &digest)?;
+            s.update_index(|manifests| {
+                manifests.retain(|m| ref_name(m) != Some(tag.as_str()));
+                manifests.push(json!({
+                    "mediaType": media_type,
+                    "digest": digest.as_str(),
+                    "size": bytes.len(),
+                    "annotations": {REF_NAME: tag},
+                }));
+            })?;
+            Ok(digest)
+        })
+        .await
+    }
+
+    /// Read-modify-write of `index.json` under the store's lock, replaced by rename.
+    fn update_index(&self, edit: impl FnOnce(&mut Vec<Value>)) -> Result<(), StoreError> {
+        let lock_path = self.root.join(".corral/index.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Lock {
+                path: lock_path.clone(),
+                source,
+            })?;
+        rustix::fs::flock(&lock, FlockOperation::LockExclusive).map_err(|e| StoreError::Lock {
+            path: lock_path.clone(),
+            source: e.into(),
+        })?;
+        let mut index = self.read_index()?;
+        let manifests = index
+            .get_mut("manifests")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| StoreError::Index {
+                path: self.index_path(),
+                reason: "no manifests array".into(),
+            })?;
+        edit(manifests);
+        let tmp = self.spool(&to_vec(&index))?;
+        let path = self.index_path();
+        tmp.persist(&path).map_err(|e| StoreError::Rename {
+            from: e.file.path().to_path_buf(),
+            to: path,
+            source: e.error,
+        })?;
+        sync_dir(&self.root)?;
+        // The flock is released when `lock` is dropped, after the rename is durable.
+        drop(lock);
+        Ok(())
+    }
+
+    fn read_index(&self) -> Result<Value, StoreError> {
+        let path = self.index_path();
+        let bytes = fs::read(&path).map_err(|source| StoreError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Index {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    pub async fn get_manifest(&self, tag_or_digest: &str) -> Result<FetchedManifest, StoreError> {
+        let s = self.clone();
+        let wanted = tag_or_digest.to_string();
+        blocking(move || {
+            let index = s.read_index()?;
+            let manifests = index
+                .get("manifests")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let (digest, media_type) = if wanted.starts_with("sha256:") {
+                let digest = Digest::parse(&wanted).map_err(|e| StoreError::Url {
+                    url: wanted.clone(),
+                    reason: e.message,
+                })?;
+                let media_type = manifests
+                    .iter()
+                    .find(|m| m.get("digest").and_then(Value::as_str) == Some(digest.as_str()))
+                    .and_then(|m| m.get("mediaType")?.as_str().map(str::to_string));
+                (digest, media_type)
+            } else {
+                let found = manifests
+                    .iter()
+                    .rev()
+                    .find(|m| ref_name(m) == Some(wanted.as_str()))
+                    .ok_or_else(|| StoreError::NotFound {
+                        what: format!("tag {wanted:?}"),
+                    })?;
+                let digest = found
+                    .get("digest")
+                    .and_then(Value::as_str)
+                    .and_then(|d| Digest::parse(d).ok())
+                    .ok_or_else(|| StoreError::Index {
+                        path: s.index_path(),
+                        reason: format!("tag {wanted:?} has no valid digest"),
+                    })?;
+                let media_type = found
+                    .get("mediaType")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                (digest, media_type)
+            };
+            let bytes = s.read_blob_verified(&digest)?;
+            let media_type = media_type
+                .or_else(|| {
+                    let v: Value = serde_json::from_slice(&bytes).ok()?;
+                    Some(v.get("mediaType")?.as_str()?.to_string())
+                })
+                .unwrap_or_else(|| MEDIA_TYPE_MANIFEST.to_string());
+            Ok(FetchedManifest {
+                bytes,
+                media_type,
+                digest,
+            })
+        })
+        .await
+    }
+
+    pub fn reference(&self, tag: &str) -> String {
+        format!("oci:{}:{tag}", self.root.display())
+    }
+}
+
+fn ref_name(descriptor: &Value) -> Option<&str> {
+    descriptor.get("annotations")?.get(REF_NAME)?.as_str()
+}
+
+fn open_blob(path: &Path, digest: &Digest) -> Result<File, StoreError> {
+    File::open(path).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            StoreError::NotFound {
+                what: format!("blob {digest}"),
+            }
+        } else {
+            StoreError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+fn check(
+    path: &Path,
+    digest: &Digest,
+    size: u64,
+    actual: &Digest,
+    actual_size: u64,
+) -> Result<(), StoreError> {
+    if actual != digest {
+        return Err(StoreError::DigestMismatch {
+            what: format!("blob file {}", path.display()),
+            expected: digest.clone(),
+            actual: actual.clone(),
+        });
+    }
+    if actual_size != size {
+        return Err(StoreError::SizeMismatch {
+            what: format!("blob file {}", path.display()),
+            expected: size,
+            actual: actual_size,
+        });
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+fn to_vec(value: &Value) -> Vec<u8> {
+    // serde_json's Map is a BTreeMap here (no preserve_order), so the bytes are canonical.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// A writer that hashes what passes through it.
+pub(crate) struct HashingWriter<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: <sha2::Sha256 as sha2::Digest>::new(),
+            size: 0,
+        }
+    }
+
+    pub(crate) fn finish(self) -> (Digest, u64) {
+        let hash = sha2::Digest::finalize(self.hasher);
+        (Digest::from_sha256(hash.into()), self.size)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,576 @@
+//! The sandbox against the real kernel, as root, on the real test rootfs: the abuse suite
+//! (`fixtures/abuse/*.json`, one table-driven test), cancellation, a helper crash, and the
+//! `corral sandbox` command. The `corral` binary under test is the sandbox helper.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use corral_sandbox::{
+    DeathReason, Exit, IdentityMap, JobDir, Network, Outcome, Sandbox, SandboxConfig,
+    SandboxLimits, SandboxSpec,
+};
+use serde::Deserialize;
+
+/// A missing prerequisite fails under `CI=true` and skips loudly otherwise.
+fn require(cond: bool, what: &str) -> bool {
+    if cond {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("prerequisite missing under CI=true: {what}");
+    }
+    eprintln!("SKIPPING: prerequisite missing: {what}");
+    false
+}
+
+fn rootfs() -> PathBuf {
+    std::env::var_os("CORRAL_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/corral-test/rootfs"))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn prerequisites() -> bool {
+    require(is_root(), "running as root")
+        && require(
+            rootfs().join("usr/bin/python3").exists(),
+            "the test rootfs with python3 ($CORRAL_TEST_ROOTFS)",
+        )
+        && require(
+            Path::new("/dev/loop-control").exists(),
+            "loop devices (modprobe loop)",
+        )
+        && require(
+            std::process::Command::new("mkfs.ext4")
+                .arg("-V")
+                .output()
+                .is_ok(),
+            "mkfs.ext4 (e2fsprogs)",
+        )
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Each test has its own cgroup parent, run dir and uid, so the tests' checks for
+/// leftovers do not see each other's live jobs.
+fn config(test: &str) -> SandboxConfig {
+    SandboxConfig {
+        helper_exe: PathBuf::from(env!("CARGO_BIN_EXE_corral")),
+        cgroup_parent: format!("corral-test-{test}"),
+        run_dir: PathBuf::from(format!("/run/corral-test-{test}")),
+        mountinfo: None,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    #[allow(dead_code)]
+    about: String,
+    argv: Vec<String>,
+    #[serde(default)]
+    cwd: Option<PathBuf>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    network: Option<Network>,
+    #[serde(default)]
+    limits: CaseLimits,
+    expect: Expect,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseLimits {
+    memory: Option<String>,
+    pids: Option<u64>,
+    cpus: Option<f64>,
+    cpu_seconds: Option<u64>,
+    wall_secs: Option<u64>,
+    tmp: Option<String>,
+    disk: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    reason: DeathReason,
+    #[serde(default)]
+    exit: Option<ExpectExit>,
+    #[serde(default)]
+    denied: BTreeMap<String, u64>,
+    #[serde(default)]
+    network_attempts: Option<u64>,
+    #[serde(default)]
+    stdout_contains: Vec<String>,
+    #[serde(default)]
+    stdout_lacks: Vec<String>,
+    #[serde(default)]
+    stderr_contains: Vec<String>,
+    #[serde(default)]
+    upper_owned_by_project: Vec<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ExpectExit {
+    Exact(Exit),
+    /// `"nonzero"`: any exit code but 0, or any signal.
+    Word(String),
+}
+
+fn bytes(s: &str) -> u64 {
+    s.parse::<corral_protocol::ByteSize>().unwrap().0
+}
+
+/// What a run produced, as a user would see it.
+struct Ran {
+    outcome: Outcome,
+    stdout: String,
+    stderr: String,
+}
+
+fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
+fn run(spec: &SandboxSpec) -> Ran {
+    let mut running = Sandbox::spawn(spec, &config("abuse")).expect("spawn");
+    let out = drain(running.stdout.take());
+    let err = drain(running.stderr.take());
+    let outcome = running.wait().expect("wait");
+    Ran {
+        outcome,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Everything that would count as an escape once a job is over.
+fn assert_nothing_left(test: &str, uid: u32, name: &str) {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let owner = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok());
+        assert_ne!(
+            owner,
+            Some(uid),
+            "{name}: process {:?} of the job survived",
+            entry.file_name()
+        );
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&format!("/run/corral-test-{test}/")),
+        "{name}: a sandbox mount leaked to the host"
+    );
+    for ctl in ["memory", "pids", "cpu", "cpuacct"] {
+        let leftovers: Vec<_> = std::fs::read_dir(
+            Path::new("/sys/fs/cgroup")
+                .join(ctl)
+                .join(format!("corral-test-{test}")),
+        )
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                .map(|e| e.file_name())
+                .collect()
+        })
+        .unwrap_or_default();
+        assert!(
+            leftovers.is_empty(),
+            "{name}: {ctl} cgroups left behind: {leftovers:?}"
+        );
+    }
+}
+
+struct Canaries {
+    _dir: tempfile::TempDir,
+    config_file: PathBuf,
+    other_upper: JobDir,
+    other_file: PathBuf,
+}
+
+fn canaries(jobs: &Path) -> Canaries {
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("etc-corral");
+    std::fs::create_dir(&config_dir).unwrap();
+    let config_file = config_dir.join("worker.toml");
+    std::fs::write(&config_file, "amqp_password = \"CANARY-CONFIG\"\n").unwrap();
+    let other_upper = JobDir::create(jobs, "other-project-job", 16 << 20).unwrap();
+    let other_file = other_upper.upper().join("secret.txt");
+    std::fs::write(&other_file, "CANARY-OTHER-PROJECT\n").unwrap();
+    Canaries {
+        _dir: dir,
+        config_file,
+        other_upper,
+        other_file,
+    }
+}
+
+#[test]
+fn abuse_suite() {
+    if !prerequisites() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let ids = IdentityMap::open(data.path(), 210_000..=210_999).unwrap();
+    let identity = ids.identity("abuse-project").unwrap();
+    assert_ne!(ids.identity("other-project").unwrap(), identity);
+    let canary = canaries(jobs.path());
+    // The broker port and a host abstract socket exist for the network probes to fail on.
+    let _broker = std::net::TcpListener::bind("127.0.0.1:5672").ok();
+    let _abstract = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(b"corral-test-host-socket").unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&addr).ok()
+    };
+    let only = std::env::var("CORRAL_ABUSE_CASE").ok();
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("fixtures/abuse"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 25, "the abuse fixtures are missing");
+    let mut failures = Vec::new();
+    for file in &files {
+        let case: Case = serde_json::from_slice(&std::fs::read(file).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        if only
+            .as_ref()
+            .is_some_and(|o| !case.name.contains(o.as_str()))
+        {
+            continue;
+        }
+        let l = &case.limits;
+        let disk = l.disk.as_deref().map_or(64 << 20, bytes);
+        let job = JobDir::create(jobs.path(), &case.name, disk).unwrap();
+        let mut env = vec![
+            ("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned()),
+            ("HOME".to_owned(), "/tmp".to_owned()),
+            (
+                "CANARY_CONFIG".to_owned(),
+                canary.config_file.display().to_string(),
+            ),
+            (
+                "CANARY_OTHER".to_owned(),
+                canary.other_file.display().to_string(),
+            ),
+        ];
+        env.extend(case.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let spec = SandboxSpec {
+            lower_dirs: vec![rootfs()],
+            upper: job.upper(),
+            work: job.work(),
+            identity,
+            argv: case.argv.clone(),
+            env,
+            cwd: case.cwd.clone().unwrap_or_else(|| PathBuf::from("/")),
+            limits: SandboxLimits {
+                memory_bytes: Some(l.memory.as_deref().map_or(512 << 20, bytes)),
+                pids: Some(l.pids.unwrap_or(128)),
+                cpu_quota: Some(l.cpus.unwrap_or(1.0)),
+                wall: Duration::from_secs(l.wall_secs.unwrap_or(30)),
+                cpu_seconds: l.cpu_seconds,
+                open_files: 1024,
+                tmp_bytes: l.tmp.as_deref().map_or(64 << 20, bytes),
+                file_size_bytes: None,
+            },
+            network: case.network.unwrap_or_default(),
+            read_only_binds: vec![(
+                repo().join("fixtures/abuse/probes"),
+                PathBuf::from("/probes"),
+            )],
+            hostname: "corral".to_owned(),
+        };
+        let ran = run(&spec);
+        assert_nothing_left("abuse", identity.host_uid, &case.name);
+        let problems = check(&case.expect, &ran, &job.upper(), identity.host_uid);
+        eprintln!(
+            "{:<32} {:<13} {:?} denied={:?} net={} {}",
+            case.name,
+            serde_json::to_string(&ran.outcome.reason).unwrap(),
+            ran.outcome.exit,
+            ran.outcome.denied_syscalls,
+            ran.outcome.network_attempts,
+            if problems.is_empty() { "ok" } else { "FAILED" }
+        );
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{}: {}\n  outcome: {}\n  stdout: {:?}\n  stderr: {:?}",
+                case.name,
+                problems.join("; "),
+                serde_json::to_string(&ran.outcome).unwrap(),
+                ran.stdout,
+                ran.stderr
+            ));
+        }
+        job.remove().unwrap();
+    }
+    canary.other_upper.remove().unwrap();
+    assert!(
+        failures.is_empty(),
+        "abuse cases failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+fn check(expect: &Expect, ran: &Ran, upper: &Path, uid: u32) -> Vec<String> {
+    let mut problems = Vec::new();
+    let o = &ran.outcome;
+    if o.reason != expect.reason {
+        problems.push(format!(
+            "reason {:?}, expected {:?}",
+            o.reason, expect.reason
+        ));
+    }
+    match &expect.exit {
+        Some(ExpectExit::Exact(e)) if *e != o.exit => {
+            problems.push(format!("exit {:?}, expected {e:?}", o.exit))
+        }
+        Some(ExpectExit::Word(w)) if w == "nonzero" && o.exit == Exit::Code(0) => {
+            problems.push("exit 0, expected a failure".to_owned())
+        }
+        _ => {}
+    }
+    for (name, min) in &expect.denied {
+        let got = o.denied_syscalls.get(name).copied().unwrap_or(0);
+        if got < *min {
+            problems.push(format!(
+                "{name} denied {got} times, expected at least {min}"
+            ));
+        }
+    }
+    if let Some(n) = expect.network_attempts
+        && o.network_attempts != n
+    {
+        problems.push(format!(
+            "{} network attempts, expected {n}",
+            o.network_attempts
+        ));
+    }
+    for s in &expect.stdout_contains {
+        if !ran.stdout.contains(s.as_str()) {
+            problems.push(format!("stdout lacks {s:?}"));
+        }
+    }
+    for s in &expect.stdout_lacks {
+        if ran.stdout.contains(s.as_str()) {
+            problems.push(format!("stdout contains {s:?}"));
+        }
+    }
+    for s in &expect.stderr_contains {
+        if !ran.stderr.contains(s.as_str()) {
+            problems.push(format!("stderr lacks {s:?}"));
+        }
+    }
+    for rel in &expect.upper_owned_by_project {
+        match std::fs::symlink_metadata(upper.join(rel)) {
+            Ok(m) if m.uid() == uid && m.gid() == uid => {}
+            Ok(m) => problems.push(format!(
+                "{} owned by {}:{}, expected {uid}",
+                rel.display(),
+                m.uid(),
+                m.gid()
+            )),
+            Err(e) => problems.push(format!("{} not in the upper dir: {e}", rel.display())),
+        }
+    }
+    problems
+}
+
+fn simple_spec(job: &JobDir, uid: u32, argv: &[&str]) -> SandboxSpec {
+    SandboxSpec {
+        lower_dirs: vec![rootfs()],
+        upper: job.upper(),
+        work: job.work(),
+        identity: corral_sandbox::Identity {
+            host_uid: uid,
+            host_gid: uid,
+        },
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
+        cwd: PathBuf::from("/"),
+        limits: SandboxLimits {
+            wall: Duration::from_secs(60),
+            ..SandboxLimits::default()
+        },
+        network: Network::None,
+        read_only_binds: vec![],
+        hostname: "corral".to_owned(),
+    }
+}
+
+/// Starts `argv` and waits until it printed `ready\n`.
+fn start_ready(
+    test: &str,
+    uid: u32,
+    job: &JobDir,
+    argv: &[&str],
+) -> (corral_sandbox::Running, std::process::ChildStdout) {
+    let mut running = Sandbox::spawn(&simple_spec(job, uid, argv), &config(test)).unwrap();
+    let mut stdout = running.stdout.take().unwrap();
+    let mut first = [0u8; 6];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"ready\n");
+    (running, stdout)
+}
+
+#[test]
+fn cancel_sends_term_then_kills_everything() {
+    if !prerequisites() {
+        return;
+    }
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let job = JobDir::create(jobs.path(), "cancel", 16 << 20).unwrap();
+    let (running, mut stdout) = start_ready(
+        "cancel",
+        211_001,
+        &job,
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 0' TERM; sleep 3600 & echo ready; wait",
+        ],
+    );
+    running.cancel_handle().cancel(Duration::from_secs(5));
+    let outcome = running.wait().unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(outcome.reason, DeathReason::Cancelled);
+    assert!(
+        rest.contains("got-term"),
+        "TERM reached the job first: {rest:?}"
+    );
+    assert_nothing_left("cancel", 211_001, "cancel");
+    job.remove().unwrap();
+}
+
+#[test]
+fn cancel_of_a_term_ignoring_job_kills_after_the_grace() {
+    if !prerequisites() {
+        return;
+    }
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let job = JobDir::create(jobs.path(), "stubborn", 16 << 20).unwrap();
+    let (running, _stdout) = start_ready(
+        "stubborn",
+        211_002,
+        &job,
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; while :; do sleep 1; done",
+        ],
+    );
+    running.cancel_handle().cancel(Duration::from_millis(300));
+    let outcome = running.wait().unwrap();
+    assert_eq!(outcome.reason, DeathReason::Cancelled);
+    assert_eq!(outcome.exit, Exit::Signal(9));
+    assert_nothing_left("stubborn", 211_002, "stubborn");
+    job.remove().unwrap();
+}
+
+#[test]
+fn helper_crash_leaves_no_mount_process_or_cgroup() {
+    if !prerequisites() {
+        return;
+    }
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let job = JobDir::create(jobs.path(), "crash", 16 << 20).unwrap();
+    let (running, _stdout) = start_ready(
+        "crash",
+        211_003,
+        &job,
+        &["sh", "-c", "echo ready; sleep 3600"],
+    );
+    let helper = running.helper_pid().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &helper])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let err = running.wait().expect_err("a killed helper cannot report");
+    assert!(matches!(err, corral_sandbox::Error::HelperDied), "{err}");
+    assert_nothing_left("crash", 211_003, "crash");
+    // The upper dir's filesystem is free again: the worker can unmount it.
+    job.remove().unwrap();
+}
+
+#[test]
+fn debug_command_prints_the_outcome_as_json() {
+    if !prerequisites() {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["sandbox", "--rootfs"])
+        .arg(rootfs())
+        .args([
+            "--memory",
+            "128MiB",
+            "--pids",
+            "16",
+            "--wall",
+            "20",
+            "--network",
+            "none",
+        ])
+        .args(["--", "sh", "-c", "echo hello; exit 4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a failed job is the job's fault: {stdout}"
+    );
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("hello"));
+    let outcome: Outcome = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(outcome.exit, Exit::Code(4));
+    assert_eq!(outcome.reason, DeathReason::Completed);
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(
+        help.contains("sandbox") && !help.contains("__sandbox-init"),
+        "{help}"
+    );
+}
