@@ -35,6 +35,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print or write the JSON Schemas of the wire messages.
     Schema(SchemaArgs),
+    /// Write a directory (an overlay upper dir, or a plain tree with --plain) as a
+    /// deterministic OCI layer and print its digests as JSON.
+    Snapshot(SnapshotArgs),
     /// Build, import and list bases: the read-only root filesystems builds run on.
     #[command(subcommand)]
     Base(BaseCommand),
@@ -70,6 +73,69 @@ pub struct SchemaArgs {
     /// Which message's schema to print.
     #[arg(value_parser = ["job", "result", "event", "log", "cancel"], default_value = "job")]
     pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayerCompression {
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceChoice {
+    Skip,
+    Refuse,
+    Keep,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// The directory to snapshot.
+    pub dir: PathBuf,
+    /// Where to write the layer blob (written to FILE.partial, renamed when complete).
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Source-date epoch: later mtimes are clamped to it.
+    #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+    pub epoch: u64,
+    /// Layer compression (media type `…tar+gzip` or `…tar+zstd`).
+    #[arg(long, value_enum, default_value_t = LayerCompression::Gzip)]
+    pub compression: LayerCompression,
+    /// Compression level (default: 6 for gzip, 3 for zstd).
+    #[arg(long)]
+    pub level: Option<i32>,
+    /// Compression threads (default: the available CPUs). The output does not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Snapshot a plain tree: no whiteout or opaque-directory semantics.
+    #[arg(long)]
+    pub plain: bool,
+    /// Keep setuid/setgid bits (default: strip them and report the count).
+    #[arg(long)]
+    pub keep_setid: bool,
+    /// What to do with device nodes.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Skip)]
+    pub devices: DeviceChoice,
+    /// Fail once the compressed layer would exceed this many bytes.
+    #[arg(long)]
+    pub max_output_bytes: Option<u64>,
+    /// Fail once the uncompressed tar would exceed this many bytes.
+    #[arg(long)]
+    pub max_tar_bytes: Option<u64>,
+    /// Map a host uid to an in-sandbox uid (HOST:INNER), repeatable.
+    #[arg(long, value_parser = parse_id_pair)]
+    pub map_uid: Vec<(u32, u32)>,
+    /// Map a host gid to an in-sandbox gid (HOST:INNER), repeatable.
+    #[arg(long, value_parser = parse_id_pair)]
+    pub map_gid: Vec<(u32, u32)>,
+}
+
+fn parse_id_pair(s: &str) -> Result<(u32, u32), String> {
+    let (host, inner) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:INNER"))?;
+    let parse = |v: &str| v.parse::<u32>().map_err(|e| format!("{v:?}: {e}"));
+    Ok((parse(host)?, parse(inner)?))
 }
 
 #[derive(Debug, clap::Args)]

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod config;
 pub mod exit;
 pub mod image;
+pub mod layer;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

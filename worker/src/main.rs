@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
         Command::Base(args) => cmd::base::run(args),
         Command::Source(command) => cmd::source::run(command),
         Command::CheckConfig(args) => cmd::check_config::run(args),

@@ -5,6 +5,7 @@ pub mod base;
 pub mod check_config;
 pub mod sandbox;
 pub mod schema;
+pub mod snapshot;
 pub mod source;
 pub mod submit;
 pub mod validate;
