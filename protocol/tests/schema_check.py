@@ -14,7 +14,7 @@ jsonschema.Draft202012Validator.check_schema(schema)
 validator = jsonschema.Draft202012Validator(schema)
 
 problems = []
-golden = sorted((root / "fixtures/jobs").glob("*.json"))
+golden = sorted(p for p in (root / "fixtures/jobs").glob("*.json") if not p.name.endswith(".expect.json"))
 for path in golden:
     errors = list(validator.iter_errors(json.loads(path.read_text())))
     if errors:

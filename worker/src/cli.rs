@@ -35,6 +35,9 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print or write the JSON Schemas of the wire messages.
     Schema(SchemaArgs),
+    /// Run one job through the whole pipeline locally (sandbox, snapshot, store) and print
+    /// its result. Fixture bases and bundles are created on first use.
+    Replay(ReplayArgs),
     /// Write a directory (an overlay upper dir, or a plain tree with --plain) as a
     /// deterministic OCI layer and print its digests as JSON.
     Snapshot(SnapshotArgs),
@@ -50,7 +53,7 @@ pub enum Command {
     /// Run one command in a sandbox over a root filesystem and print its outcome as JSON.
     Sandbox(Box<SandboxArgs>),
     /// Consume build jobs from RabbitMQ until SIGTERM (then drain).
-    Work(WorkArgs),
+    Work(Box<WorkArgs>),
     /// Publish a job message to RabbitMQ; with --wait, print its result.
     Submit(SubmitArgs),
 }
@@ -63,6 +66,27 @@ pub struct ValidateArgs {
     /// Print each verdict as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The job message (JSON), e.g. fixtures/jobs/python-app.json.
+    pub job: PathBuf,
+    /// Store URL (default: the config's, i.e. `oci-dir:<data dir>/store`).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// The worker's data dir (bases, store, caches, job dirs). Default /var/lib/corral.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Rebuild even when the action cache has this job's inputs.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Print the JobResult as JSON on stdout (the build's output goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// A worker config file (TOML) to take limits, sandbox and store settings from.
+    #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -327,14 +351,20 @@ pub enum SandboxNetwork {
 pub struct WorkArgs {
     #[command(flatten)]
     pub amqp: crate::amqp::AmqpSettings,
-    /// What runs a job. `process` runs the command as a plain child process WITHOUT any
-    /// sandbox (tests and benchmarks only).
-    #[arg(long, value_enum, env = "CORRAL_RUNNER")]
+    /// What runs a job: the sandboxed build pipeline, or (`process`) the command as a plain
+    /// child process WITHOUT any sandbox (tests and benchmarks only).
+    #[arg(long, value_enum, env = "CORRAL_RUNNER", default_value = "pipeline")]
     pub runner: RunnerKind,
+    /// The worker's config file (TOML). With it, the broker settings come from the file
+    /// (its `[amqp]` section, `concurrency`, `drain_deadline`) instead of the flags above.
+    #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RunnerKind {
+    /// The sandboxed build pipeline (production).
+    Pipeline,
     /// Unsandboxed child process (tests and benchmarks only).
     Process,
 }

@@ -15,5 +15,6 @@ pub mod layer;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod pipeline;
 pub mod source;
 pub mod store;

@@ -18,12 +18,13 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
+        Command::Replay(args) => cmd::replay::run(args),
         Command::Snapshot(args) => cmd::snapshot::run(args),
         Command::Base(args) => cmd::base::run(args),
         Command::Source(command) => cmd::source::run(command),
         Command::CheckConfig(args) => cmd::check_config::run(args),
         Command::Sandbox(args) => cmd::sandbox::run(*args),
-        Command::Work(args) => cmd::work::run(args),
+        Command::Work(args) => cmd::work::run(*args),
         Command::Submit(args) => cmd::submit::run(args),
     };
     match outcome {

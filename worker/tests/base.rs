@@ -184,7 +184,35 @@ fn imports_a_rootfs_tarball_and_lists_it() {
         origin["sha256"],
         format!("sha256:{}", sha.split_whitespace().next().unwrap())
     );
-    assert_eq!(base["layer"], Value::Null, "no layer writer wired in yet");
+    // The base's layer is computed once, at import: its blob sits beside the rootfs and is
+    // what its digest says, and its tar is what diff_id says.
+    let layer = &base["layer"];
+    assert_eq!(
+        layer["media_type"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let blob = data.join("bases/tiny/layer.tar.gz");
+    let sha = Command::new("sha256sum").arg(&blob).output().unwrap();
+    assert_eq!(
+        layer["digest"],
+        format!(
+            "sha256:{}",
+            text(&sha.stdout).split_whitespace().next().unwrap()
+        )
+    );
+    assert_eq!(layer["size"], fs::metadata(&blob).unwrap().len());
+    let tar = Command::new("sh")
+        .arg("-c")
+        .arg(format!("gzip -dc {} | sha256sum", blob.display()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        layer["diff_id"],
+        format!(
+            "sha256:{}",
+            text(&tar.stdout).split_whitespace().next().unwrap()
+        )
+    );
 
     let table = corral(&["base", "list"], &data);
     let table = text(&table.stdout);

@@ -328,6 +328,82 @@ fn corral() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corral"))
 }
 
+/// A directory packs to the same digest whatever its owners, timestamps or creation order,
+/// and what is stored unpacks to the same tree.
+#[test]
+fn source_push_packs_a_directory_deterministically() {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = format!("oci-dir:{}", scratch.path().join("store").display());
+    let make = |name: &str, reverse: bool, mtime: &str| {
+        let dir = scratch.path().join(name);
+        let mut files = vec![
+            ("a.txt", "alpha\n"),
+            ("sub/b.py", "print('b')\n"),
+            ("run.sh", "#!/bin/sh\n"),
+        ];
+        if reverse {
+            files.reverse();
+        }
+        for (path, text) in files {
+            let path = dir.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, text).unwrap();
+        }
+        std::fs::set_permissions(
+            dir.join("run.sh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let touched = Command::new("touch")
+            .args(["-h", "-d", mtime])
+            .arg(dir.join("a.txt"))
+            .status()
+            .unwrap();
+        assert!(touched.success());
+        dir
+    };
+    let push = |dir: &Path| {
+        let out = corral()
+            .args(["source", "push"])
+            .arg(dir)
+            .args(["--store", &store])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let one = push(&make("one", false, "2001-01-01"));
+    let two_dir = make("two", true, "2020-02-02");
+    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
+    if uid == b"0\n" {
+        let chowned = Command::new("chown")
+            .args(["-R", "4242:4343"])
+            .arg(&two_dir)
+            .status()
+            .unwrap();
+        assert!(chowned.success());
+    }
+    let two = push(&two_dir);
+    assert_eq!(one, two, "same content, same digest");
+    let digest = Digest::parse(one).unwrap();
+    let blob = scratch.path().join("store/blobs/sha256").join(digest.hex());
+    let listing = Command::new("tar")
+        .arg("-tvzf")
+        .arg(&blob)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    assert!(listing.contains("sub/b.py"), "{listing}");
+    assert!(
+        listing.contains("-rwxr-xr-x 0/0"),
+        "owners are 0:0 and modes kept: {listing}"
+    );
+}
+
 #[test]
 fn source_push_uploads_a_tarball_as_is_and_prints_its_digest() {
     let scratch = tempfile::tempdir().unwrap();

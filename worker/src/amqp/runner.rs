@@ -8,32 +8,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use corral_protocol::{Job, JobResult, Reason, Status, Stream, Usage, WorkerInfo};
+use corral_protocol::{Job, JobResult, Reason, Status, Stream, Usage};
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-/// Where a build's output goes while it runs: `(stream, bytes)` in the order produced. The
-/// worker turns it into ordered, rate- and size-bounded LogChunks. Sending blocks when the
-/// publisher is behind, which is the back-pressure a noisy build deserves.
-pub type LogSink = mpsc::Sender<(Stream, Bytes)>;
-
-/// What a runner gets besides the job.
-#[derive(Debug, Clone)]
-pub struct RunContext {
-    /// Fires on a Cancel message, a lost delivery (connection or channel loss, consumer
-    /// timeout), the log limit, or the drain deadline. The runner must then stop the build
-    /// promptly (TERM, grace, KILL) and return; the worker decides what the stop means.
-    pub cancel: CancellationToken,
-    /// The build's output, as it is produced. Drop it (and every clone) when the build ends.
-    pub logs: LogSink,
-    /// The broker delivered this job before (to this or another worker).
-    pub redelivered: bool,
-    /// Earlier deliveries of this job (the quorum queue's `x-delivery-count`, 0 at first).
-    pub delivery_count: u32,
-    /// Who is running it, for the result's `worker` field.
-    pub worker: WorkerInfo,
-}
+pub use crate::pipeline::{LogSink, RunContext};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

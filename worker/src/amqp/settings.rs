@@ -53,6 +53,10 @@ pub struct AmqpSettings {
     /// This worker's id in results and events. Default: `<hostname>-<pid>`.
     #[arg(long, env = "CORRAL_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Exchange and queue names set one by one (from the config file) instead of from
+    /// `prefix`.
+    #[arg(skip)]
+    pub names_override: Option<Names>,
 }
 
 fn parse_pool(s: &str) -> Result<PoolName, String> {
@@ -107,7 +111,36 @@ impl Names {
 
 impl AmqpSettings {
     pub fn names(&self) -> Names {
-        Names::new(&self.prefix, &self.pool)
+        self.names_override
+            .clone()
+            .unwrap_or_else(|| Names::new(&self.prefix, &self.pool))
+    }
+
+    /// The settings a config file gives (it names every exchange and queue itself).
+    pub fn from_config(config: &crate::config::Config, base: AmqpSettings) -> AmqpSettings {
+        let a = &config.amqp;
+        AmqpSettings {
+            amqp_url: a.connection_uri(),
+            pool: a.pool.clone(),
+            concurrency: config.concurrency,
+            drain_deadline: config.drain_deadline,
+            delivery_limit: a.delivery_limit,
+            lease: a.lease,
+            heartbeat: u16::try_from(a.heartbeat.as_secs()).unwrap_or(15),
+            backoff_max: a.reconnect_max,
+            worker_id: Some(config.worker.id.clone()),
+            names_override: Some(Names {
+                jobs_exchange: a.jobs_exchange.clone(),
+                jobs_queue: a.jobs_queue.clone(),
+                dead_exchange: a.dead_letter_exchange.clone(),
+                dead_queue: a.dead_letter_queue.clone(),
+                results: a.results_exchange.clone(),
+                events: a.events_exchange.clone(),
+                logs: a.logs_exchange.clone(),
+                control: a.control_exchange.clone(),
+            }),
+            ..base
+        }
     }
 
     pub fn worker_id(&self) -> String {

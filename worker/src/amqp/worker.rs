@@ -232,6 +232,11 @@ impl<R: JobRunner> Worker<R> {
                 queue: self.names.jobs_queue.clone(),
                 source,
             })?;
+        // systemd's Type=notify: ready means consuming (repeated after a reconnect, harmless).
+        crate::notify::notify(&format!(
+            "READY=1\nSTATUS=consuming {}",
+            self.names.jobs_queue
+        ));
         let ctl = conn.create_channel().await.map_err(AmqpError::Channel)?;
         let ctl_queue = ctl
             .queue_declare(

@@ -520,39 +520,40 @@ impl Catalogue {
 }
 
 /// The one place where a base becomes an OCI layer. It runs once per base, at creation, and
-/// writes the gzip blob to `out`.
-///
-/// Until the layer writer is wired in, bases record no layer (`layer: null`). At merge,
-/// with `crate::layer::{write_layer, LayerOptions, Mode, SetIdPolicy}`:
-///
-/// ```ignore
-/// let err = |source: Box<dyn std::error::Error + Send + Sync>| BaseError::Layer {
-///     path: rootfs.to_path_buf(),
-///     source,
-/// };
-/// let blob = File::create(out).map_err(|e| err(e.into()))?;
-/// let options = LayerOptions {
-///     mode: Mode::Plain,
-///     // Clamp nothing: a base keeps its own mtimes (its .pyc files check them). The
-///     // layer is computed once, so the digest is still fixed for the base's life.
-///     epoch: now_unix_seconds,
-///     // The base as built (su, mount); the sandbox runs with no_new_privs anyway.
-///     setid: SetIdPolicy::Keep,
-///     threads: 2,
-///     ..LayerOptions::default()
-/// };
-/// let summary = write_layer(rootfs, &options, std::io::BufWriter::new(blob))
-///     .map_err(|e| err(e.into()))?;
-/// Ok(Some(Layer {
-///     digest: summary.digest,
-///     diff_id: summary.diff_id,
-///     size: summary.size,
-///     media_type: summary.media_type.to_string(),
-/// }))
-/// ```
+/// writes the gzip blob to `out` (kept beside the rootfs, so the pipeline can put it in any
+/// store without computing it again).
 pub fn compute_layer(rootfs: &Path, out: &Path) -> Result<Option<Layer>, BaseError> {
-    let _ = (rootfs, out);
-    Ok(None)
+    use crate::layer::{LayerOptions, Mode, SetIdPolicy, write_layer};
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| BaseError::Layer {
+        path: rootfs.to_path_buf(),
+        source,
+    };
+    let blob = File::create(out).map_err(|e| err(e.into()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let options = LayerOptions {
+        mode: Mode::Plain,
+        // Clamp nothing: a base keeps its own mtimes (its .pyc files check them). The layer
+        // is computed once, so its digest is fixed for the base's life.
+        epoch: now,
+        // The base as built (su, mount): the sandbox runs with no_new_privs anyway.
+        setid: SetIdPolicy::Keep,
+        threads: std::thread::available_parallelism().map_or(1, usize::from),
+        ..LayerOptions::default()
+    };
+    let mut writer = io::BufWriter::new(blob);
+    let summary = write_layer(rootfs, &options, &mut writer).map_err(|e| err(e.into()))?;
+    let blob = writer
+        .into_inner()
+        .map_err(|e| err(e.into_error().into()))?;
+    blob.sync_all().map_err(|e| err(e.into()))?;
+    Ok(Some(Layer {
+        digest: summary.digest,
+        diff_id: summary.diff_id,
+        size: summary.size,
+        media_type: summary.media_type.to_string(),
+    }))
 }
 
 /// Files and bytes of a tree.

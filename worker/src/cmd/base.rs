@@ -67,20 +67,30 @@ fn build(args: BaseBuildArgs) -> Result<(), BaseError> {
             docs: args.docs,
         },
     };
+    let base = build_with_progress(&catalogue, &args.name, &recipe, if_exists(args.replace))?;
+    summarise(&base);
+    Ok(())
+}
+
+/// Builds a base with debootstrap, showing its progress (shared with `corral replay`,
+/// which creates missing fixture bases on first use).
+pub(crate) fn build_with_progress(
+    catalogue: &Catalogue,
+    name: &corral_protocol::BaseName,
+    recipe: &Recipe,
+    if_exists: IfExists,
+) -> Result<Base, BaseError> {
     eprintln!(
         "corral: building base {} with debootstrap ({} minbase{}{}); this takes a minute or two",
-        args.name,
+        name,
         recipe.suite,
         if recipe.include.is_empty() { "" } else { " + " },
         recipe.include.join(","),
     );
     let mut display = Display::new();
-    let base = catalogue.build(&args.name, &recipe, if_exists(args.replace), &mut |p| {
-        display.report(p)
-    });
+    let base = catalogue.build(name, recipe, if_exists, &mut |p| display.report(p));
     display.finish();
-    summarise(&base?);
-    Ok(())
+    base
 }
 
 fn import(args: BaseImportArgs) -> Result<(), BaseError> {

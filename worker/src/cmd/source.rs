@@ -6,7 +6,7 @@
 use std::io::Write as _;
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use corral_protocol::Digest;
 use tempfile::NamedTempFile;
 
@@ -105,15 +105,24 @@ fn copy_to_spool(
     Ok((tmp, digest, size))
 }
 
-/// LEAD: wire this to the snapshot piece's deterministic layer writer (sorted entries,
-/// clamped mtimes, ids 0:0, no xattrs, gzip), returning the packed tar.gz spooled to a temp
-/// file and its sha256. Until then `corral source push DIR` fails cleanly; pushing a
-/// tarball works.
+/// Packs `dir` deterministically into a tar.gz spooled to a temp file: the layer writer's
+/// plain mode (entries sorted bytewise, mtimes clamped to 0, owners 0:0, setuid/setgid
+/// stripped, device nodes refused, no xattrs, pinned gzip). The same tree gives the same
+/// digest on any machine, whoever owns the checkout.
 pub fn pack_dir(dir: &Path) -> anyhow::Result<(NamedTempFile, Digest)> {
-    bail!(
-        "packing a directory ({}) needs the layer writer, which is not wired in yet; \
-         pack it with `tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -czf` \
-         and push the tarball",
-        dir.display()
-    )
+    use crate::layer::{DevicePolicy, IdMap, LayerOptions, Mode, XattrPolicy, write_layer};
+    let spool = NamedTempFile::new().context("creating a temp file for the bundle")?;
+    let options = LayerOptions {
+        mode: Mode::Plain,
+        epoch: 0,
+        id_map: IdMap::squash(0, 0),
+        devices: DevicePolicy::Refuse,
+        xattrs: XattrPolicy::none(),
+        threads: std::thread::available_parallelism().map_or(1, usize::from),
+        ..LayerOptions::default()
+    };
+    let file = spool.reopen().context("reopening the bundle temp file")?;
+    let summary = write_layer(dir, &options, std::io::BufWriter::new(file))
+        .with_context(|| format!("packing {}", dir.display()))?;
+    Ok((spool, summary.digest))
 }

@@ -5,9 +5,14 @@ use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{ProcessRunner, Worker};
+use std::sync::Arc;
+
+use crate::amqp::{AmqpSettings, ProcessRunner, Worker};
 use crate::cli::{RunnerKind, WorkArgs};
+use crate::config::{Config, ConfigFlags, Sources};
 use crate::exit;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, Pipeline, PipelineRunner, Settings};
 
 pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -40,6 +45,41 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
             });
         }
         match args.runner {
+            RunnerKind::Pipeline => {
+                let sources = Sources::from_process(args.config.clone(), ConfigFlags::default());
+                let loaded = Config::load(&sources).map_err(|e| anyhow::anyhow!("{e}"))?;
+                for warning in &loaded.warnings {
+                    tracing::warn!("config: {warning}");
+                }
+                let config = loaded.config;
+                let amqp = match &args.config {
+                    Some(_) => AmqpSettings::from_config(&config, args.amqp),
+                    None => args.amqp,
+                };
+                let metrics = Arc::new(Metrics::new());
+                if let Some(addr) = config.metrics.listen {
+                    let listener = crate::metrics::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the metrics listener {addr}"))?;
+                    let stop = kill.clone();
+                    tokio::spawn(crate::metrics::serve(
+                        listener,
+                        metrics.clone(),
+                        async move {
+                            stop.cancelled().await;
+                        },
+                    ));
+                }
+                let store = pipeline::open_store(&config)
+                    .await
+                    .context("opening the store")?;
+                let settings = Settings::from_config(&config).context("setting up the sandbox")?;
+                let pipeline = Arc::new(
+                    Pipeline::open(settings, store, metrics).context("opening the data dir")?,
+                );
+                let worker = Worker::new(amqp, PipelineRunner::new(pipeline))?;
+                worker.run(drain, kill).await?;
+            }
             RunnerKind::Process => {
                 tracing::warn!("runner `process`: jobs run WITHOUT a sandbox (tests only)");
                 let worker = Worker::new(args.amqp, ProcessRunner::from_env())?;

@@ -86,6 +86,9 @@ pub enum Mode {
 pub struct IdMap {
     uids: Vec<(u32, u32)>,
     gids: Vec<(u32, u32)>,
+    /// Every id becomes this one (for packing a developer's directory: who owned the
+    /// checkout must not change the digest).
+    squash: Option<(u32, u32)>,
 }
 
 impl IdMap {
@@ -106,12 +109,22 @@ impl IdMap {
         self
     }
 
+    /// Maps every uid to `uid` and every gid to `gid`.
+    pub fn squash(uid: u32, gid: u32) -> Self {
+        IdMap {
+            squash: Some((uid, gid)),
+            ..IdMap::default()
+        }
+    }
+
     pub fn map_uid(&self, host: u32) -> u32 {
-        lookup(&self.uids, host)
+        self.squash
+            .map_or_else(|| lookup(&self.uids, host), |(uid, _)| uid)
     }
 
     pub fn map_gid(&self, host: u32) -> u32 {
-        lookup(&self.gids, host)
+        self.squash
+            .map_or_else(|| lookup(&self.gids, host), |(_, gid)| gid)
     }
 }
 
