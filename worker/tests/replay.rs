@@ -1,0 +1,404 @@
+//! `corral replay` end to end, as root, on a real base: every fixture job in
+//! `fixtures/jobs/` gives the result its `.expect.json` names; the same job gives the same
+//! digest twice and the second run is an action-cache hit; `--no-cache` rebuilds to the same
+//! digest; the python-app image, unpacked by umoci, runs its entry point with the venv's
+//! interpreter inside a sandbox; nothing (mount, job dir, cgroup) is left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// In CI a missing prerequisite fails the test; elsewhere it is skipped, loudly.
+fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("prerequisite missing in CI: {what}");
+    }
+    eprintln!("SKIPPED: prerequisite missing: {what}");
+    false
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n")
+}
+
+fn rootfs() -> PathBuf {
+    std::env::var_os("CORRAL_TEST_ROOTFS").map_or_else(
+        || PathBuf::from("/var/cache/corral-test/rootfs"),
+        PathBuf::from,
+    )
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn corral(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+        .current_dir(repo())
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// One data dir for the whole binary, with the `python-3.11` base imported from the test
+/// rootfs (a debootstrap of the same recipe; `corral base build` itself is covered by
+/// `tests/base.rs`).
+fn data_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-replay-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let tarball = dir.path().join("rootfs.tar");
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(rootfs())
+            .args(["--numeric-owner", "-cf"])
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(tar.success());
+        let data = dir.path().join("data");
+        let out = corral(&[
+            "base",
+            "import",
+            "python-3.11",
+            tarball.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        std::fs::remove_file(&tarball).unwrap();
+        dir
+    })
+    .path()
+}
+
+fn data() -> PathBuf {
+    data_dir().join("data")
+}
+
+/// Tests share the data dir and some job ids: one build at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn prerequisites() -> bool {
+    require(is_root(), "root (namespaces, mounts, cgroups)")
+        && require(
+            rootfs().join("usr/bin/python3").exists(),
+            "the test rootfs at $CORRAL_TEST_ROOTFS",
+        )
+        && require(have("umoci"), "umoci")
+        && require(
+            repo().join("fixtures/bundles/python-app/wheels").is_dir(),
+            "the python-app wheels (run scripts/fixtures)",
+        )
+}
+
+struct Replay {
+    code: i32,
+    result: Value,
+    stderr: String,
+}
+
+fn replay(job: &str, extra: &[&str]) -> Replay {
+    let data = data();
+    let mut args = vec![
+        "replay",
+        job,
+        "--json",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = corral(&args);
+    let stderr = text(&out.stderr);
+    let result = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{job}: no JSON result ({e}): {}\n{stderr}",
+            text(&out.stdout)
+        )
+    });
+    Replay {
+        code: out.status.code().unwrap_or(-1),
+        result,
+        stderr,
+    }
+}
+
+/// Names in the build layer of a result (the third layer).
+fn build_layer_names(result: &Value) -> Vec<String> {
+    let digest = result["artifact"]["layers"][2]["digest"].as_str().unwrap();
+    let blob = data()
+        .join("store/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let out = Command::new("tar").arg("-tzf").arg(&blob).output().unwrap();
+    assert!(out.status.success());
+    text(&out.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches('/').to_string())
+        .collect()
+}
+
+/// Nothing of a job may outlive it: no mount under the data dir, no job dir, no scratch,
+/// no build cgroup.
+fn assert_clean(job: &str) {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let data = data();
+    let data_text = data.to_str().unwrap();
+    assert!(
+        !mounts.contains(data_text),
+        "{job}: a mount is left under {data_text}:\n{mounts}"
+    );
+    for dir in ["jobs", "tmp"] {
+        let left: Vec<_> = std::fs::read_dir(data.join(dir))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        let left: Vec<_> = left
+            .iter()
+            .filter(|n| n.to_string_lossy().contains(job))
+            .collect();
+        assert!(left.is_empty(), "{job}: left in {dir}: {left:?}");
+    }
+    for controller in ["memory", "pids", "cpu", "unified"] {
+        let parent = Path::new("/sys/fs/cgroup").join(controller).join("corral");
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            let left: Vec<_> = entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name())
+                .collect();
+            assert!(
+                left.is_empty(),
+                "{job}: cgroups left under {}: {left:?}",
+                parent.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_fixture_job_gives_its_expected_result() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let mut jobs: Vec<PathBuf> = std::fs::read_dir(repo().join("fixtures/jobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".expect.json"))
+        .collect();
+    jobs.sort();
+    assert!(jobs.len() >= 8, "fixture jobs: {jobs:?}");
+    let mut failures = Vec::new();
+    for expect_path in jobs {
+        let expect: Value = serde_json::from_slice(&std::fs::read(&expect_path).unwrap()).unwrap();
+        let name = expect_path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_end_matches(".expect.json")
+            .to_string();
+        let job = format!("fixtures/jobs/{name}.json");
+        let run = replay(&job, &["--no-cache"]);
+        let r = &run.result;
+        let mut problems = Vec::new();
+        if r["status"] != expect["status"] {
+            problems.push(format!(
+                "status {} (expected {})",
+                r["status"], expect["status"]
+            ));
+        }
+        if expect.get("reason").is_some() && r["reason"] != expect["reason"] {
+            problems.push(format!(
+                "reason {} (expected {})",
+                r["reason"], expect["reason"]
+            ));
+        }
+        if expect.get("exit_code").is_some() && r["exit_code"] != expect["exit_code"] {
+            problems.push(format!(
+                "exit code {} (expected {})",
+                r["exit_code"], expect["exit_code"]
+            ));
+        }
+        let want_code = match expect["status"].as_str().unwrap() {
+            "succeeded" => 0,
+            _ => 1,
+        };
+        if run.code != want_code {
+            problems.push(format!("exit status {} (expected {want_code})", run.code));
+        }
+        // With --json the build's output goes to stderr.
+        for key in ["stdout_contains", "stderr_contains"] {
+            if let Some(needle) = expect[key].as_str()
+                && !run.stderr.contains(needle)
+            {
+                problems.push(format!("output lacks {needle:?}"));
+            }
+        }
+        if let Some(min) = expect["network_attempts_min"].as_u64() {
+            let seen = r["usage"]["network_attempts"].as_u64().unwrap_or(0);
+            if seen < min {
+                problems.push(format!(
+                    "{seen} network attempts counted (expected at least {min})"
+                ));
+            }
+        }
+        if let Some(names) = expect["layer_has"].as_array() {
+            let layer = build_layer_names(r);
+            for name in names {
+                let name = name.as_str().unwrap();
+                if !layer.iter().any(|n| n == name) {
+                    problems.push(format!("build layer lacks {name}"));
+                }
+            }
+        }
+        if r["status"] == "succeeded" {
+            let layers = r["artifact"]["layers"].as_array().map_or(0, Vec::len);
+            if layers != 3 {
+                problems.push(format!("{layers} layers (expected base, source, build)"));
+            }
+        }
+        assert_clean(&name);
+        if !problems.is_empty() {
+            failures.push(format!("{name}: {}\n{}", problems.join("; "), run.stderr));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn the_same_job_gives_the_same_digest_and_hits_the_cache() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let job = "fixtures/jobs/whiteout.json";
+    let first = replay(job, &["--no-cache"]);
+    assert_eq!(first.result["status"], "succeeded", "{}", first.stderr);
+    let digest = first.result["artifact"]["manifest_digest"].clone();
+    let cached = replay(job, &[]);
+    assert_eq!(cached.result["cached"], true, "{}", cached.stderr);
+    assert_eq!(cached.result["artifact"]["manifest_digest"], digest);
+    let rebuilt = replay(job, &["--no-cache"]);
+    assert_eq!(rebuilt.result["cached"], false);
+    assert_eq!(
+        rebuilt.result["artifact"]["manifest_digest"], digest,
+        "a rebuild gives the same bytes"
+    );
+    assert_eq!(
+        rebuilt.result["artifact"]["layers"],
+        first.result["artifact"]["layers"]
+    );
+    // The human summary says it came from the cache.
+    let data = data();
+    let out = corral(&["replay", job, "--data-dir", data.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("from the action cache"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_clean("whiteout");
+}
+
+#[test]
+fn the_python_app_image_runs_its_entry_point_from_the_venv() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let run = replay("fixtures/jobs/python-app.json", &[]);
+    assert_eq!(run.result["status"], "succeeded", "{}", run.stderr);
+    let scratch = tempfile::Builder::new()
+        .prefix("corral-unpack-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let bundle = scratch.path().join("bundle");
+    let image = format!("{}:python-app", data().join("store").display());
+    let out = Command::new("umoci")
+        .args(["unpack", "--image", &image])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "umoci unpack: {}", text(&out.stderr));
+    let root = bundle.join("rootfs");
+    assert!(
+        root.join("app/.venv/bin/python").exists(),
+        "the venv is in the image"
+    );
+    let out = corral(&[
+        "sandbox",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--",
+        "/app/.venv/bin/python",
+        "-B",
+        "/app/main.py",
+        "--check",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("greeter: ok"),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn an_unknown_base_is_rejected_with_the_available_ones() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let scratch = tempfile::tempdir().unwrap();
+    let job: Value =
+        serde_json::from_slice(&std::fs::read(repo().join("fixtures/jobs/hello.json")).unwrap())
+            .unwrap();
+    let mut job = job;
+    job["base"] = Value::from("python-2.7");
+    job["job_id"] = Value::from("unknown-base");
+    let path = scratch.path().join("job.json");
+    std::fs::write(&path, serde_json::to_vec(&job).unwrap()).unwrap();
+    let run = replay(path.to_str().unwrap(), &[]);
+    assert_eq!(run.code, 65);
+    assert_eq!(run.result["status"], "rejected");
+    assert_eq!(run.result["reason"], "invalid_job");
+    assert_eq!(run.result["error"]["field"], "base");
+    assert_eq!(run.result["error"]["rule"], "unknown");
+    let message = run.result["message"].as_str().unwrap();
+    assert!(
+        message.contains("python-3.11"),
+        "lists the available bases: {message}"
+    );
+}
