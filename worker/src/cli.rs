@@ -390,4 +390,15 @@ pub struct SubmitArgs {
     /// With --wait: give up after this long (exit 75).
     #[arg(long, default_value = "1h", value_parser = crate::amqp::parse_duration)]
     pub timeout: std::time::Duration,
+    /// Pack this directory deterministically, upload it to `--store` and submit the job with
+    /// its digest as `source` (what `corral source push DIR` does, in one step).
+    #[arg(long, value_name = "DIR")]
+    pub source: Option<PathBuf>,
+    /// Store the workers read sources from (with --source).
+    #[arg(
+        long,
+        env = "CORRAL_STORE",
+        default_value = "oci-dir:/var/lib/corral/store"
+    )]
+    pub store: String,
 }

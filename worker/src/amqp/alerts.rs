@@ -88,6 +88,26 @@ pub fn for_result(result: &JobResult, worker: &str) -> Vec<Event> {
             .insert("syscalls".into(), serde_json::json!(usage.denied_syscalls));
         out.push(e);
     }
+    // A network attempt from a job without network is an attack or a misconfigured build:
+    // operators see it whatever the build's own outcome.
+    if let Some(usage) = &result.usage
+        && usage.network_attempts > 0
+    {
+        let mut e = event(
+            EventKind::NetworkAttempt,
+            Severity::Warning,
+            result.project.clone(),
+            Some(result.job_id.clone()),
+            worker,
+            format!(
+                "job {} tried to open {} network socket(s) without network access",
+                result.job_id, usage.network_attempts
+            ),
+        );
+        e.details
+            .insert("attempts".into(), serde_json::json!(usage.network_attempts));
+        out.push(e);
+    }
     if result.status == Status::Error && kind.is_none() {
         out.push(event(
             EventKind::PlatformError,
@@ -121,5 +141,29 @@ mod tests {
         let events = for_result(&r, "w");
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].routing_key(), "warning.wall_timeout.acme");
+    }
+
+    #[test]
+    fn network_attempts_and_denied_syscalls_alert_even_on_success() {
+        let mut r = JobResult::new(
+            JobId::new("j").unwrap(),
+            Some(ProjectId::new("acme").unwrap()),
+            Status::Succeeded,
+            WorkerInfo::default(),
+        );
+        let mut usage = corral_protocol::Usage {
+            network_attempts: 3,
+            ..Default::default()
+        };
+        usage.denied_syscalls.insert("keyctl".into(), 2);
+        r.usage = Some(usage);
+        let keys: Vec<String> = for_result(&r, "w").iter().map(Event::routing_key).collect();
+        assert_eq!(
+            keys,
+            [
+                "critical.seccomp_denied.acme",
+                "warning.network_attempt.acme"
+            ]
+        );
     }
 }

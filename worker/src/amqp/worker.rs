@@ -56,6 +56,7 @@ pub struct Worker<R: JobRunner> {
     flights: Flights,
     tracker: TaskTracker,
     draining: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
     /// The drain deadline passed or a second signal came: stop waiting to publish results
     /// and hand the jobs back.
     abandon: CancellationToken,
@@ -89,6 +90,16 @@ fn delivery_count(props: &BasicProperties) -> u32 {
 
 impl<R: JobRunner> Worker<R> {
     pub fn new(settings: AmqpSettings, runner: R) -> Result<Arc<Self>, AmqpError> {
+        Self::with_metrics(settings, runner, Arc::new(crate::metrics::Metrics::new()))
+    }
+
+    /// A worker that keeps `metrics` current (slots, connection, readiness, alerts).
+    pub fn with_metrics(
+        settings: AmqpSettings,
+        runner: R,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Self>, AmqpError> {
+        metrics.free_slots.set(i64::from(settings.concurrency));
         let uri = settings.uri()?;
         let id = settings.worker_id();
         let publisher = Publisher::new(
@@ -108,6 +119,7 @@ impl<R: JobRunner> Worker<R> {
             flights: Flights::default(),
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
+            metrics,
             abandon: CancellationToken::new(),
             settings,
         }))
@@ -151,6 +163,8 @@ impl<R: JobRunner> Worker<R> {
                 .session(session, &drain, &kill, &lost, &mut backoff)
                 .await;
             lost.cancel();
+            self.metrics.set_consuming(false);
+            self.metrics.set_connected(false);
             match end {
                 Ok(SessionEnd::Drained) => break,
                 Ok(SessionEnd::Lost(why)) => {
@@ -278,7 +292,10 @@ impl<R: JobRunner> Worker<R> {
             })?;
         backoff.reset();
         tracing::info!(session, queue = %self.names.jobs_queue, "consuming");
+        self.metrics.set_connected(true);
+        self.metrics.set_consuming(true);
         if session > 1 {
+            self.metrics.reconnects.inc();
             self.emit(alerts::event(
                 EventKind::BrokerReconnected,
                 Severity::Warning,
@@ -315,6 +332,7 @@ impl<R: JobRunner> Worker<R> {
         // by the handler (it sees `draining`).
         tracing::info!(running = self.flights.running(), deadline = ?self.settings.drain_deadline, "draining");
         self.draining.cancel();
+        self.metrics.set_draining(true);
         self.emit(alerts::event(
             EventKind::WorkerDraining,
             Severity::Info,
@@ -466,6 +484,8 @@ impl<R: JobRunner> Worker<R> {
             ));
         }
         let (flight_id, flight) = self.flights.start(job.job_id.clone(), session);
+        self.metrics.in_flight.inc();
+        self.metrics.free_slots.dec();
         if lost.is_cancelled() {
             flight.stop(Cause::Lost);
         }
@@ -488,6 +508,8 @@ impl<R: JobRunner> Worker<R> {
         let outcome = self.runner.run(job.clone(), ctx).await;
         let tally = pump.await.unwrap_or_default();
         self.flights.finish(flight_id);
+        self.metrics.in_flight.dec();
+        self.metrics.free_slots.inc();
         tracing::debug!(job = %job.job_id, ?tally, "build ended");
         let cause = flight.cause().cloned();
         let result = match (cause, outcome) {
@@ -720,6 +742,7 @@ impl<R: JobRunner> Worker<R> {
 
     fn emit_for(&self, result: &JobResult) {
         for event in alerts::for_result(result, &self.info.id) {
+            self.metrics.alert(event.kind.as_str());
             self.emit(event);
         }
     }

@@ -36,6 +36,19 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        if let Some(dir) = &args.source {
+            let store = crate::store::Store::open(&args.store, None)
+                .await
+                .with_context(|| format!("opening the store {}", args.store))?;
+            let (file, digest) = super::source::pack_dir(dir)?;
+            let size = file.as_file().metadata()?.len();
+            let (_, path) = file.keep()?;
+            let put = store.put_blob_file(&path, &digest, size).await;
+            let _ = std::fs::remove_file(&path);
+            put.with_context(|| format!("uploading the source of {}", dir.display()))?;
+            eprintln!("corral: source {} uploaded as {digest}", dir.display());
+            job.source = corral_protocol::SourceRef { digest, size: Some(size) };
+        }
         let url = crate::amqp::redact(&args.amqp_url);
         let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default())
             .await

@@ -75,9 +75,10 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
                     .context("opening the store")?;
                 let settings = Settings::from_config(&config).context("setting up the sandbox")?;
                 let pipeline = Arc::new(
-                    Pipeline::open(settings, store, metrics).context("opening the data dir")?,
+                    Pipeline::open(settings, store, metrics.clone())
+                        .context("opening the data dir")?,
                 );
-                let worker = Worker::new(amqp, PipelineRunner::new(pipeline))?;
+                let worker = Worker::with_metrics(amqp, PipelineRunner::new(pipeline), metrics)?;
                 worker.run(drain, kill).await?;
             }
             RunnerKind::Process => {

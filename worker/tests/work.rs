@@ -1,0 +1,301 @@
+//! `corral work` in production shape: a config file, the sandboxed pipeline runner, the real
+//! broker, sources uploaded by `corral submit --source`, and the metrics endpoint scraped
+//! after the jobs: its counters match the jobs run.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// In CI a missing prerequisite fails the test; elsewhere it is skipped, loudly.
+fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("prerequisite missing in CI: {what}");
+    }
+    eprintln!("SKIPPED: prerequisite missing: {what}");
+    false
+}
+
+fn rootfs() -> PathBuf {
+    std::env::var_os("CORRAL_TEST_ROOTFS").map_or_else(
+        || PathBuf::from("/var/cache/corral-test/rootfs"),
+        PathBuf::from,
+    )
+}
+
+fn corral() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+    cmd.current_dir(repo()).env("RUST_LOG", "info,lapin=error");
+    cmd
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// Stops the worker and removes the test's broker objects, even when the test fails.
+struct Cleanup {
+    worker: Option<Child>,
+    prefix: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &worker.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while worker.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = worker.kill();
+            let _ = worker.wait();
+        }
+        let p = &self.prefix;
+        let script = format!(
+            "import pika\nc = pika.BlockingConnection(pika.URLParameters('amqp://guest:guest@127.0.0.1:5672/%2f'))\n\
+             ch = c.channel()\n\
+             for q in ['{p}.jobs.default', '{p}.jobs.dead']:\n    ch.queue_delete(q)\n\
+             for e in ['jobs', 'dead', 'results', 'events', 'logs', 'control']:\n    ch.exchange_delete('{p}.' + e)\n\
+             c.close()\n"
+        );
+        let _ = Command::new("python3").arg("-c").arg(script).status();
+    }
+}
+
+#[test]
+fn work_runs_jobs_through_the_sandboxed_pipeline_and_counts_them() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout == b"0\n");
+    let broker = TcpStream::connect("127.0.0.1:5672").is_ok();
+    let pika = Command::new("python3")
+        .args(["-c", "import pika"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !(require(root, "root")
+        && require(
+            rootfs().join("usr/bin/python3").exists(),
+            "the test rootfs at $CORRAL_TEST_ROOTFS",
+        )
+        && require(broker, "RabbitMQ on 127.0.0.1:5672")
+        && require(pika, "python3 with pika"))
+    {
+        return;
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("corral-work-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let data = scratch.path().join("data");
+    let prefix = format!("tw{}", std::process::id());
+    let mut cleanup = Cleanup {
+        worker: None,
+        prefix: prefix.clone(),
+    };
+
+    // The base, imported from the test rootfs.
+    let tarball = scratch.path().join("rootfs.tar");
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(rootfs())
+            .args(["--numeric-owner", "-cf"])
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = corral()
+        .args(["base", "import", "python-3.11"])
+        .arg(&tarball)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let port = free_port();
+    let config = scratch.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{data}"
+concurrency = 2
+
+[amqp]
+url = "amqp://guest@127.0.0.1:5672/%2f"
+password = "guest"
+pool = "default"
+jobs_exchange = "{prefix}.jobs"
+jobs_queue = "{prefix}.jobs.default"
+dead_letter_exchange = "{prefix}.dead"
+dead_letter_queue = "{prefix}.jobs.dead"
+results_exchange = "{prefix}.results"
+events_exchange = "{prefix}.events"
+logs_exchange = "{prefix}.logs"
+control_exchange = "{prefix}.control"
+
+[sandbox]
+uid_start = 220000
+gid_start = 220000
+id_count = 1000
+
+[metrics]
+listen = "127.0.0.1:{port}"
+"#,
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    let check = corral()
+        .arg("check-config")
+        .arg("-q")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    let log = std::fs::File::create(scratch.path().join("worker.log")).unwrap();
+    let worker = corral()
+        .arg("work")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    cleanup.worker = Some(worker);
+    let worker_log =
+        || std::fs::read_to_string(scratch.path().join("worker.log")).unwrap_or_default();
+
+    // Ready once consuming.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::net::TcpStream::connect(("127.0.0.1", port))
+        .is_ok_and(|_| http_get(port, "/readyz").starts_with("HTTP/1.1 200"))
+    {
+        assert!(Instant::now() < deadline, "never ready:\n{}", worker_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(http_get(port, "/healthz").starts_with("HTTP/1.1 200"));
+
+    let store = format!("oci-dir:{}", data.join("store").display());
+    let submit = |job: &str, bundle: &str| -> Value {
+        let out = corral()
+            .args([
+                "submit",
+                job,
+                "--wait",
+                "--timeout",
+                "5m",
+                "--prefix",
+                &prefix,
+                "--store",
+                &store,
+                "--source",
+            ])
+            .arg(repo().join("fixtures/bundles").join(bundle))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{job}: no result ({e}): {}\n{}\nworker:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                worker_log()
+            )
+        })
+    };
+    let hello = submit("fixtures/jobs/hello.json", "hello");
+    assert_eq!(hello["status"], "succeeded", "{hello}");
+    assert_eq!(
+        hello["artifact"]["layers"].as_array().map(Vec::len),
+        Some(3),
+        "{hello}"
+    );
+    let fail = submit("fixtures/jobs/fail.json", "abuse");
+    assert_eq!(fail["status"], "failed", "{fail}");
+    assert_eq!(fail["reason"], "nonzero_exit");
+    assert_eq!(fail["exit_code"], 3);
+
+    let metrics = http_get(port, "/metrics");
+    assert!(
+        metrics.contains(r#"corral_jobs_total{status="succeeded",reason=""} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"corral_jobs_total{status="failed",reason="nonzero_exit"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("corral_build_seconds_count 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("corral_snapshot_seconds_count 1"),
+        "{metrics}"
+    );
+
+    // SIGTERM: the worker drains and exits cleanly.
+    let mut worker = cleanup.worker.take().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &worker.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker did not stop:\n{}",
+            worker_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "worker exit {status}:\n{}", worker_log());
+}
