@@ -8,9 +8,11 @@ use crate::cli::LogFormat;
 
 /// Logs go to standard error so that standard output stays machine-readable (`--json`).
 pub fn install(format: LogFormat, verbose: u8) {
+    // lapin logs every returned (unroutable) message at WARN with its whole body: the
+    // worker reports those itself, once, without the body.
     let default = match verbose {
-        0 => "info",
-        1 => "debug",
+        0 => "info,lapin=error",
+        1 => "debug,lapin=warn",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

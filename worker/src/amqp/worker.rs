@@ -139,17 +139,6 @@ impl<R: JobRunner> Worker<R> {
             worker = %self.info.id,
             "worker starting"
         );
-        self.emit(alerts::event(
-            EventKind::WorkerStarted,
-            Severity::Info,
-            None,
-            None,
-            &self.info.id,
-            format!(
-                "worker {} consuming {}",
-                self.info.id, self.names.jobs_queue
-            ),
-        ));
         let mut backoff = Backoff::new(Duration::from_millis(200), self.settings.backoff_max);
         let mut session = 0u64;
         loop {
@@ -294,6 +283,20 @@ impl<R: JobRunner> Worker<R> {
         tracing::info!(session, queue = %self.names.jobs_queue, "consuming");
         self.metrics.set_connected(true);
         self.metrics.set_consuming(true);
+        if session == 1 {
+            // Only now does the events exchange surely exist.
+            self.emit(alerts::event(
+                EventKind::WorkerStarted,
+                Severity::Info,
+                None,
+                None,
+                &self.info.id,
+                format!(
+                    "worker {} consuming {}",
+                    self.info.id, self.names.jobs_queue
+                ),
+            ));
+        }
         if session > 1 {
             self.metrics.reconnects.inc();
             self.emit(alerts::event(
