@@ -223,7 +223,10 @@ impl Pipeline {
             queued_ms: job.submitted_at_ms.map(|at| now_ms().saturating_sub(at)),
             ..Timings::default()
         };
-        let result = self.run_inner(&job, &ctx, &mut timings).await;
+        // Every log line about this job carries its job and project ids.
+        let span = tracing::info_span!("job", job = %job.job_id, project = %job.project);
+        let result =
+            tracing::Instrument::instrument(self.run_inner(&job, &ctx, &mut timings), span).await;
         timings.total_ms = ms(started.elapsed());
         let mut result = result?;
         if !result.cached {
@@ -281,6 +284,7 @@ impl Pipeline {
             && job.cache
             && let Some(hit) = self.cache_hit(job, ctx, &key).await?
         {
+            tracing::info!(stage = "cache", "answered from the action cache");
             return Ok(hit);
         }
         // 4. The job's own directories: work (source, spool) on the data disk, upper on a
@@ -322,6 +326,11 @@ impl Pipeline {
             Err(err) => return Err(PipelineError::Source(err)),
         }
         timings.fetch_ms = ms(fetch_started.elapsed());
+        tracing::info!(
+            stage = "fetch",
+            ms = timings.fetch_ms,
+            "source fetched and unpacked"
+        );
 
         let jobs_root = self.settings.data_dir.join("jobs");
         let job_name = job.job_id.to_string();
@@ -332,6 +341,7 @@ impl Pipeline {
         let job_dir = JobDirGuard(Some(job_dir));
 
         // 5. The build.
+        tracing::info!(stage = "build", argv = ?job.command, "build starting");
         let build_started = Instant::now();
         let spec = SandboxSpec {
             lower_dirs: vec![source_root.clone(), base.rootfs().to_path_buf()],
@@ -361,6 +371,7 @@ impl Pipeline {
         let log_path = work.path.join("build.log");
         let build = self.build(spec, job, ctx, &log_path).await?;
         timings.build_ms = ms(build_started.elapsed());
+        tracing::info!(stage = "build", ms = timings.build_ms, "build ended");
         self.metrics
             .build_seconds
             .observe(build_started.elapsed().as_secs_f64());
@@ -430,6 +441,11 @@ impl Pipeline {
             Err(err) => return Err(err),
         };
         timings.snapshot_ms = ms(snapshot_started.elapsed());
+        tracing::info!(
+            stage = "snapshot",
+            ms = timings.snapshot_ms,
+            "upper dir snapshotted"
+        );
         self.metrics
             .snapshot_seconds
             .observe(snapshot_started.elapsed().as_secs_f64());
@@ -463,6 +479,7 @@ impl Pipeline {
                     source,
                 })?;
         timings.upload_ms = ms(upload_started.elapsed());
+        tracing::info!(stage = "upload", ms = timings.upload_ms, "image stored");
         self.metrics
             .upload_seconds
             .observe(upload_started.elapsed().as_secs_f64());

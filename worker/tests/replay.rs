@@ -402,3 +402,43 @@ fn an_unknown_base_is_rejected_with_the_available_ones() {
         "lists the available bases: {message}"
     );
 }
+
+#[test]
+fn ctrl_c_cancels_the_build_and_cleans_up() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let data = data();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .current_dir(repo())
+        .args([
+            "replay",
+            "fixtures/jobs/timeout.json",
+            "--json",
+            "--no-cache",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The build sleeps for longer than its 3 s wall limit; interrupt it before that.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let status = child.wait().unwrap();
+    let result: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("no result ({e}): {stdout}"));
+    assert_eq!(result["status"], "cancelled", "{result}");
+    assert_eq!(status.code(), Some(1));
+    assert_clean("timeout");
+}
