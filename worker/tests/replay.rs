@@ -424,8 +424,24 @@ fn ctrl_c_cancels_the_build_and_cleans_up() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The build sleeps for longer than its 3 s wall limit; interrupt it before that.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The build sleeps for longer than its 3 s wall limit; interrupt it once it runs.
+    let stderr = child.stderr.take().unwrap();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("build starting") {
+                let _ = started_tx.send(());
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        seen
+    });
+    started
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the build never started");
+    std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(
         Command::new("kill")
             .args(["-INT", &child.id().to_string()])
