@@ -452,8 +452,9 @@ fn ctrl_c_cancels_the_build_and_cleans_up() {
     let mut stdout = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     let status = child.wait().unwrap();
-    let result: Value =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("no result ({e}): {stdout}"));
+    let log = drain.join().unwrap();
+    let result: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("no result ({e}): {stdout}\n{log}"));
     assert_eq!(result["status"], "cancelled", "{result}");
     assert_eq!(status.code(), Some(1));
     assert_clean("timeout");
