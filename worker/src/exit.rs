@@ -15,3 +15,14 @@ pub const INTERNAL: u8 = 70;
 /// The platform's fault: a store, the broker or the host failed (sysexits `EX_TEMPFAIL`).
 /// Retrying later may succeed.
 pub const PLATFORM_ERROR: u8 = 75;
+
+/// The exit code that says how a job ended.
+pub fn for_status(status: corral_protocol::Status) -> u8 {
+    use corral_protocol::Status;
+    match status {
+        Status::Succeeded => SUCCESS,
+        Status::Rejected => INVALID_INPUT,
+        Status::Error => PLATFORM_ERROR,
+        Status::Failed | Status::TimedOut | Status::Killed | Status::Cancelled => JOB_FAILED,
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use corral_protocol::{Job, JobResult, Status, Stream, WorkerInfo};
+use corral_protocol::{Job, JobResult, Stream, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
 use crate::base::{BaseError, Catalogue, IfExists, Recipe};
@@ -126,12 +126,7 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
     } else {
         summarise(&result);
     }
-    Ok(match result.status {
-        Status::Succeeded => exit::SUCCESS,
-        Status::Rejected => exit::INVALID_INPUT,
-        Status::Error => exit::PLATFORM_ERROR,
-        Status::Failed | Status::TimedOut | Status::Killed | Status::Cancelled => exit::JOB_FAILED,
-    })
+    Ok(exit::for_status(result.status))
 }
 
 /// `fixtures/` when the job file sits in `fixtures/jobs/` (or any `jobs/` beside `bases/`
@@ -196,19 +191,14 @@ async fn prepare_source(store: &Store, job: &Job, fixtures: &Path) -> anyhow::Re
         anyhow::ensure!(status.success(), "{} failed", setup.display());
     }
     for dir in dirs {
-        let packed = {
+        let (file, packed) = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || super::source::pack_dir(&dir)).await??
         };
-        let (file, packed_digest) = packed;
-        if &packed_digest != digest {
+        if &packed != digest {
             continue;
         }
-        let size = file.as_file().metadata()?.len();
-        let (_, path) = file.keep()?;
-        let put = store.put_blob_file(&path, digest, size).await;
-        let _ = std::fs::remove_file(&path);
-        put?;
+        super::source::put_bundle(store, file, digest).await?;
         eprintln!(
             "corral: pushed fixture bundle {} as {digest}",
             dir.display()

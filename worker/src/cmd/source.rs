@@ -126,3 +126,29 @@ pub fn pack_dir(dir: &Path) -> anyhow::Result<(NamedTempFile, Digest)> {
         .with_context(|| format!("packing {}", dir.display()))?;
     Ok((spool, summary.digest))
 }
+
+/// Packs `dir` with [`pack_dir`] and puts the bundle in `store`: its digest and size, the
+/// `source` of a job.
+pub async fn push_dir(store: &Store, dir: &Path) -> anyhow::Result<(Digest, u64)> {
+    let (file, digest) = {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || pack_dir(&dir)).await??
+    };
+    let size = put_bundle(store, file, &digest)
+        .await
+        .with_context(|| format!("uploading the bundle of {}", dir.display()))?;
+    Ok((digest, size))
+}
+
+/// Puts a packed bundle in `store`; returns its size.
+pub async fn put_bundle(
+    store: &Store,
+    file: NamedTempFile,
+    digest: &Digest,
+) -> anyhow::Result<u64> {
+    let size = file.as_file().metadata()?.len();
+    // The store adopts the file by renaming it (the temp file's own clean-up then finds
+    // nothing), or copies it and the temp file is removed when dropped.
+    store.put_blob_file(file.path(), digest, size).await?;
+    Ok(size)
+}

@@ -2,11 +2,8 @@
 //! pool) with publisher confirms; with `--wait`, receive its result on an exclusive reply
 //! queue (AMQP `reply_to`, correlation id = job id) and print it.
 
-use std::io::Read;
-use std::path::Path;
-
 use anyhow::{Context, bail};
-use corral_protocol::{JobResult, Status};
+use corral_protocol::JobResult;
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -19,7 +16,7 @@ use crate::cli::SubmitArgs;
 use crate::exit;
 
 pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
-    let bytes = read(&args.job)?;
+    let bytes = super::read_input(&args.job)?;
     let mut job = match corral_protocol::decode_job(&bytes) {
         Ok(job) => job,
         Err(err) => {
@@ -40,12 +37,7 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
             let store = crate::store::Store::open(&args.store, None)
                 .await
                 .with_context(|| format!("opening the store {}", args.store))?;
-            let (file, digest) = super::source::pack_dir(dir)?;
-            let size = file.as_file().metadata()?.len();
-            let (_, path) = file.keep()?;
-            let put = store.put_blob_file(&path, &digest, size).await;
-            let _ = std::fs::remove_file(&path);
-            put.with_context(|| format!("uploading the source of {}", dir.display()))?;
+            let (digest, size) = super::source::push_dir(&store, dir).await?;
             eprintln!("corral: source {} uploaded as {digest}", dir.display());
             job.source = corral_protocol::SourceRef { digest, size: Some(size) };
         }
@@ -133,23 +125,6 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
         };
         println!("{}", serde_json::to_string(&result)?);
         let _ = conn.close(200, "done".into()).await;
-        Ok(match result.status {
-            Status::Succeeded => exit::SUCCESS,
-            Status::Rejected => exit::INVALID_INPUT,
-            Status::Error => exit::PLATFORM_ERROR,
-            _ => exit::JOB_FAILED,
-        })
+        Ok(exit::for_status(result.status))
     })
-}
-
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    if path == Path::new("-") {
-        std::io::stdin()
-            .read_to_end(&mut bytes)
-            .context("reading standard input")?;
-    } else {
-        bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    }
-    Ok(bytes)
 }

@@ -1,17 +1,12 @@
 //! `corral validate`: check job messages the way a worker would, without running them.
 
-use std::io::Read;
-use std::path::Path;
-
-use anyhow::Context;
-
 use crate::cli::ValidateArgs;
 use crate::exit;
 
 pub fn run(args: ValidateArgs) -> anyhow::Result<u8> {
     let mut code = exit::SUCCESS;
     for file in &args.files {
-        let bytes = read(file)?;
+        let bytes = super::read_input(file)?;
         let verdict = corral_protocol::decode_job(&bytes);
         let name = file.display();
         match (&verdict, args.json) {
@@ -36,16 +31,4 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(code)
-}
-
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    if path == Path::new("-") {
-        std::io::stdin()
-            .read_to_end(&mut bytes)
-            .context("reading standard input")?;
-    } else {
-        bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    }
-    Ok(bytes)
 }
