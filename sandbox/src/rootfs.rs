@@ -258,16 +258,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
             }
             sys.touch(&t).map_err(point_err(&t))?;
         }
-        sys.mount(Some(host), &t, None, libc::MS_BIND | libc::MS_REC, None)
-            .map_err(mount_err(&host.to_string_lossy(), &t))?;
-        sys.mount(
-            None,
-            &t,
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | NOSUID_NODEV,
-            None,
-        )
-        .map_err(mount_err("read-only remount", &t))?;
+        bind_read_only(sys, host, &t, NOSUID_NODEV, &host.to_string_lossy())?;
     }
 
     let proc_dir = root.join("proc");
@@ -279,6 +270,33 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
             .map_err(point_err(&cwd))?;
     }
     Ok(())
+}
+
+/// Binds `source` at `target` (recursively), then remounts the bind read-only with `flags`:
+/// a bind mount ignores MS_RDONLY until it is remounted.
+fn bind_read_only(
+    sys: &dyn Syscalls,
+    source: &Path,
+    target: &Path,
+    flags: libc::c_ulong,
+    what: &str,
+) -> Result<(), RootfsError> {
+    sys.mount(
+        Some(source),
+        target,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )
+    .map_err(mount_err(what, target))?;
+    sys.mount(
+        None,
+        target,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | flags,
+        None,
+    )
+    .map_err(mount_err("read-only remount", target))
 }
 
 /// Finishes the root from inside the job's pid and mount namespaces (proc must be mounted
@@ -305,17 +323,8 @@ pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
     for name in READ_ONLY_DIRS {
         let d = proc_dir.join(name);
         if sys.exists(&d) {
-            sys.mount(Some(&d), &d, None, libc::MS_BIND | libc::MS_REC, None)
-                .map_err(mount_err("read-only bind", &d))?;
             // A remount inside a user namespace must keep the locked flags of proc.
-            sys.mount(
-                None,
-                &d,
-                None,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | proc_flags,
-                None,
-            )
-            .map_err(mount_err("read-only remount", &d))?;
+            bind_read_only(sys, &d, &d, proc_flags, "read-only bind")?;
         }
     }
     let pts = root.join("dev/pts");

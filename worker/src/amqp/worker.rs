@@ -528,16 +528,7 @@ impl<R: JobRunner> Worker<R> {
                 return self.requeue(&d, &job.job_id).await;
             }
             (Some(Cause::LogLimit), outcome) => {
-                let mut r = match outcome {
-                    RunOutcome::Final(r) => *r,
-                    _ => JobResult::new(
-                        job.job_id.clone(),
-                        Some(job.project.clone()),
-                        Status::Killed,
-                        self.info.clone(),
-                    ),
-                };
-                r.status = Status::Killed;
+                let mut r = self.stopped_result(outcome, &job, Status::Killed);
                 r.reason = Some(Reason::LogLimit);
                 r.message = Some(format!(
                     "the build's output passed its limit of {} bytes",
@@ -546,16 +537,7 @@ impl<R: JobRunner> Worker<R> {
                 r
             }
             (Some(Cause::CancelMessage(why)), outcome) => {
-                let mut r = match outcome {
-                    RunOutcome::Final(r) => *r,
-                    _ => JobResult::new(
-                        job.job_id.clone(),
-                        Some(job.project.clone()),
-                        Status::Cancelled,
-                        self.info.clone(),
-                    ),
-                };
-                r.status = Status::Cancelled;
+                let mut r = self.stopped_result(outcome, &job, Status::Cancelled);
                 r.reason = Some(Reason::Cancelled);
                 r.artifact = None;
                 r.message = Some(match why {
@@ -741,6 +723,22 @@ impl<R: JobRunner> Worker<R> {
         }
         tracing::info!(job = id, status = ?result.status, "result published");
         true
+    }
+
+    /// The result of a build the worker stopped: the runner's own (usage, log) when it has
+    /// one, with `status` set; a bare one otherwise.
+    fn stopped_result(&self, outcome: RunOutcome, job: &Job, status: Status) -> JobResult {
+        let mut r = match outcome {
+            RunOutcome::Final(r) => *r,
+            _ => JobResult::new(
+                job.job_id.clone(),
+                Some(job.project.clone()),
+                status,
+                self.info.clone(),
+            ),
+        };
+        r.status = status;
+        r
     }
 
     fn emit_for(&self, result: &JobResult) {
