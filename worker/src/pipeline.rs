@@ -695,15 +695,13 @@ impl Pipeline {
             size: summary.size,
             media_type: summary.media_type.to_string(),
         };
-        let (_file, path) = spool.keep().map_err(|e| PipelineError::Log {
-            path: spool_dir,
-            source: e.error,
-        })?;
+        // The store adopts the spooled file by renaming it (the temp file's clean-up then
+        // finds nothing), or copies it and the temp file is removed when dropped.
         let outcome = self
             .store
-            .put_blob_file(&path, &layer.digest, layer.size)
+            .put_blob_file(spool.path(), &layer.digest, layer.size)
             .await;
-        let _ = std::fs::remove_file(&path);
+        drop(spool);
         match outcome.map_err(|source| PipelineError::Store { what, source })? {
             PutOutcome::AlreadyPresent => {
                 self.metrics.deduplicated_bytes.inc_by(layer.size);
