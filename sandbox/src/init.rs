@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -87,7 +87,14 @@ pub fn main() -> ! {
         sys::exit_now(70);
     }
     let report = match serde_json::from_str::<InitRequest>(&line) {
-        Ok(req) => supervise(&req, reader),
+        Ok(req) => supervise(
+            &req,
+            Supervisor {
+                ctl: Some(reader),
+                signals: None,
+                job_output: JobOutput::OwnPipes,
+            },
+        ),
         Err(err) => InitReport {
             error: Some(format!("bad init request: {err}")),
             ..InitReport::default()
@@ -100,6 +107,31 @@ pub fn main() -> ! {
     sys::exit_now(0)
 }
 
+/// Where the job's standard output and error go.
+pub(crate) enum JobOutput {
+    /// The supervisor's own fds 1 and 2 are pipes to the worker: the job inherits them and
+    /// the supervisor points its own copies at /dev/null, so the pipes reach end-of-file
+    /// when the job's processes are gone, not when the supervisor is.
+    OwnPipes,
+    /// The job inherits the supervisor's fds 1 and 2 as they are (a CLI's terminal).
+    Inherit,
+    /// The job gets these fds as 1 and 2; the supervisor's own are left alone.
+    Fds(RawFd, RawFd),
+}
+
+/// How the supervisor hears about cancellation, and what it hands the job.
+pub(crate) struct Supervisor {
+    /// The worker's control stream: [`Control`] lines; end of stream cancels at once.
+    pub ctl: Option<BufReader<UnixStream>>,
+    /// A signalfd for SIGINT, SIGTERM and SIGHUP (a CLI running the supervisor itself):
+    /// the first cancels with [`SIGNAL_GRACE`], the next kills at once.
+    pub signals: Option<OwnedFd>,
+    pub job_output: JobOutput,
+}
+
+/// How long a job gets between TERM and KILL when the supervising CLI is interrupted.
+pub(crate) const SIGNAL_GRACE: Duration = Duration::from_secs(2);
+
 fn fail(msg: String) -> InitReport {
     InitReport {
         error: Some(msg),
@@ -107,7 +139,7 @@ fn fail(msg: String) -> InitReport {
     }
 }
 
-fn supervise(req: &InitRequest, ctl: BufReader<UnixStream>) -> InitReport {
+pub(crate) fn supervise(req: &InitRequest, sup: Supervisor) -> InitReport {
     let started = Instant::now();
     let spec = &req.spec;
     if spec.argv.is_empty() {
@@ -122,10 +154,15 @@ fn supervise(req: &InitRequest, ctl: BufReader<UnixStream>) -> InitReport {
     if let Err(e) = std::fs::create_dir_all(&req.root) {
         return fail(format!("creating {}: {e}", req.root.display()));
     }
-    run_job(req, ctl, started)
+    run_job(req, sup, started)
 }
 
-fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) -> InitReport {
+fn run_job(req: &InitRequest, sup: Supervisor, started: Instant) -> InitReport {
+    let Supervisor {
+        mut ctl,
+        signals,
+        job_output,
+    } = sup;
     let spec = &req.spec;
     let pipes = (|| -> std::io::Result<_> {
         let (notify_ours, notify_theirs) = UnixStream::pair()?;
@@ -148,6 +185,10 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
             if let Ok(null) = std::fs::File::open("/dev/null") {
                 let _ = sys::dup2(null.as_raw_fd(), 0);
             }
+            if let JobOutput::Fds(out, err) = job_output {
+                let _ = sys::dup2(out, 1);
+                let _ = sys::dup2(err, 2);
+            }
             let pipes = crate::reaper::Pipes {
                 sync: sync_r,
                 ready: ready_w,
@@ -160,9 +201,9 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
         Err(e) => return fail(format!("clone into new namespaces: {e}")),
     };
     drop((sync_r, ready_w, status_w, notify_child));
-    // The job's output pipes must reach end-of-file when the job's processes are gone,
-    // not when we are.
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+    if let JobOutput::OwnPipes = job_output
+        && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null")
+    {
         let _ = sys::dup2(null.as_raw_fd(), 1);
         let _ = sys::dup2(null.as_raw_fd(), 2);
     }
@@ -231,7 +272,7 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
     let mut kill_deadline: Option<Instant> = None;
     let mut listener: Option<OwnedFd> = None;
     let mut notify = Some(notify);
-    let mut ctl_open = true;
+    let mut signals = signals;
     let cpu_limit = spec.limits.cpu_seconds.map(Duration::from_secs);
     let tick = Duration::from_millis(100);
     loop {
@@ -248,8 +289,12 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
             .as_millis()
             .min(i32::MAX as u128) as i32;
         let mut fds = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
-        let ctl_idx = ctl_open.then(|| {
-            fds.push((ctl.get_ref().as_raw_fd(), libc::POLLIN));
+        let ctl_idx = ctl.as_ref().map(|c| {
+            fds.push((c.get_ref().as_raw_fd(), libc::POLLIN));
+            fds.len() - 1
+        });
+        let signal_idx = signals.as_ref().map(|s| {
+            fds.push((s.as_raw_fd(), libc::POLLIN));
             fds.len() - 1
         });
         let notify_idx = notify.as_ref().map(|n| {
@@ -261,7 +306,7 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
             fds.len() - 1
         });
         // A buffered cancel line (rare) would not wake poll: handle it without waiting.
-        let buffered = !ctl.buffer().is_empty();
+        let buffered = ctl.as_ref().is_some_and(|c| !c.buffer().is_empty());
         let revents = match sys::poll(&fds, if buffered { 0 } else { timeout }) {
             Ok(r) => r,
             Err(_) => vec![0; fds.len()],
@@ -289,24 +334,36 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
         }
         if let Some(i) = ctl_idx
             && (buffered || revents[i] != 0)
+            && let Some(reader) = ctl.as_mut()
         {
-            {
-                let mut line = String::new();
-                match ctl.read_line(&mut line) {
-                    Ok(0) | Err(_) => {
-                        ctl_open = false;
-                        report.ended_by.get_or_insert(EndedBy::Cancelled);
-                        let _ = sys::kill(pid, libc::SIGKILL);
-                    }
-                    Ok(_) => {
-                        if let Ok(Control::Cancel { grace_ms }) = serde_json::from_str(&line) {
-                            report.ended_by.get_or_insert(EndedBy::Cancelled);
-                            let _ = sys::kill(pid, libc::SIGTERM);
-                            let k = Instant::now() + Duration::from_millis(grace_ms);
-                            kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
-                        }
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    ctl = None;
+                    report.ended_by.get_or_insert(EndedBy::Cancelled);
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                }
+                Ok(_) => {
+                    if let Ok(Control::Cancel { grace_ms }) = serde_json::from_str(&line) {
+                        cancel(
+                            pid,
+                            Duration::from_millis(grace_ms),
+                            &mut report,
+                            &mut kill_deadline,
+                        );
                     }
                 }
+            }
+        }
+        if let Some(i) = signal_idx
+            && revents[i] != 0
+        {
+            match signals.as_ref().map(|s| sys::read_signal(s.as_raw_fd())) {
+                Some(Ok(_)) if kill_deadline.is_none() => {
+                    cancel(pid, SIGNAL_GRACE, &mut report, &mut kill_deadline)
+                }
+                Some(Ok(_)) => cancel(pid, Duration::ZERO, &mut report, &mut kill_deadline),
+                _ => signals = None,
             }
         }
         let now = Instant::now();
@@ -350,6 +407,20 @@ fn run_job(req: &InitRequest, mut ctl: BufReader<UnixStream>, started: Instant) 
         _ => report.exit = reaped.map(|r| decode_status(r.status)),
     }
     report
+}
+
+/// TERM to pid 1 (which passes it on to everything), KILL once `grace` has passed; a
+/// later, shorter grace wins.
+fn cancel(
+    pid: libc::pid_t,
+    grace: Duration,
+    report: &mut InitReport,
+    kill_deadline: &mut Option<Instant>,
+) {
+    report.ended_by.get_or_insert(EndedBy::Cancelled);
+    let _ = sys::kill(pid, libc::SIGTERM);
+    let k = Instant::now() + grace;
+    *kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
 }
 
 fn answer_notification(listener: i32, report: &mut InitReport) {

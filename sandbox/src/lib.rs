@@ -51,7 +51,7 @@ pub use init::INIT_ARG;
 pub use jobdir::{JobDir, JobDirError};
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
-pub use sandbox::{CancelHandle, Running, Sandbox};
+pub use sandbox::{CancelHandle, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use spec::{Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec};
 
@@ -75,4 +75,6 @@ pub enum Error {
     HelperDied,
     #[error("the sandbox could not be set up: {message}")]
     Setup { message: String },
+    #[error("Sandbox::run needs a single-threaded caller (use Sandbox::spawn)")]
+    NotSingleThreaded,
 }

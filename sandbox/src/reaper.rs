@@ -207,6 +207,8 @@ fn exec_job(spec: &SandboxSpec, notify: OwnedFd) -> ! {
         Err(e) => fail("seccomp", e),
     }
     drop(notify);
+    // Only 0-2 reach the job, whatever its supervisor had open without close-on-exec.
+    let _ = sys::close_fds_from(3);
     let err = sys::execve(&path, &spec.argv, &env);
     let _ = writeln!(
         std::io::stderr(),

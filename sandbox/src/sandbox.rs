@@ -4,6 +4,7 @@
 //! only spawns a process and reads and writes files.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,12 +13,23 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupStats, JobCgroup};
-use crate::init::{Control, EndedBy, INIT_ARG, InitReport, InitRequest};
+use crate::init::{Control, EndedBy, INIT_ARG, InitReport, InitRequest, JobOutput, Supervisor};
 use crate::outcome::{DeathReason, Exit, Outcome, Usage};
 use crate::spec::{SandboxConfig, SandboxSpec};
 
-/// Entry point: `Sandbox::spawn(&spec, &config)`.
+/// Entry points: [`Sandbox::spawn`] (from any process, e.g. the tokio worker: the
+/// supervisor is a re-executed helper) and [`Sandbox::run`] (a single-threaded caller, the
+/// `corral sandbox` command: the caller supervises the job itself).
 pub struct Sandbox;
+
+/// Where [`Sandbox::run`] sends the job's output.
+#[derive(Debug, Clone, Copy)]
+pub enum Output {
+    /// The caller's own standard output and error.
+    Inherit,
+    /// Discarded.
+    Discard,
+}
 
 /// A started job. Take [`Running::stdout`] and [`Running::stderr`] and drain them (the
 /// job blocks when a pipe is full), then call [`Running::wait`].
@@ -28,8 +40,6 @@ pub struct Running {
     ctl: BufReader<UnixStream>,
     cancel: CancelHandle,
     cgroup: JobCgroup,
-    /// Mount point of the job's root (mounted only in the job's namespace), removed at the end.
-    root: std::path::PathBuf,
     waited: bool,
 }
 
@@ -68,6 +78,77 @@ impl Sandbox {
     /// Creates the job's cgroup with its limits and starts the helper. The job is running
     /// (or failing to start, which [`Running::wait`] reports) when this returns.
     pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
+        let (cg, root) = Self::job_cgroup(config)?;
+        match Self::start(spec, config, &root, &cg) {
+            Ok((child, ctl)) => Self::running(child, ctl, cg),
+            Err(err) => {
+                let _ = cg.destroy();
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs the job to its end with the calling process as its supervisor: no helper
+    /// process, no control socket. SIGINT, SIGTERM and SIGHUP cancel the job (TERM, a short
+    /// grace, KILL; a second one kills at once) and the outcome still comes back. The
+    /// caller must be single-threaded (the job's pid 1 is cloned from it and mounts as
+    /// root), which is checked.
+    pub fn run(
+        spec: &SandboxSpec,
+        config: &SandboxConfig,
+        output: Output,
+    ) -> Result<Outcome, Error> {
+        if !single_threaded() {
+            return Err(Error::NotSingleThreaded);
+        }
+        let (cg, root) = Self::job_cgroup(config)?;
+        let report = (|| -> Result<InitReport, Error> {
+            cg.version().apply(&spec.limits)?;
+            let null = match output {
+                Output::Inherit => None,
+                Output::Discard => Some(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open("/dev/null")
+                        .map_err(|source| Error::ControlSocket { source })?,
+                ),
+            };
+            let signals = crate::sys::signalfd(&CANCEL_SIGNALS)
+                .map_err(|source| Error::ControlSocket { source })?;
+            let req = InitRequest {
+                spec: spec.clone(),
+                cgroup: cg.clone(),
+                root: root.clone(),
+            };
+            let job_output = match &null {
+                Some(f) => JobOutput::Fds(f.as_raw_fd(), f.as_raw_fd()),
+                None => JobOutput::Inherit,
+            };
+            let report = crate::init::supervise(
+                &req,
+                Supervisor {
+                    ctl: None,
+                    signals: Some(signals),
+                    job_output,
+                },
+            );
+            let _ = crate::sys::mask_signals(&CANCEL_SIGNALS, false);
+            Ok(report)
+        })();
+        let stats = cg.version().stats();
+        let destroyed = cg.destroy();
+        let report = report?;
+        destroyed?;
+        finish(report, stats)
+    }
+
+    /// A fresh, uniquely named job cgroup, and the mount point of the job's root.
+    ///
+    /// Every job mounts its root on the same empty directory, each in its own private
+    /// mount namespace (the host never sees those mounts). A per-job directory would have
+    /// to be removed afterwards, and removing a directory that is still a mount point in a
+    /// dying namespace waits for an RCU grace period (milliseconds per job).
+    fn job_cgroup(config: &SandboxConfig) -> Result<(JobCgroup, std::path::PathBuf), Error> {
         let mountinfo = match &config.mountinfo {
             Some(m) => m.clone(),
             None => std::fs::read_to_string("/proc/self/mountinfo")
@@ -80,14 +161,7 @@ impl Sandbox {
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         );
         let cg = JobCgroup::create(&layout, &config.cgroup_parent, &name)?;
-        let root = config.run_dir.join(&name);
-        match Self::start(spec, config, &root, &cg) {
-            Ok((child, ctl)) => Self::running(child, ctl, cg, root),
-            Err(err) => {
-                let _ = cg.destroy();
-                Err(err)
-            }
-        }
+        Ok((cg, config.run_dir.join("root")))
     }
 
     fn start(
@@ -123,12 +197,7 @@ impl Sandbox {
         Ok((child, ours))
     }
 
-    fn running(
-        mut child: Child,
-        ctl: UnixStream,
-        cgroup: JobCgroup,
-        root: std::path::PathBuf,
-    ) -> Result<Running, Error> {
+    fn running(mut child: Child, ctl: UnixStream, cgroup: JobCgroup) -> Result<Running, Error> {
         let cancel_side = ctl
             .try_clone()
             .map_err(|source| Error::ControlSocket { source })?;
@@ -141,7 +210,6 @@ impl Sandbox {
                 ctl: Arc::new(Mutex::new(cancel_side)),
             },
             cgroup,
-            root,
             waited: false,
         })
     }
@@ -164,8 +232,6 @@ impl Running {
         let mut line = String::new();
         let read = self.ctl.read_line(&mut line);
         let _ = self.child.wait();
-        // Only a mount point in the helper's namespace, which died with it.
-        let _ = std::fs::remove_dir(&self.root);
         let stats = self.cgroup.version().stats();
         self.cgroup.destroy()?;
         read.map_err(|source| Error::ControlSocket { source })?;
@@ -175,19 +241,35 @@ impl Running {
         let report: InitReport = serde_json::from_str(&line).map_err(|e| Error::Protocol {
             message: e.to_string(),
         })?;
-        if let Some(message) = report.error {
-            return Err(Error::Setup { message });
-        }
-        let stats = stats?;
-        let exit = report.exit.ok_or(Error::HelperDied)?;
-        Ok(Outcome {
-            exit,
-            reason: decide(report.ended_by, exit, &stats, report.disk_full),
-            usage: usage(&report, &stats),
-            denied_syscalls: report.denied_syscalls,
-            network_attempts: report.network_attempts,
-        })
+        finish(report, stats)
     }
+}
+
+/// Signals that cancel a job supervised by [`Sandbox::run`].
+const CANCEL_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Whether the calling process has a single thread (`/proc/self/task` has one entry).
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.take(2).count() == 1)
+}
+
+/// The supervisor's report plus the cgroup's counters, as an [`Outcome`].
+fn finish(
+    report: InitReport,
+    stats: Result<CgroupStats, crate::CgroupError>,
+) -> Result<Outcome, Error> {
+    if let Some(message) = report.error {
+        return Err(Error::Setup { message });
+    }
+    let stats = stats?;
+    let exit = report.exit.ok_or(Error::HelperDied)?;
+    Ok(Outcome {
+        exit,
+        reason: decide(report.ended_by, exit, &stats, report.disk_full),
+        usage: usage(&report, &stats),
+        denied_syscalls: report.denied_syscalls,
+        network_attempts: report.network_attempts,
+    })
 }
 
 impl Drop for Running {
@@ -195,7 +277,6 @@ impl Drop for Running {
         if !self.waited {
             self.cancel.cancel(Duration::ZERO);
             let _ = self.child.wait();
-            let _ = std::fs::remove_dir(&self.root);
             let _ = self.cgroup.destroy();
         }
     }

@@ -109,8 +109,8 @@ pub struct SandboxConfig {
     pub helper_exe: PathBuf,
     /// Cgroup (relative to each hierarchy's root) under which job cgroups are created.
     pub cgroup_parent: String,
-    /// Where the helper creates the mount point of a job's root (mounted only inside the
-    /// job's own mount namespace; the directory is removed by [`crate::Running::wait`]).
+    /// Holds `root/`, the empty directory every job's root is mounted on, each inside the
+    /// job's own private mount namespace (created when missing, never removed).
     pub run_dir: PathBuf,
     /// Content of `/proc/self/mountinfo`, read at spawn when `None` (tests inject fakes).
     pub mountinfo: Option<String>,

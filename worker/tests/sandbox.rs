@@ -574,3 +574,95 @@ fn debug_command_prints_the_outcome_as_json() {
         "{help}"
     );
 }
+
+/// `corral sandbox` supervises the job itself: Ctrl-C (SIGINT) cancels the job, the outcome
+/// still comes out, and the job's cgroup is gone.
+#[test]
+fn debug_command_interrupted_reports_cancelled_and_cleans_up() {
+    if !prerequisites() {
+        return;
+    }
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["sandbox", "--rootfs"])
+        .arg(rootfs())
+        .args([
+            "--wall",
+            "60",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 50",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    let started = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the job outlived the interrupt"
+    );
+    assert_eq!(status.code(), Some(1), "{rest}");
+    let outcome: Outcome = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(outcome.reason, DeathReason::Cancelled, "{rest}");
+    assert_eq!(outcome.exit, Exit::Signal(15), "sleep dies of the TERM");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let parent = match corral_sandbox::discover_cgroups(&mountinfo).unwrap() {
+        corral_sandbox::Layout::V1 { mounts } => mounts["memory"].join("corral"),
+        corral_sandbox::Layout::V2 { root } => root.join("corral"),
+    };
+    let prefix = format!("job-{pid}-");
+    let leftovers: Vec<_> = std::fs::read_dir(&parent)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "cgroups left behind: {leftovers:?}");
+}
+
+/// The in-process supervisor refuses a multi-threaded caller (this test harness) instead of
+/// cloning the job's pid 1 from it.
+#[test]
+fn in_process_supervision_needs_a_single_threaded_caller() {
+    let worker = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(500)));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SandboxSpec {
+        lower_dirs: vec![rootfs()],
+        upper: dir.path().join("upper"),
+        work: dir.path().join("work"),
+        identity: corral_sandbox::Identity {
+            host_uid: 250_000,
+            host_gid: 250_000,
+        },
+        argv: vec!["true".to_owned()],
+        env: Vec::new(),
+        cwd: PathBuf::from("/"),
+        limits: SandboxLimits::default(),
+        network: Network::None,
+        read_only_binds: Vec::new(),
+        hostname: "corral".to_owned(),
+    };
+    let err = Sandbox::run(&spec, &config("threads"), corral_sandbox::Output::Discard)
+        .expect_err("a multi-threaded caller must be refused");
+    assert!(
+        matches!(err, corral_sandbox::Error::NotSingleThreaded),
+        "{err}"
+    );
+    worker.join().unwrap();
+}

@@ -530,6 +530,30 @@ pub fn wait_signal(signals: &[libc::c_int]) -> io::Result<libc::c_int> {
     }
 }
 
+/// Blocks `signals` for the calling thread and returns a close-on-exec signalfd that
+/// becomes readable when one of them arrives.
+pub fn signalfd(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
+    mask_signals(signals, true)?;
+    let set = sigset(signals);
+    // SAFETY: valid sigset; -1 asks for a new fd.
+    let fd = check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) })?;
+    // SAFETY: fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one pending signal from a signalfd; returns its number.
+pub fn read_signal(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut info = MaybeUninit::<libc::signalfd_siginfo>::zeroed();
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` has room for one siginfo record.
+    let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), size) };
+    if n != size as isize {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel filled the whole record.
+    Ok(unsafe { info.assume_init() }.ssi_signo as libc::c_int)
+}
+
 /// Free space of the filesystem holding `path`.
 #[derive(Debug, Clone, Copy)]
 pub struct FsSpace {

@@ -1,13 +1,14 @@
 //! `corral sandbox`: run one command in a sandbox and print its `Outcome` as JSON, for
-//! operators poking at a base image and for the benchmark.
+//! operators poking at a base image and for the benchmark. The command's output goes
+//! straight to ours (or nowhere with `--quiet`); Ctrl-C cancels the job and still prints
+//! the outcome.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use corral_sandbox::{
-    Identity, JobDir, Network, Sandbox, SandboxConfig, SandboxLimits, SandboxSpec,
+    Identity, JobDir, Network, Output, Sandbox, SandboxConfig, SandboxLimits, SandboxSpec,
 };
 
 use crate::cli::{SandboxArgs, SandboxNetwork};
@@ -114,42 +115,17 @@ fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<u8> {
         hostname: "corral".to_owned(),
     };
     let config = SandboxConfig::new().context("locating the corral binary")?;
-    let mut running = Sandbox::spawn(&spec, &config)?;
-    let quiet = args.quiet;
-    let out = running
-        .stdout
-        .take()
-        .map(|s| copy(s, quiet, std::io::stdout()));
-    let err = running
-        .stderr
-        .take()
-        .map(|s| copy(s, quiet, std::io::stderr()));
-    let outcome = running.wait()?;
-    for t in [out, err].into_iter().flatten() {
-        let _ = t.join();
-    }
+    // This process is single-threaded: it supervises the job itself (no helper to start).
+    let output = if args.quiet {
+        Output::Discard
+    } else {
+        Output::Inherit
+    };
+    let outcome = Sandbox::run(&spec, &config, output)?;
     println!("{}", serde_json::to_string(&outcome)?);
     Ok(if outcome.success() {
         exit::SUCCESS
     } else {
         exit::JOB_FAILED
-    })
-}
-
-fn copy<R: Read + Send + 'static, W: Write + Send + 'static>(
-    mut from: R,
-    quiet: bool,
-    mut to: W,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            if !quiet {
-                let _ = to.write_all(&buf[..n]);
-            }
-        }
     })
 }
