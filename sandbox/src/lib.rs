@@ -19,7 +19,9 @@
 //! ```
 //!
 //! The `corral` binary must dispatch `corral __sandbox-init` ([`INIT_ARG`]) to
-//! [`init::main`] before anything else (no threads, no runtime). That helper clones the
+//! [`init::main`] and `corral __sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before
+//! anything else (no threads, no runtime). With [`SandboxConfig::zygote`] set, helpers are
+//! forked from one long-lived zygote instead of exec'd per job. That helper clones the
 //! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces. Pid 1 joins the
 //! job's cgroup (on v1 by moving itself, which avoids an RCU grace period; on v2 the helper
 //! moves it meanwhile) and, still real root, builds the overlay root in its own mount
@@ -42,6 +44,7 @@ mod sandbox;
 mod seccomp;
 mod spec;
 mod sys;
+mod zygote;
 
 pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, discover as discover_cgroups,
@@ -54,6 +57,7 @@ pub use rootfs::RootfsError;
 pub use sandbox::{CancelHandle, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use spec::{Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec};
+pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};
 
 /// Errors of [`Sandbox::spawn`] and [`Running::wait`].
 #[derive(Debug, thiserror::Error)]

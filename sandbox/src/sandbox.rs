@@ -4,9 +4,11 @@
 //! only spawns a process and reads and writes files.
 
 use std::io::{BufRead, BufReader, Write};
+use std::io::{PipeReader, Read};
 use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,13 +36,42 @@ pub enum Output {
 /// A started job. Take [`Running::stdout`] and [`Running::stderr`] and drain them (the
 /// job blocks when a pipe is full), then call [`Running::wait`].
 pub struct Running {
-    pub stdout: Option<ChildStdout>,
-    pub stderr: Option<ChildStderr>,
-    child: Child,
+    pub stdout: Option<PipeReader>,
+    pub stderr: Option<PipeReader>,
+    helper: Helper,
     ctl: BufReader<UnixStream>,
     cancel: CancelHandle,
     cgroup: JobCgroup,
     waited: bool,
+}
+
+/// The supervising helper: exec'd by us, or forked by the zygote (whose child it is).
+enum Helper {
+    Exec(Child),
+    Forked(u32),
+}
+
+impl Helper {
+    fn pid(&self) -> u32 {
+        match self {
+            Helper::Exec(child) => child.id(),
+            Helper::Forked(pid) => *pid,
+        }
+    }
+
+    /// Returns once the helper has exited. A forked helper is not our child: its exit shows
+    /// as the end of the control stream (nothing else holds the helper's end by then).
+    fn wait(&mut self, ctl: &mut BufReader<UnixStream>) {
+        match self {
+            Helper::Exec(child) => {
+                let _ = child.wait();
+            }
+            Helper::Forked(_) => {
+                let mut rest = Vec::new();
+                let _ = ctl.read_to_end(&mut rest);
+            }
+        }
+    }
 }
 
 /// Cancels a running job from any thread: TERM to every process, `grace`, then KILL.
@@ -80,7 +111,7 @@ impl Sandbox {
     pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
         let (cg, root) = Self::job_cgroup(config)?;
         match Self::start(spec, config, &root, &cg) {
-            Ok((child, ctl)) => Self::running(child, ctl, cg),
+            Ok(running) => Ok(running),
             Err(err) => {
                 let _ = cg.destroy();
                 Err(err)
@@ -169,56 +200,84 @@ impl Sandbox {
         config: &SandboxConfig,
         root: &std::path::Path,
         cg: &JobCgroup,
-    ) -> Result<(Child, UnixStream), Error> {
+    ) -> Result<Running, Error> {
         cg.version().apply(&spec.limits)?;
-        let (mut ours, theirs) =
+        let (ours, theirs) =
             UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
-        let mut child = Command::new(&config.helper_exe)
-            .arg(INIT_ARG)
-            .env_clear()
-            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| Error::SpawnHelper {
-                path: config.helper_exe.clone(),
-                source,
-            })?;
+        let spawn_err = |source| Error::SpawnHelper {
+            path: config.helper_exe.clone(),
+            source,
+        };
+        let (helper, stdout, stderr) = match &config.zygote {
+            Some(zygote) => {
+                let pipes = (|| Ok::<_, std::io::Error>((std::io::pipe()?, std::io::pipe()?)))();
+                let ((out_r, out_w), (err_r, err_w)) = pipes.map_err(spawn_err)?;
+                let pid = zygote
+                    .fork_helper(
+                        &OwnedFd::from(theirs),
+                        &OwnedFd::from(out_w),
+                        &OwnedFd::from(err_w),
+                    )
+                    .map_err(spawn_err)?;
+                (Helper::Forked(pid), out_r, err_r)
+            }
+            None => {
+                let mut child = Command::new(&config.helper_exe)
+                    .arg(INIT_ARG)
+                    .env_clear()
+                    .stdin(Stdio::from(OwnedFd::from(theirs)))
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(spawn_err)?;
+                let out = child.stdout.take().map(OwnedFd::from);
+                let err = child.stderr.take().map(OwnedFd::from);
+                let (Some(out), Some(err)) = (out, err) else {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::HelperDied);
+                };
+                (
+                    Helper::Exec(child),
+                    PipeReader::from(out),
+                    PipeReader::from(err),
+                )
+            }
+        };
+        let cancel_side = ours
+            .try_clone()
+            .map_err(|source| Error::ControlSocket { source })?;
+        let mut running = Running {
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            helper,
+            ctl: BufReader::new(ours),
+            cancel: CancelHandle {
+                ctl: Arc::new(Mutex::new(cancel_side)),
+            },
+            cgroup: cg.clone(),
+            waited: false,
+        };
         let req = InitRequest {
             spec: spec.clone(),
             cgroup: cg.clone(),
             root: root.to_owned(),
         };
-        if let Err(err) = send(&mut ours, &req) {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Err(err) = send(running.ctl.get_mut(), &req) {
+            // Dropping the control socket ends the helper; the caller removes the cgroup.
+            running.waited = true;
+            running.cancel.cancel(Duration::ZERO);
+            running.helper.wait(&mut running.ctl);
             return Err(err);
         }
-        Ok((child, ours))
-    }
-
-    fn running(mut child: Child, ctl: UnixStream, cgroup: JobCgroup) -> Result<Running, Error> {
-        let cancel_side = ctl
-            .try_clone()
-            .map_err(|source| Error::ControlSocket { source })?;
-        Ok(Running {
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
-            child,
-            ctl: BufReader::new(ctl),
-            cancel: CancelHandle {
-                ctl: Arc::new(Mutex::new(cancel_side)),
-            },
-            cgroup,
-            waited: false,
-        })
+        Ok(running)
     }
 }
 
 impl Running {
     /// Pid of the helper process (for metrics and crash tests; the job is its child).
     pub fn helper_pid(&self) -> u32 {
-        self.child.id()
+        self.helper.pid()
     }
 
     pub fn cancel_handle(&self) -> CancelHandle {
@@ -231,7 +290,7 @@ impl Running {
         self.waited = true;
         let mut line = String::new();
         let read = self.ctl.read_line(&mut line);
-        let _ = self.child.wait();
+        self.helper.wait(&mut self.ctl);
         let stats = self.cgroup.version().stats();
         self.cgroup.destroy()?;
         read.map_err(|source| Error::ControlSocket { source })?;
@@ -276,7 +335,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         if !self.waited {
             self.cancel.cancel(Duration::ZERO);
-            let _ = self.child.wait();
+            self.helper.wait(&mut self.ctl);
             let _ = self.cgroup.destroy();
         }
     }

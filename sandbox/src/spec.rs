@@ -114,6 +114,9 @@ pub struct SandboxConfig {
     pub run_dir: PathBuf,
     /// Content of `/proc/self/mountinfo`, read at spawn when `None` (tests inject fakes).
     pub mountinfo: Option<String>,
+    /// Fork helpers from this zygote (started on first use) instead of exec'ing
+    /// `helper_exe` for every job.
+    pub zygote: Option<std::sync::Arc<crate::Zygote>>,
 }
 
 impl SandboxConfig {
@@ -124,6 +127,7 @@ impl SandboxConfig {
             cgroup_parent: "corral".to_owned(),
             run_dir: PathBuf::from("/run/corral"),
             mountinfo: None,
+            zygote: None,
         })
     }
 }

@@ -13,6 +13,11 @@ fn main() -> ExitCode {
     {
         corral_sandbox::init::main();
     }
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(corral_sandbox::ZYGOTE_ARG))
+    {
+        corral_sandbox::zygote_main();
+    }
     let cli = Cli::parse();
     logging::install(cli.log_format, cli.verbose);
     let outcome = match cli.command {

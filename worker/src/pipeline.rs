@@ -1013,6 +1013,10 @@ impl Settings {
             sandbox_config.helper_exe.clone_from(path);
         }
         sandbox_config.cgroup_parent = cgroup_parent(&sandbox.cgroup_parent)?;
+        // One long-lived zygote forks each job's helper (no exec of this binary per job).
+        sandbox_config.zygote = Some(Arc::new(corral_sandbox::Zygote::new(
+            &sandbox_config.helper_exe,
+        )));
         let level = config.snapshot.level;
         Ok(Settings {
             data_dir: config.data_dir.clone(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use corral_sandbox::{
     DeathReason, Exit, IdentityMap, JobDir, Network, Outcome, Sandbox, SandboxConfig,
-    SandboxLimits, SandboxSpec,
+    SandboxLimits, SandboxSpec, Zygote,
 };
 use serde::Deserialize;
 
@@ -75,6 +75,22 @@ fn config(test: &str) -> SandboxConfig {
         cgroup_parent: format!("corral-test-{test}"),
         run_dir: PathBuf::from(format!("/run/corral-test-{test}")),
         mountinfo: None,
+        zygote: None,
+    }
+}
+
+/// [`config`] with helpers forked from a zygote, as the worker runs them.
+fn zygote_config(test: &str) -> SandboxConfig {
+    static ZYGOTE: std::sync::OnceLock<std::sync::Arc<Zygote>> = std::sync::OnceLock::new();
+    SandboxConfig {
+        zygote: Some(
+            ZYGOTE
+                .get_or_init(|| {
+                    std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral"))))
+                })
+                .clone(),
+        ),
+        ..config(test)
     }
 }
 
@@ -157,8 +173,9 @@ fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Strin
     })
 }
 
+/// Through a zygote-forked helper, as in the worker.
 fn run(spec: &SandboxSpec) -> Ran {
-    let mut running = Sandbox::spawn(spec, &config("abuse")).expect("spawn");
+    let mut running = Sandbox::spawn(spec, &zygote_config("abuse")).expect("spawn");
     let out = drain(running.stdout.take());
     let err = drain(running.stderr.take());
     let outcome = running.wait().expect("wait");
@@ -434,14 +451,14 @@ fn simple_spec(job: &JobDir, uid: u32, argv: &[&str]) -> SandboxSpec {
     }
 }
 
-/// Starts `argv` and waits until it printed `ready\n`.
+/// Starts `argv` with `config` and waits until it printed `ready\n`.
 fn start_ready(
-    test: &str,
+    config: &SandboxConfig,
     uid: u32,
     job: &JobDir,
     argv: &[&str],
-) -> (corral_sandbox::Running, std::process::ChildStdout) {
-    let mut running = Sandbox::spawn(&simple_spec(job, uid, argv), &config(test)).unwrap();
+) -> (corral_sandbox::Running, std::io::PipeReader) {
+    let mut running = Sandbox::spawn(&simple_spec(job, uid, argv), config).unwrap();
     let mut stdout = running.stdout.take().unwrap();
     let mut first = [0u8; 6];
     stdout.read_exact(&mut first).unwrap();
@@ -456,8 +473,9 @@ fn cancel_sends_term_then_kills_everything() {
     }
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "cancel", 16 << 20).unwrap();
+    // The helper exec'd per job.
     let (running, mut stdout) = start_ready(
-        "cancel",
+        &config("cancel"),
         211_001,
         &job,
         &[
@@ -487,7 +505,7 @@ fn cancel_of_a_term_ignoring_job_kills_after_the_grace() {
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "stubborn", 16 << 20).unwrap();
     let (running, _stdout) = start_ready(
-        "stubborn",
+        &zygote_config("stubborn"),
         211_002,
         &job,
         &[
@@ -511,8 +529,9 @@ fn helper_crash_leaves_no_mount_process_or_cgroup() {
     }
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "crash", 16 << 20).unwrap();
+    // A helper forked by the zygote, as in the worker.
     let (running, _stdout) = start_ready(
-        "crash",
+        &zygote_config("crash"),
         211_003,
         &job,
         &["sh", "-c", "echo ready; sleep 3600"],
@@ -530,6 +549,38 @@ fn helper_crash_leaves_no_mount_process_or_cgroup() {
     assert_nothing_left("crash", 211_003, "crash");
     // The upper dir's filesystem is free again: the worker can unmount it.
     job.remove().unwrap();
+}
+
+/// A zygote that died (killed between jobs) is replaced on the next job; the helpers it
+/// forked are not its own children's problem: each reports over its own socket.
+#[test]
+fn a_dead_zygote_is_replaced() {
+    if !prerequisites() {
+        return;
+    }
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral"))));
+    let cfg = SandboxConfig {
+        zygote: Some(zygote.clone()),
+        ..config("zygote")
+    };
+    for round in 0..2 {
+        let job = JobDir::create(jobs.path(), &format!("zygote-{round}"), 16 << 20).unwrap();
+        let mut running =
+            Sandbox::spawn(&simple_spec(&job, 211_004, &["sh", "-c", "echo hi"]), &cfg).unwrap();
+        let out = drain(running.stdout.take());
+        let outcome = running.wait().unwrap();
+        assert_eq!(outcome.exit, Exit::Code(0), "round {round}");
+        assert_eq!(out.join().unwrap(), "hi\n");
+        let pid = zygote.pid().expect("the zygote runs after a job");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        job.remove().unwrap();
+    }
+    assert_nothing_left("zygote", 211_004, "zygote-1");
 }
 
 #[test]

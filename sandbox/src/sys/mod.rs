@@ -310,51 +310,59 @@ pub fn seccomp_notif_fail(listener: RawFd, id: u64, errno: i32) -> io::Result<()
     check(unsafe { libc::ioctl(listener, SEND, &resp) }).map(drop)
 }
 
-/// Sends one fd over a unix socket (SCM_RIGHTS) with a one-byte payload.
-pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
+/// A msghdr over `iov` with an SCM_RIGHTS control buffer (`control`, sized here) with
+/// room for `fds` descriptors.
+fn fd_message(iov: &mut libc::iovec, control: &mut Vec<u8>, fds: usize) -> libc::msghdr {
     // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
+    let space = unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) } as usize;
+    control.clear();
+    control.resize(space, 0);
     // SAFETY: msghdr is POD; zero is valid.
     let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_iov = &mut iov;
+    msg.msg_iov = iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space;
-    // SAFETY: msg_control points at a buffer of CMSG_SPACE(sizeof(int)) bytes, so the first
-    // header and its data fit.
+    msg
+}
+
+/// Sends `data` (at least one byte) with `fds` attached.
+pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let mut control = Vec::new();
+    let msg = fd_message(&mut iov, &mut control, fds.len());
+    // SAFETY: msg_control holds CMSG_SPACE(fds.len() ints), so the first header and all
+    // the fds fit.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of_val(fds) as u32) as usize;
+        let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+        for (i, &fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(data.add(i), fd);
+        }
     }
-    // SAFETY: msg and its buffers are valid for the call.
+    // SAFETY: msg and its buffers are valid for the call; the kernel only reads `data`.
     check_long(unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } as libc::c_long).map(drop)
 }
 
-/// Receives one fd sent by [`send_fd`]. `Ok(None)` at end of stream.
-pub fn recv_fd(sock: RawFd) -> io::Result<Option<OwnedFd>> {
-    let mut byte = [0u8; 1];
+/// Receives a message sent by [`send_fds`] into `data`, with up to `max_fds` descriptors
+/// (close-on-exec). `Ok(None)` at end of stream.
+pub fn recv_fds(
+    sock: RawFd,
+    data: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
     };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is POD; zero is valid.
-    let mut msg: libc::msghdr = unsafe { zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    let mut control = Vec::new();
+    let mut msg = fd_message(&mut iov, &mut control, max_fds);
     // SAFETY: msg and its buffers are valid for the call.
     let n = check_long(
         unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) } as libc::c_long,
@@ -362,18 +370,34 @@ pub fn recv_fd(sock: RawFd) -> io::Result<Option<OwnedFd>> {
     if n == 0 {
         return Ok(None);
     }
-    // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR checks the length.
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_control; CMSG_FIRSTHDR checks the length, and the
+    // number of fds comes from the header's own length.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null()
-            || (*cmsg).cmsg_level != libc::SOL_SOCKET
-            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        if !cmsg.is_null()
+            && (*cmsg).cmsg_level == libc::SOL_SOCKET
+            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
         {
-            return Ok(None);
+            let header = libc::CMSG_LEN(0) as usize;
+            let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
+            let first = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for i in 0..count {
+                fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(first.add(i))));
+            }
         }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
-        Ok(Some(OwnedFd::from_raw_fd(fd)))
     }
+    Ok(Some((n as usize, fds)))
+}
+
+/// Sends one fd (with a single zero byte).
+pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    send_fds(sock, &[0], &[fd])
+}
+
+/// Receives one fd sent by [`send_fd`]. `Ok(None)` at end of stream or without an fd.
+pub fn recv_fd(sock: RawFd) -> io::Result<Option<OwnedFd>> {
+    Ok(recv_fds(sock, &mut [0u8; 1], 1)?.and_then(|(_, fds)| fds.into_iter().next()))
 }
 
 /// `poll` over `(fd, events)`; returns the revents of each entry (0 on timeout).
@@ -552,6 +576,33 @@ pub fn read_signal(fd: RawFd) -> io::Result<libc::c_int> {
     }
     // SAFETY: the kernel filled the whole record.
     Ok(unsafe { info.assume_init() }.ssi_signo as libc::c_int)
+}
+
+/// With `on`, children that exit are reaped by the kernel (SIGCHLD ignored with
+/// `SA_NOCLDWAIT`); without, SIGCHLD is back to its default and children must be waited for.
+pub fn auto_reap_children(on: bool) -> io::Result<()> {
+    // SAFETY: sigaction is POD; zero is a valid empty mask and no flags.
+    let mut action: libc::sigaction = unsafe { zeroed() };
+    action.sa_sigaction = if on { libc::SIG_IGN } else { libc::SIG_DFL };
+    action.sa_flags = if on { libc::SA_NOCLDWAIT } else { 0 };
+    // SAFETY: a valid action without handler code; the old action is not read.
+    check(unsafe { libc::sigaction(libc::SIGCHLD, &action, std::ptr::null_mut()) }).map(drop)
+}
+
+/// A connected pair of close-on-exec `SOCK_SEQPACKET` unix sockets.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two fds.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: fresh fds we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Free space of the filesystem holding `path`.

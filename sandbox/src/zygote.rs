@@ -1,0 +1,189 @@
+//! The zygote: one long-lived, single-threaded helper per worker (`corral __sandbox-zygote`)
+//! that forks a fresh sandbox helper for each job. A job then pays for a `fork` of a small,
+//! warm process instead of an `exec` of the whole `corral` binary (dynamic loading,
+//! relocations, runtime start-up: about a millisecond of CPU per job on a 2-core machine).
+//!
+//! The forked helper runs exactly the code of an exec'd one ([`crate::init::main`]): the
+//! worker hands it the same three fds (control socket, stdout and stderr pipes) and talks to
+//! it the same way. Only the zygote itself is exec'd, once, from the worker — never forked
+//! from the worker's threads.
+//!
+//! Protocol on the zygote's fd 0 (a `SOCK_SEQPACKET` socket from the worker): each request
+//! is one byte with three fds attached (control, stdout, stderr); the answer is the forked
+//! helper's pid as 4 little-endian bytes (negative: the fork failed). End of stream from the
+//! worker ends the zygote; helpers it forked live on until their jobs end.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+use crate::sys::{self, Forked};
+
+/// The first argument that selects the zygote in the `corral` binary.
+pub const ZYGOTE_ARG: &str = "__sandbox-zygote";
+
+/// Entry point of `corral __sandbox-zygote`. Never returns.
+pub fn main() -> ! {
+    let _ = sys::close_fds_from(3);
+    // The worker's death ends us (end of stream does too; this covers a stuck send).
+    let _ = sys::set_parent_death_signal(libc::SIGKILL);
+    // The kernel reaps our helpers: nobody here waits for them.
+    if sys::auto_reap_children(true).is_err() {
+        sys::exit_now(70);
+    }
+    loop {
+        let mut byte = [0u8; 1];
+        let fds = match sys::recv_fds(0, &mut byte, 3) {
+            Ok(None) => sys::exit_now(0),
+            Ok(Some((_, fds))) => fds,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => sys::exit_now(70),
+        };
+        let pid = if fds.len() == 3 {
+            match sys::fork() {
+                Ok(Forked::Child) => become_helper(&fds),
+                Ok(Forked::Parent(pid)) => pid,
+                Err(_) => -1,
+            }
+        } else {
+            -1
+        };
+        drop(fds);
+        // SAFETY: sending 4 bytes from a live buffer on our own socket.
+        let sent =
+            unsafe { libc::send(0, pid.to_le_bytes().as_ptr().cast(), 4, libc::MSG_NOSIGNAL) };
+        if sent != 4 {
+            sys::exit_now(0);
+        }
+    }
+}
+
+/// In the forked child: the three fds become 0, 1 and 2, as for an exec'd helper.
+fn become_helper(fds: &[OwnedFd]) -> ! {
+    if sys::auto_reap_children(false).is_err() {
+        sys::exit_now(70);
+    }
+    for (i, fd) in fds.iter().enumerate() {
+        if sys::dup2(fd.as_raw_fd(), i as i32).is_err() {
+            sys::exit_now(70);
+        }
+    }
+    crate::init::main()
+}
+
+/// The worker's handle on its zygote, started on first use and restarted if it died.
+pub struct Zygote {
+    exe: PathBuf,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    child: Child,
+    sock: OwnedFd,
+}
+
+impl std::fmt::Debug for Zygote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Zygote").field("exe", &self.exe).finish()
+    }
+}
+
+impl Zygote {
+    /// A zygote of `exe` (the `corral` binary); nothing starts until the first job.
+    pub fn new(exe: &Path) -> Self {
+        Zygote {
+            exe: exe.to_owned(),
+            running: Mutex::new(None),
+        }
+    }
+
+    /// Pid of the zygote process, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        let running = self.running.lock().ok()?;
+        running.as_ref().map(|r| r.child.id())
+    }
+
+    /// Forks a helper that gets `ctl`, `stdout` and `stderr` as its fds 0, 1 and 2.
+    /// Returns the helper's pid.
+    pub(crate) fn fork_helper(
+        &self,
+        ctl: &OwnedFd,
+        stdout: &OwnedFd,
+        stderr: &OwnedFd,
+    ) -> io::Result<u32> {
+        let mut running = self
+            .running
+            .lock()
+            .map_err(|_| io::Error::other("sandbox zygote lock poisoned"))?;
+        let fds = [ctl.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()];
+        let mut last_err = None;
+        // A zygote that died (killed, crashed) is replaced once per request.
+        for _ in 0..2 {
+            if running.is_none() {
+                *running = Some(self.start()?);
+            }
+            let Some(zygote) = running.as_mut() else {
+                continue;
+            };
+            match ask(&zygote.sock, &fds) {
+                Ok(pid) if pid > 0 => return Ok(pid as u32),
+                Ok(_) => return Err(io::Error::other("the sandbox zygote could not fork")),
+                Err(err) => {
+                    if let Some(mut dead) = running.take() {
+                        let _ = dead.child.kill();
+                        let _ = dead.child.wait();
+                    }
+                    last_err = Some(err);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("the sandbox zygote is gone")))
+    }
+
+    fn start(&self) -> io::Result<Running> {
+        let (ours, theirs) = sys::seqpacket_pair()?;
+        let child = Command::new(&self.exe)
+            .arg(ZYGOTE_ARG)
+            .env_clear()
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(Running { child, sock: ours })
+    }
+}
+
+/// One request and its answer.
+fn ask(sock: &OwnedFd, fds: &[i32; 3]) -> io::Result<i32> {
+    sys::send_fds(sock.as_raw_fd(), &[0], fds)?;
+    let mut answer = [0u8; 4];
+    loop {
+        // SAFETY: receiving into a live 4-byte buffer from our own socket.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), answer.as_mut_ptr().cast(), 4, 0) };
+        if n == 4 {
+            return Ok(i32::from_le_bytes(answer));
+        }
+        let err = io::Error::last_os_error();
+        if n < 0 && err.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(if n == 0 {
+            io::Error::from(io::ErrorKind::UnexpectedEof)
+        } else {
+            err
+        });
+    }
+}
+
+impl Drop for Zygote {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock()
+            && let Some(Running { mut child, sock }) = running.take()
+        {
+            // End of stream ends the zygote.
+            drop(sock);
+            let _ = child.wait();
+        }
+    }
+}
