@@ -201,17 +201,19 @@ impl JobCgroup {
         }
     }
 
-    /// Kills what is left, waits for the cgroup to be empty, and removes it.
+    /// Kills what is left, waits for the cgroup to be empty, and removes it. The usual case
+    /// (everything already dead) costs only the removal: the kernel refuses to remove a
+    /// cgroup that still has processes, and only then are they looked for and killed.
     pub fn destroy(&self) -> Result<(), CgroupError> {
         let cg = self.version();
         for attempt in 0..200 {
-            if cg.pids()?.is_empty() {
-                match cg.remove() {
-                    Ok(()) => return Ok(()),
-                    Err(err) if attempt == 199 => return Err(err),
-                    Err(_) => {}
-                }
-            } else {
+            match cg.remove() {
+                Ok(()) => return Ok(()),
+                Err(err) if attempt == 199 => return Err(err),
+                Err(_) => {}
+            }
+            let left = cg.pids()?;
+            if !left.is_empty() {
                 cg.kill_all()?;
             }
             std::thread::sleep(Duration::from_millis(if attempt < 20 { 1 } else { 10 }));
