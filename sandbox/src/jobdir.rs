@@ -7,7 +7,19 @@
 //! an OOM, not `disk_limit`), would occupy host RAM until the snapshot finishes, and would
 //! keep the dead job's memory cgroup pinned. A loop ext4 gives a real ENOSPC at exactly the
 //! configured size, a bounded inode count, and costs only the blocks written.
+//!
+//! Formatting and mounting one costs several milliseconds, so the worker keeps them in a
+//! [`JobDirPool`] (see [`pool`]): ready filesystems per size, wiped back to their freshly
+//! formatted state in the background between jobs.
 
+mod pool;
+mod recovery;
+
+pub use pool::{JobDirPool, PoolOptions, PoolStats, PooledJobDir};
+pub use recovery::PoolRecovery;
+
+use std::fs::{DirBuilder, Permissions};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -41,6 +53,18 @@ pub enum JobDirError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("reading the state of {path}")]
+    Inspect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("locking the job dir pool at {path}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting the job dir pool's background thread")]
+    SpawnThread { source: std::io::Error },
 }
 
 /// `<root>/<job>/` (the mounted filesystem) holding `upper/` and `work/`, backed by
@@ -56,6 +80,14 @@ pub struct JobDir {
 const BYTES_PER_INODE: u64 = 16 * 1024;
 /// ext4 needs some room for its own metadata.
 const MIN_BYTES: u64 = 8 << 20;
+/// The mode of a fresh `upper/` and `work/`, set explicitly so that neither the worker's
+/// umask nor an earlier job changes what the next job finds.
+const DIR_MODE: u32 = 0o755;
+
+/// The size of the filesystem made for a job asking for `disk_bytes`.
+pub(crate) fn fs_bytes(disk_bytes: u64) -> u64 {
+    disk_bytes.max(MIN_BYTES)
+}
 
 impl JobDir {
     pub fn create(root: &Path, job: &str, disk_bytes: u64) -> Result<JobDir, JobDirError> {
@@ -70,7 +102,7 @@ impl JobDir {
             image,
             removed: false,
         };
-        jd.build(disk_bytes.max(MIN_BYTES))?;
+        jd.build(fs_bytes(disk_bytes))?;
         Ok(jd)
     }
 
@@ -136,12 +168,8 @@ impl JobDir {
             path: self.dir.clone(),
             source,
         })?;
-        for sub in ["upper", "work"] {
-            let p = self.dir.join(sub);
-            std::fs::create_dir(&p).map_err(|source| JobDirError::Create { path: p, source })?;
-        }
         let _ = std::fs::remove_dir(self.dir.join("lost+found"));
-        Ok(())
+        make_fresh_dirs(&self.dir)
     }
 
     pub fn path(&self) -> &Path {
@@ -159,6 +187,35 @@ impl JobDir {
     /// Unmounts, detaches and deletes everything. Call once the snapshot is taken.
     pub fn remove(mut self) -> Result<(), JobDirError> {
         self.teardown()
+    }
+
+    /// Removes everything on the filesystem — `upper/`, `work/` with overlay's own
+    /// `work/work` and `work/index`, and anything else — and makes empty `upper/` and `work/`
+    /// exactly as [`JobDir::create`] does. Only call it once no process uses the dir.
+    pub(crate) fn wipe(&self) -> Result<(), JobDirError> {
+        let remove_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JobDirError::Remove { path, source }
+        };
+        for entry in std::fs::read_dir(&self.dir).map_err(remove_err(&self.dir))? {
+            let entry = entry.map_err(remove_err(&self.dir))?;
+            let path = entry.path();
+            let is_dir = entry.file_type().map_err(remove_err(&path))?.is_dir();
+            // `remove_dir_all` does not follow symlinks: it unlinks them.
+            if is_dir {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .map_err(remove_err(&path))?;
+        }
+        make_fresh_dirs(&self.dir)
+    }
+
+    /// What a fresh dir looks like: free blocks and inodes, and the owner, mode, link count
+    /// and extended attributes of the root, `upper/` and `work/`.
+    pub(crate) fn state(&self) -> Result<FsState, JobDirError> {
+        FsState::read(&self.dir)
     }
 
     fn teardown(&mut self) -> Result<(), JobDirError> {
@@ -185,6 +242,101 @@ impl JobDir {
             path: self.image.clone(),
             source,
         })
+    }
+}
+
+/// Empty `upper/` and `work/` under `root`, mode [`DIR_MODE`], owned by the caller.
+fn make_fresh_dirs(root: &Path) -> Result<(), JobDirError> {
+    for sub in ["upper", "work"] {
+        let path = root.join(sub);
+        DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(&path)
+            .and_then(|()| std::fs::set_permissions(&path, Permissions::from_mode(DIR_MODE)))
+            .map_err(|source| JobDirError::Create { path, source })?;
+    }
+    Ok(())
+}
+
+/// The parts of a job filesystem's state that a job can change and a fresh one fixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FsState {
+    bytes_available: u64,
+    files_available: u64,
+    root: Inode,
+    upper: Inode,
+    work: Inode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Inode {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u64,
+    xattr_bytes: usize,
+}
+
+impl Inode {
+    fn read(path: &Path) -> Result<Inode, JobDirError> {
+        let err = |source| JobDirError::Inspect {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::symlink_metadata(path).map_err(err)?;
+        Ok(Inode {
+            mode: meta.mode(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            nlink: meta.nlink(),
+            xattr_bytes: crate::sys::llistxattr_size(path).map_err(err)?,
+        })
+    }
+}
+
+impl FsState {
+    fn read(dir: &Path) -> Result<FsState, JobDirError> {
+        let space = crate::sys::statvfs(dir).map_err(|source| JobDirError::Inspect {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(FsState {
+            bytes_available: space.bytes_available,
+            files_available: space.files_available,
+            root: Inode::read(dir)?,
+            upper: Inode::read(&dir.join("upper"))?,
+            work: Inode::read(&dir.join("work"))?,
+        })
+    }
+
+    /// How `self` differs from `fresh`, in words; `None` when it does not.
+    pub(crate) fn differs_from(&self, fresh: &FsState) -> Option<String> {
+        if self == fresh {
+            return None;
+        }
+        let mut what = Vec::new();
+        if self.bytes_available != fresh.bytes_available {
+            what.push(format!(
+                "{} bytes free, {} when fresh",
+                self.bytes_available, fresh.bytes_available
+            ));
+        }
+        if self.files_available != fresh.files_available {
+            what.push(format!(
+                "{} inodes free, {} when fresh",
+                self.files_available, fresh.files_available
+            ));
+        }
+        for (name, now, then) in [
+            ("the root", self.root, fresh.root),
+            ("upper/", self.upper, fresh.upper),
+            ("work/", self.work, fresh.work),
+        ] {
+            if now != then {
+                what.push(format!("{name} is {now:?}, {then:?} when fresh"));
+            }
+        }
+        Some(what.join("; "))
     }
 }
 

@@ -6,7 +6,8 @@
 //!
 //! ```text
 //! let ids = IdentityMap::open(data_dir, 200_000..=299_999)?;      // once
-//! let dir = JobDir::create(jobs_root, job_id, disk_bytes)?;       // upper/ + work/, size-limited
+//! let pool = JobDirPool::open(jobs_root, concurrency)?;           // once
+//! let mut dir = pool.take(disk_bytes)?;                           // upper/ + work/, size-limited
 //! let spec = SandboxSpec { lower_dirs: vec![source, base], upper: dir.upper(), work: dir.work(),
 //!                          identity: ids.identity(project)?, argv, env, cwd, limits, network,
 //!                          read_only_binds: vec![], hostname: "corral".into() };
@@ -14,9 +15,12 @@
 //! let (out, err) = (run.stdout.take(), run.stderr.take());        // stream them as logs
 //! let cancel = run.cancel_handle();                               // cancel.cancel(grace)
 //! let outcome: Outcome = run.wait()?;                             // blocking: use spawn_blocking
-//! // every job process is dead and its cgroup removed: snapshot dir.upper() now
-//! dir.remove()?;
+//! dir.mark_quiescent();        // every job process is dead and its cgroup removed
+//! // snapshot dir.upper() now, then drop `dir`: the pool wipes it for reuse in the background
 //! ```
+//!
+//! [`JobDir::create`] and [`JobDir::remove`] make and remove one job filesystem without a
+//! pool (`corral sandbox --disk`, tests).
 //!
 //! The `corral` binary must dispatch `corral __sandbox-init` ([`INIT_ARG`]) to
 //! [`init::main`] and `corral __sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before
@@ -51,7 +55,9 @@ pub use cgroup::{
 };
 pub use identity::{IdentityError, IdentityMap};
 pub use init::INIT_ARG;
-pub use jobdir::{JobDir, JobDirError};
+pub use jobdir::{
+    JobDir, JobDirError, JobDirPool, PoolOptions, PoolRecovery, PoolStats, PooledJobDir,
+};
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
 pub use sandbox::{CancelHandle, Output, Running, Sandbox};

@@ -7,6 +7,7 @@
 //! | `corral_build_seconds`, `corral_snapshot_seconds`, `corral_upload_seconds` | histogram | |
 //! | `corral_uploaded_bytes_total`, `corral_deduplicated_bytes_total` | counter | |
 //! | `corral_cache_hits_total` | counter | |
+//! | `corral_job_dir_takes_total` | counter | `outcome` (`ready`: from the pool, `made`: formatted on the spot) |
 //! | `corral_builds_in_flight`, `corral_free_slots` | gauge | |
 //! | `corral_broker_connected` | gauge (0/1) | |
 //! | `corral_broker_reconnects_total` | counter | |
@@ -39,11 +40,17 @@ struct AlertLabels {
     kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobDirLabels {
+    outcome: &'static str,
+}
+
 /// Every metric the worker exports, plus the readiness state behind `/readyz`.
 pub struct Metrics {
     registry: Registry,
     jobs: Family<JobLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
+    job_dir_takes: Family<JobDirLabels, Counter>,
     pub build_seconds: Histogram,
     pub snapshot_seconds: Histogram,
     pub upload_seconds: Histogram,
@@ -79,6 +86,7 @@ impl Metrics {
         let metrics = Metrics {
             jobs: Family::default(),
             alerts: Family::default(),
+            job_dir_takes: Family::default(),
             build_seconds: durations(),
             snapshot_seconds: durations(),
             upload_seconds: durations(),
@@ -103,6 +111,11 @@ impl Metrics {
             "alerts",
             "Operator alerts raised, by kind",
             metrics.alerts.clone(),
+        );
+        registry.register(
+            "job_dir_takes",
+            "Job filesystems taken: ready from the pool, or made on the spot",
+            metrics.job_dir_takes.clone(),
         );
         registry.register(
             "build_seconds",
@@ -174,6 +187,14 @@ impl Metrics {
             .get_or_create(&AlertLabels {
                 kind: kind.to_string(),
             })
+            .inc();
+    }
+
+    /// Counts a job filesystem taken for a build: `ready` from the pool or not.
+    pub fn job_dir_taken(&self, ready: bool) {
+        let outcome = if ready { "ready" } else { "made" };
+        self.job_dir_takes
+            .get_or_create(&JobDirLabels { outcome })
             .inc();
     }
 
@@ -266,6 +287,9 @@ mod tests {
         metrics.job_finished("succeeded", "");
         metrics.job_finished("killed", "oom");
         metrics.alert("oom");
+        metrics.job_dir_taken(true);
+        metrics.job_dir_taken(true);
+        metrics.job_dir_taken(false);
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -287,6 +311,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("corral_build_seconds_bucket"), "{text}");
+        assert!(
+            text.contains(r#"corral_job_dir_takes_total{outcome="ready"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"corral_job_dir_takes_total{outcome="made"} 1"#),
+            "{text}"
+        );
 
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));

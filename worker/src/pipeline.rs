@@ -6,7 +6,8 @@
 //! [`Pipeline::run`] returns `Ok(JobResult)` for every outcome that is the job's own
 //! (succeeded, failed, timed out, killed, cancelled, rejected) and `Err(PipelineError)` only
 //! when the platform failed (store, host, sandbox set-up): those are retried by the caller.
-//! The job dir (upper, work, mounts, cgroup) is removed on every path.
+//! The job dir (upper, work, mounts, cgroup) is released on every path: its filesystem comes
+//! from a [`JobDirPool`] and goes back to it, wiped in the background, once the build is over.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,7 +23,7 @@ use corral_protocol::{
     Status, Stream, Timings, Usage, WorkerInfo,
 };
 use corral_sandbox::{
-    DeathReason, Exit, IdentityMap, JOB_GID, JOB_UID, JobDir, Network, Outcome, Sandbox,
+    DeathReason, Exit, IdentityMap, JOB_GID, JOB_UID, JobDirPool, Network, Outcome, Sandbox,
     SandboxConfig, SandboxLimits, SandboxSpec,
 };
 use tokio::sync::mpsc;
@@ -72,6 +73,9 @@ pub struct Settings {
     pub extract_limits: ExtractLimits,
     /// Answer from the action cache when the job allows it.
     pub use_cache: bool,
+    /// Job filesystems kept per disk size, in use or formatted and mounted ready for the
+    /// next job: the worker's concurrency (0 keeps none).
+    pub job_dir_pool: usize,
 }
 
 /// A platform failure: the job did nothing wrong, a retry may succeed.
@@ -135,6 +139,7 @@ pub struct Pipeline {
     bases: Catalogue,
     cache: ActionCache,
     identities: IdentityMap,
+    job_dirs: Arc<JobDirPool>,
     metrics: Arc<Metrics>,
 }
 
@@ -194,12 +199,27 @@ impl Pipeline {
         for dir in [data.join("jobs"), data.join("tmp")] {
             std::fs::create_dir_all(&dir).map_err(|e| open_err(&dir, e.into()))?;
         }
+        let jobs = data.join("jobs");
+        let job_dirs = JobDirPool::open(&jobs, settings.job_dir_pool)
+            .map_err(|e| open_err(&jobs, e.into()))?;
+        let recovered = job_dirs.recovery();
+        if !recovered.removed.is_empty() {
+            tracing::info!(
+                removed = recovered.removed.len(),
+                unmounted = recovered.unmounted.len(),
+                "removed the job dirs a previous worker left"
+            );
+        }
+        for err in &recovered.errors {
+            tracing::warn!(error = %error_chain(err), "could not clean up a previous worker's job dir");
+        }
         Ok(Pipeline {
             settings,
             store,
             bases,
             cache,
             identities,
+            job_dirs: Arc::new(job_dirs),
             metrics,
         })
     }
@@ -332,21 +352,28 @@ impl Pipeline {
             "source fetched and unpacked"
         );
 
-        let jobs_root = self.settings.data_dir.join("jobs");
-        let job_name = job.job_id.to_string();
+        // A ready filesystem from the pool, or one made now when none is ready. Dropped on
+        // any path, it goes back to the pool: wiped for reuse once marked quiescent, torn
+        // down otherwise, both in the background.
         let disk = job.limits.disk_bytes.bytes();
-        let job_dir = blocking(move || JobDir::create(&jobs_root, &job_name, disk))
-            .await?
-            .map_err(PipelineError::JobDir)?;
-        let job_dir = JobDirGuard(Some(job_dir));
+        let mut job_dir = match self.job_dirs.take_ready(disk) {
+            Some(dir) => dir,
+            None => {
+                let pool = self.job_dirs.clone();
+                blocking(move || pool.take(disk))
+                    .await?
+                    .map_err(PipelineError::JobDir)?
+            }
+        };
+        self.metrics.job_dir_taken(job_dir.was_ready());
 
         // 5. The build.
         tracing::info!(stage = "build", argv = ?job.command, "build starting");
         let build_started = Instant::now();
         let spec = SandboxSpec {
             lower_dirs: vec![source_root.clone(), base.rootfs().to_path_buf()],
-            upper: job_dir.get().upper(),
-            work: job_dir.get().work(),
+            upper: job_dir.upper(),
+            work: job_dir.work(),
             identity,
             argv: job.command.clone(),
             env: build_env(job),
@@ -370,6 +397,8 @@ impl Pipeline {
         };
         let log_path = work.path.join("build.log");
         let build = self.build(spec, job, ctx, &log_path).await?;
+        // The sandbox reported every job process dead and the overlay gone.
+        job_dir.mark_quiescent();
         timings.build_ms = ms(build_started.elapsed());
         tracing::info!(stage = "build", ms = timings.build_ms, "build ended");
         self.metrics
@@ -385,7 +414,7 @@ impl Pipeline {
             Status::Succeeded,
             ctx.worker.clone(),
         );
-        result.usage = Some(usage(&build.outcome, &job_dir.get().upper()));
+        result.usage = Some(usage(&build.outcome, &job_dir.upper()));
         result.log = Some(log);
         match build.outcome.exit {
             Exit::Code(code) => result.exit_code = Some(code),
@@ -420,7 +449,7 @@ impl Pipeline {
         };
         let build_layer = self
             .snapshot(
-                &job_dir.get().upper(),
+                &job_dir.upper(),
                 Mode::Upper,
                 id_map,
                 job.epoch(),
@@ -791,26 +820,6 @@ impl LogWriter {
     }
 }
 
-/// Removes the job dir (unmounting its backing) when the run ends, whichever way.
-struct JobDirGuard(Option<JobDir>);
-
-impl JobDirGuard {
-    fn get(&self) -> &JobDir {
-        self.0.as_ref().expect("present until dropped")
-    }
-}
-
-impl Drop for JobDirGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let path = dir.path().to_path_buf();
-            if let Err(err) = dir.remove() {
-                tracing::error!(path = %path.display(), error = %err, "could not remove a job dir");
-            }
-        }
-    }
-}
-
 /// The job's scratch space on the data disk (source, bundle, log, spooled layers).
 struct WorkDirs {
     path: PathBuf,
@@ -1038,6 +1047,7 @@ impl Settings {
             max_output_bytes: config.snapshot.max_output_bytes.bytes(),
             extract_limits: ExtractLimits::default(),
             use_cache: true,
+            job_dir_pool: usize::from(config.concurrency),
         })
     }
 }

@@ -629,6 +629,15 @@ pub fn statvfs(path: &Path) -> io::Result<FsSpace> {
     })
 }
 
+/// Bytes the names of `path`'s extended attributes take (0: it has none). Does not follow
+/// a final symlink.
+pub fn llistxattr_size(path: &Path) -> io::Result<usize> {
+    let p = cstr(path)?;
+    // SAFETY: valid NUL-terminated path; a null buffer of size 0 asks only for the size.
+    let n = unsafe { libc::llistxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+    check_long(n as libc::c_long).map(|n| n as usize)
+}
+
 /// Attaches `image` to a free loop device and returns its path and an open handle. The
 /// device detaches itself when the last handle closes and nothing mounts it (autoclear), so
 /// keep the handle until the filesystem is mounted.

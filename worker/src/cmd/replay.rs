@@ -65,6 +65,8 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
     };
     let mut settings = Settings::from_config(&config).context("setting up the sandbox")?;
     settings.use_cache = !args.no_cache;
+    // One job: one job filesystem, wiped after the build and torn down at exit.
+    settings.job_dir_pool = 1;
     let fixtures = fixtures_dir(&args.job);
     let catalogue = Catalogue::open(&config.data_dir).context("opening the bases")?;
     if let Some(fixtures) = &fixtures {
