@@ -763,10 +763,13 @@ impl Pipeline {
             .store
             .spool_dir()
             .unwrap_or_else(|| self.settings.data_dir.join("tmp"));
+        // Unique per call: two jobs may ensure the same base at once.
+        static LINKS: AtomicU64 = AtomicU64::new(0);
         let link = spool_dir.join(format!(
-            ".base-{}-{}",
+            ".base-{}-{}-{}",
             layer.digest.hex(),
-            std::process::id()
+            std::process::id(),
+            LINKS.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&link);
         if std::fs::hard_link(path, &link).is_err() {

@@ -2,6 +2,12 @@
 //! confirm-mode channel, so a resource alarm that blocks publishing never freezes the
 //! consumer connection's acks. Every publish is persistent and mandatory and counts only
 //! once the broker confirmed it and did not return it as unroutable.
+//!
+//! One publish is in flight at a time. A `basic.return` carries no delivery tag: with
+//! several publishes outstanding on a channel, the client can only pair a return with the
+//! next confirm, so an unroutable log chunk could fail a routable result, and an
+//! unroutable result could pass as delivered. With one outstanding publish the pairing is
+//! exact (and a return naming another exchange or key is ignored, never blamed on ours).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +56,8 @@ pub struct Publisher {
     name: String,
     blocked_wait: Duration,
     link: Mutex<Option<(Arc<Connection>, Channel)>>,
+    /// Held from `basic.publish` to its confirm.
+    in_flight: Mutex<()>,
 }
 
 impl Publisher {
@@ -60,6 +68,7 @@ impl Publisher {
             name,
             blocked_wait,
             link: Mutex::new(None),
+            in_flight: Mutex::new(()),
         }
     }
 
@@ -104,6 +113,7 @@ impl Publisher {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), PublishError> {
+        let _one_at_a_time = self.in_flight.lock().await;
         let (conn, ch) = self.channel().await?;
         let blocked_since = Instant::now();
         while conn.status().blocked() {
@@ -167,6 +177,17 @@ impl Publisher {
             });
         }
         if let Some(returned) = confirmation.take_message() {
+            if returned.delivery.exchange.as_str() != exchange
+                || returned.delivery.routing_key.as_str() != key
+            {
+                // A late return of an earlier, abandoned publish: not ours.
+                tracing::debug!(
+                    exchange = returned.delivery.exchange.as_str(),
+                    key = returned.delivery.routing_key.as_str(),
+                    "ignoring a returned message that belongs to another publish"
+                );
+                return Ok(());
+            }
             return Err(PublishError::Unroutable {
                 exchange: exchange.to_owned(),
                 key: key.to_owned(),
