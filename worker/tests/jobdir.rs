@@ -70,6 +70,7 @@ fn config(test: &str) -> SandboxConfig {
         cgroup_parent: format!("corral-test-pool-{test}"),
         run_dir: PathBuf::from(format!("/run/corral-test-pool-{test}")),
         mountinfo: None,
+        zygote: None,
     }
 }
 
