@@ -190,26 +190,48 @@ impl JobDir {
     }
 
     /// Removes everything on the filesystem — `upper/`, `work/` with overlay's own
-    /// `work/work` and `work/index`, and anything else — and makes empty `upper/` and `work/`
-    /// exactly as [`JobDir::create`] does. Only call it once no process uses the dir.
+    /// `work/work`, and anything else — and makes empty `upper/` and `work/` exactly as
+    /// [`JobDir::create`] does. Only call it once no process uses the dir.
+    ///
+    /// The walk keeps its own stack rather than recursing (as `remove_dir_all` does): a
+    /// build can nest directories far deeper than a thread's stack. Paths past `PATH_MAX`
+    /// fail the wipe, and the caller tears the filesystem down instead.
     pub(crate) fn wipe(&self) -> Result<(), JobDirError> {
         let remove_err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| JobDirError::Remove { path, source }
         };
-        for entry in std::fs::read_dir(&self.dir).map_err(remove_err(&self.dir))? {
-            let entry = entry.map_err(remove_err(&self.dir))?;
-            let path = entry.path();
-            let is_dir = entry.file_type().map_err(remove_err(&path))?.is_dir();
-            // `remove_dir_all` does not follow symlinks: it unlinks them.
-            if is_dir {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
+        // (dir, its entries are gone)
+        let mut pending = vec![(self.dir.clone(), false)];
+        while let Some((dir, emptied)) = pending.pop() {
+            if emptied {
+                if dir != self.dir {
+                    std::fs::remove_dir(&dir).map_err(remove_err(&dir))?;
+                }
+                continue;
             }
-            .map_err(remove_err(&path))?;
+            pending.push((dir.clone(), true));
+            for entry in std::fs::read_dir(&dir).map_err(remove_err(&dir))? {
+                let entry = entry.map_err(remove_err(&dir))?;
+                let path = entry.path();
+                // The entry's own type: a symlink is unlinked, never followed.
+                if entry.file_type().map_err(remove_err(&path))?.is_dir() {
+                    pending.push((path, false));
+                } else {
+                    std::fs::remove_file(&path).map_err(remove_err(&path))?;
+                }
+            }
         }
         make_fresh_dirs(&self.dir)
+    }
+
+    /// Inodes in use beyond those of `fresh`: what a wipe would have to remove.
+    pub(crate) fn inodes_since(&self, fresh: &FsState) -> Result<u64, JobDirError> {
+        let space = crate::sys::statvfs(&self.dir).map_err(|source| JobDirError::Inspect {
+            path: self.dir.clone(),
+            source,
+        })?;
+        Ok(fresh.files_available.saturating_sub(space.files_available))
     }
 
     /// What a fresh dir looks like: free blocks and inodes, and the owner, mode, link count

@@ -356,6 +356,7 @@ impl Pipeline {
         // any path, it goes back to the pool: wiped for reuse once marked quiescent, torn
         // down otherwise, both in the background.
         let disk = job.limits.disk_bytes.bytes();
+        let job_dir_started = Instant::now();
         let mut job_dir = match self.job_dirs.take_ready(disk) {
             Some(dir) => dir,
             None => {
@@ -366,6 +367,12 @@ impl Pipeline {
             }
         };
         self.metrics.job_dir_taken(job_dir.was_ready());
+        tracing::info!(
+            stage = "job_dir",
+            ms = ms(job_dir_started.elapsed()),
+            ready = job_dir.was_ready(),
+            "job dir taken"
+        );
 
         // 5. The build.
         tracing::info!(stage = "build", argv = ?job.command, "build starting");

@@ -521,3 +521,32 @@ fn the_disk_limit_holds_on_a_reused_filesystem() {
     assert_ne!(ran.outcome.exit, Exit::Code(0));
     assert!(ran.stderr.contains("No space left"), "{}", ran.stderr);
 }
+
+#[test]
+fn a_tree_deeper_than_path_max_is_torn_down_not_walked() {
+    if !prerequisites() {
+        return;
+    }
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let pool = JobDirPool::open(jobs.path(), 1).unwrap();
+    let mut dir = pool.take(256 * MIB).unwrap();
+    let path = dir.path().to_path_buf();
+    // Far deeper than PATH_MAX, and than a recursive walk's stack would survive.
+    let ran = run(
+        "deep",
+        &dir,
+        &[],
+        212_004,
+        "python3 -c 'import os\nfor _ in range(9000):\n    os.mkdir(\"d\"); os.chdir(\"d\")\nprint(\"deep\")'",
+    );
+    assert!(ran.stdout.contains("deep"), "{}\n{}", ran.stdout, ran.stderr);
+    dir.mark_quiescent();
+    drop(dir);
+    assert!(pool.settle(SETTLE));
+    let stats = pool.stats();
+    assert_eq!((stats.reused, stats.discarded), (0, 1), "{stats:?}");
+    assert!(!path.exists());
+    let dir = pool.take(256 * MIB).unwrap();
+    assert!(dir.was_ready());
+    assert_eq!(observe(dir.path()).upper_entries, 0);
+}

@@ -152,6 +152,10 @@ impl Drop for PooledJobDir {
     }
 }
 
+/// Past this many files and dirs, removing them one by one costs more than tearing the
+/// filesystem down and making a new one (about 10 ms of `mkfs`, loop and mount work).
+const MAX_WIPE_FILES: u64 = 10_000;
+
 /// One mounted filesystem and its state when fresh.
 struct Slot {
     dir: JobDir,
@@ -167,6 +171,15 @@ impl Slot {
 
     /// Wipes the dir; `Err` says why it cannot be reused.
     fn wipe(&self) -> Result<(), String> {
+        let files = self
+            .dir
+            .inodes_since(&self.fresh)
+            .map_err(|e| error_chain(&e))?;
+        if files > MAX_WIPE_FILES {
+            return Err(format!(
+                "{files} files to remove: making a new filesystem is cheaper"
+            ));
+        }
         self.dir.wipe().map_err(|e| error_chain(&e))?;
         let now = self.dir.state().map_err(|e| error_chain(&e))?;
         match now.differs_from(&self.fresh) {
