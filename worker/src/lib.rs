@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod datadisk;
 pub mod exit;
 pub mod image;
 pub mod layer;

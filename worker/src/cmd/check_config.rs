@@ -13,6 +13,9 @@ pub fn run(args: CheckConfigArgs) -> anyhow::Result<u8> {
             for warning in &loaded.warnings {
                 eprintln!("corral: warning: {warning}");
             }
+            if let Some(warning) = crate::datadisk::warning(&loaded.config.data_dir) {
+                eprintln!("corral: warning: {warning}");
+            }
             if !args.quiet {
                 println!("# effective config of {}", args.file.display());
                 print!("{}", loaded.config.to_toml());

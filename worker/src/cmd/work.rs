@@ -78,6 +78,9 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
                     Pipeline::open(settings, store, metrics.clone())
                         .context("opening the data dir")?,
                 );
+                if let Some(warning) = crate::datadisk::warning(&config.data_dir) {
+                    tracing::warn!("{warning}");
+                }
                 let worker = Worker::with_metrics(amqp, PipelineRunner::new(pipeline), metrics)?;
                 worker.run(drain, kill).await?;
             }
