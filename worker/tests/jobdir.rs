@@ -538,7 +538,12 @@ fn a_tree_deeper_than_path_max_is_torn_down_not_walked() {
         212_004,
         "python3 -c 'import os\nfor _ in range(9000):\n    os.mkdir(\"d\"); os.chdir(\"d\")\nprint(\"deep\")'",
     );
-    assert!(ran.stdout.contains("deep"), "{}\n{}", ran.stdout, ran.stderr);
+    assert!(
+        ran.stdout.contains("deep"),
+        "{}\n{}",
+        ran.stdout,
+        ran.stderr
+    );
     dir.mark_quiescent();
     drop(dir);
     assert!(pool.settle(SETTLE));
