@@ -275,6 +275,15 @@ listen = "127.0.0.1:{port}"
         metrics.contains("corral_snapshot_seconds_count 1"),
         "{metrics}"
     );
+    // The first job's filesystem is made on the spot; the second one's was ready.
+    assert!(
+        metrics.contains(r#"corral_job_dir_takes_total{outcome="made"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"corral_job_dir_takes_total{outcome="ready"} 1"#),
+        "{metrics}"
+    );
 
     // SIGTERM: the worker drains and exits cleanly.
     let mut worker = cleanup.worker.take().unwrap();
@@ -298,4 +307,17 @@ listen = "127.0.0.1:{port}"
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "worker exit {status}:\n{}", worker_log());
+    // Its ready job filesystems went with it.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let data_text = data.to_str().unwrap();
+    assert!(
+        !mounts.contains(data_text),
+        "a mount is left under {data_text}:\n{mounts}"
+    );
+    let jobs: Vec<_> = std::fs::read_dir(data.join("jobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(jobs.is_empty(), "left in the jobs dir: {jobs:?}");
 }
