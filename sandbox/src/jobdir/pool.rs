@@ -7,8 +7,8 @@
 //! keeps it only if the filesystem is then exactly as freshly made — the same free blocks and
 //! inodes as recorded right after `mkfs`, the same owner, mode, link count and extended
 //! attributes on its root, `upper/` and `work/`. Otherwise (an inode still held open, a
-//! failed wipe, enough slots of that size already) the filesystem is torn down, also in the
-//! background. Per size the pool keeps at most `ready_per_size` slots (in use, being wiped
+//! failed wipe, more files than are worth removing, enough slots of that size already) the
+//! filesystem is torn down, also in the background. Per size the pool keeps at most `ready_per_size` slots (in use, being wiped
 //! or ready), creates missing ones ahead of demand for sizes taken recently, and drops the
 //! ready slots of a size not taken for a while.
 //!
