@@ -7,8 +7,8 @@
 //! keeps it only if the filesystem is then exactly as freshly made — the same free blocks and
 //! inodes as recorded right after `mkfs`, the same owner, mode, link count and extended
 //! attributes on its root, `upper/` and `work/`. Otherwise (an inode still held open, a
-//! failed wipe, enough slots of that size already) the filesystem is torn down, also in the
-//! background. Per size the pool keeps at most `ready_per_size` slots (in use, being wiped
+//! failed wipe, more files than are worth removing, enough slots of that size already) the
+//! filesystem is torn down, also in the background. Per size the pool keeps at most `ready_per_size` slots (in use, being wiped
 //! or ready), creates missing ones ahead of demand for sizes taken recently, and drops the
 //! ready slots of a size not taken for a while.
 //!
@@ -255,15 +255,19 @@ impl JobDirPool {
         })?;
         let pid = std::process::id();
         let recovery = recovery::recover(&root, &mountinfo, pid);
-        let dir = root.join(recovery::instance_name(
-            pid,
-            INSTANCES.fetch_add(1, Ordering::Relaxed),
-        ));
-        let lock = recovery::lock_instance(&recovery::lock_path(&dir))?;
-        std::fs::create_dir(&dir).map_err(|source| JobDirError::Create {
-            path: dir.clone(),
-            source,
-        })?;
+        // A name the recovery could not free (a mount it could not remove) is skipped.
+        let (dir, lock) = loop {
+            let dir = root.join(recovery::instance_name(
+                pid,
+                INSTANCES.fetch_add(1, Ordering::Relaxed),
+            ));
+            let lock = recovery::lock_instance(&recovery::lock_path(&dir))?;
+            match std::fs::create_dir(&dir) {
+                Ok(()) => break (dir, lock),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(JobDirError::Create { path: dir, source }),
+            }
+        };
         let shared = Arc::new(Shared {
             dir,
             state: Mutex::new(State::new(options.ready_per_size)),
