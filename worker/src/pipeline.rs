@@ -779,11 +779,24 @@ impl Pipeline {
             LINKS.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_file(&link);
-        if std::fs::hard_link(path, &link).is_err() {
-            std::fs::copy(path, &link).map_err(|source| PipelineError::Log {
-                path: link.clone(),
-                source,
-            })?;
+        let log_err = |source| PipelineError::Log {
+            path: link.clone(),
+            source,
+        };
+        match std::fs::hard_link(path, &link) {
+            Ok(()) => {}
+            // Another filesystem: copy into a file that must not exist yet. Copying onto an
+            // existing name could truncate the base's own blob through a hard link.
+            Err(err) if err.kind() == std::io::ErrorKind::CrossesDevices => {
+                let mut from = std::fs::File::open(path).map_err(log_err)?;
+                let mut to = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&link)
+                    .map_err(log_err)?;
+                std::io::copy(&mut from, &mut to).map_err(log_err)?;
+            }
+            Err(err) => return Err(log_err(err)),
         }
         let outcome = self
             .store
