@@ -5,8 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::io::{PipeReader, Read};
-use std::os::fd::AsRawFd;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,11 +140,14 @@ impl Sandbox {
                     std::fs::OpenOptions::new()
                         .write(true)
                         .open("/dev/null")
-                        .map_err(|source| Error::ControlSocket { source })?,
+                        .map_err(|e| Error::Setup {
+                            message: format!("opening /dev/null: {e}"),
+                        })?,
                 ),
             };
-            let signals = crate::sys::signalfd(&CANCEL_SIGNALS)
-                .map_err(|source| Error::ControlSocket { source })?;
+            let signals = crate::sys::signalfd(&CANCEL_SIGNALS).map_err(|e| Error::Setup {
+                message: format!("a signalfd for SIGINT, SIGTERM and SIGHUP: {e}"),
+            })?;
             let req = InitRequest {
                 spec: spec.clone(),
                 cgroup: cg.clone(),
