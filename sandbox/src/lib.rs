@@ -39,6 +39,7 @@ mod cgroup;
 mod identity;
 pub mod init;
 mod jobdir;
+mod mountinfo;
 mod namespaces;
 mod outcome;
 mod reaper;

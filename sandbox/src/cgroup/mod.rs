@@ -109,7 +109,7 @@ pub fn discover(mountinfo: &str) -> Result<Layout, CgroupError> {
         else {
             continue;
         };
-        let mount_point = PathBuf::from(unescape(mount_point));
+        let mount_point = crate::mountinfo::unescape(mount_point);
         match fstype {
             "cgroup2" => v2_root = Some(mount_point),
             "cgroup" => {
@@ -156,26 +156,6 @@ pub fn discover(mountinfo: &str) -> Result<Layout, CgroupError> {
         v2: v2_verdict,
         v1_missing,
     })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let bytes = field.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 4 <= bytes.len()
-            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
-        {
-            out.push(v as char);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i] as char);
-        i += 1;
-    }
-    out
 }
 
 /// One job's cgroup, of whichever version the host offers.
@@ -382,7 +362,13 @@ mod tests {
 
     #[test]
     fn mount_points_are_unescaped() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(
+            crate::mountinfo::unescape("/a\\040b"),
+            PathBuf::from("/a b")
+        );
+        assert_eq!(
+            crate::mountinfo::unescape("/plain"),
+            PathBuf::from("/plain")
+        );
     }
 }

@@ -163,38 +163,12 @@ fn mount_points_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     let mut points: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
-        .map(unescape)
+        .map(crate::mountinfo::unescape)
         .filter(|p| p.starts_with(dir))
         .collect();
     points.reverse();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(octal) = bytes.get(i + 1..i + 4)
-            && octal.iter().all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value = octal
-                .iter()
-                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-            if let Ok(byte) = u8::try_from(value) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
 #[cfg(test)]
@@ -230,8 +204,14 @@ mod tests {
     fn unescapes_mount_points() {
         let points = mount_points_under(MOUNTINFO, Path::new("/var/lib/corral/jobs/old job"));
         assert_eq!(points, [PathBuf::from("/var/lib/corral/jobs/old job")]);
-        assert_eq!(unescape("a\\134b\\011c"), PathBuf::from("a\\b\tc"));
-        assert_eq!(unescape("trailing\\04"), PathBuf::from("trailing\\04"));
+        assert_eq!(
+            crate::mountinfo::unescape("a\\134b\\011c"),
+            PathBuf::from("a\\b\tc")
+        );
+        assert_eq!(
+            crate::mountinfo::unescape("trailing\\04"),
+            PathBuf::from("trailing\\04")
+        );
     }
 
     #[test]
