@@ -2,6 +2,8 @@
 //! (`fixtures/abuse/*.json`, one table-driven test), cancellation, a helper crash, and the
 //! `corral sandbox` command. The `corral` binary under test is the sandbox helper.
 
+mod common;
+use common::{prerequisites, rootfs};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -13,52 +15,6 @@ use corral_sandbox::{
     SandboxLimits, SandboxSpec, Zygote,
 };
 use serde::Deserialize;
-
-/// A missing prerequisite fails under `CI=true` and skips loudly otherwise.
-fn require(cond: bool, what: &str) -> bool {
-    if cond {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("prerequisite missing under CI=true: {what}");
-    }
-    eprintln!("SKIPPING: prerequisite missing: {what}");
-    false
-}
-
-fn rootfs() -> PathBuf {
-    std::env::var_os("CORRAL_TEST_ROOTFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/corral-test/rootfs"))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn prerequisites() -> bool {
-    require(is_root(), "running as root")
-        && require(
-            rootfs().join("usr/bin/python3").exists(),
-            "the test rootfs with python3 ($CORRAL_TEST_ROOTFS)",
-        )
-        && require(
-            Path::new("/dev/loop-control").exists(),
-            "loop devices (modprobe loop)",
-        )
-        && require(
-            std::process::Command::new("mkfs.ext4")
-                .arg("-V")
-                .output()
-                .is_ok(),
-            "mkfs.ext4 (e2fsprogs)",
-        )
-}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
