@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::JobCgroup;
+use crate::cgroup::{CgroupVersion, JobCgroup};
 use crate::outcome::Exit;
 use crate::spec::SandboxSpec;
 use crate::sys::{self, Forked};
@@ -88,7 +88,9 @@ pub fn main() -> ! {
     }
     let report = match serde_json::from_str::<InitRequest>(&line) {
         Ok(req) => supervise(
-            &req,
+            &req.spec,
+            &req.root,
+            CgroupSetup::Ready(&req.cgroup),
             Supervisor {
                 ctl: Some(reader),
                 signals: None,
@@ -119,6 +121,16 @@ pub(crate) enum JobOutput {
     Fds(RawFd, RawFd),
 }
 
+/// Where the job's cgroup comes from.
+pub(crate) enum CgroupSetup<'a> {
+    /// Created, with its limits, before the supervisor started (the worker's path).
+    Ready(&'a JobCgroup),
+    /// Created (with its limits) by the supervisor right after the clone, while the job's
+    /// pid 1 builds its root, which takes longer: the creation costs no wall time. An
+    /// error message stops the run.
+    Create(&'a mut dyn FnMut() -> Result<JobCgroup, String>),
+}
+
 /// How the supervisor hears about cancellation, and what it hands the job.
 pub(crate) struct Supervisor {
     /// The worker's control stream: [`Control`] lines; end of stream cancels at once.
@@ -139,9 +151,13 @@ fn fail(msg: String) -> InitReport {
     }
 }
 
-pub(crate) fn supervise(req: &InitRequest, sup: Supervisor) -> InitReport {
+pub(crate) fn supervise(
+    spec: &SandboxSpec,
+    root: &Path,
+    cgroup: CgroupSetup<'_>,
+    sup: Supervisor,
+) -> InitReport {
     let started = Instant::now();
-    let spec = &req.spec;
     if spec.argv.is_empty() {
         return fail("empty argv".to_owned());
     }
@@ -151,19 +167,24 @@ pub(crate) fn supervise(req: &InitRequest, sup: Supervisor) -> InitReport {
     // The mount point only: the root is mounted by the job's pid 1 in its own mount
     // namespace, which dies with it, so no mount can outlive the job (or a crash of ours).
     // The worker removes the directory.
-    if let Err(e) = std::fs::create_dir_all(&req.root) {
-        return fail(format!("creating {}: {e}", req.root.display()));
+    if let Err(e) = std::fs::create_dir_all(root) {
+        return fail(format!("creating {}: {e}", root.display()));
     }
-    run_job(req, sup, started)
+    run_job(spec, root, cgroup, sup, started)
 }
 
-fn run_job(req: &InitRequest, sup: Supervisor, started: Instant) -> InitReport {
+fn run_job(
+    spec: &SandboxSpec,
+    root: &Path,
+    cgroup: CgroupSetup<'_>,
+    sup: Supervisor,
+    started: Instant,
+) -> InitReport {
     let Supervisor {
         mut ctl,
         signals,
         job_output,
     } = sup;
-    let spec = &req.spec;
     let pipes = (|| -> std::io::Result<_> {
         let (notify_ours, notify_theirs) = UnixStream::pair()?;
         Ok((
@@ -195,7 +216,7 @@ fn run_job(req: &InitRequest, sup: Supervisor, started: Instant) -> InitReport {
                 status: status_w,
                 notify: notify_child,
             };
-            crate::reaper::run(spec, &req.cgroup, &req.root, pipes)
+            crate::reaper::run(spec, root, pipes)
         }
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return fail(format!("clone into new namespaces: {e}")),
@@ -209,56 +230,52 @@ fn run_job(req: &InitRequest, sup: Supervisor, started: Instant) -> InitReport {
     }
     let mut sync_w = std::fs::File::from(sync_w);
     let mut ready = [0u8; 1];
-    // Moving another process into a cgroup waits for an RCU grace period: do it while pid 1
-    // builds the root (on v1 pid 1 moves itself, cheaply). Pid 1 forks the job only after
-    // MAPPED, which we send after this.
-    let cg = req.cgroup.version();
-    let placed = (if cg.self_join_files().is_some() {
-        Vec::new()
-    } else {
-        cg.procs_files()
-    })
-    .iter()
-    .try_for_each(|file| {
-        std::fs::write(file, pid.to_string())
-            .map_err(|e| format!("joining {}: {e}", file.display()))
-    })
-    .map(|()| {
-        // Pid 1 builds the root, then asks for its identity mapping. End of file here
-        // means it failed; its reason is on the status pipe.
-        matches!(
-            std::fs::File::from(ready_r).read(&mut ready),
-            Ok(1) if ready[0] == crate::reaper::UNSHARED
-        )
-    })
-    .and_then(|unshared| {
-        if !unshared {
-            return Ok(false);
-        }
-        crate::namespaces::write_id_maps(pid, &spec.identity)
-            .map_err(|e| format!("writing id maps: {e}"))?;
-        sync_w
-            .write_all(&[crate::reaper::MAPPED])
-            .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
-        Ok(true)
-    });
-    drop(sync_w);
-    if placed != Ok(true) {
-        // Pid 1's own reason (it failed first) beats ours (a consequence).
-        let _ = sys::kill(pid, libc::SIGKILL);
-        let _ = sys::wait4(pid, 0);
-        let mut record = Vec::new();
-        let _ = std::fs::File::from(status_r).read_to_end(&mut record);
-        let why = match (record.split_first(), placed) {
-            (Some((&crate::reaper::ERROR_TAG, rest)), _) => {
-                String::from_utf8_lossy(rest).into_owned()
+    // The cgroup is made (when it is ours to make) and entered while pid 1 builds the root.
+    // Moving another process into a cgroup waits for an RCU grace period, so on v1 pid 1
+    // moves itself (cheaply) once it has the list of files; on v2 we move it. Pid 1 forks
+    // the job only after MAPPED, which we send after this.
+    let cgroup = match cgroup {
+        CgroupSetup::Ready(cg) => Ok(cg.clone()),
+        CgroupSetup::Create(create) => create(),
+    };
+    let placed = cgroup
+        .and_then(|cg| place(cg.version(), pid, &mut sync_w).map(|()| cg))
+        .and_then(|cg| {
+            // Pid 1 builds the root, then asks for its identity mapping. End of file here
+            // means it failed; its reason is on the status pipe.
+            let unshared = matches!(
+                std::fs::File::from(ready_r).read(&mut ready),
+                Ok(1) if ready[0] == crate::reaper::UNSHARED
+            );
+            if !unshared {
+                return Ok(None);
             }
-            (_, Err(msg)) => msg,
-            _ => "the job's pid 1 died during setup".to_owned(),
-        };
-        return fail(format!("sandbox setup: {why}"));
-    }
-
+            crate::namespaces::write_id_maps(pid, &spec.identity)
+                .map_err(|e| format!("writing id maps: {e}"))?;
+            sync_w
+                .write_all(&[crate::reaper::MAPPED])
+                .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
+            Ok(Some(cg))
+        });
+    drop(sync_w);
+    let cgroup = match placed {
+        Ok(Some(cg)) => cg,
+        failed => {
+            // Pid 1's own reason (it failed first) beats ours (a consequence).
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::wait4(pid, 0);
+            let mut record = Vec::new();
+            let _ = std::fs::File::from(status_r).read_to_end(&mut record);
+            let why = match (record.split_first(), failed) {
+                (Some((&crate::reaper::ERROR_TAG, rest)), _) => {
+                    String::from_utf8_lossy(rest).into_owned()
+                }
+                (_, Err(msg)) => msg,
+                _ => "the job's pid 1 died during setup".to_owned(),
+            };
+            return fail(format!("sandbox setup: {why}"));
+        }
+    };
     let mut report = InitReport::default();
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
@@ -375,11 +392,7 @@ fn run_job(req: &InitRequest, sup: Supervisor, started: Instant) -> InitReport {
             let _ = sys::kill(pid, libc::SIGKILL);
         }
         if let Some(limit) = cpu_limit
-            && req
-                .cgroup
-                .version()
-                .cpu_usage()
-                .is_ok_and(|used| used >= limit)
+            && cgroup.version().cpu_usage().is_ok_and(|used| used >= limit)
         {
             report.ended_by.get_or_insert(EndedBy::CpuLimit);
             let _ = sys::kill(pid, libc::SIGKILL);
@@ -407,6 +420,23 @@ fn run_job(req: &InitRequest, sup: Supervisor, started: Instant) -> InitReport {
         _ => report.exit = reaped.map(|r| decode_status(r.status)),
     }
     report
+}
+
+/// Puts pid 1 in the job's cgroup: on v1 by sending it the files to write `0` to (it moves
+/// itself), otherwise by writing its pid here and sending it an empty list.
+fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, sync: &mut std::fs::File) -> Result<(), String> {
+    let files = match cg.self_join_files() {
+        Some(files) => files,
+        None => {
+            for file in cg.procs_files() {
+                std::fs::write(&file, pid.to_string())
+                    .map_err(|e| format!("joining {}: {e}", file.display()))?;
+            }
+            Vec::new()
+        }
+    };
+    sync.write_all(&crate::reaper::cgroup_message(&files))
+        .map_err(|e| format!("sending the cgroup to the job's pid 1: {e}"))
 }
 
 /// TERM to pid 1 (which passes it on to everything), KILL once `grace` has passed; a

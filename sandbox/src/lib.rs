@@ -26,12 +26,16 @@
 //! [`init::main`] and `corral __sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before
 //! anything else (no threads, no runtime). With [`SandboxConfig::zygote`] set, helpers are
 //! forked from one long-lived zygote instead of exec'd per job. That helper clones the
-//! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces. Pid 1 joins the
-//! job's cgroup (on v1 by moving itself, which avoids an RCU grace period; on v2 the helper
-//! moves it meanwhile) and, still real root, builds the overlay root in its own mount
-//! namespace (which dies with it, so no crash can leave a mount on the host), pivots into
-//! it and enters the job's user and cgroup namespaces. The helper stays outside the job's
-//! cgroup and supervises: seccomp notifications, wall and CPU limits, cancellation.
+//! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces. Still real
+//! root, pid 1 builds the overlay root in its own mount namespace (which dies with it, so
+//! no crash can leave a mount on the host), then joins the job's cgroup (on v1 by moving
+//! itself, which avoids an RCU grace period; on v2 the helper moves it), pivots into the
+//! root and enters the job's user and cgroup namespaces. While the helper writes its id
+//! maps, pid 1 sets what the job inherits: signal dispositions, bounding set, rlimits and
+//! the seccomp filter (whose listener it hands to the helper). Then it starts the job with
+//! a vfork-style clone. The helper stays outside the job's cgroup and supervises: seccomp
+//! notifications, wall and CPU limits, cancellation. [`Sandbox::run`] makes the cgroup
+//! itself while pid 1 builds the root; [`Sandbox::spawn`] (the worker) makes it first.
 //!
 //! Process tree: worker → helper (`__sandbox-init`) → pid 1 (reaper) → the job's command.
 

@@ -1,15 +1,15 @@
 //! The job's pid 1: starts the job, reaps every orphan, forwards termination requests,
 //! and when the job's main process ends, kills everything left and reports its status.
-//! It is corral's own code (never customer code), non-dumpable, and keeps its capabilities
-//! only in the job's user namespace until it forks the job.
+//! It is corral's own code (never customer code), non-dumpable, under the job's seccomp
+//! filter, and keeps its capabilities only in the job's user namespace.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
-use crate::cgroup::JobCgroup;
 use crate::spec::{JOB_GID, JOB_UID, SandboxSpec};
-use crate::sys::{self, Forked};
+use crate::sys;
 
 /// Status record written to the status pipe: `S` + the raw wait status of the job's main
 /// process (4 bytes, little endian) + 1 if the root or `/tmp` filled up, or `E` + a
@@ -38,7 +38,7 @@ pub struct Pipes {
 }
 
 /// Runs in the cloned child. Never returns.
-pub fn run(spec: &SandboxSpec, cgroup: &JobCgroup, root: &Path, pipes: Pipes) -> ! {
+pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
     let Pipes {
         sync,
         ready,
@@ -46,24 +46,23 @@ pub fn run(spec: &SandboxSpec, cgroup: &JobCgroup, root: &Path, pipes: Pipes) ->
         notify,
     } = pipes;
     let mut status = std::fs::File::from(status);
-    match setup(spec, cgroup, root, sync, ready) {
-        Ok(()) => {}
+    let exec = match setup(spec, root, sync, ready, notify) {
+        Ok(exec) => exec,
         Err(msg) => {
             let _ = status.write_all(&[ERROR_TAG]);
             let _ = status.write_all(msg.as_bytes());
             sys::exit_now(1);
         }
-    }
-    let job = match sys::fork() {
-        Ok(Forked::Child) => exec_job(spec, notify),
-        Ok(Forked::Parent(pid)) => pid,
+    };
+    let job = match exec.spawn() {
+        Ok(pid) => pid,
         Err(err) => {
-            let _ =
-                status.write_all(format!("{}fork of the job: {err}", ERROR_TAG as char).as_bytes());
+            let _ = status
+                .write_all(format!("{}start of the job: {err}", ERROR_TAG as char).as_bytes());
             sys::exit_now(1);
         }
     };
-    drop(notify);
+    drop(exec);
     loop {
         let sig = match sys::wait_signal(&SIGNALS) {
             Ok(s) => s,
@@ -92,25 +91,26 @@ pub fn run(spec: &SandboxSpec, cgroup: &JobCgroup, root: &Path, pipes: Pipes) ->
     }
 }
 
-/// Everything between clone and fork. We start as real root in fresh mount, pid, net, ipc
-/// and uts namespaces (all owned by the initial user namespace, so nothing the job does
-/// later can remount, rename or reconfigure them), build and enter the root, and only then
-/// move into the job's own user namespace.
+/// Everything between the clone and the job's start. We start as real root in fresh mount,
+/// pid, net, ipc and uts namespaces (all owned by the initial user namespace, so nothing
+/// the job does later can remount, rename or reconfigure them), build and enter the root,
+/// and only then move into the job's own user namespace. Returns the job's prepared exec.
 fn setup(
     spec: &SandboxSpec,
-    cgroup: &JobCgroup,
     root: &Path,
     sync: OwnedFd,
     ready: OwnedFd,
-) -> Result<(), String> {
+    notify: OwnedFd,
+) -> Result<sys::PreparedExec, String> {
     // If the supervising helper dies, so does the job (pid 1 takes the namespace with it).
     sys::set_parent_death_signal(libc::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
-    // On v1 we move ourselves (cheap); otherwise the helper moves us meanwhile.
-    for file in cgroup.version().self_join_files().unwrap_or_default() {
-        std::fs::write(&file, "0").map_err(|e| format!("joining {}: {e}", file.display()))?;
-    }
     let kernel = crate::rootfs::Kernel;
     crate::rootfs::prepare(&kernel, spec, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
+    // Meanwhile the helper made the job's cgroup. On v1 we move ourselves (cheap), through
+    // host paths, so before the pivot; on v2 the helper has moved us and the list is empty.
+    for file in await_cgroup(&sync)? {
+        std::fs::write(&file, "0").map_err(|e| format!("joining {}: {e}", file.display()))?;
+    }
     crate::rootfs::enter(&kernel, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| format!("chdir {}: {e}", spec.cwd.display()))?;
@@ -120,15 +120,79 @@ fn setup(
     std::fs::File::from(ready)
         .write_all(&[UNSHARED])
         .map_err(|e| format!("signalling the helper: {e}"))?;
-    // MAPPED also means we sit in the job's cgroup: root the cgroup namespace there.
-    await_byte(&sync, MAPPED);
-    drop(sync);
+    // While the helper writes our id maps: everything the job inherits and we can do
+    // without them (a new user namespace grants its creator every capability at once).
+    // We already sit in the job's cgroup: root the cgroup namespace there.
     sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
     sys::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
     sys::mask_signals(&SIGNALS, true).map_err(|e| format!("sigprocmask: {e}"))?;
-    Ok(())
+    // Ignored signals survive exec; we only wait for blocked ones, so the defaults suit us.
+    sys::reset_signal_dispositions().map_err(|e| format!("signal dispositions: {e}"))?;
+    // We never exec, so the bounding set only matters to the job; its own capabilities go
+    // after the fork.
+    sys::drop_inheritable_capabilities().map_err(|e| format!("dropping the bounding set: {e}"))?;
+    // Ours too: open files, core dumps, file size (we write only pipes), stack, CPU.
+    crate::rlimits::apply(&spec.limits).map_err(|e| format!("rlimits: {e}"))?;
+    // The seccomp filter binds us as well as the job. Nothing we still do is on its
+    // lists (no more mounts or namespaces); its listener goes to the helper.
+    let filter = crate::seccomp::program(spec.network);
+    let listener =
+        sys::seccomp_install_with_listener(&filter).map_err(|e| format!("seccomp: {e}"))?;
+    sys::send_fd(notify.as_raw_fd(), listener.as_raw_fd())
+        .map_err(|e| format!("handing over the seccomp listener: {e}"))?;
+    drop((listener, notify));
+    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let path = spec.env.iter().find(|(k, _)| k == "PATH");
+    let exec = sys::PreparedExec::new(
+        &candidates(&spec.argv[0], path.map(|(_, v)| v.as_str())),
+        &spec.argv,
+        &env,
+        JOB_UID,
+        JOB_GID,
+        &SIGNALS,
+    )
+    .map_err(|e| format!("the job's command line or environment: {e}"))?;
+    await_byte(&sync, MAPPED);
+    drop(sync);
+    Ok(exec)
 }
 
+/// Message on the sync pipe from the helper, first: [`CGROUP`], the length of the rest (4
+/// bytes, little endian), then the files pid 1 writes `0` to, each followed by a NUL.
+pub fn cgroup_message(files: &[PathBuf]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for f in files {
+        body.extend_from_slice(f.as_os_str().as_bytes());
+        body.push(0);
+    }
+    let mut message = vec![CGROUP];
+    message.extend((body.len() as u32).to_le_bytes());
+    message.extend(body);
+    message
+}
+
+/// Reads the [`cgroup_message`]. A closed pipe means the helper could not make the cgroup
+/// (its reason is its own to report): we only stop.
+fn await_cgroup(sync: &OwnedFd) -> Result<Vec<PathBuf>, String> {
+    use std::io::Read;
+    let mut pipe = std::fs::File::from(sync.try_clone().map_err(|e| format!("sync pipe: {e}"))?);
+    let mut head = [0u8; 5];
+    if pipe.read_exact(&mut head).is_err() || head[0] != CGROUP {
+        sys::exit_now(1);
+    }
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len];
+    pipe.read_exact(&mut body)
+        .map_err(|e| format!("reading the cgroup from the helper: {e}"))?;
+    Ok(body
+        .split(|&b| b == 0)
+        .filter(|f| !f.is_empty())
+        .map(|f| PathBuf::from(std::ffi::OsStr::from_bytes(f)))
+        .collect())
+}
+
+/// Byte on the sync pipe from the helper: the cgroup message follows.
+pub const CGROUP: u8 = b'c';
 /// Byte on the sync pipe from the helper: the id maps are written.
 pub const MAPPED: u8 = b'm';
 /// Byte on the ready pipe to the helper: pid 1 has its user namespace.
@@ -153,90 +217,15 @@ fn sys_read(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
     f.read(buf)
 }
 
-/// The job process: drop to the project's identity, lose every capability, set
-/// `no_new_privs`, rlimits and the seccomp filter (handing its listener to the
-/// supervisor), then exec. Never returns.
-fn exec_job(spec: &SandboxSpec, notify: OwnedFd) -> ! {
-    let fail = |what: &str, err: std::io::Error| -> ! {
-        let _ = writeln!(std::io::stderr(), "corral-sandbox: {what}: {err}");
-        sys::exit_now(127)
-    };
-    if let Err(e) = sys::reset_signal_dispositions() {
-        fail("signal dispositions", e)
-    }
-    if let Err(e) = sys::mask_signals(&SIGNALS, false) {
-        fail("sigprocmask", e)
-    }
-    // Own session: the job cannot signal or read the terminal of anything outside.
-    let _ = setsid();
-    match std::fs::File::open("/dev/null") {
-        Ok(null) => {
-            if let Err(e) = sys::dup2(null.as_raw_fd(), 0) {
-                fail("stdin", e)
-            }
-        }
-        Err(e) => fail("open /dev/null", e),
-    }
-    if let Err(e) = sys::set_ids(JOB_UID, JOB_GID) {
-        fail("setresuid", e)
-    }
-    if let Err(e) = sys::drop_all_capabilities() {
-        fail("dropping capabilities", e)
-    }
-    if let Err(e) = sys::set_no_new_privs() {
-        fail("no_new_privs", e)
-    }
-    if let Err(e) = crate::rlimits::apply(&spec.limits) {
-        fail("rlimits", e)
-    }
-    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let path = resolve(
-        &spec.argv[0],
-        spec.env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.as_str()),
-    );
-    let filter = crate::seccomp::program(spec.network);
-    match sys::seccomp_install_with_listener(&filter) {
-        Ok(listener) => {
-            if let Err(e) = sys::send_fd(notify.as_raw_fd(), listener.as_raw_fd()) {
-                fail("handing over the seccomp listener", e)
-            }
-        }
-        Err(e) => fail("seccomp", e),
-    }
-    drop(notify);
-    // Only 0-2 reach the job, whatever its supervisor had open without close-on-exec.
-    let _ = sys::close_fds_from(3);
-    let err = sys::execve(&path, &spec.argv, &env);
-    let _ = writeln!(
-        std::io::stderr(),
-        "corral-sandbox: exec {}: {err}",
-        spec.argv[0]
-    );
-    sys::exit_now(if err.kind() == std::io::ErrorKind::NotFound {
-        127
-    } else {
-        126
-    })
-}
-
-fn setsid() -> std::io::Result<()> {
-    crate::sys::setsid()
-}
-
-/// `execvp`-style lookup of a bare command name in `PATH` (default: the usual system dirs).
-pub fn resolve(cmd: &str, path: Option<&str>) -> String {
+/// Where `execvp` would look for `cmd`: itself when it has a slash, otherwise each dir of
+/// `PATH` (default: the usual system dirs). The job's process tries them in order.
+pub fn candidates(cmd: &str, path: Option<&str>) -> Vec<String> {
     if cmd.contains('/') {
-        return cmd.to_owned();
+        return vec![cmd.to_owned()];
     }
     let path = path.unwrap_or("/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin");
-    for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let candidate = format!("{dir}/{cmd}");
-        if Path::new(&candidate).is_file() {
-            return candidate;
-        }
-    }
-    cmd.to_owned()
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|dir| format!("{dir}/{cmd}"))
+        .collect()
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupStats, JobCgroup};
-use crate::init::{Control, EndedBy, INIT_ARG, InitReport, InitRequest, JobOutput, Supervisor};
+use crate::init::{
+    CgroupSetup, Control, EndedBy, INIT_ARG, InitReport, InitRequest, JobOutput, Supervisor,
+};
 use crate::outcome::{DeathReason, Exit, Outcome, Usage};
 use crate::spec::{SandboxConfig, SandboxSpec};
 
@@ -108,8 +110,8 @@ impl Sandbox {
     /// Creates the job's cgroup with its limits and starts the helper. The job is running
     /// (or failing to start, which [`Running::wait`] reports) when this returns.
     pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
-        let (cg, root) = Self::job_cgroup(config)?;
-        match Self::start(spec, config, &root, &cg) {
+        let cg = Self::job_cgroup(config)?;
+        match Self::start(spec, config, &Self::root_mount_point(config), &cg) {
             Ok(running) => Ok(running),
             Err(err) => {
                 let _ = cg.destroy();
@@ -131,9 +133,12 @@ impl Sandbox {
         if !single_threaded() {
             return Err(Error::NotSingleThreaded);
         }
-        let (cg, root) = Self::job_cgroup(config)?;
+        let root = Self::root_mount_point(config);
+        // Made by the supervisor after the clone (see `CgroupSetup::Create`); kept here to
+        // read and remove afterwards, with the typed error if making it failed.
+        let mut made: Option<JobCgroup> = None;
+        let mut failed: Option<Error> = None;
         let report = (|| -> Result<InitReport, Error> {
-            cg.version().apply(&spec.limits)?;
             let null = match output {
                 Output::Inherit => None,
                 Output::Discard => Some(
@@ -148,17 +153,26 @@ impl Sandbox {
             let signals = crate::sys::signalfd(&CANCEL_SIGNALS).map_err(|e| Error::Setup {
                 message: format!("a signalfd for SIGINT, SIGTERM and SIGHUP: {e}"),
             })?;
-            let req = InitRequest {
-                spec: spec.clone(),
-                cgroup: cg.clone(),
-                root: root.clone(),
-            };
             let job_output = match &null {
                 Some(f) => JobOutput::Fds(f.as_raw_fd(), f.as_raw_fd()),
                 None => JobOutput::Inherit,
             };
+            let mut create = || {
+                let made_now = Self::job_cgroup(config).and_then(|cg| {
+                    made = Some(cg.clone());
+                    cg.version().apply(&spec.limits)?;
+                    Ok(cg)
+                });
+                made_now.map_err(|err| {
+                    let message = err.to_string();
+                    failed = Some(err);
+                    message
+                })
+            };
             let report = crate::init::supervise(
-                &req,
+                spec,
+                &root,
+                CgroupSetup::Create(&mut create),
                 Supervisor {
                     ctl: None,
                     signals: Some(signals),
@@ -168,20 +182,37 @@ impl Sandbox {
             let _ = crate::sys::mask_signals(&CANCEL_SIGNALS, false);
             Ok(report)
         })();
-        let stats = cg.version().stats();
-        let destroyed = cg.destroy();
+        let ended = made.map(|cg| (cg.version().stats(), cg.destroy()));
+        if let Some(err) = failed {
+            return Err(err);
+        }
         let report = report?;
-        destroyed?;
-        finish(report, stats)
+        match ended {
+            Some((stats, destroyed)) => {
+                destroyed?;
+                finish(report, stats)
+            }
+            // The run stopped before the clone: the report says why.
+            None => Err(Error::Setup {
+                message: report
+                    .error
+                    .unwrap_or_else(|| "no job cgroup was made".to_owned()),
+            }),
+        }
     }
 
-    /// A fresh, uniquely named job cgroup, and the mount point of the job's root.
+    /// The mount point of the job's root.
     ///
     /// Every job mounts its root on the same empty directory, each in its own private
     /// mount namespace (the host never sees those mounts). A per-job directory would have
     /// to be removed afterwards, and removing a directory that is still a mount point in a
     /// dying namespace waits for an RCU grace period (milliseconds per job).
-    fn job_cgroup(config: &SandboxConfig) -> Result<(JobCgroup, std::path::PathBuf), Error> {
+    fn root_mount_point(config: &SandboxConfig) -> std::path::PathBuf {
+        config.run_dir.join("root")
+    }
+
+    /// A fresh, uniquely named job cgroup.
+    fn job_cgroup(config: &SandboxConfig) -> Result<JobCgroup, Error> {
         let mountinfo = match &config.mountinfo {
             Some(m) => m.clone(),
             None => std::fs::read_to_string("/proc/self/mountinfo")
@@ -193,8 +224,7 @@ impl Sandbox {
             std::process::id(),
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         );
-        let cg = JobCgroup::create(&layout, &config.cgroup_parent, &name)?;
-        Ok((cg, config.run_dir.join("root")))
+        Ok(JobCgroup::create(&layout, &config.cgroup_parent, &name)?)
     }
 
     fn start(

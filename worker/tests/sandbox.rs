@@ -263,7 +263,10 @@ fn abuse_suite() {
                 canary.other_file.display().to_string(),
             ),
         ];
-        env.extend(case.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (k, v) in &case.env {
+            env.retain(|(key, _)| key != k);
+            env.push((k.clone(), v.clone()));
+        }
         let spec = SandboxSpec {
             lower_dirs: vec![rootfs()],
             upper: job.upper(),

@@ -3,6 +3,7 @@
 //! straight to ours (or nowhere with `--quiet`); Ctrl-C cancels the job and still prints
 //! the outcome.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -122,7 +123,13 @@ fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<u8> {
         Output::Inherit
     };
     let outcome = Sandbox::run(&spec, &config, output)?;
-    println!("{}", serde_json::to_string(&outcome)?);
+    // Not println!, which panics on a closed stdout and would skip removing the upper dir.
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string(&outcome)?
+    )
+    .context("printing the outcome")?;
     Ok(if outcome.success() {
         exit::SUCCESS
     } else {
