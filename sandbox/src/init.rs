@@ -86,6 +86,7 @@ pub fn main() -> ! {
     if reader.read_line(&mut line).is_err() {
         sys::exit_now(70);
     }
+    // The worker hears only once pid 1 is gone, mounts and all: it reuses the job dir next.
     let report = match serde_json::from_str::<InitRequest>(&line) {
         Ok(req) => supervise(
             &req.spec,
@@ -96,7 +97,8 @@ pub fn main() -> ! {
                 signals: None,
                 job_output: JobOutput::OwnPipes,
             },
-        ),
+        )
+        .finish(),
         Err(err) => InitReport {
             error: Some(format!("bad init request: {err}")),
             ..InitReport::default()
@@ -144,6 +146,33 @@ pub(crate) struct Supervisor {
 /// How long a job gets between TERM and KILL when the supervising CLI is interrupted.
 pub(crate) const SIGNAL_GRACE: Duration = Duration::from_secs(2);
 
+/// What [`supervise`] returns: the report, and pid 1 while it may still be exiting.
+pub(crate) struct Supervised {
+    pub report: InitReport,
+    /// Pid 1 when it left the job's cgroup and reported before exiting: its namespaces
+    /// (mounts included) may still be going away.
+    exiting: Option<libc::pid_t>,
+}
+
+impl Supervised {
+    /// Waits until pid 1 is gone, its namespaces and mounts with it.
+    pub fn finish(mut self) -> InitReport {
+        if let Some(pid) = self.exiting.take() {
+            let _ = sys::wait4(pid, 0);
+        }
+        self.report
+    }
+}
+
+impl From<InitReport> for Supervised {
+    fn from(report: InitReport) -> Self {
+        Supervised {
+            report,
+            exiting: None,
+        }
+    }
+}
+
 fn fail(msg: String) -> InitReport {
     InitReport {
         error: Some(msg),
@@ -156,19 +185,19 @@ pub(crate) fn supervise(
     root: &Path,
     cgroup: CgroupSetup<'_>,
     sup: Supervisor,
-) -> InitReport {
+) -> Supervised {
     let started = Instant::now();
     if spec.argv.is_empty() {
-        return fail("empty argv".to_owned());
+        return fail("empty argv".to_owned()).into();
     }
     if let Err(e) = sys::clear_supplementary_groups() {
-        return fail(format!("setgroups: {e}"));
+        return fail(format!("setgroups: {e}")).into();
     }
     // The mount point only: the root is mounted by the job's pid 1 in its own mount
     // namespace, which dies with it, so no mount can outlive the job (or a crash of ours).
     // The worker removes the directory.
     if let Err(e) = std::fs::create_dir_all(root) {
-        return fail(format!("creating {}: {e}", root.display()));
+        return fail(format!("creating {}: {e}", root.display())).into();
     }
     run_job(spec, root, cgroup, sup, started)
 }
@@ -179,7 +208,7 @@ fn run_job(
     cgroup: CgroupSetup<'_>,
     sup: Supervisor,
     started: Instant,
-) -> InitReport {
+) -> Supervised {
     let Supervisor {
         mut ctl,
         signals,
@@ -198,7 +227,7 @@ fn run_job(
     let (notify, notify_child, (sync_r, sync_w), (ready_r, ready_w), (status_r, status_w)) =
         match pipes {
             Ok(p) => p,
-            Err(e) => return fail(format!("pipes: {e}")),
+            Err(e) => return fail(format!("pipes: {e}")).into(),
         };
     let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
         Ok(Forked::Child) => {
@@ -219,7 +248,7 @@ fn run_job(
             crate::reaper::run(spec, root, pipes)
         }
         Ok(Forked::Parent(pid)) => pid,
-        Err(e) => return fail(format!("clone into new namespaces: {e}")),
+        Err(e) => return fail(format!("clone into new namespaces: {e}")).into(),
     };
     drop((sync_r, ready_w, status_w, notify_child));
     if let JobOutput::OwnPipes = job_output
@@ -273,16 +302,18 @@ fn run_job(
                 (_, Err(msg)) => msg,
                 _ => "the job's pid 1 died during setup".to_owned(),
             };
-            return fail(format!("sandbox setup: {why}"));
+            return fail(format!("sandbox setup: {why}")).into();
         }
     };
     let mut report = InitReport::default();
+    let mut status = std::fs::File::from(status_r);
+    let mut record = Vec::new();
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::wait4(pid, 0);
-            return fail(format!("pidfd_open: {e}"));
+            return fail(format!("pidfd_open: {e}")).into();
         }
     };
     let wall_deadline = started + spec.limits.wall;
@@ -305,7 +336,11 @@ fn run_job(
             .saturating_duration_since(now)
             .as_millis()
             .min(i32::MAX as u128) as i32;
-        let mut fds = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
+        // Pid 1's status record (it may report before it has finished exiting), then pid 1.
+        let mut fds = vec![
+            (status.as_raw_fd(), libc::POLLIN),
+            (pidfd.as_raw_fd(), libc::POLLIN),
+        ];
         let ctl_idx = ctl.as_ref().map(|c| {
             fds.push((c.get_ref().as_raw_fd(), libc::POLLIN));
             fds.len() - 1
@@ -328,8 +363,20 @@ fn run_job(
             Ok(r) => r,
             Err(_) => vec![0; fds.len()],
         };
-        if revents[0] != 0 {
+        if revents[1] != 0 {
             break;
+        }
+        if revents[0] != 0 {
+            let mut buf = [0u8; 4096];
+            match status.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    record.extend_from_slice(&buf[..n]);
+                    if crate::reaper::parse_status(&record).is_some() {
+                        break;
+                    }
+                }
+            }
         }
         if let Some(i) = listener_idx {
             if revents[i] & libc::POLLIN != 0 {
@@ -398,44 +445,66 @@ fn run_job(
             let _ = sys::kill(pid, libc::SIGKILL);
         }
     }
-    let reaped = sys::wait4(pid, 0).ok().flatten();
     report.wall = started.elapsed();
-    if let Some(r) = reaped {
-        report.cpu_user = r.utime;
-        report.cpu_system = r.stime;
-        report.io_read = r.inblock * 512;
-        report.io_write = r.oublock * 512;
+    let parsed = crate::reaper::parse_status(&record);
+    if let Some((raw, full, true, usage)) = parsed {
+        // Every process of the job is dead and pid 1 is out of the cgroup: the caller may
+        // read and remove it while pid 1 finishes exiting.
+        report.exit = Some(decode_status(raw));
+        report.disk_full = full;
+        report.set_usage(&usage);
+        return Supervised {
+            report,
+            exiting: Some(pid),
+        };
     }
-    let mut record = Vec::new();
-    let _ = std::fs::File::from(status_r).read_to_end(&mut record);
-    match record.split_first() {
-        Some((&crate::reaper::STATUS_TAG, rest)) if rest.len() == 5 => {
-            let status = i32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-            report.disk_full = rest[4] != 0;
-            report.exit = Some(decode_status(status));
+    let reaped = sys::wait4(pid, 0).ok().flatten();
+    let _ = status.read_to_end(&mut record);
+    match crate::reaper::parse_status(&record) {
+        Some((raw, full, _, usage)) => {
+            report.exit = Some(decode_status(raw));
+            report.disk_full = full;
+            report.set_usage(&usage);
         }
-        Some((&crate::reaper::ERROR_TAG, rest)) => {
-            report.error = Some(format!("sandbox setup: {}", String::from_utf8_lossy(rest)));
-        }
-        _ => report.exit = reaped.map(|r| decode_status(r.status)),
+        None => match record.split_first() {
+            Some((&crate::reaper::ERROR_TAG, rest)) => {
+                report.error = Some(format!("sandbox setup: {}", String::from_utf8_lossy(rest)));
+            }
+            _ => {
+                // Pid 1 died without a record (killed): what its wait status says.
+                if let Some(r) = &reaped {
+                    report.set_usage(&r.usage);
+                }
+                report.exit = reaped.map(|r| decode_status(r.status));
+            }
+        },
     }
-    report
+    report.into()
+}
+
+impl InitReport {
+    fn set_usage(&mut self, usage: &sys::Usage) {
+        self.cpu_user = usage.utime;
+        self.cpu_system = usage.stime;
+        self.io_read = usage.inblock * 512;
+        self.io_write = usage.oublock * 512;
+    }
 }
 
 /// Puts pid 1 in the job's cgroup: on v1 by sending it the files to write `0` to (it moves
 /// itself), otherwise by writing its pid here and sending it an empty list.
 fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, sync: &mut std::fs::File) -> Result<(), String> {
-    let files = match cg.self_join_files() {
-        Some(files) => files,
-        None => {
+    let (join, leave) = match (cg.self_join_files(), cg.self_leave_files()) {
+        (Some(join), Some(leave)) => (join, leave),
+        _ => {
             for file in cg.procs_files() {
                 std::fs::write(&file, pid.to_string())
                     .map_err(|e| format!("joining {}: {e}", file.display()))?;
             }
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     };
-    sync.write_all(&crate::reaper::cgroup_message(&files))
+    sync.write_all(&crate::reaper::cgroup_message(&join, &leave))
         .map_err(|e| format!("sending the cgroup to the job's pid 1: {e}"))
 }
 

@@ -12,10 +12,52 @@ use crate::spec::{JOB_GID, JOB_UID, SandboxSpec};
 use crate::sys;
 
 /// Status record written to the status pipe: `S` + the raw wait status of the job's main
-/// process (4 bytes, little endian) + 1 if the root or `/tmp` filled up, or `E` + a
-/// message when the sandbox could not be set up.
+/// process (4 bytes, little endian) + 1 if the root or `/tmp` filled up + 1 if pid 1 has
+/// left the job's cgroup + the job's [`sys::Usage`] (user and system CPU in microseconds,
+/// blocks in and out: 4 × 8 bytes, little endian), or `E` + a message when the sandbox
+/// could not be set up. Written in one go (under `PIPE_BUF`), once every process of the
+/// job is dead and reaped: the helper may act on it before pid 1 has finished exiting.
 pub const STATUS_TAG: u8 = b'S';
 pub const ERROR_TAG: u8 = b'E';
+/// Length of an `S` record.
+pub const STATUS_LEN: usize = 1 + 4 + 1 + 1 + 4 * 8;
+
+/// Builds an `S` record.
+pub fn status_record(status: i32, full: bool, left: bool, usage: &sys::Usage) -> Vec<u8> {
+    let mut record = vec![STATUS_TAG];
+    record.extend(status.to_le_bytes());
+    record.push(full as u8);
+    record.push(left as u8);
+    for n in [
+        usage.utime.as_micros() as u64,
+        usage.stime.as_micros() as u64,
+        usage.inblock,
+        usage.oublock,
+    ] {
+        record.extend(n.to_le_bytes());
+    }
+    record
+}
+
+/// A parsed `S` record: (wait status, disk full, pid 1 left the cgroup, usage).
+pub fn parse_status(record: &[u8]) -> Option<(i32, bool, bool, sys::Usage)> {
+    if record.len() != STATUS_LEN || record[0] != STATUS_TAG {
+        return None;
+    }
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&record[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let status = i32::from_le_bytes([record[1], record[2], record[3], record[4]]);
+    let usage = sys::Usage {
+        utime: std::time::Duration::from_micros(u64_at(7)),
+        stime: std::time::Duration::from_micros(u64_at(15)),
+        inblock: u64_at(23),
+        oublock: u64_at(31),
+    };
+    Some((status, record[5] != 0, record[6] != 0, usage))
+}
 
 const SIGNALS: [libc::c_int; 5] = [
     libc::SIGCHLD,
@@ -46,8 +88,8 @@ pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
         notify,
     } = pipes;
     let mut status = std::fs::File::from(status);
-    let exec = match setup(spec, root, sync, ready, notify) {
-        Ok(exec) => exec,
+    let (exec, leave) = match setup(spec, root, sync, ready, notify) {
+        Ok(ready) => ready,
         Err(msg) => {
             let _ = status.write_all(&[ERROR_TAG]);
             let _ = status.write_all(msg.as_bytes());
@@ -78,12 +120,15 @@ pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
                 // The job is over: nothing of it may outlive it (double-forked daemons).
                 let _ = sys::kill(-1, libc::SIGKILL);
                 while let Ok(Some(_)) = sys::wait4(-1, 0) {}
-                let mut record = vec![STATUS_TAG];
-                record.extend(reaped.status.to_le_bytes());
                 // Only we still see the job's mounts (they die with us).
                 let full =
                     crate::init::is_full(Path::new("/")) || crate::init::is_full(Path::new("/tmp"));
-                record.push(full as u8);
+                // Out of the job's cgroup (v1): the helper can read and remove it while
+                // our namespaces are torn down.
+                let left =
+                    !leave.is_empty() && leave.into_iter().all(|mut f| f.write_all(b"0").is_ok());
+                let usage = sys::children_usage().unwrap_or_default();
+                let record = status_record(reaped.status, full, left, &usage);
                 let _ = status.write_all(&record);
                 sys::exit_now(0);
             }
@@ -101,16 +146,27 @@ fn setup(
     sync: OwnedFd,
     ready: OwnedFd,
     notify: OwnedFd,
-) -> Result<sys::PreparedExec, String> {
+) -> Result<(sys::PreparedExec, Vec<std::fs::File>), String> {
     // If the supervising helper dies, so does the job (pid 1 takes the namespace with it).
     sys::set_parent_death_signal(libc::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
     let kernel = crate::rootfs::Kernel;
     crate::rootfs::prepare(&kernel, spec, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
     // Meanwhile the helper made the job's cgroup. On v1 we move ourselves (cheap), through
     // host paths, so before the pivot; on v2 the helper has moved us and the list is empty.
-    for file in await_cgroup(&sync)? {
+    let (join, leave) = await_cgroup(&sync)?;
+    for file in join {
         std::fs::write(&file, "0").map_err(|e| format!("joining {}: {e}", file.display()))?;
     }
+    // Opened now, while the host's cgroup tree is in reach; written at the very end.
+    let leave = leave
+        .iter()
+        .map(|f| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .map_err(|e| format!("opening {}: {e}", f.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     crate::rootfs::enter(&kernel, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| format!("chdir {}: {e}", spec.cwd.display()))?;
@@ -154,16 +210,20 @@ fn setup(
     .map_err(|e| format!("the job's command line or environment: {e}"))?;
     await_byte(&sync, MAPPED);
     drop(sync);
-    Ok(exec)
+    Ok((exec, leave))
 }
 
 /// Message on the sync pipe from the helper, first: [`CGROUP`], the length of the rest (4
-/// bytes, little endian), then the files pid 1 writes `0` to, each followed by a NUL.
-pub fn cgroup_message(files: &[PathBuf]) -> Vec<u8> {
+/// bytes, little endian), then the files pid 1 writes `0` to, each tagged `j` (to join the
+/// job's cgroup now) or `l` (to leave it at the end) and followed by a NUL.
+pub fn cgroup_message(join: &[PathBuf], leave: &[PathBuf]) -> Vec<u8> {
     let mut body = Vec::new();
-    for f in files {
-        body.extend_from_slice(f.as_os_str().as_bytes());
-        body.push(0);
+    for (tag, files) in [(b'j', join), (b'l', leave)] {
+        for f in files {
+            body.push(tag);
+            body.extend_from_slice(f.as_os_str().as_bytes());
+            body.push(0);
+        }
     }
     let mut message = vec![CGROUP];
     message.extend((body.len() as u32).to_le_bytes());
@@ -173,7 +233,7 @@ pub fn cgroup_message(files: &[PathBuf]) -> Vec<u8> {
 
 /// Reads the [`cgroup_message`]. A closed pipe means the helper could not make the cgroup
 /// (its reason is its own to report): we only stop.
-fn await_cgroup(sync: &OwnedFd) -> Result<Vec<PathBuf>, String> {
+fn await_cgroup(sync: &OwnedFd) -> Result<(Vec<PathBuf>, Vec<PathBuf>), String> {
     use std::io::Read;
     let mut pipe = std::fs::File::from(sync.try_clone().map_err(|e| format!("sync pipe: {e}"))?);
     let mut head = [0u8; 5];
@@ -184,11 +244,16 @@ fn await_cgroup(sync: &OwnedFd) -> Result<Vec<PathBuf>, String> {
     let mut body = vec![0u8; len];
     pipe.read_exact(&mut body)
         .map_err(|e| format!("reading the cgroup from the helper: {e}"))?;
-    Ok(body
-        .split(|&b| b == 0)
-        .filter(|f| !f.is_empty())
-        .map(|f| PathBuf::from(std::ffi::OsStr::from_bytes(f)))
-        .collect())
+    let (mut join, mut leave) = (Vec::new(), Vec::new());
+    for entry in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(&entry[1..]));
+        match entry[0] {
+            b'j' => join.push(path),
+            b'l' => leave.push(path),
+            _ => return Err("malformed cgroup message from the helper".to_owned()),
+        }
+    }
+    Ok((join, leave))
 }
 
 /// Byte on the sync pipe from the helper: the cgroup message follows.
@@ -228,4 +293,36 @@ pub fn candidates(cmd: &str, path: Option<&str>) -> Vec<String> {
         .filter(|d| !d.is_empty())
         .map(|dir| format!("{dir}/{cmd}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_records_round_trip() {
+        let usage = sys::Usage {
+            utime: std::time::Duration::from_micros(1_234_567),
+            stime: std::time::Duration::from_micros(89),
+            inblock: 16,
+            oublock: 1 << 40,
+        };
+        let record = status_record(9, true, false, &usage);
+        assert_eq!(record.len(), STATUS_LEN, "one write under PIPE_BUF");
+        assert_eq!(parse_status(&record), Some((9, true, false, usage)));
+        assert_eq!(
+            parse_status(&record[..STATUS_LEN - 1]),
+            None,
+            "a partial read"
+        );
+        assert_eq!(parse_status(b"Esetup failed"), None);
+    }
+
+    #[test]
+    fn execvp_candidates() {
+        assert_eq!(candidates("/bin/sh", Some("/x")), ["/bin/sh"]);
+        assert_eq!(candidates("./run", None), ["./run"]);
+        assert_eq!(candidates("sh", Some("/a::/b")), ["/a/sh", "/b/sh"]);
+        assert_eq!(candidates("sh", None)[0], "/usr/local/bin/sh");
+    }
 }

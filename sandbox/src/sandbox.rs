@@ -138,7 +138,7 @@ impl Sandbox {
         // read and remove afterwards, with the typed error if making it failed.
         let mut made: Option<JobCgroup> = None;
         let mut failed: Option<Error> = None;
-        let report = (|| -> Result<InitReport, Error> {
+        let report = (|| -> Result<crate::init::Supervised, Error> {
             let null = match output {
                 Output::Inherit => None,
                 Output::Discard => Some(
@@ -182,7 +182,10 @@ impl Sandbox {
             let _ = crate::sys::mask_signals(&CANCEL_SIGNALS, false);
             Ok(report)
         })();
+        // The cgroup is read and removed while pid 1 may still be exiting (it has left the
+        // cgroup then); we return once it is gone.
         let ended = made.map(|cg| (cg.version().stats(), cg.destroy()));
+        let report = report.map(crate::init::Supervised::finish);
         if let Some(err) = failed {
             return Err(err);
         }

@@ -66,6 +66,9 @@ pub trait CgroupVersion {
     /// period (milliseconds) — the dominant cost of joining a v1 cgroup. `None` on v2,
     /// where a domain cgroup only takes whole processes.
     fn self_join_files(&self) -> Option<Vec<PathBuf>>;
+    /// Where a process that joined with [`CgroupVersion::self_join_files`] writes `0` to
+    /// leave again, into the parent cgroup (same cheap self-move). `None` on v2.
+    fn self_leave_files(&self) -> Option<Vec<PathBuf>>;
     /// Total CPU time so far (user + system), for the CPU-seconds limit.
     fn cpu_usage(&self) -> Result<Duration, CgroupError>;
     fn stats(&self) -> Result<CgroupStats, CgroupError>;

@@ -95,6 +95,13 @@ impl CgroupVersion for V1 {
         Some(self.dirs().into_iter().map(|d| d.join("tasks")).collect())
     }
 
+    fn self_leave_files(&self) -> Option<Vec<PathBuf>> {
+        self.dirs()
+            .into_iter()
+            .map(|d| d.parent().map(|p| p.join("tasks")))
+            .collect()
+    }
+
     fn cpu_usage(&self) -> Result<Duration, CgroupError> {
         Ok(Duration::from_nanos(read_u64(
             &self.cpuacct.join("cpuacct.usage"),
@@ -182,6 +189,10 @@ mod tests {
         assert_eq!(r(cg.cpu.join("cpu.cfs_period_us")), "100000");
         assert_eq!(cg.procs_files().len(), 4);
         assert_eq!(cg.self_join_files().map(|f| f.len()), Some(4));
+        // Leaving moves back into the parent of each hierarchy's job dir.
+        let leave = cg.self_leave_files().unwrap();
+        assert_eq!(leave.len(), 4);
+        assert!(leave.contains(&cg.memory.parent().unwrap().join("tasks")));
     }
 
     #[test]

@@ -85,6 +85,10 @@ impl CgroupVersion for V2 {
         None
     }
 
+    fn self_leave_files(&self) -> Option<Vec<PathBuf>> {
+        None
+    }
+
     fn cpu_usage(&self) -> Result<Duration, CgroupError> {
         Ok(Duration::from_micros(keyed(
             &self.file("cpu.stat"),

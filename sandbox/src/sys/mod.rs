@@ -427,10 +427,39 @@ pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
 pub struct Reaped {
     pub pid: libc::pid_t,
     pub status: libc::c_int,
+    pub usage: Usage,
+}
+
+/// CPU time and block I/O of every child the caller has waited for, with theirs.
+pub fn children_usage() -> io::Result<Usage> {
+    let mut usage = MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: usage is a valid out-pointer.
+    check(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) })?;
+    // SAFETY: zero-initialised and filled by the kernel.
+    Ok(Usage::from(unsafe { usage.assume_init() }))
+}
+
+/// The part of a `struct rusage` the sandbox reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
     pub utime: std::time::Duration,
     pub stime: std::time::Duration,
     pub inblock: u64,
     pub oublock: u64,
+}
+
+impl From<libc::rusage> for Usage {
+    fn from(usage: libc::rusage) -> Self {
+        let tv = |t: libc::timeval| {
+            std::time::Duration::new(t.tv_sec as u64, (t.tv_usec as u32).saturating_mul(1000))
+        };
+        Usage {
+            utime: tv(usage.ru_utime),
+            stime: tv(usage.ru_stime),
+            inblock: usage.ru_inblock as u64,
+            oublock: usage.ru_oublock as u64,
+        }
+    }
 }
 
 /// `wait4`; `Ok(None)` when `WNOHANG` found nothing (or no child is left).
@@ -450,17 +479,11 @@ pub fn wait4(pid: libc::pid_t, flags: libc::c_int) -> io::Result<Option<Reaped>>
         return Ok(None);
     }
     // SAFETY: zero-initialised and filled by the kernel.
-    let usage = unsafe { usage.assume_init() };
-    let tv = |t: libc::timeval| {
-        std::time::Duration::new(t.tv_sec as u64, (t.tv_usec as u32).saturating_mul(1000))
-    };
+    let usage = Usage::from(unsafe { usage.assume_init() });
     Ok(Some(Reaped {
         pid: ret,
         status,
-        utime: tv(usage.ru_utime),
-        stime: tv(usage.ru_stime),
-        inblock: usage.ru_inblock as u64,
-        oublock: usage.ru_oublock as u64,
+        usage,
     }))
 }
 
