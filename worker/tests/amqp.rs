@@ -21,6 +21,9 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::json;
 
+mod common;
+use common::require;
+
 const DELIVERY_LIMIT: u32 = 2;
 /// Generous bound on waiting for results: a hang fails the test instead of blocking CI.
 const PATIENCE: Duration = Duration::from_secs(90);
@@ -28,17 +31,6 @@ const PATIENCE: Duration = Duration::from_secs(90);
 fn url() -> String {
     std::env::var("CORRAL_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// A missing prerequisite fails under CI=true and skips loudly otherwise.
-fn require(ok: bool, what: &str) -> bool {
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("prerequisite missing: {what}");
-        }
-        eprintln!("SKIPPING: prerequisite missing: {what}");
-    }
-    ok
 }
 
 /// Serializes broker-wide faults against everything else.

@@ -9,6 +9,9 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
+mod common;
+use common::{is_root, repo, require};
+
 fn corral(args: &[&str], data: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_corral"))
         .args(args)
@@ -21,29 +24,6 @@ fn corral(args: &[&str], data: &Path) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A missing prerequisite fails the test in CI and skips it, loudly, elsewhere.
-fn require(ok: bool, what: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("prerequisite missing in CI: {what}");
-    }
-    eprintln!("SKIPPING: prerequisite missing: {what}");
-    false
-}
-
-fn is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) == 0
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
 }
 
 const PYTHON: &str = "#!not really python\n";

@@ -1,18 +1,13 @@
 //! The `corral` binary's command line as a user types it: help, version, and the job check
 //! that README's first command runs.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod common;
+use common::repo;
 
 fn corral() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corral"))
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
 }
 
 #[test]
@@ -81,4 +76,43 @@ fn schema_command_prints_the_committed_schema() {
     )
     .unwrap();
     assert_eq!(printed, committed);
+}
+
+/// `corral sandbox` is parsed by its own parser when it comes first; it accepts what the
+/// full command line accepts there, global flags included, and still refuses typos.
+#[test]
+fn sandbox_flags_parse_alike_in_both_positions() {
+    let help = corral().args(["sandbox", "--help"]).output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("Usage: corral sandbox"), "{help}");
+    for flag in [
+        "--rootfs",
+        "--memory",
+        "--network",
+        "--log-format",
+        "--verbose",
+    ] {
+        assert!(
+            help.contains(flag),
+            "{flag} missing from sandbox --help:\n{help}"
+        );
+    }
+    for args in [
+        &["sandbox", "-v", "--log-format", "json", "--rootfs"][..],
+        &["-v", "--log-format", "json", "sandbox", "--rootfs"][..],
+    ] {
+        // A rootfs that does not exist: parsing succeeds, the run fails (not exit 2).
+        let out = corral()
+            .args(args)
+            .args(["/nonexistent-rootfs", "--", "true"])
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(2), "{args:?} was refused: {out:?}");
+    }
+    let typo = corral()
+        .args(["sandbox", "--rootf", "/", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(typo.status.code(), Some(2), "{typo:?}");
 }

@@ -10,46 +10,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// In CI a missing prerequisite fails the test; elsewhere it is skipped, loudly.
-fn require(ok: bool, what: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("prerequisite missing in CI: {what}");
-    }
-    eprintln!("SKIPPED: prerequisite missing: {what}");
-    false
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n")
-}
-
-fn rootfs() -> PathBuf {
-    std::env::var_os("CORRAL_TEST_ROOTFS").map_or_else(
-        || PathBuf::from("/var/cache/corral-test/rootfs"),
-        PathBuf::from,
-    )
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+mod common;
+use common::{have, is_root, repo, require, rootfs};
 
 fn corral(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_corral"))

@@ -3,7 +3,7 @@
 //! `corral sandbox` command. The `corral` binary under test is the sandbox helper.
 
 mod common;
-use common::{prerequisites, rootfs};
+use common::{prerequisites, repo, rootfs};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -15,13 +15,6 @@ use corral_sandbox::{
     SandboxLimits, SandboxSpec, Zygote,
 };
 use serde::Deserialize;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
 
 /// Each test has its own cgroup parent, run dir and uid, so the tests' checks for
 /// leftovers do not see each other's live jobs.

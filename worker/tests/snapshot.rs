@@ -9,43 +9,18 @@ use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use rustix::fs::{FileType, Mode, OFlags};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
-/// A missing prerequisite fails the test under CI and skips it (loudly) elsewhere.
-fn require(ok: bool, what: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("prerequisite missing under CI: {what}");
-    }
-    eprintln!("SKIPPED: prerequisite missing: {what}");
-    false
-}
+mod common;
+use common::{have, is_root, repo, require};
 
 /// The effective uid: /proc/self belongs to it.
 fn euid() -> u32 {
     fs::metadata("/proc/self").unwrap().uid()
-}
-
-fn is_root() -> bool {
-    euid() == 0
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// A scratch dir removed with `rm -rf`, which (unlike a recursive remover on the stack)

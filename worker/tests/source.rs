@@ -11,22 +11,8 @@ use corral_worker::source::{self, ExtractLimits, Owner, SourceError};
 use corral_worker::store::Store;
 use sha2::{Digest as _, Sha256};
 
-fn require(cond: bool, what: &str) -> bool {
-    if !cond {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("prerequisite missing under CI=true: {what}");
-        }
-        eprintln!("SKIPPED: prerequisite missing: {what}");
-    }
-    cond
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
+mod common;
+use common::{is_root, require};
 
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bundles/hostile")

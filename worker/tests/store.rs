@@ -17,30 +17,8 @@ use corral_worker::store::{
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A missing prerequisite fails under CI and skips loudly elsewhere.
-fn require(cond: bool, what: &str) -> bool {
-    if !cond {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("prerequisite missing under CI=true: {what}");
-        }
-        eprintln!("SKIPPED: prerequisite missing: {what}");
-    }
-    cond
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
+mod common;
+use common::{have, is_root, require};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd

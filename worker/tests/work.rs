@@ -4,37 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// In CI a missing prerequisite fails the test; elsewhere it is skipped, loudly.
-fn require(ok: bool, what: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("prerequisite missing in CI: {what}");
-    }
-    eprintln!("SKIPPED: prerequisite missing: {what}");
-    false
-}
-
-fn rootfs() -> PathBuf {
-    std::env::var_os("CORRAL_TEST_ROOTFS").map_or_else(
-        || PathBuf::from("/var/cache/corral-test/rootfs"),
-        PathBuf::from,
-    )
-}
+mod common;
+use common::{repo, require, rootfs};
 
 fn corral() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));

@@ -1,7 +1,26 @@
-//! Prerequisites shared by the tests that run real sandboxes as root (`sandbox.rs`,
-//! `jobdir.rs`).
+//! Helpers every integration test shares: where the repository and the test rootfs are,
+//! and prerequisites that fail under `CI=true` and skip loudly elsewhere. Each test crate
+//! uses a part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+
+/// The repository root (fixtures, scripts).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the worker crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// Whether `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
 /// A missing prerequisite fails under `CI=true` and skips loudly otherwise.
 pub fn require(cond: bool, what: &str) -> bool {
@@ -30,6 +49,7 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Root, the test rootfs, loop devices and mkfs.ext4: what real sandboxes need.
 pub fn prerequisites() -> bool {
     require(is_root(), "running as root")
         && require(
