@@ -93,3 +93,15 @@ pub enum Error {
     #[error("Sandbox::run needs a single-threaded caller (use Sandbox::spawn)")]
     NotSingleThreaded,
 }
+
+/// An error and its sources, joined with `: ` (for logs and one-line messages).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(next) = source {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        source = next.source();
+    }
+    text
+}

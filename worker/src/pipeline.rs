@@ -9,6 +9,9 @@
 //! The job dir (upper, work, mounts, cgroup) is released on every path: its filesystem comes
 //! from a [`JobDirPool`] and goes back to it, wiped in the background, once the build is over.
 
+/// `outer: inner: innermost`, for messages that travel in results.
+pub use corral_sandbox::error_chain;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::ops::RangeInclusive;
@@ -1129,16 +1132,4 @@ impl crate::amqp::JobRunner for PipelineRunner {
             }
         }
     }
-}
-
-/// `outer: inner: innermost`, for messages that travel in results.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(next) = source {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        source = next.source();
-    }
-    text
 }

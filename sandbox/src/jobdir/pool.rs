@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use super::recovery::{self, PoolRecovery};
 use super::{FsState, JobDir, JobDirError, fs_bytes};
+use crate::error_chain;
 
 /// How a [`JobDirPool`] behaves.
 #[derive(Debug, Clone)]
@@ -191,17 +192,6 @@ impl Slot {
     fn tear_down(mut self) -> Result<(), JobDirError> {
         self.dir.teardown()
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(next) = source {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        source = next.source();
-    }
-    text
 }
 
 struct Shared {
