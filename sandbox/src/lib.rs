@@ -43,7 +43,7 @@ mod cgroup;
 mod identity;
 pub mod init;
 mod jobdir;
-mod mountinfo;
+pub mod mountinfo;
 mod namespaces;
 mod outcome;
 mod reaper;

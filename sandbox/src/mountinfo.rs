@@ -1,6 +1,35 @@
-//! `/proc/self/mountinfo` fields, shared by the cgroup discovery and the job dir recovery.
+//! `/proc/self/mountinfo`, parsed once for everyone who reads it: the cgroup discovery, the
+//! job dir recovery and the worker's data disk check.
 
 use std::path::PathBuf;
+
+/// The fields of one mountinfo line that corral uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted (unescaped).
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    /// The mount source, e.g. a device (as the kernel escaped it).
+    pub source: String,
+    /// Per-superblock options, e.g. the controllers of a cgroup v1 hierarchy.
+    pub super_options: String,
+}
+
+/// The entries of mountinfo `text`, in its order; malformed lines are passed over.
+pub fn entries(text: &str) -> impl Iterator<Item = MountEntry> + '_ {
+    text.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        let mut right = right.split(' ');
+        let (fstype, source) = (right.next()?, right.next()?);
+        Some(MountEntry {
+            mount_point: unescape(mount_point),
+            fstype: fstype.to_owned(),
+            source: source.to_owned(),
+            super_options: right.next().unwrap_or("").to_owned(),
+        })
+    })
+}
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 pub(crate) fn unescape(field: &str) -> PathBuf {
@@ -26,4 +55,22 @@ pub(crate) fn unescape(field: &str) -> PathBuf {
         i += 1;
     }
     PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_carry_unescaped_mount_points_and_skip_malformed_lines() {
+        let text = "36 25 0:31 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
+                    garbage\n\
+                    30 22 7:1 / /srv/a\\040b rw shared:2 - ext4 /dev/loop1 rw\n";
+        let all: Vec<MountEntry> = entries(text).collect();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].fstype, "cgroup");
+        assert_eq!(all[0].super_options, "rw,cpu,cpuacct");
+        assert_eq!(all[1].mount_point, PathBuf::from("/srv/a b"));
+        assert_eq!(all[1].source, "/dev/loop1");
+    }
 }

@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use corral_sandbox::mountinfo::MountEntry;
+
 /// The warning for `dir`, if its filesystem is ext4 without a journal.
 pub fn warning(dir: &Path) -> Option<String> {
     let dir = std::fs::canonicalize(dir).ok()?;
@@ -30,29 +32,21 @@ pub fn warning(dir: &Path) -> Option<String> {
 /// The source device of the mount holding `dir` when that mount is ext4 and no jbd2
 /// journal (`/proc/fs/jbd2/<device>-<inode>`) belongs to it.
 fn unjournaled_ext4(mountinfo: &str, dir: &Path, journals: &[String]) -> Option<String> {
-    let mut best: Option<(usize, &str, &str)> = None;
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mount_point) = left.split(' ').nth(4) else {
-            continue;
-        };
-        let mut right = right.split(' ');
-        let (Some(fstype), Some(source)) = (right.next(), right.next()) else {
-            continue;
-        };
-        if dir.starts_with(mount_point) && best.is_none_or(|(len, _, _)| mount_point.len() >= len) {
-            best = Some((mount_point.len(), fstype, source));
+    // The deepest mount point holding `dir`; of equal ones, the latest (it is on top).
+    let mut best: Option<(usize, MountEntry)> = None;
+    for entry in corral_sandbox::mountinfo::entries(mountinfo) {
+        let depth = entry.mount_point.components().count();
+        if dir.starts_with(&entry.mount_point) && best.as_ref().is_none_or(|(d, _)| depth >= *d) {
+            best = Some((depth, entry));
         }
     }
-    let (_, fstype, source) = best?;
-    if fstype != "ext4" {
+    let (_, mount) = best?;
+    if mount.fstype != "ext4" {
         return None;
     }
-    let name = Path::new(source).file_name()?.to_str()?;
+    let name = Path::new(&mount.source).file_name()?.to_str()?;
     let prefix = format!("{name}-");
-    (!journals.iter().any(|j| j.starts_with(&prefix))).then(|| source.to_owned())
+    (!journals.iter().any(|j| j.starts_with(&prefix))).then_some(mount.source)
 }
 
 #[cfg(test)]
@@ -63,6 +57,7 @@ mod tests {
 22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard
 30 22 7:1 / /var/lib/corral rw,relatime shared:2 - ext4 /dev/loop1 rw
 31 22 0:40 / /tmp rw shared:3 - tmpfs tmpfs rw
+32 22 7:2 / /srv/data\\040disk rw shared:4 - ext4 /dev/loop2 rw
 ";
 
     #[test]
@@ -83,7 +78,16 @@ mod tests {
             None,
             "not ext4"
         );
-        let all = vec!["vda-8".to_owned(), "loop1-8".to_owned()];
+        assert_eq!(
+            unjournaled_ext4(MOUNTINFO, Path::new("/srv/data disk/x"), &journals).as_deref(),
+            Some("/dev/loop2"),
+            "mount points are unescaped"
+        );
+        let all = vec![
+            "vda-8".to_owned(),
+            "loop1-8".to_owned(),
+            "loop2-8".to_owned(),
+        ];
         assert_eq!(unjournaled_ext4(MOUNTINFO, Path::new("/srv"), &all), None);
     }
 }

@@ -99,24 +99,12 @@ const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 pub fn discover(mountinfo: &str) -> Result<Layout, CgroupError> {
     let mut v2_root = None;
     let mut v1 = BTreeMap::new();
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mount_point) = left.split(' ').nth(4) else {
-            continue;
-        };
-        let mut right = right.split(' ');
-        let (Some(fstype), Some(_source), Some(super_opts)) =
-            (right.next(), right.next(), right.next())
-        else {
-            continue;
-        };
-        let mount_point = crate::mountinfo::unescape(mount_point);
-        match fstype {
+    for entry in crate::mountinfo::entries(mountinfo) {
+        let mount_point = entry.mount_point;
+        match entry.fstype.as_str() {
             "cgroup2" => v2_root = Some(mount_point),
             "cgroup" => {
-                for opt in super_opts.split(',') {
+                for opt in entry.super_options.split(',') {
                     if V1_CONTROLLERS.contains(&opt) {
                         v1.entry(opt.to_owned())
                             .or_insert_with(|| mount_point.clone());

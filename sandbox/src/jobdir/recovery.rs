@@ -160,10 +160,8 @@ pub(super) fn unmount(path: &Path) -> Result<(), JobDirError> {
 /// Mount points at or under `dir` in `mountinfo`, deepest (and latest) first, once per
 /// mount so that stacked mounts all go.
 fn mount_points_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(crate::mountinfo::unescape)
+    let mut points: Vec<PathBuf> = crate::mountinfo::entries(mountinfo)
+        .map(|m| m.mount_point)
         .filter(|p| p.starts_with(dir))
         .collect();
     points.reverse();
