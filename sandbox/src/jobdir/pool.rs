@@ -671,6 +671,28 @@ impl<S> State<S> {
             .map(|(bytes, _)| *bytes)
     }
 
+    /// A slot whose wipe or making ended: the size's `in_flight` counter goes down, and the
+    /// slot joins that size's ready ones when it is `usable`, the pool is open and still
+    /// serves that size; otherwise it is torn down. Returns whether it joined.
+    fn settle(
+        &mut self,
+        bytes: u64,
+        slot: S,
+        usable: bool,
+        in_flight: fn(&mut Size<S>) -> &mut usize,
+    ) -> bool {
+        let open = !self.closing;
+        if let Some(size) = self.sizes.get_mut(&bytes) {
+            *in_flight(size) -= 1;
+            if usable && open {
+                size.ready.push(slot);
+                return true;
+            }
+        }
+        self.queue.push_back(Work::TearDown(slot));
+        false
+    }
+
     /// When the background thread should look again without being woken: the next size to
     /// go idle, or the end of a pause in making slots.
     fn next_deadline(&self, now: Instant, options: &PoolOptions) -> Option<Instant> {
@@ -687,45 +709,21 @@ impl<S> State<S> {
         self.running = self.running.saturating_sub(1);
         match done {
             Done::Wiped { bytes, slot } => {
-                let size = self.sizes.get_mut(&bytes);
-                match size {
-                    Some(size) if !self.closing => {
-                        size.wiping -= 1;
-                        size.ready.push(slot);
-                        self.stats.reused += 1;
-                    }
-                    other => {
-                        if let Some(size) = other {
-                            size.wiping -= 1;
-                        }
-                        self.stats.discarded += 1;
-                        self.queue.push_back(Work::TearDown(slot));
-                    }
+                if self.settle(bytes, slot, true, |size| &mut size.wiping) {
+                    self.stats.reused += 1;
+                } else {
+                    self.stats.discarded += 1;
                 }
             }
             Done::NotReusable { bytes, slot } => {
-                if let Some(size) = self.sizes.get_mut(&bytes) {
-                    size.wiping -= 1;
-                }
+                self.settle(bytes, slot, false, |size| &mut size.wiping);
                 self.stats.discarded += 1;
-                self.queue.push_back(Work::TearDown(slot));
             }
             Done::TornDown => {}
             Done::Failed => self.stats.failures += 1,
             Done::Made { bytes, slot } => {
-                let size = self.sizes.get_mut(&bytes);
-                match size {
-                    Some(size) if !self.closing => {
-                        size.making -= 1;
-                        size.ready.push(slot);
-                        self.stats.made_ahead += 1;
-                    }
-                    other => {
-                        if let Some(size) = other {
-                            size.making -= 1;
-                        }
-                        self.queue.push_back(Work::TearDown(slot));
-                    }
+                if self.settle(bytes, slot, true, |size| &mut size.making) {
+                    self.stats.made_ahead += 1;
                 }
             }
             Done::MakeFailed { bytes } => {
