@@ -446,20 +446,17 @@ fn run_job(
         }
     }
     report.wall = started.elapsed();
-    let parsed = crate::reaper::parse_status(&record);
-    if let Some((raw, full, true, usage)) = parsed {
-        // Every process of the job is dead and pid 1 is out of the cgroup: the caller may
-        // read and remove it while pid 1 finishes exiting.
-        report.exit = Some(decode_status(raw));
-        report.disk_full = full;
-        report.set_usage(&usage);
-        return Supervised {
-            report,
-            exiting: Some(pid),
-        };
-    }
-    let reaped = sys::wait4(pid, 0).ok().flatten();
-    let _ = status.read_to_end(&mut record);
+    // With pid 1 out of the cgroup (its record says so) and every process of the job dead,
+    // the caller may read and remove the cgroup while pid 1 finishes exiting; otherwise
+    // pid 1 is waited for here, and its record read to the end.
+    let left = crate::reaper::parse_status(&record).is_some_and(|(_, _, left, _)| left);
+    let reaped = if left {
+        None
+    } else {
+        let reaped = sys::wait4(pid, 0).ok().flatten();
+        let _ = status.read_to_end(&mut record);
+        reaped
+    };
     match crate::reaper::parse_status(&record) {
         Some((raw, full, _, usage)) => {
             report.exit = Some(decode_status(raw));
@@ -479,7 +476,10 @@ fn run_job(
             }
         },
     }
-    report.into()
+    Supervised {
+        report,
+        exiting: left.then_some(pid),
+    }
 }
 
 impl InitReport {
