@@ -4,16 +4,15 @@
 //! not be reused, sizes must not mix, and a crashed pool's leftovers must go at the next start.
 
 mod common;
-use common::{prerequisites, rootfs};
+use common::{Ran, prerequisites, rootfs, sandbox_config, spawn_and_wait};
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use corral_sandbox::{
-    DeathReason, Exit, Identity, JobDir, JobDirPool, Network, Outcome, PooledJobDir, Sandbox,
-    SandboxConfig, SandboxLimits, SandboxSpec,
+    DeathReason, Exit, Identity, JobDir, JobDirPool, Network, PooledJobDir, SandboxConfig,
+    SandboxLimits, SandboxSpec,
 };
 
 const MIB: u64 = 1 << 20;
@@ -21,29 +20,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 /// Each test has its own cgroup parent and run dir.
 fn config(test: &str) -> SandboxConfig {
-    SandboxConfig {
-        helper_exe: PathBuf::from(env!("CARGO_BIN_EXE_corral")),
-        cgroup_parent: format!("corral-test-pool-{test}"),
-        run_dir: PathBuf::from(format!("/run/corral-test-pool-{test}")),
-        mountinfo: None,
-        zygote: None,
-    }
-}
-
-struct Ran {
-    outcome: Outcome,
-    stdout: String,
-    stderr: String,
-}
-
-fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut r) = r {
-            let _ = r.read_to_string(&mut s);
-        }
-        s
-    })
+    sandbox_config(&format!("pool-{test}"))
 }
 
 /// Runs `script` with `sh -c` in the sandbox over `lowers` and the rootfs, on `dir`, as
@@ -71,15 +48,7 @@ fn run(test: &str, dir: &PooledJobDir, lowers: &[&Path], uid: u32, script: &str)
         read_only_binds: vec![],
         hostname: "corral".to_owned(),
     };
-    let mut running = Sandbox::spawn(&spec, &config(test)).expect("spawn");
-    let out = drain(running.stdout.take());
-    let err = drain(running.stderr.take());
-    let outcome = running.wait().expect("wait");
-    Ran {
-        outcome,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    spawn_and_wait(&spec, &config(test))
 }
 
 /// What a job could observe of a job filesystem, and what could leak through it.

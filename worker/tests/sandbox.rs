@@ -3,7 +3,7 @@
 //! `corral sandbox` command. The `corral` binary under test is the sandbox helper.
 
 mod common;
-use common::{prerequisites, repo, rootfs};
+use common::{Ran, drain, prerequisites, repo, rootfs, sandbox_config, spawn_and_wait};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -19,13 +19,7 @@ use serde::Deserialize;
 /// Each test has its own cgroup parent, run dir and uid, so the tests' checks for
 /// leftovers do not see each other's live jobs.
 fn config(test: &str) -> SandboxConfig {
-    SandboxConfig {
-        helper_exe: PathBuf::from(env!("CARGO_BIN_EXE_corral")),
-        cgroup_parent: format!("corral-test-{test}"),
-        run_dir: PathBuf::from(format!("/run/corral-test-{test}")),
-        mountinfo: None,
-        zygote: None,
-    }
+    sandbox_config(test)
 }
 
 /// [`config`] with helpers forked from a zygote, as the worker runs them.
@@ -105,34 +99,9 @@ fn bytes(s: &str) -> u64 {
     s.parse::<corral_protocol::ByteSize>().unwrap().0
 }
 
-/// What a run produced, as a user would see it.
-struct Ran {
-    outcome: Outcome,
-    stdout: String,
-    stderr: String,
-}
-
-fn drain(r: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut r) = r {
-            let _ = r.read_to_string(&mut s);
-        }
-        s
-    })
-}
-
 /// Through a zygote-forked helper, as in the worker.
 fn run(spec: &SandboxSpec) -> Ran {
-    let mut running = Sandbox::spawn(spec, &zygote_config("abuse")).expect("spawn");
-    let out = drain(running.stdout.take());
-    let err = drain(running.stderr.take());
-    let outcome = running.wait().expect("wait");
-    Ran {
-        outcome,
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
+    spawn_and_wait(spec, &zygote_config("abuse"))
 }
 
 /// Everything that would count as an escape once a job is over.

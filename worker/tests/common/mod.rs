@@ -68,3 +68,49 @@ pub fn prerequisites() -> bool {
             "mkfs.ext4 (e2fsprogs)",
         )
 }
+
+/// A sandbox config of its own for one test (cgroup parent and run dir named after it), so
+/// that tests' checks for leftovers do not see each other's live jobs.
+pub fn sandbox_config(name: &str) -> corral_sandbox::SandboxConfig {
+    corral_sandbox::SandboxConfig {
+        helper_exe: PathBuf::from(env!("CARGO_BIN_EXE_corral")),
+        cgroup_parent: format!("corral-test-{name}"),
+        run_dir: PathBuf::from(format!("/run/corral-test-{name}")),
+        mountinfo: None,
+        zygote: None,
+    }
+}
+
+/// What a run produced, as a user would see it.
+pub struct Ran {
+    pub outcome: corral_sandbox::Outcome,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Reads a job's output stream to its end on a thread of its own.
+pub fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
+/// Runs `spec` with `config` to its end, collecting both output streams.
+pub fn spawn_and_wait(
+    spec: &corral_sandbox::SandboxSpec,
+    config: &corral_sandbox::SandboxConfig,
+) -> Ran {
+    let mut running = corral_sandbox::Sandbox::spawn(spec, config).expect("spawn");
+    let out = drain(running.stdout.take());
+    let err = drain(running.stderr.take());
+    let outcome = running.wait().expect("wait");
+    Ran {
+        outcome,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
