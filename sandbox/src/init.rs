@@ -1,4 +1,4 @@
-//! The sandbox helper: the `corral` binary re-executed (`corral __sandbox-init`), single
+//! The sandbox helper: the `corral-worker` binary re-executed (`corral-worker __sandbox-init`), single
 //! threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
 //! while pid 1 builds its root, writes its id maps, then supervises: answers seccomp
 //! notifications, enforces the wall-clock and CPU-seconds limits, relays cancellation, and
@@ -23,7 +23,7 @@ use crate::outcome::Exit;
 use crate::spec::SandboxSpec;
 use crate::sys::{self, Forked};
 
-/// The first argument that selects the helper in the `corral` binary.
+/// The first argument that selects the helper in the `corral-worker` binary.
 pub const INIT_ARG: &str = "__sandbox-init";
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -104,7 +104,7 @@ pub enum Network {
 /// How the worker launches sandboxes on this host.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
-    /// The `corral` binary, re-executed as the single-threaded helper
+    /// The `corral-worker` binary, re-executed as the single-threaded helper
     /// (`<helper_exe> __sandbox-init`).
     pub helper_exe: PathBuf,
     /// Cgroup (relative to each hierarchy's root) under which job cgroups are created.

@@ -1,6 +1,6 @@
 //! The zygote: one long-lived, single-threaded helper per worker (`corral __sandbox-zygote`)
 //! that forks a fresh sandbox helper for each job. A job then pays for a `fork` of a small,
-//! warm process instead of an `exec` of the whole `corral` binary (dynamic loading,
+//! warm process instead of an `exec` of the whole `corral-worker` binary (dynamic loading,
 //! relocations, runtime start-up: about a millisecond of CPU per job on a 2-core machine).
 //!
 //! The forked helper runs exactly the code of an exec'd one ([`crate::init::main`]): the
@@ -21,7 +21,7 @@ use std::sync::Mutex;
 
 use crate::sys::{self, Forked};
 
-/// The first argument that selects the zygote in the `corral` binary.
+/// The first argument that selects the zygote in the `corral-worker` binary.
 pub const ZYGOTE_ARG: &str = "__sandbox-zygote";
 
 /// Entry point of `corral __sandbox-zygote`. Never returns.
@@ -91,7 +91,7 @@ impl std::fmt::Debug for Zygote {
 }
 
 impl Zygote {
-    /// A zygote of `exe` (the `corral` binary); nothing starts until the first job.
+    /// A zygote of `exe` (the `corral-worker` binary); nothing starts until the first job.
     pub fn new(exe: &Path) -> Self {
         Zygote {
             exe: exe.to_owned(),

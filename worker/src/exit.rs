@@ -26,3 +26,14 @@ pub fn for_status(status: corral_protocol::Status) -> u8 {
         Status::Failed | Status::TimedOut | Status::Killed | Status::Cancelled => JOB_FAILED,
     }
 }
+
+/// The process exit code for a command's outcome; an error is printed to stderr first.
+pub fn exit_code(outcome: anyhow::Result<u8>) -> std::process::ExitCode {
+    match outcome {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(err) => {
+            eprintln!("corral: error: {err:#}");
+            std::process::ExitCode::from(INTERNAL)
+        }
+    }
+}

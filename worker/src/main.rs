@@ -1,54 +1,42 @@
-//! `corral`: the build-farm worker's command line. Reads as a pipeline: parse the command
-//! line, install logging, run one command, turn its outcome into an exit code.
+//! `corral`: the command everyone types. It runs `corral sandbox` itself, from a binary
+//! that holds little more than the sandbox, and hands every other command, unchanged, to
+//! `corral-worker` installed beside it (the whole command line and the worker).
 
+use std::ffi::OsStr;
+use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 
 use clap::Parser;
-use corral_worker::cli::{Cli, Command, SandboxCli};
-use corral_worker::{cmd, exit, logging};
+use corral_worker::cli::SandboxCli;
+use corral_worker::cmd;
+use corral_worker::exit::{self, exit_code};
+
+/// The binary every command but `sandbox` runs in, found beside this one.
+const WORKER_BIN: &str = "corral-worker";
 
 fn main() -> ExitCode {
-    // The hidden sandbox helper must start before anything spawns a thread.
-    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(corral_sandbox::INIT_ARG))
-    {
-        corral_sandbox::init::main();
-    }
-    if std::env::args_os().nth(1).as_deref()
-        == Some(std::ffi::OsStr::new(corral_sandbox::ZYGOTE_ARG))
-    {
-        corral_sandbox::zygote_main();
-    }
-    // `corral sandbox` (a few milliseconds in all) parses only its own flags; it logs
-    // nothing (its output is the job's, then one JSON line), so it skips the subscriber too.
-    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(SandboxCli::COMMAND)) {
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "corral".into());
+    if args.next().as_deref() == Some(OsStr::new(SandboxCli::COMMAND)) {
+        // It logs nothing (its output is the job's, then one JSON line): no subscriber.
         let cli = SandboxCli::parse_from(std::env::args_os().skip(1));
         return exit_code(cmd::sandbox::run(cli.args));
     }
-    let cli = Cli::parse();
-    if !matches!(cli.command, Command::Sandbox(_)) {
-        logging::install(cli.global.log_format, cli.global.verbose);
-    }
-    let outcome = match cli.command {
-        Command::Validate(args) => cmd::validate::run(args),
-        Command::Schema(args) => cmd::schema::run(args),
-        Command::Replay(args) => cmd::replay::run(args),
-        Command::Snapshot(args) => cmd::snapshot::run(args),
-        Command::Base(args) => cmd::base::run(args),
-        Command::Source(command) => cmd::source::run(command),
-        Command::CheckConfig(args) => cmd::check_config::run(args),
-        Command::Sandbox(args) => cmd::sandbox::run(*args),
-        Command::Work(args) => cmd::work::run(*args),
-        Command::Submit(args) => cmd::submit::run(args),
-    };
-    exit_code(outcome)
-}
-
-fn exit_code(outcome: anyhow::Result<u8>) -> ExitCode {
-    match outcome {
-        Ok(code) => ExitCode::from(code),
+    // `current_exe` resolves symlinks: the worker binary sits beside the real file.
+    let worker = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(WORKER_BIN),
         Err(err) => {
-            eprintln!("corral: error: {err:#}");
-            ExitCode::from(exit::INTERNAL)
+            eprintln!("corral: error: locating the corral binary: {err}");
+            return ExitCode::from(exit::INTERNAL);
         }
-    }
+    };
+    let err = std::process::Command::new(&worker)
+        .arg0(arg0)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!(
+        "corral: error: running {}: {err} (`{WORKER_BIN}` is installed beside `corral`)",
+        worker.display()
+    );
+    ExitCode::from(exit::INTERNAL)
 }

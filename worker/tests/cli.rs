@@ -116,3 +116,46 @@ fn sandbox_flags_parse_alike_in_both_positions() {
         .unwrap();
     assert_eq!(typo.status.code(), Some(2), "{typo:?}");
 }
+
+/// `corral` runs every command but `sandbox` in `corral-worker`, found beside the real file
+/// (through a symlink too); without it, it says so and exits 70, while `sandbox` needs
+/// nothing else.
+#[test]
+fn corral_hands_commands_to_the_worker_binary_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("corral");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_corral"), &link).unwrap();
+    let out = Command::new(&link).arg("--version").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("corral {}", env!("CARGO_PKG_VERSION"))
+    );
+    // The worker sees `corral` as its name, so its messages name the command typed.
+    let out = Command::new(&link).arg("no-such-command").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("Usage: corral "), "{err}");
+
+    let alone = dir.path().join("alone");
+    std::fs::create_dir(&alone).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_corral"), alone.join("corral")).unwrap();
+    let out = Command::new(alone.join("corral"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(70), "{out:?}");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(&format!(
+            "running {}",
+            alone.join("corral-worker").display()
+        )) && err.contains("No such file"),
+        "{err}"
+    );
+    let help = Command::new(alone.join("corral"))
+        .args(["sandbox", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "{help:?}");
+}

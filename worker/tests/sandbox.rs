@@ -29,7 +29,7 @@ fn zygote_config(test: &str) -> SandboxConfig {
         zygote: Some(
             ZYGOTE
                 .get_or_init(|| {
-                    std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral"))))
+                    std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral-worker"))))
                 })
                 .clone(),
         ),
@@ -480,7 +480,7 @@ fn a_dead_zygote_is_replaced() {
         return;
     }
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
-    let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral"))));
+    let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral-worker"))));
     let cfg = SandboxConfig {
         zygote: Some(zygote.clone()),
         ..config("zygote")

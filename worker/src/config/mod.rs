@@ -165,7 +165,7 @@ pub enum CgroupParent {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SandboxHelper {
-    /// The running `corral` binary re-executed as the helper.
+    /// The running `corral-worker` binary re-executed as the helper.
     SelfExe,
     Path(PathBuf),
 }

@@ -73,7 +73,7 @@ pub fn prerequisites() -> bool {
 /// that tests' checks for leftovers do not see each other's live jobs.
 pub fn sandbox_config(name: &str) -> corral_sandbox::SandboxConfig {
     corral_sandbox::SandboxConfig {
-        helper_exe: PathBuf::from(env!("CARGO_BIN_EXE_corral")),
+        helper_exe: PathBuf::from(env!("CARGO_BIN_EXE_corral-worker")),
         cgroup_parent: format!("corral-test-{name}"),
         run_dir: PathBuf::from(format!("/run/corral-test-{name}")),
         mountinfo: None,

@@ -1,0 +1,41 @@
+//! `corral-worker`: the whole `corral` command line, the worker included. `corral` hands it
+//! every command but `sandbox`; it is the binary the worker's sandbox helpers are started
+//! from. Reads as a pipeline: parse the command line, install logging, run one command,
+//! turn its outcome into an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use corral_worker::cli::{Cli, Command};
+use corral_worker::exit::exit_code;
+use corral_worker::{cmd, logging};
+
+fn main() -> ExitCode {
+    // The hidden sandbox helper must start before anything spawns a thread.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(corral_sandbox::INIT_ARG))
+    {
+        corral_sandbox::init::main();
+    }
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(corral_sandbox::ZYGOTE_ARG))
+    {
+        corral_sandbox::zygote_main();
+    }
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Sandbox(_)) {
+        logging::install(cli.global.log_format, cli.global.verbose);
+    }
+    let outcome = match cli.command {
+        Command::Validate(args) => cmd::validate::run(args),
+        Command::Schema(args) => cmd::schema::run(args),
+        Command::Replay(args) => cmd::replay::run(args),
+        Command::Snapshot(args) => cmd::snapshot::run(args),
+        Command::Base(args) => cmd::base::run(args),
+        Command::Source(command) => cmd::source::run(command),
+        Command::CheckConfig(args) => cmd::check_config::run(args),
+        Command::Sandbox(args) => cmd::sandbox::run(*args),
+        Command::Work(args) => cmd::work::run(*args),
+        Command::Submit(args) => cmd::submit::run(args),
+    };
+    exit_code(outcome)
+}
