@@ -218,8 +218,7 @@ impl Sandbox {
     fn job_cgroup(config: &SandboxConfig) -> Result<JobCgroup, Error> {
         let mountinfo = match &config.mountinfo {
             Some(m) => m.clone(),
-            None => std::fs::read_to_string("/proc/self/mountinfo")
-                .map_err(|source| Error::Mountinfo { source })?,
+            None => crate::mountinfo::read_own().map_err(|source| Error::Mountinfo { source })?,
         };
         let layout = cgroup::discover(&mountinfo)?;
         let name = format!(

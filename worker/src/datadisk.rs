@@ -12,7 +12,7 @@ use corral_sandbox::mountinfo::MountEntry;
 /// The warning for `dir`, if its filesystem is ext4 without a journal.
 pub fn warning(dir: &Path) -> Option<String> {
     let dir = std::fs::canonicalize(dir).ok()?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mountinfo = corral_sandbox::mountinfo::read_own().ok()?;
     let journals: Vec<String> = std::fs::read_dir("/proc/fs/jbd2")
         .map(|d| {
             d.flatten()

@@ -38,10 +38,18 @@ impl V1 {
             cpuacct: dir("cpuacct"),
         };
         for d in cg.dirs() {
-            if let Some(p) = d.parent() {
-                mkdir(p)?;
+            // The parent exists but on a hierarchy's first job: try the job's dir first.
+            match mkdir(d) {
+                Err(CgroupError::Create { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    if let Some(p) = d.parent() {
+                        mkdir(p)?;
+                    }
+                    mkdir(d)?;
+                }
+                made => made?,
             }
-            mkdir(d)?;
         }
         Ok(cg)
     }

@@ -237,11 +237,9 @@ impl JobDirPool {
             path: root.to_path_buf(),
             source,
         })?;
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
-            JobDirError::Inspect {
-                path: PathBuf::from("/proc/self/mountinfo"),
-                source,
-            }
+        let mountinfo = crate::mountinfo::read_own().map_err(|source| JobDirError::Inspect {
+            path: PathBuf::from("/proc/self/mountinfo"),
+            source,
         })?;
         let pid = std::process::id();
         let recovery = recovery::recover(&root, &mountinfo, pid);
