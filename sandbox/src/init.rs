@@ -156,11 +156,17 @@ pub(crate) struct Supervised {
 
 impl Supervised {
     /// Waits until pid 1 is gone, its namespaces and mounts with it.
-    pub fn finish(mut self) -> InitReport {
-        if let Some(pid) = self.exiting.take() {
+    pub fn finish(self) -> InitReport {
+        let (report, exiting) = self.into_parts();
+        if let Some(pid) = exiting {
             let _ = sys::wait4(pid, 0);
         }
-        self.report
+        report
+    }
+
+    /// The report, and pid 1 if it may still be exiting (the caller must wait for it).
+    pub fn into_parts(self) -> (InitReport, Option<libc::pid_t>) {
+        (self.report, self.exiting)
     }
 }
 
@@ -229,8 +235,30 @@ fn run_job(
             Ok(p) => p,
             Err(e) => return fail(format!("pipes: {e}")).into(),
         };
+    // When we make the cgroup while pid 1 builds the root, the two overlap only on two
+    // CPUs, but a new child often starts queued on its parent's CPU, and then they take
+    // turns (each ~0.3 ms). Restricting a task to other CPUs moves it there at once;
+    // giving it back the whole set leaves it where it is. Both of us do it, whoever runs
+    // first; each pair ends with the whole set, so the job inherits it whatever the order.
+    // Only when nothing else is runnable: next to a busy task on the other CPU, pid 1
+    // would run at half speed instead of waiting ~0.3 ms for ours (measured: 1.47x bwrap
+    // against 1.02x with a spinning process on the second of two CPUs).
+    let cpus = match cgroup {
+        CgroupSetup::Create(_) if sys::running_alone() => sys::CpuSet::current().ok(),
+        CgroupSetup::Create(_) | CgroupSetup::Ready(_) => None,
+    };
+    let move_off = |pid: libc::pid_t, cpu: Option<usize>| {
+        if let Some(all) = &cpus
+            && let Some(elsewhere) = cpu.and_then(|cpu| all.without(cpu))
+        {
+            let _ = elsewhere.apply(pid);
+            let _ = all.apply(pid);
+        }
+    };
+    let our_cpu = sys::current_cpu();
     let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
         Ok(Forked::Child) => {
+            move_off(0, our_cpu);
             drop((notify, sync_w, ready_r, status_r));
             if let Ok(null) = std::fs::File::open("/dev/null") {
                 let _ = sys::dup2(null.as_raw_fd(), 0);
@@ -250,6 +278,7 @@ fn run_job(
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return fail(format!("clone into new namespaces: {e}")).into(),
     };
+    move_off(pid, sys::current_cpu());
     drop((sync_r, ready_w, status_w, notify_child));
     if let JobOutput::OwnPipes = job_output
         && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null")

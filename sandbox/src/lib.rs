@@ -65,7 +65,7 @@ pub use jobdir::{
 };
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
-pub use sandbox::{CancelHandle, Output, Running, Sandbox};
+pub use sandbox::{CancelHandle, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use spec::{Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec};
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};

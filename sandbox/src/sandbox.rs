@@ -25,6 +25,58 @@ use crate::spec::{SandboxConfig, SandboxSpec};
 /// `corral sandbox` command: the caller supervises the job itself).
 pub struct Sandbox;
 
+/// What [`Sandbox::run`] returns: the job's [`Outcome`], known once every process of the
+/// job is dead and its cgroup has been read and removed. The job's pid 1 (the sandbox's own
+/// reaper: no job code runs in it by then, and it has closed its standard streams) may
+/// still be exiting, its namespaces going away with it, the overlay mount among them.
+/// [`Ended::wait`] (or dropping this) waits for that, which matters before unmounting or
+/// reusing what the root was made of; [`Ended::detach`] does not, for a caller that is
+/// about to exit and lets its own reaper collect pid 1, as `bwrap` does.
+#[derive(Debug)]
+pub struct Ended {
+    outcome: Option<Outcome>,
+    exiting: Option<libc::pid_t>,
+}
+
+impl Ended {
+    pub fn outcome(&self) -> &Outcome {
+        self.outcome
+            .as_ref()
+            .expect("an Ended always holds its outcome until it is taken")
+    }
+
+    /// Waits until the job's pid 1 is gone, its namespaces and mounts with it.
+    pub fn wait(mut self) -> Outcome {
+        self.reap();
+        self.take()
+    }
+
+    /// Returns without waiting for pid 1 to finish exiting. If the caller does not exit
+    /// soon, pid 1 stays a zombie child of it until it does.
+    pub fn detach(mut self) -> Outcome {
+        self.exiting = None;
+        self.take()
+    }
+
+    fn take(&mut self) -> Outcome {
+        self.outcome
+            .take()
+            .expect("an Ended always holds its outcome until it is taken")
+    }
+
+    fn reap(&mut self) {
+        if let Some(pid) = self.exiting.take() {
+            let _ = crate::sys::wait4(pid, 0);
+        }
+    }
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.reap();
+    }
+}
+
 /// Where [`Sandbox::run`] sends the job's output.
 #[derive(Debug, Clone, Copy)]
 pub enum Output {
@@ -124,12 +176,9 @@ impl Sandbox {
     /// process, no control socket. SIGINT, SIGTERM and SIGHUP cancel the job (TERM, a short
     /// grace, KILL; a second one kills at once) and the outcome still comes back. The
     /// caller must be single-threaded (the job's pid 1 is cloned from it and mounts as
-    /// root), which is checked.
-    pub fn run(
-        spec: &SandboxSpec,
-        config: &SandboxConfig,
-        output: Output,
-    ) -> Result<Outcome, Error> {
+    /// root), which is checked. It returns as soon as every process of the job is dead and
+    /// the cgroup has been read and removed; see [`Ended`] for pid 1's own exit.
+    pub fn run(spec: &SandboxSpec, config: &SandboxConfig, output: Output) -> Result<Ended, Error> {
         if !single_threaded() {
             return Err(Error::NotSingleThreaded);
         }
@@ -183,9 +232,20 @@ impl Sandbox {
             Ok(report)
         })();
         // The cgroup is read and removed while pid 1 may still be exiting (it has left the
-        // cgroup then); we return once it is gone.
+        // cgroup then, and every process of the job is dead).
         let ended = made.map(|cg| (cg.version().stats(), cg.destroy()));
-        let report = report.map(crate::init::Supervised::finish);
+        let (report, exiting) = match report {
+            Ok(supervised) => {
+                let (report, exiting) = supervised.into_parts();
+                (Ok(report), exiting)
+            }
+            Err(err) => (Err(err), None),
+        };
+        // Waits for pid 1 when dropped: on every early return below.
+        let mut done = Ended {
+            outcome: None,
+            exiting,
+        };
         if let Some(err) = failed {
             return Err(err);
         }
@@ -193,7 +253,8 @@ impl Sandbox {
         match ended {
             Some((stats, destroyed)) => {
                 destroyed?;
-                finish(report, stats)
+                done.outcome = Some(finish(report, stats)?);
+                Ok(done)
             }
             // The run stopped before the clone: the report says why.
             None => Err(Error::Setup {

@@ -522,7 +522,12 @@ fn debug_command_prints_the_outcome_as_json() {
             "--network",
             "none",
         ])
-        .args(["--", "sh", "-c", "echo hello; exit 4"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo hello; grep Cpus_allowed_list /proc/self/status; exit 4",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
@@ -533,6 +538,10 @@ fn debug_command_prints_the_outcome_as_json() {
     );
     let mut lines = stdout.lines();
     assert_eq!(lines.next(), Some("hello"));
+    // Pid 1 may start away from the CLI's CPU; the job still gets every CPU we have.
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = ours.lines().find(|l| l.starts_with("Cpus_allowed_list"));
+    assert_eq!(lines.next(), ours);
     let outcome: Outcome = serde_json::from_str(lines.next().unwrap()).unwrap();
     assert_eq!(outcome.exit, Exit::Code(4));
     assert_eq!(outcome.reason, DeathReason::Completed);

@@ -61,6 +61,65 @@ pub fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
     }
 }
 
+/// A set of CPUs a process may run on (`sched_setaffinity`).
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl CpuSet {
+    /// The CPUs the calling process may run on.
+    pub fn current() -> io::Result<CpuSet> {
+        // SAFETY: an all-zero cpu_set_t is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `set`.
+        check(unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) })?;
+        Ok(CpuSet(set))
+    }
+
+    /// This set without `cpu`, or `None` when nothing would be left.
+    pub fn without(&self, cpu: usize) -> Option<CpuSet> {
+        let mut set = self.0;
+        if cpu < libc::CPU_SETSIZE as usize {
+            // SAFETY: `cpu` is within the set's bounds (checked above).
+            unsafe { libc::CPU_CLR(cpu, &mut set) };
+        }
+        // SAFETY: counts the bits of a valid set.
+        (unsafe { libc::CPU_COUNT(&set) } > 0).then_some(CpuSet(set))
+    }
+
+    /// Restricts `pid` (0: the caller) to this set; a thread on a CPU outside it moves.
+    pub fn apply(&self, pid: libc::pid_t) -> io::Result<()> {
+        // SAFETY: the kernel only reads the set.
+        check(unsafe { libc::sched_setaffinity(pid, std::mem::size_of_val(&self.0), &self.0) })
+            .map(drop)
+    }
+}
+
+/// Whether the caller is the only runnable task on the machine right now (the running
+/// count in `/proc/loadavg`), i.e. every other CPU it could use is idle.
+pub fn running_alone() -> bool {
+    let mut buf = [0u8; 128];
+    let Ok(n) = std::fs::File::open("/proc/loadavg").and_then(|mut f| {
+        use std::io::Read;
+        f.read(&mut buf)
+    }) else {
+        return false;
+    };
+    // "0.52 0.58 0.59 1/467 12345": the fourth field is running/total.
+    std::str::from_utf8(&buf[..n])
+        .ok()
+        .and_then(|text| text.split(' ').nth(3))
+        .and_then(|field| field.split_once('/'))
+        .and_then(|(running, _)| running.parse::<u32>().ok())
+        .is_some_and(|running| running <= 1)
+}
+
+/// The CPU the caller is running on right now.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: no arguments.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu).ok()
+}
+
 /// `fork()`, used by the job's pid 1 (single-threaded) to start the job.
 pub fn fork() -> io::Result<Forked> {
     // SAFETY: only called from the single-threaded reaper.
@@ -496,6 +555,12 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
 pub fn close_fds_from(first: u32) -> io::Result<()> {
     // SAFETY: closes fds the caller declared it does not own any more.
     check_long(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) }).map(drop)
+}
+
+/// Closes fds 0, 1 and 2.
+pub fn close_stdio() -> io::Result<()> {
+    // SAFETY: closes fds the caller declared it does not own any more.
+    check_long(unsafe { libc::syscall(libc::SYS_close_range, 0u32, 2u32, 0) }).map(drop)
 }
 
 pub fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use corral_sandbox::{
-    Identity, JobDir, Network, Output, Sandbox, SandboxConfig, SandboxLimits, SandboxSpec,
+    Ended, Identity, JobDir, Network, Outcome, Output, Sandbox, SandboxConfig, SandboxLimits,
+    SandboxSpec,
 };
 
 use crate::cli::{SandboxArgs, SandboxNetwork};
@@ -33,7 +34,17 @@ impl Upper {
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<u8> {
     let upper = prepare_upper(&args)?;
-    let result = run_in(&args, &upper);
+    let result = run_in(&args, &upper).and_then(|ended| {
+        let printed = print(ended.outcome());
+        // The job's pid 1 may still be exiting, its overlay with it: a job filesystem can
+        // only be unmounted once it is gone; anything else needs no waiting (we exit next,
+        // and our own reaper collects pid 1, as after `bwrap`).
+        match upper {
+            Upper::Limited(_) => drop(ended.wait()),
+            Upper::Given(_) | Upper::Temporary(_) => drop(ended.detach()),
+        }
+        printed
+    });
     match upper {
         Upper::Temporary(p) => {
             std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?
@@ -65,7 +76,7 @@ fn prepare_upper(args: &SandboxArgs) -> anyhow::Result<Upper> {
     Ok(upper)
 }
 
-fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<u8> {
+fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<Ended> {
     let (upper_dir, work_dir) = upper.dirs();
     let mut lower_dirs = args.layers.clone();
     lower_dirs.push(args.rootfs.clone());
@@ -122,12 +133,16 @@ fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<u8> {
     } else {
         Output::Inherit
     };
-    let outcome = Sandbox::run(&spec, &config, output)?;
+    Ok(Sandbox::run(&spec, &config, output)?)
+}
+
+/// Prints the outcome as one JSON line; the exit code says whether the job succeeded.
+fn print(outcome: &Outcome) -> anyhow::Result<u8> {
     // Not println!, which panics on a closed stdout and would skip removing the upper dir.
     writeln!(
         std::io::stdout().lock(),
         "{}",
-        serde_json::to_string(&outcome)?
+        serde_json::to_string(outcome)?
     )
     .context("printing the outcome")?;
     Ok(if outcome.success() {
