@@ -27,13 +27,13 @@ pub fn for_status(status: corral_protocol::Status) -> u8 {
     }
 }
 
-/// The process exit code for a command's outcome; an error is printed to stderr first.
-pub fn exit_code(outcome: anyhow::Result<u8>) -> std::process::ExitCode {
+/// The exit code for a command's outcome; an error is printed to stderr first.
+pub fn code(outcome: anyhow::Result<u8>) -> u8 {
     match outcome {
-        Ok(code) => std::process::ExitCode::from(code),
+        Ok(code) => code,
         Err(err) => {
             eprintln!("corral: error: {err:#}");
-            std::process::ExitCode::from(INTERNAL)
+            INTERNAL
         }
     }
 }

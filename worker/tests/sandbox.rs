@@ -556,6 +556,37 @@ fn debug_command_prints_the_outcome_as_json() {
     );
 }
 
+/// A reader that went away: the outcome cannot be printed, which `corral sandbox` reports
+/// (exit 70) after removing its upper dir, instead of dying of SIGPIPE; with fd 1 closed
+/// altogether the outcome goes nowhere and the run succeeds.
+#[test]
+fn debug_command_survives_a_closed_stdout() {
+    if !prerequisites() {
+        return;
+    }
+    let script = r#"
+        sh -c 'echo "pid=$$" >&2; exec "$0" "$@"' "$CORRAL" sandbox --rootfs "$ROOTFS" --quiet -- /bin/true | true
+        echo "piped=${PIPESTATUS[0]}" >&2
+        "$CORRAL" sandbox --rootfs "$ROOTFS" --quiet -- /bin/true >&-
+        echo "closed=$?" >&2
+    "#;
+    let out = std::process::Command::new("bash")
+        .args(["-c", script])
+        .env("CORRAL", env!("CARGO_BIN_EXE_corral"))
+        .env("ROOTFS", rootfs())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("printing the outcome") && stderr.contains("piped=70"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("closed=0"), "{stderr}");
+    let pid = stderr.lines().find_map(|l| l.strip_prefix("pid=")).unwrap();
+    let upper = PathBuf::from(format!("/dev/shm/corral-sandbox-{pid}"));
+    assert!(!upper.exists(), "{} was left behind", upper.display());
+}
+
 /// `corral sandbox` supervises the job itself: Ctrl-C (SIGINT) cancels the job, the outcome
 /// still comes out, and the job's cgroup is gone.
 #[test]

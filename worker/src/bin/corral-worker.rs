@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use corral_worker::cli::{Cli, Command};
-use corral_worker::exit::exit_code;
 use corral_worker::{cmd, logging};
 
 fn main() -> ExitCode {
@@ -37,5 +36,5 @@ fn main() -> ExitCode {
         Command::Work(args) => cmd::work::run(*args),
         Command::Submit(args) => cmd::submit::run(args),
     };
-    exit_code(outcome)
+    ExitCode::from(corral_worker::exit::code(outcome))
 }
