@@ -10,7 +10,7 @@
 //! let mut dir = pool.take(disk_bytes)?;                           // upper/ + work/, size-limited
 //! let spec = SandboxSpec { lower_dirs: vec![source, base], upper: dir.upper(), work: dir.work(),
 //!                          identity: ids.identity(project)?, argv, env, cwd, limits, network,
-//!                          read_only_binds: vec![], hostname: "corral".into() };
+//!                          read_only_binds: vec![], hostname: "corral".into(), scratch: None };
 //! let mut run = Sandbox::spawn(&spec, &SandboxConfig::new()?)?;   // safe from tokio threads
 //! let (out, err) = (run.stdout.take(), run.stderr.take());        // stream them as logs
 //! let cancel = run.cancel_handle();                               // cancel.cancel(grace)
@@ -67,7 +67,9 @@ pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
 pub use sandbox::{CancelHandle, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
-pub use spec::{Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec};
+pub use spec::{
+    Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec, Scratch,
+};
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};
 
 /// Errors of [`Sandbox::spawn`] and [`Running::wait`].

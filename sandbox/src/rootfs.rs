@@ -22,6 +22,8 @@ pub enum RootfsError {
     PivotRoot { root: PathBuf, source: io::Error },
     #[error("lower dir {path} is not usable as an overlay layer (it contains ':' or ',')")]
     LowerDirName { path: PathBuf },
+    #[error("{path} is not inside the scratch dir {scratch}")]
+    OutsideScratch { path: PathBuf, scratch: PathBuf },
 }
 
 /// The filesystem syscalls the root setup makes; real in [`Kernel`], recorded in tests.
@@ -179,6 +181,27 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         None,
     )
     .map_err(mount_err("private propagation", Path::new("/")))?;
+    if let Some(scratch) = &spec.scratch {
+        for dir in [&spec.upper, &spec.work] {
+            if !dir.starts_with(&scratch.dir) || dir == &scratch.dir {
+                return Err(RootfsError::OutsideScratch {
+                    path: dir.clone(),
+                    scratch: scratch.dir.clone(),
+                });
+            }
+        }
+        sys.mount(
+            Some(Path::new("tmpfs")),
+            &scratch.dir,
+            Some("tmpfs"),
+            NOSUID_NODEV,
+            Some(&format!("mode=755,size={}", scratch.size_bytes)),
+        )
+        .map_err(mount_err("scratch tmpfs", &scratch.dir))?;
+        for dir in [&spec.upper, &spec.work] {
+            sys.mkdir_all(dir).map_err(point_err(dir))?;
+        }
+    }
     let opts = overlay_options(spec)?;
     sys.mount(
         Some(Path::new("overlay")),
@@ -457,6 +480,7 @@ mod tests {
                 ("/host/x.conf".into(), "/etc/x.conf".into()),
             ],
             hostname: "corral".into(),
+            scratch: None,
         }
     }
 
@@ -546,6 +570,38 @@ mod tests {
             "mount devpts /r/dev/pts devpts [nosuid,noexec] newinstance,ptmxmode=0666,mode=0620"
         );
         assert_eq!(calls.last().unwrap(), "pivot_root /r");
+    }
+
+    #[test]
+    fn a_scratch_tmpfs_holds_upper_and_work_under_the_overlay() {
+        let rec = Recorder::default();
+        let mut s = spec();
+        s.upper = "/run/scratch/upper".into();
+        s.work = "/run/scratch/work".into();
+        s.scratch = Some(crate::Scratch {
+            dir: "/run/scratch".into(),
+            size_bytes: 1 << 20,
+        });
+        prepare(&rec, &s, Path::new("/r")).unwrap();
+        let calls = rec.calls.into_inner();
+        let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+        let tmpfs = at("mount tmpfs /run/scratch tmpfs [nosuid,nodev] mode=755,size=1048576");
+        assert!(
+            at("mount - / - [rec,private] -") < tmpfs,
+            "nothing reaches the host"
+        );
+        let overlay = calls
+            .iter()
+            .position(|c| c.starts_with("mount overlay"))
+            .unwrap();
+        assert!(tmpfs < at("mkdir /run/scratch/upper"));
+        assert!(at("mkdir /run/scratch/work") < overlay);
+
+        s.work = "/elsewhere/work".into();
+        assert!(matches!(
+            prepare(&Recorder::default(), &s, Path::new("/r")),
+            Err(RootfsError::OutsideScratch { .. })
+        ));
     }
 
     #[test]

@@ -34,6 +34,22 @@ pub struct SandboxSpec {
     /// Hostname inside the UTS namespace.
     #[serde(default = "default_hostname")]
     pub hostname: String,
+    /// A tmpfs mounted in the job's own mount namespace, before the overlay, to hold
+    /// `upper` and `work` (both must lie under it; they are created there). What the job
+    /// changes then lives and dies with the job: nothing is made on the host nor left
+    /// behind if the caller is killed. For runs whose upper dir nobody reads afterwards.
+    #[serde(default)]
+    pub scratch: Option<Scratch>,
+}
+
+/// See [`SandboxSpec::scratch`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scratch {
+    /// An existing empty host directory to mount the tmpfs on (the host never sees the
+    /// mount, so one directory serves every job).
+    pub dir: PathBuf,
+    /// The tmpfs's size (what the job writes there is also charged to its memory).
+    pub size_bytes: u64,
 }
 
 fn default_hostname() -> String {

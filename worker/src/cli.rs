@@ -323,7 +323,8 @@ pub struct SandboxArgs {
     #[arg(long = "layer")]
     pub layers: Vec<PathBuf>,
     /// Upper dir that keeps the command's changes (and a `work` dir beside it is created).
-    /// Default: a temporary dir on /dev/shm (tmpfs), deleted afterwards.
+    /// Default: a tmpfs as large as --memory that exists only inside the sandbox and goes
+    /// away with it.
     #[arg(long)]
     pub upper: Option<PathBuf>,
     /// Put the upper dir on a loop filesystem of this size (e.g. `512MiB`) under this dir.

@@ -404,6 +404,7 @@ impl Pipeline {
             },
             read_only_binds: Vec::new(),
             hostname: "corral".to_string(),
+            scratch: None,
         };
         let log_path = work.path.join("build.log");
         let build = self.build(spec, job, ctx, &log_path).await?;

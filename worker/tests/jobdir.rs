@@ -47,6 +47,7 @@ fn run(test: &str, dir: &PooledJobDir, lowers: &[&Path], uid: u32, script: &str)
         network: Network::None,
         read_only_binds: vec![],
         hostname: "corral".to_owned(),
+        scratch: None,
     };
     spawn_and_wait(&spec, &config(test))
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use corral_sandbox::{
     Ended, Identity, JobDir, Network, Outcome, Output, Sandbox, SandboxConfig, SandboxLimits,
-    SandboxSpec,
+    SandboxSpec, Scratch,
 };
 
 use crate::cli::{SandboxArgs, SandboxNetwork};
@@ -19,43 +19,42 @@ use crate::exit;
 /// Where the upper dir lives for this run, and how it goes away.
 enum Upper {
     Given(PathBuf),
-    Temporary(PathBuf),
+    /// On a tmpfs mounted on this (shared, empty) dir inside the job's own mount namespace:
+    /// it goes away with the job, and the host sees nothing of it.
+    Scratch(PathBuf),
     Limited(JobDir),
 }
 
 impl Upper {
     fn dirs(&self) -> (PathBuf, PathBuf) {
         match self {
-            Upper::Given(p) | Upper::Temporary(p) => (p.join("upper"), p.join("work")),
+            Upper::Given(p) | Upper::Scratch(p) => (p.join("upper"), p.join("work")),
             Upper::Limited(j) => (j.upper(), j.work()),
         }
     }
 }
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<u8> {
-    let upper = prepare_upper(&args)?;
-    let result = run_in(&args, &upper).and_then(|ended| {
+    let config = SandboxConfig::new().context("locating the corral binary")?;
+    let upper = prepare_upper(&args, &config)?;
+    let result = run_in(&args, &config, &upper).and_then(|ended| {
         let printed = print(ended.outcome());
         // The job's pid 1 may still be exiting, its overlay with it: a job filesystem can
         // only be unmounted once it is gone; anything else needs no waiting (we exit next,
         // and our own reaper collects pid 1, as after `bwrap`).
         match upper {
             Upper::Limited(_) => drop(ended.wait()),
-            Upper::Given(_) | Upper::Temporary(_) => drop(ended.detach()),
+            Upper::Given(_) | Upper::Scratch(_) => drop(ended.detach()),
         }
         printed
     });
-    match upper {
-        Upper::Temporary(p) => {
-            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?
-        }
-        Upper::Limited(j) => j.remove().context("removing the job dir")?,
-        Upper::Given(_) => {}
+    if let Upper::Limited(j) = upper {
+        j.remove().context("removing the job dir")?;
     }
     result
 }
 
-fn prepare_upper(args: &SandboxArgs) -> anyhow::Result<Upper> {
+fn prepare_upper(args: &SandboxArgs, config: &SandboxConfig) -> anyhow::Result<Upper> {
     let upper = if let Some(size) = args.disk {
         let name = format!("sandbox-{}", std::process::id());
         std::fs::create_dir_all(&args.disk_dir)
@@ -64,10 +63,9 @@ fn prepare_upper(args: &SandboxArgs) -> anyhow::Result<Upper> {
     } else if let Some(dir) = &args.upper {
         Upper::Given(dir.clone())
     } else {
-        // A tmpfs: creating and deleting the upper and work dirs costs no disk journal
-        // commits (what the job writes there counts against its memory limit).
-        let dir = PathBuf::from(format!("/dev/shm/corral-sandbox-{}", std::process::id()));
-        Upper::Temporary(dir)
+        let dir = config.run_dir.join("scratch");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        return Ok(Upper::Scratch(dir));
     };
     let (u, w) = upper.dirs();
     for d in [&u, &w] {
@@ -76,7 +74,7 @@ fn prepare_upper(args: &SandboxArgs) -> anyhow::Result<Upper> {
     Ok(upper)
 }
 
-fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<Ended> {
+fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::Result<Ended> {
     let (upper_dir, work_dir) = upper.dirs();
     let mut lower_dirs = args.layers.clone();
     lower_dirs.push(args.rootfs.clone());
@@ -125,15 +123,21 @@ fn run_in(args: &SandboxArgs, upper: &Upper) -> anyhow::Result<Ended> {
         },
         read_only_binds,
         hostname: "corral".to_owned(),
+        scratch: match upper {
+            Upper::Scratch(dir) => Some(Scratch {
+                dir: dir.clone(),
+                size_bytes: args.memory.0,
+            }),
+            Upper::Given(_) | Upper::Limited(_) => None,
+        },
     };
-    let config = SandboxConfig::new().context("locating the corral binary")?;
     // This process is single-threaded: it supervises the job itself (no helper to start).
     let output = if args.quiet {
         Output::Discard
     } else {
         Output::Inherit
     };
-    Ok(Sandbox::run(&spec, &config, output)?)
+    Ok(Sandbox::run(&spec, config, output)?)
 }
 
 /// Prints the outcome as one JSON line; the exit code says whether the job succeeded.
