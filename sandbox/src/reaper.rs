@@ -153,6 +153,11 @@ fn setup(
     sys::set_parent_death_signal(libc::SIGKILL).map_err(|e| format!("pdeathsig: {e}"))?;
     let kernel = crate::rootfs::Kernel;
     crate::rootfs::prepare(&kernel, spec, root).map_err(|e| format!("{e}: {}", source_of(&e)))?;
+    // What the job inherits and does not depend on namespaces, done now in case the helper
+    // is still making the cgroup. Ignored signals survive exec; we only wait for blocked
+    // ones, so the defaults suit us.
+    sys::mask_signals(&SIGNALS, true).map_err(|e| format!("sigprocmask: {e}"))?;
+    sys::reset_signal_dispositions().map_err(|e| format!("signal dispositions: {e}"))?;
     // Meanwhile the helper made the job's cgroup. On v1 we move ourselves (cheap), through
     // host paths, so before the pivot; on v2 the helper has moved us and the list is empty.
     let (join, leave) = await_cgroup(&sync)?;
@@ -183,9 +188,6 @@ fn setup(
     // We already sit in the job's cgroup: root the cgroup namespace there.
     sys::unshare(libc::CLONE_NEWCGROUP).map_err(|e| format!("cgroup namespace: {e}"))?;
     sys::set_dumpable(false).map_err(|e| format!("dumpable: {e}"))?;
-    sys::mask_signals(&SIGNALS, true).map_err(|e| format!("sigprocmask: {e}"))?;
-    // Ignored signals survive exec; we only wait for blocked ones, so the defaults suit us.
-    sys::reset_signal_dispositions().map_err(|e| format!("signal dispositions: {e}"))?;
     // We never exec, so the bounding set only matters to the job; its own capabilities go
     // after the fork.
     sys::drop_inheritable_capabilities().map_err(|e| format!("dropping the bounding set: {e}"))?;
