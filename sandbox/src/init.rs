@@ -1,5 +1,5 @@
-//! The sandbox helper: the `corral-worker` binary re-executed (`corral-worker __sandbox-init`), single
-//! threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
+//! The sandbox helper: the `corral-worker` binary re-executed (`corral-worker
+//! __sandbox-init`), single threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
 //! while pid 1 builds its root, writes its id maps, then supervises: answers seccomp
 //! notifications, enforces the wall-clock and CPU-seconds limits, relays cancellation, and
 //! finally reports to the worker over its stdin socket. It never mounts anything itself.

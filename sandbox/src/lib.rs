@@ -22,7 +22,7 @@
 //! [`JobDir::create`] and [`JobDir::remove`] make and remove one job filesystem without a
 //! pool (`corral sandbox --disk`, tests).
 //!
-//! The `corral-worker` binary (the helper binary) must dispatch `__sandbox-init` ([`INIT_ARG`]) to
+//! The helper binary (`corral-worker`) must dispatch `__sandbox-init` ([`INIT_ARG`]) to
 //! [`init::main`] and `__sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before
 //! anything else (no threads, no runtime). With [`SandboxConfig::zygote`] set, helpers are
 //! forked from one long-lived zygote instead of exec'd per job. That helper clones the

@@ -1,6 +1,6 @@
-//! corral-worker: the library of the `corral` and `corral-worker` binaries. It owns the CLI commands, the job pipeline,
-//! the layer writer (snapshots), the stores and the AMQP worker. Raw syscalls live in
-//! `corral-sandbox`; wire types in `corral-protocol`.
+//! corral-worker: the library of the `corral` and `corral-worker` binaries. It owns the CLI
+//! commands, the job pipeline, the layer writer (snapshots), the stores and the AMQP
+//! worker. Raw syscalls live in `corral-sandbox`; wire types in `corral-protocol`.
 #![forbid(unsafe_code)]
 
 pub mod amqp;
