@@ -104,10 +104,15 @@ pub fn running_alone() -> bool {
     }) else {
         return false;
     };
-    // "0.52 0.58 0.59 1/467 12345": the fourth field is running/total.
-    std::str::from_utf8(&buf[..n])
-        .ok()
-        .and_then(|text| text.split(' ').nth(3))
+    std::str::from_utf8(&buf[..n]).is_ok_and(alone_in)
+}
+
+/// `/proc/loadavg` text, e.g. "0.52 0.58 0.59 1/467 12345": the fourth field is
+/// running/total, the reader included.
+fn alone_in(loadavg: &str) -> bool {
+    loadavg
+        .split(' ')
+        .nth(3)
         .and_then(|field| field.split_once('/'))
         .and_then(|(running, _)| running.parse::<u32>().ok())
         .is_some_and(|running| running <= 1)
@@ -1059,4 +1064,28 @@ fn errno_text(errno: i32) -> Option<&'static [u8]> {
         libc::ENAMETOOLONG => b"File name too long",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loadavg_running_count_says_whether_we_run_alone() {
+        assert!(alone_in("0.52 0.58 0.59 1/467 12345\n"));
+        assert!(!alone_in("2.08 2.18 2.25 3/138 8797\n"));
+        assert!(!alone_in("garbage"), "unreadable means not alone");
+    }
+
+    #[test]
+    fn a_cpu_set_without_its_only_cpu_is_none() {
+        let all = CpuSet::current().unwrap();
+        let cpu = current_cpu().unwrap();
+        // SAFETY: counts the bits of a valid set.
+        let count = |s: &CpuSet| unsafe { libc::CPU_COUNT(&s.0) };
+        match all.without(cpu) {
+            Some(rest) => assert_eq!(count(&rest), count(&all) - 1),
+            None => assert_eq!(count(&all), 1),
+        }
+    }
 }
