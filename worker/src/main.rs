@@ -12,7 +12,7 @@ use std::ffi::{OsStr, c_char, c_int};
 use std::os::unix::process::CommandExt;
 
 use clap::Parser;
-use corral_worker::cli::SandboxCli;
+use corral_worker::cli::{SandboxArgs, SandboxCli};
 use corral_worker::cmd;
 use corral_worker::exit;
 
@@ -58,8 +58,10 @@ fn run() -> u8 {
     let arg0 = args.next().unwrap_or_else(|| "corral".into());
     if args.next().as_deref() == Some(OsStr::new(SandboxCli::COMMAND)) {
         // It logs nothing (its output is the job's, then one JSON line): no subscriber.
-        let cli = SandboxCli::parse_from(std::env::args_os().skip(1));
-        return exit::code(cmd::sandbox::run(cli.args));
+        let rest: Vec<_> = args.collect();
+        let parsed = SandboxArgs::parse_plain(&rest)
+            .unwrap_or_else(|| SandboxCli::parse_from(std::env::args_os().skip(1)).args);
+        return exit::code(cmd::sandbox::run(parsed));
     }
     // `current_exe` resolves symlinks: the worker binary sits beside the real file.
     let worker = match std::env::current_exe() {
