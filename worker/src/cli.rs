@@ -425,9 +425,10 @@ impl SandboxArgs {
                     .collect::<Option<_>>()?;
                 break;
             }
-            let (name, inline) = match arg.strip_prefix("--")?.split_once('=') {
+            let flag = arg.strip_prefix("--")?;
+            let (name, inline) = match flag.split_once('=') {
                 Some((name, value)) => (name, Some(value)),
-                None => (arg.strip_prefix("--")?, None),
+                None => (flag, None),
             };
             if name == "quiet" && inline.is_none() {
                 if parsed.quiet {
