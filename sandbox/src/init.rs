@@ -71,7 +71,7 @@ pub struct InitReport {
 /// Entry point of `corral __sandbox-init`. Never returns.
 pub fn main() -> ! {
     // Nothing the worker had open may reach the job.
-    let _ = sys::close_fds_from(3);
+    let _ = sys::close_range(3, u32::MAX);
     // fd 0 is the control socket the worker gave us; fd 0 itself later becomes the job's
     // /dev/null, so keep the socket on a close-on-exec copy.
     let ctl = match sys::dup_cloexec(0) {

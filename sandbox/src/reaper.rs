@@ -128,7 +128,7 @@ pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
                 let left =
                     !leave.is_empty() && leave.into_iter().all(|mut f| f.write_all(b"0").is_ok());
                 // Whoever reads the job's output sees its end now, not once we are gone.
-                let _ = sys::close_stdio();
+                let _ = sys::close_range(0, 2);
                 let usage = sys::children_usage().unwrap_or_default();
                 let record = status_record(reaped.status, full, left, &usage);
                 let _ = status.write_all(&record);

@@ -26,7 +26,7 @@ pub const ZYGOTE_ARG: &str = "__sandbox-zygote";
 
 /// Entry point of `corral __sandbox-zygote`. Never returns.
 pub fn main() -> ! {
-    let _ = sys::close_fds_from(3);
+    let _ = sys::close_range(3, u32::MAX);
     // The worker's death ends us (end of stream does too; this covers a stuck send).
     let _ = sys::set_parent_death_signal(libc::SIGKILL);
     // The kernel reaps our helpers: nobody here waits for them.

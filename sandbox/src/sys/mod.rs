@@ -556,16 +556,10 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::kill(pid, sig) }).map(drop)
 }
 
-/// Closes every fd from `first` upwards.
-pub fn close_fds_from(first: u32) -> io::Result<()> {
+/// Closes the fds from `first` to `last` (`u32::MAX`: every fd from `first` upwards).
+pub fn close_range(first: u32, last: u32) -> io::Result<()> {
     // SAFETY: closes fds the caller declared it does not own any more.
-    check_long(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) }).map(drop)
-}
-
-/// Closes fds 0, 1 and 2.
-pub fn close_stdio() -> io::Result<()> {
-    // SAFETY: closes fds the caller declared it does not own any more.
-    check_long(unsafe { libc::syscall(libc::SYS_close_range, 0u32, 2u32, 0) }).map(drop)
+    check_long(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) }).map(drop)
 }
 
 pub fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {
