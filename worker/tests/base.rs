@@ -13,11 +13,10 @@ mod common;
 use common::{is_root, repo, require};
 
 fn corral(args: &[&str], data: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_corral"))
+    common::corral()
         .args(args)
         .arg("--data-dir")
         .arg(data)
-        .env_remove("CORRAL_DATA_DIR")
         .output()
         .expect("running corral")
 }

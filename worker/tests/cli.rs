@@ -4,11 +4,7 @@
 use std::process::Command;
 
 mod common;
-use common::repo;
-
-fn corral() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_corral"))
-}
+use common::{corral, repo};
 
 #[test]
 fn help_lists_subcommands_and_version_prints() {
@@ -28,7 +24,6 @@ fn help_lists_subcommands_and_version_prints() {
 #[test]
 fn validate_accepts_golden_jobs_and_names_the_broken_rule() {
     let out = corral()
-        .current_dir(repo())
         .args(["validate", "fixtures/jobs/hello.json"])
         .output()
         .unwrap();
@@ -40,7 +35,6 @@ fn validate_accepts_golden_jobs_and_names_the_broken_rule() {
     );
 
     let out = corral()
-        .current_dir(repo())
         .args([
             "validate",
             "fixtures/jobs/hello.json",
@@ -56,7 +50,6 @@ fn validate_accepts_golden_jobs_and_names_the_broken_rule() {
     );
 
     let out = corral()
-        .current_dir(repo())
         .args(["validate", "--json", "fixtures/invalid/workdir-dotdot.json"])
         .output()
         .unwrap();

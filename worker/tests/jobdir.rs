@@ -4,7 +4,7 @@
 //! not be reused, sizes must not mix, and a crashed pool's leftovers must go at the next start.
 
 mod common;
-use common::{Ran, prerequisites, rootfs, sandbox_config, spawn_and_wait};
+use common::{Ran, leaves_nothing, prerequisites, rootfs, sandbox_config, spawn_and_wait};
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -192,6 +192,7 @@ fn a_reused_filesystem_is_indistinguishable_from_a_fresh_one() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("pool-reuse");
     let uid = 212_001;
     let other_uid = 212_002;
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -411,6 +412,7 @@ fn the_disk_limit_holds_on_a_reused_filesystem() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("pool-disk");
     let uid = 212_003;
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let pool = JobDirPool::open(jobs.path(), 1).unwrap();
@@ -453,6 +455,7 @@ fn a_tree_deeper_than_path_max_is_torn_down_not_walked() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("pool-deep");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let pool = JobDirPool::open(jobs.path(), 1).unwrap();
     let mut dir = pool.take(256 * MIB).unwrap();

@@ -14,12 +14,7 @@ mod common;
 use common::{have, is_root, repo, require, rootfs};
 
 fn corral(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_corral"))
-        .current_dir(repo())
-        .env("RUST_LOG", "warn")
-        .args(args)
-        .output()
-        .unwrap()
+    common::corral().args(args).output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {

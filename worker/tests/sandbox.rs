@@ -3,7 +3,9 @@
 //! `corral sandbox` command. The `corral` binary under test is the sandbox helper.
 
 mod common;
-use common::{Ran, drain, prerequisites, repo, rootfs, sandbox_config, spawn_and_wait};
+use common::{
+    Ran, drain, leaves_nothing, prerequisites, repo, rootfs, sandbox_config, spawn_and_wait,
+};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -176,6 +178,7 @@ fn abuse_suite() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("abuse");
     let data = tempfile::tempdir().unwrap();
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let ids = IdentityMap::open(data.path(), 210_000..=210_999).unwrap();
@@ -394,6 +397,7 @@ fn cancel_sends_term_then_kills_everything() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("cancel");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "cancel", 16 << 20).unwrap();
     // The helper exec'd per job.
@@ -425,6 +429,7 @@ fn cancel_of_a_term_ignoring_job_kills_after_the_grace() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("stubborn");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "stubborn", 16 << 20).unwrap();
     let (running, _stdout) = start_ready(
@@ -450,6 +455,7 @@ fn helper_crash_leaves_no_mount_process_or_cgroup() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("crash");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "crash", 16 << 20).unwrap();
     // A helper forked by the zygote, as in the worker.
@@ -481,6 +487,7 @@ fn a_dead_zygote_is_replaced() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("zygote");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral-worker"))));
     let cfg = SandboxConfig {
@@ -655,6 +662,7 @@ fn debug_command_interrupted_reports_cancelled_and_cleans_up() {
 /// cloning the job's pid 1 from it.
 #[test]
 fn in_process_supervision_needs_a_single_threaded_caller() {
+    let _dirs = leaves_nothing("threads");
     let worker = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(500)));
     let dir = tempfile::tempdir().unwrap();
     let spec = SandboxSpec {

@@ -12,7 +12,7 @@ use corral_worker::store::Store;
 use sha2::{Digest as _, Sha256};
 
 mod common;
-use common::{is_root, require};
+use common::{corral, is_root, require};
 
 fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bundles/hostile")
@@ -308,10 +308,6 @@ async fn fetch_verifies_the_digest_and_size_from_the_store() {
         ("source.digest", Rule::Content)
     );
     assert!(!scratch.path().join("x").exists());
-}
-
-fn corral() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_corral"))
 }
 
 /// A directory packs to the same digest whatever its owners, timestamps or creation order,

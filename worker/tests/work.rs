@@ -12,9 +12,10 @@ use serde_json::Value;
 mod common;
 use common::{repo, require, rootfs};
 
+/// The worker's log is read for readiness, so it logs at `info`.
 fn corral() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
-    cmd.current_dir(repo()).env("RUST_LOG", "info,lapin=error");
+    let mut cmd = common::corral();
+    cmd.env("RUST_LOG", "info,lapin=error");
     cmd
 }
 

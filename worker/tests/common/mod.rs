@@ -1,9 +1,12 @@
-//! Helpers every integration test shares: where the repository and the test rootfs are,
-//! and prerequisites that fail under `CI=true` and skip loudly elsewhere. Each test crate
-//! uses a part of it.
+//! Test support every integration test shares: the binary under test, where the repository
+//! and the test rootfs are, a scratch data dir, and prerequisites that fail under `CI=true`
+//! and skip visibly elsewhere (a `SKIPPED:` line on the terminal, counted by `scripts/test`).
+//! Each test crate uses a part of it.
 #![allow(dead_code)]
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The repository root (fixtures, scripts).
 pub fn repo() -> PathBuf {
@@ -22,7 +25,37 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// A missing prerequisite fails under `CI=true` and skips loudly otherwise.
+/// The `corral` command as a user runs it: from the repository root (fixture paths are
+/// relative to it), with a quiet log and none of the caller's `CORRAL_*` settings, which
+/// would otherwise point the command under test at the developer's own data dir or broker.
+pub fn corral() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+    cmd.current_dir(repo()).env("RUST_LOG", "warn,lapin=error");
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|k| k.starts_with("CORRAL_") && !k.starts_with("CORRAL_TEST_"))
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// A fresh, empty data dir (or any scratch dir), removed when dropped.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("corral-test-")
+        .tempdir()
+        .expect("creating a scratch dir")
+}
+
+/// Where `scripts/test` collects the skipped tests, to count them at the end of the run.
+pub const SKIP_LOG_VAR: &str = "CORRAL_TEST_SKIP_LOG";
+
+/// A missing prerequisite fails under `CI=true`. Elsewhere the test skips, and says so where
+/// it is seen: libtest captures `eprintln!` of passing tests, so the `SKIPPED:` line goes
+/// straight to the terminal's stderr, and to the skip log when `scripts/test` names one.
 pub fn require(cond: bool, what: &str) -> bool {
     if cond {
         return true;
@@ -30,7 +63,17 @@ pub fn require(cond: bool, what: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("prerequisite missing under CI=true: {what}");
     }
-    eprintln!("SKIPPING: prerequisite missing: {what}");
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let line = format!("SKIPPED: {test}: prerequisite missing: {what}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    if let Some(log) = std::env::var_os(SKIP_LOG_VAR)
+        && let Ok(mut file) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+    {
+        let _ = file.write_all(line.as_bytes());
+    }
     false
 }
 
@@ -78,6 +121,42 @@ pub fn sandbox_config(name: &str) -> corral_sandbox::SandboxConfig {
         run_dir: PathBuf::from(format!("/run/corral-test-{name}")),
         mountinfo: None,
         zygote: None,
+    }
+}
+
+/// Removes, when dropped at the end of a test, what [`sandbox_config`] names for it and what
+/// outlives its jobs: the empty per-test cgroup parent in every hierarchy and the run dir
+/// with its empty mount points. Only empty directories go (`rmdir`), so a leftover job
+/// cgroup or a mount still fails the test's own checks instead of vanishing here.
+pub struct TestDirs {
+    name: String,
+}
+
+/// The guard for `sandbox_config(name)`; hold it for the whole test: `let _dirs = leaves_nothing("x");`.
+pub fn leaves_nothing(name: &str) -> TestDirs {
+    TestDirs {
+        name: name.to_owned(),
+    }
+}
+
+impl Drop for TestDirs {
+    fn drop(&mut self) {
+        let parent = format!("corral-test-{}", self.name);
+        let root = Path::new("/sys/fs/cgroup");
+        // cgroup v2 (the unified root) and every v1 hierarchy below it.
+        let _ = std::fs::remove_dir(root.join(&parent));
+        if let Ok(hierarchies) = std::fs::read_dir(root) {
+            for hierarchy in hierarchies.flatten() {
+                let _ = std::fs::remove_dir(hierarchy.path().join(&parent));
+            }
+        }
+        let run = PathBuf::from(format!("/run/{parent}"));
+        if let Ok(entries) = std::fs::read_dir(&run) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&run);
     }
 }
 
