@@ -492,22 +492,10 @@ pub enum SandboxNetwork {
 pub struct WorkArgs {
     #[command(flatten)]
     pub amqp: crate::amqp::AmqpSettings,
-    /// What runs a job: the sandboxed build pipeline, or (`process`) the command as a plain
-    /// child process WITHOUT any sandbox (tests and benchmarks only).
-    #[arg(long, value_enum, env = "CORRAL_RUNNER", default_value = "pipeline")]
-    pub runner: RunnerKind,
     /// The worker's config file (TOML). With it, the broker settings come from the file
     /// (its `[amqp]` section, `concurrency`, `drain_deadline`) instead of the flags above.
     #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RunnerKind {
-    /// The sandboxed build pipeline (production).
-    Pipeline,
-    /// Unsandboxed child process (tests and benchmarks only).
-    Process,
 }
 
 #[derive(Debug, clap::Args)]

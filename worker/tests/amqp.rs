@@ -1,4 +1,6 @@
-//! `corral work` against the real RabbitMQ: the real binary (runner `process`), real queues.
+//! `corral work`'s AMQP layer against the real RabbitMQ, real queues: workers are this test
+//! binary re-executed as a process worker (`common/process_worker.rs`: jobs run as plain
+//! child processes, which no shipped binary can do).
 //! Each test uses its own name prefix and deletes what it declared. Tests that disturb the
 //! whole broker (closing connections, stopping the app, memory alarm) hold an exclusive file
 //! lock; all others hold it shared, so they never overlap with those.
@@ -22,6 +24,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::json;
 
 mod common;
+#[path = "common/process_worker.rs"]
+mod process_worker;
 use common::require;
 
 const DELIVERY_LIMIT: u32 = 2;
@@ -148,18 +152,18 @@ impl Env {
         let n = self.workers.len();
         let log =
             std::fs::File::create(self.log_dir.path().join(format!("worker{n}.log"))).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
-        cmd.args(["work", "--runner", "process", "--prefix", &self.prefix])
-            .args(["--amqp-url", &url(), "--lease", "10m"])
-            .env("CORRAL_CONCURRENCY", "2")
-            .args([
-                "--delivery-limit",
-                &DELIVERY_LIMIT.to_string(),
-                "--backoff-max",
-                "2s",
-            ])
-            .args(["--worker-id", &format!("{}-w{n}", self.prefix)])
-            .args(extra)
+        let (url, limit, id) = (
+            url(),
+            DELIVERY_LIMIT.to_string(),
+            format!("{}-w{n}", self.prefix),
+        );
+        let mut args = vec!["work", "--prefix", &self.prefix];
+        args.extend(["--amqp-url", &url, "--lease", "10m"]);
+        args.extend(["--delivery-limit", &limit, "--backoff-max", "2s"]);
+        args.extend(["--worker-id", &id]);
+        args.extend(extra);
+        let mut cmd = process_worker::command(&args);
+        cmd.env("CORRAL_CONCURRENCY", "2")
             .env("RUST_LOG", "info,lapin=error")
             .env_remove("CORRAL_FAULT_ABORT_JOB")
             .env_remove("CORRAL_FAULT_PLATFORM_JOB")
@@ -414,6 +418,14 @@ fn one_outcome_each(results: &HashMap<String, Vec<JobResult>>) {
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The process worker's entry: the tests start this binary as their workers, and only then
+/// (with its arguments in the environment) does it serve.
+#[test]
+#[ignore = "the workers' entry point, started by the tests themselves"]
+fn process_worker() {
+    process_worker::serve_if_asked();
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -152,3 +152,75 @@ fn corral_hands_commands_to_the_worker_binary_beside_it() {
         .unwrap();
     assert!(help.status.success(), "{help:?}");
 }
+
+/// Runs `cmd`, killing it if it is still running after `patience` (a worker that did not
+/// refuse to start would run until stopped).
+fn output_within(cmd: &mut Command, patience: std::time::Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + patience;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {patience:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn work_has_no_way_to_run_jobs_outside_the_sandbox() {
+    // The broker address is a closed port: a worker that started would retry it forever.
+    let broker = ["--amqp-url", "amqp://guest:guest@127.0.0.1:9/%2f"];
+    let patience = std::time::Duration::from_secs(20);
+    for value in ["process", "pipeline", ""] {
+        let out = output_within(
+            corral()
+                .arg("work")
+                .args(broker)
+                .env("CORRAL_RUNNER", value),
+            patience,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "CORRAL_RUNNER={value:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("CORRAL_RUNNER={value} is set"))
+                && stderr.contains("runs every job in the sandbox"),
+            "CORRAL_RUNNER={value:?}: the refusal says why: {stderr}"
+        );
+    }
+    let out = output_within(
+        corral()
+            .args(["work", "--runner", "process"])
+            .args(broker)
+            .env_remove("CORRAL_RUNNER"),
+        patience,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unexpected argument '--runner'"),
+        "--runner is a usage error: {stderr}"
+    );
+    let out = corral().args(["work", "--help"]).output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(
+        !help.contains("--runner") && !help.contains("CORRAL_RUNNER"),
+        "work --help offers no runner choice:\n{help}"
+    );
+}

@@ -5,44 +5,20 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral_protocol::JobId;
-use tokio_util::sync::CancellationToken;
 
-/// Why a build was stopped from outside. The first cause wins.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cause {
-    /// A Cancel message: the job ends `cancelled`.
-    CancelMessage(Option<String>),
-    /// The build wrote more than `limits.log_bytes`: the job ends `killed` / `log_limit`.
-    LogLimit,
-    /// The delivery died with its connection or channel: no result, the broker redelivers.
-    Lost,
-    /// The drain deadline passed or a second signal came: requeued for another worker.
-    Drain,
-}
+use crate::job::{Stop, Stopper};
 
 /// One running build.
 #[derive(Debug)]
 pub struct Flight {
     pub job_id: JobId,
     pub session: u64,
-    pub token: CancellationToken,
-    cause: OnceLock<Cause>,
-}
-
-impl Flight {
-    /// Stops the build for `cause` unless it was already stopped for another.
-    pub fn stop(&self, cause: Cause) {
-        let _ = self.cause.set(cause);
-        self.token.cancel();
-    }
-
-    pub fn cause(&self) -> Option<&Cause> {
-        self.cause.get()
-    }
+    /// Stops the build; the first cause wins.
+    pub stop: Stopper,
 }
 
 #[derive(Debug, Default)]
@@ -58,8 +34,7 @@ impl Flights {
         let flight = Arc::new(Flight {
             job_id,
             session,
-            token: CancellationToken::new(),
-            cause: OnceLock::new(),
+            stop: Stopper::new(),
         });
         lock(&self.running).insert(id, flight.clone());
         (id, flight)
@@ -85,7 +60,7 @@ impl Flights {
         let mut hit = false;
         for flight in lock(&self.running).values() {
             if &flight.job_id == job_id {
-                flight.stop(Cause::CancelMessage(reason.clone()));
+                flight.stop.stop(Stop::Cancel(reason.clone()));
                 hit = true;
             }
         }
@@ -99,10 +74,10 @@ impl Flights {
     }
 
     /// Stops every build of `session` (its deliveries died), or of every session.
-    pub fn stop_all(&self, session: Option<u64>, cause: Cause) {
+    pub fn stop_all(&self, session: Option<u64>, cause: Stop) {
         for flight in lock(&self.running).values() {
             if session.is_none_or(|s| s == flight.session) {
-                flight.stop(cause.clone());
+                flight.stop.stop(cause.clone());
             }
         }
     }
@@ -123,9 +98,9 @@ mod tests {
         let job = JobId::new("j1").unwrap();
         let (id, flight) = flights.start(job.clone(), 1);
         assert!(flights.cancel(&job, None, Duration::from_secs(60)));
-        flights.stop_all(Some(1), Cause::Lost);
-        assert_eq!(flight.cause(), Some(&Cause::CancelMessage(None)));
-        assert!(flight.token.is_cancelled());
+        flights.stop_all(Some(1), Stop::Lost);
+        assert_eq!(flight.stop.cause(), Some(&Stop::Cancel(None)));
+        assert!(flight.stop.is_stopped());
         flights.finish(id);
         assert_eq!(flights.running(), 0);
         assert!(flights.was_cancelled(&job, Duration::from_secs(60)));

@@ -12,7 +12,6 @@ use corral_protocol::{JobId, LogChunk, ProjectId, Stream};
 use lapin::BasicProperties;
 use tokio::sync::mpsc;
 
-use super::control::{Cause, Flight};
 use super::publisher::{PublishError, Publisher};
 
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -25,7 +24,6 @@ pub struct LogPump {
     pub exchange: String,
     pub job_id: JobId,
     pub project: ProjectId,
-    pub limit: u64,
 }
 
 /// What the pump saw.
@@ -33,7 +31,6 @@ pub struct LogPump {
 pub struct LogTally {
     pub bytes: u64,
     pub chunks: u64,
-    pub truncated: bool,
 }
 
 struct Out<'a> {
@@ -85,12 +82,8 @@ impl Out<'_> {
 
 impl LogPump {
     /// Runs until every sender of `rx` is dropped (the build ended), then publishes the
-    /// final chunk. Stops `flight` with [`Cause::LogLimit`] when the output passes the limit.
-    pub async fn run(
-        self,
-        mut rx: mpsc::Receiver<(Stream, Bytes)>,
-        flight: Arc<Flight>,
-    ) -> LogTally {
+    /// final chunk.
+    pub async fn run(self, mut rx: mpsc::Receiver<(Stream, Bytes)>) -> LogTally {
         let mut out = Out {
             key: format!("{}.{}", self.project, self.job_id),
             pump: &self,
@@ -118,15 +111,8 @@ impl LogPump {
                 }
                 // The build ended.
                 Some(None) => break,
-                Some(Some((stream, data))) => {
-                    if tally.truncated {
-                        continue; // keep draining so the build is not blocked on its pipes
-                    }
-                    let room = self.limit.saturating_sub(tally.bytes);
-                    let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-                    let over = take < data.len();
-                    let mut data = data.slice(..take);
-                    tally.bytes += take as u64;
+                Some(Some((stream, mut data))) => {
+                    tally.bytes += data.len() as u64;
                     if stream != pending_stream && !pending.is_empty() {
                         out.send(pending_stream, &pending, false).await;
                         pending.clear();
@@ -139,19 +125,6 @@ impl LogPump {
                             out.send(pending_stream, &pending, false).await;
                             pending.clear();
                         }
-                    }
-                    if over {
-                        tally.truncated = true;
-                        if !pending.is_empty() {
-                            out.send(pending_stream, &pending, false).await;
-                            pending.clear();
-                        }
-                        let notice = format!(
-                            "corral: the build's output reached its limit of {} bytes; stopping it\n",
-                            self.limit
-                        );
-                        out.send(Stream::System, notice.as_bytes(), false).await;
-                        flight.stop(Cause::LogLimit);
                     }
                     deadline = if pending.is_empty() {
                         None

@@ -1,8 +1,10 @@
 //! The AMQP worker: topology, the consumer that turns deliveries into builds, the confirming
 //! publisher of results, events and log chunks, cancels, reconnects and drain.
 //!
-//! The build itself is behind [`JobRunner`]: this module owns everything between the broker
-//! and a runner, and nothing about sandboxes or stores.
+//! The build itself is behind [`crate::job::Runner`] and what happens to a delivery is
+//! [`crate::job::verdict`]'s decision: this module owns the I/O between the broker and a
+//! runner (decode, run, publish, then ack, requeue or reject as the verdict says), and
+//! nothing about sandboxes or stores.
 //!
 //! Delivery guarantees, in short: a job is acked only after its final result is confirmed by
 //! the broker; a job whose delivery died (connection or channel lost, consumer timeout) is
@@ -10,20 +12,16 @@
 //! dead-lettered after their `rejected` / `error` result is published.
 
 mod alerts;
-mod backoff;
 mod control;
 mod logs;
 mod publisher;
-mod runner;
 mod settings;
 mod topology;
 mod worker;
 
-pub use backoff::Backoff;
-pub use control::{Cause, Flights};
+pub use control::Flights;
 pub use logs::LogPump;
 pub use publisher::{PublishError, Publisher};
-pub use runner::{JobRunner, LogSink, ProcessRunner, RunContext, RunOutcome};
 pub use settings::{AmqpSettings, Names, parse_duration, redact};
 pub use topology::declare;
 pub use worker::{Worker, WorkerExit};
@@ -55,9 +53,4 @@ pub enum AmqpError {
     },
 }
 
-/// Milliseconds since the Unix epoch, as the wire messages carry time.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use crate::job::now_ms;

@@ -1,6 +1,6 @@
 //! [`Worker`]: the consumer side. One session per broker connection: declare the topology,
 //! set prefetch to the concurrency, consume the pool's queue and the worker's control queue,
-//! run each delivery through the [`JobRunner`], publish its result on the publisher's own
+//! run each delivery through a [`Runner`], publish its result on the publisher's own
 //! connection, and ack only once the broker confirmed the result. A lost session stops the
 //! builds whose deliveries died and reconnects with capped, jittered backoff.
 
@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_protocol::{
-    Cancel, EventKind, Job, JobId, JobResult, Limits, ProjectId, ProtocolError, Reason, Rule,
-    Severity, Status, WorkerInfo,
+    Cancel, EventKind, Job, JobId, JobResult, Limits, ProjectId, Severity, Status, WorkerInfo,
 };
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
@@ -25,17 +24,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::alerts;
-use super::backoff::Backoff;
-use super::control::{Cause, Flights};
+use super::control::Flights;
 use super::logs::LogPump;
 use super::publisher::{PublishError, Publisher};
-use super::runner::{JobRunner, RunContext, RunOutcome};
 use super::settings::{AmqpSettings, Names, redact};
 use super::{AmqpError, now_ms};
-
-/// Time a job needs besides its build (fetch, snapshot, upload, publish): a job's wall limit
-/// plus this must fit in the lease, or the broker's consumer timeout could fire mid-build.
-pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
+use crate::backoff::Backoff;
+use crate::job::{self, Action, Ending, Facts, RunContext, Runner, Stop, Verdict};
 /// Log output buffered between a build and its log pump before the build waits.
 const LOG_QUEUE: usize = 64;
 
@@ -46,7 +41,7 @@ pub enum WorkerExit {
     Drained,
 }
 
-pub struct Worker<R: JobRunner> {
+pub struct Worker<R: Runner> {
     settings: AmqpSettings,
     names: Names,
     uri: AMQPUri,
@@ -88,7 +83,7 @@ fn delivery_count(props: &BasicProperties) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
-impl<R: JobRunner> Worker<R> {
+impl<R: Runner> Worker<R> {
     pub fn new(settings: AmqpSettings, runner: R) -> Result<Arc<Self>, AmqpError> {
         Self::with_metrics(settings, runner, Arc::new(crate::metrics::Metrics::new()))
     }
@@ -162,7 +157,7 @@ impl<R: JobRunner> Worker<R> {
                 Err(err) => tracing::warn!(session, error = %err, "broker session failed"),
             }
             // Their deliveries died with the session: the broker hands them out again.
-            self.flights.stop_all(Some(session), Cause::Lost);
+            self.flights.stop_all(Some(session), Stop::Lost);
             let delay = backoff.next_delay();
             tracing::info!(?delay, "reconnecting");
             tokio::select! {
@@ -176,7 +171,7 @@ impl<R: JobRunner> Worker<R> {
         tokio::select! {
             () = self.tracker.wait() => {}
             () = kill.cancelled() => {
-                self.flights.stop_all(None, Cause::Drain);
+                self.flights.stop_all(None, Stop::Drain);
                 self.abandon.cancel();
             }
         }
@@ -364,14 +359,14 @@ impl<R: JobRunner> Worker<R> {
                 () = self.tracker.wait() => break,
                 () = &mut deadline => {
                     tracing::warn!(running = self.flights.running(), "drain deadline passed; cancelling builds (they are requeued)");
-                    self.flights.stop_all(None, Cause::Drain);
+                    self.flights.stop_all(None, Stop::Drain);
                     self.abandon.cancel();
                     self.tracker.wait().await;
                     break;
                 }
                 () = kill.cancelled() => {
                     tracing::warn!(running = self.flights.running(), "second signal: stopping builds now (they are requeued)");
-                    self.flights.stop_all(None, Cause::Drain);
+                    self.flights.stop_all(None, Stop::Drain);
                     self.abandon.cancel();
                     self.tracker.wait().await;
                     break;
@@ -400,9 +395,14 @@ impl<R: JobRunner> Worker<R> {
     }
 
     /// One delivery, from decode to ack. Never panics on input; every path acks, rejects,
-    /// requeues, or (when the delivery died) leaves the job to the broker.
+    /// requeues, or (when the delivery died) leaves the job to the broker, as the verdict
+    /// says.
     async fn handle(self: Arc<Self>, d: Delivery, session: u64, lost: CancellationToken) {
-        let count = delivery_count(&d.properties);
+        let delivery = job::Delivery {
+            count: delivery_count(&d.properties),
+            limit: self.settings.delivery_limit,
+            backoff_max: self.settings.backoff_max,
+        };
         let prop_reply = d.properties.reply_to().as_ref().map(|s| s.to_string());
         let prop_corr = d
             .properties
@@ -414,66 +414,51 @@ impl<R: JobRunner> Worker<R> {
             Err(err) => {
                 let (job_id, project) = corral_protocol::recover_ids(&d.data);
                 tracing::warn!(job = ?job_id, error = %err, "invalid job message: dead-lettering");
-                self.refuse(&d, job_id, project, err, prop_reply, prop_corr, &lost)
+                if job_id.is_none() {
+                    self.emit(alerts::event(
+                        EventKind::InvalidJob,
+                        Severity::Warning,
+                        project.clone(),
+                        None,
+                        &self.info.id,
+                        format!("unreadable job message dead-lettered: {err}"),
+                    ));
+                }
+                let facts = Facts::unreadable(job_id, project, err, self.info.clone(), now_ms());
+                let verdict = job::verdict(facts);
+                return self
+                    .execute(&d, None, verdict, prop_reply, prop_corr, &lost)
                     .await;
-                return;
             }
         };
         let reply_to = job.reply_to.clone().or(prop_reply);
         let corr = job.correlation_id.clone().or(prop_corr);
-        let lease = self.settings.lease;
-        if Duration::from_secs(job.limits.wall_seconds) + LEASE_MARGIN > lease {
-            let err = ProtocolError::new(
-                "limits.wall_seconds",
-                Rule::Maximum,
-                format!(
-                    "{} s plus {} s for fetch and upload exceed this worker's lease of {} s \
-                     (the broker's consumer_timeout); run long builds on a pool with a longer lease",
-                    job.limits.wall_seconds,
-                    LEASE_MARGIN.as_secs(),
-                    lease.as_secs()
-                ),
-            );
+        let before_start = |ending| {
+            job::verdict(Facts {
+                delivery,
+                ..Facts::new(&job, ending, self.info.clone(), now_ms())
+            })
+        };
+        let unstarted = if let Err(err) = job::spec::check_lease(&job, self.settings.lease) {
             tracing::warn!(job = %job.job_id, error = %err, "job refused: wall limit above the lease");
-            self.refuse(
-                &d,
-                Some(job.job_id.clone()),
-                Some(job.project.clone()),
-                err,
-                reply_to,
-                corr,
-                &lost,
-            )
-            .await;
-            return;
-        }
-        if self
+            Some(before_start(Ending::Rejected(err)))
+        } else if self
             .flights
             .was_cancelled(&job.job_id, self.settings.cancel_memory)
         {
-            let mut result = JobResult::new(
-                job.job_id.clone(),
-                Some(job.project.clone()),
-                Status::Cancelled,
-                self.info.clone(),
-            );
-            result.reason = Some(Reason::Cancelled);
-            result.message = Some("cancelled before it started".into());
-            self.finish(&d, &job, result, reply_to, corr, &lost).await;
-            return;
-        }
-        if self.draining.is_cancelled() {
+            Some(before_start(Ending::CancelledEarly))
+        } else if self.draining.is_cancelled() {
             // Not started: hand it back for another worker, untouched.
-            let _ = d
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
+            Some(before_start(Ending::NotStarted))
+        } else {
+            None
+        };
+        if let Some(verdict) = unstarted {
+            return self
+                .execute(&d, Some(&job), verdict, reply_to, corr, &lost)
                 .await;
-            return;
         }
-        if d.redelivered || count > 0 {
+        if d.redelivered || delivery.count > 0 {
             self.emit(alerts::event(
                 EventKind::JobRedelivered,
                 Severity::Info,
@@ -481,8 +466,8 @@ impl<R: JobRunner> Worker<R> {
                 Some(job.job_id.clone()),
                 &self.info.id,
                 format!(
-                    "job {} delivered again (earlier deliveries: {count})",
-                    job.job_id
+                    "job {} delivered again (earlier deliveries: {})",
+                    job.job_id, delivery.count
                 ),
             ));
         }
@@ -490,7 +475,7 @@ impl<R: JobRunner> Worker<R> {
         self.metrics.in_flight.inc();
         self.metrics.free_slots.dec();
         if lost.is_cancelled() {
-            flight.stop(Cause::Lost);
+            flight.stop.stop(Stop::Lost);
         }
         let (log_tx, log_rx) = mpsc::channel(LOG_QUEUE);
         let pump = LogPump {
@@ -498,96 +483,97 @@ impl<R: JobRunner> Worker<R> {
             exchange: self.names.logs.clone(),
             job_id: job.job_id.clone(),
             project: job.project.clone(),
-            limit: job.limits.log_bytes.0,
         };
-        let pump = tokio::spawn(pump.run(log_rx, flight.clone()));
+        let pump = tokio::spawn(pump.run(log_rx));
         let ctx = RunContext {
-            cancel: flight.token.clone(),
+            stop: flight.stop.clone(),
             logs: log_tx,
             redelivered: d.redelivered,
-            delivery_count: count,
+            delivery_count: delivery.count,
             worker: self.info.clone(),
         };
-        let outcome = self.runner.run(job.clone(), ctx).await;
+        let verdict = job::run(&*self.runner, &job, ctx, delivery).await;
         let tally = pump.await.unwrap_or_default();
         self.flights.finish(flight_id);
         self.metrics.in_flight.dec();
         self.metrics.free_slots.inc();
         tracing::debug!(job = %job.job_id, ?tally, "build ended");
-        let cause = flight.cause().cloned();
-        let result = match (cause, outcome) {
-            (Some(Cause::Lost), _) => {
-                tracing::info!(job = %job.job_id, "build stopped: its delivery died; the broker redelivers it");
-                return;
-            }
-            (Some(Cause::Drain), RunOutcome::Interrupted)
-            | (Some(Cause::Drain), RunOutcome::Retry(_)) => {
-                return self.requeue(&d, &job.job_id).await;
-            }
-            (Some(Cause::Drain), RunOutcome::Final(r)) if r.status == Status::Cancelled => {
-                return self.requeue(&d, &job.job_id).await;
-            }
-            (Some(Cause::LogLimit), outcome) => {
-                let mut r = self.stopped_result(outcome, &job, Status::Killed);
-                r.reason = Some(Reason::LogLimit);
-                r.message = Some(format!(
-                    "the build's output passed its limit of {} bytes",
-                    job.limits.log_bytes.0
-                ));
-                r
-            }
-            (Some(Cause::CancelMessage(why)), outcome) => {
-                let mut r = self.stopped_result(outcome, &job, Status::Cancelled);
-                r.reason = Some(Reason::Cancelled);
-                r.artifact = None;
-                r.message = Some(match why {
-                    Some(why) => format!("cancelled: {why}"),
-                    None => "cancelled".into(),
-                });
-                r
-            }
-            (_, RunOutcome::Final(r)) => *r,
-            (_, RunOutcome::Interrupted) => return self.requeue(&d, &job.job_id).await,
-            (_, RunOutcome::Retry(why)) => {
-                if count >= self.settings.delivery_limit {
-                    let mut r = JobResult::new(
-                        job.job_id.clone(),
-                        Some(job.project.clone()),
-                        Status::Error,
-                        self.info.clone(),
-                    );
-                    r.reason = Some(Reason::PlatformError);
-                    r.message = Some(format!(
-                        "platform failure, giving up after {} attempts: {why}",
-                        count + 1
-                    ));
-                    tracing::error!(job = %job.job_id, attempts = count + 1, error = %why, "platform failure: dead-lettering");
-                    if self
-                        .publish_result(&r, reply_to.as_deref(), corr, &lost)
-                        .await
-                    {
-                        self.emit_for(&r);
-                        let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
-                    }
-                    return;
-                }
-                let delay = Backoff::new(Duration::from_secs(1), self.settings.backoff_max)
-                    .cap(count)
-                    .mul_f64(0.5 + fastrand::f64() / 2.0);
-                tracing::warn!(job = %job.job_id, attempt = count + 1, ?delay, error = %why, "platform failure: retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = lost.cancelled() => return,
-                    () = self.draining.cancelled() => {}
-                }
-                return self.requeue(&d, &job.job_id).await;
-            }
-        };
-        self.finish(&d, &job, result, reply_to, corr, &lost).await;
+        self.execute(&d, Some(&job), verdict, reply_to, corr, &lost)
+            .await;
     }
 
-    async fn requeue(&self, d: &Delivery, job_id: &JobId) {
-        tracing::info!(job = %job_id, "requeueing");
+    /// Carries out a verdict: publishes its result (retried until confirmed, or until the
+    /// delivery dies), then acks, dead-letters or requeues the delivery.
+    async fn execute(
+        &self,
+        d: &Delivery,
+        job: Option<&Job>,
+        verdict: Verdict,
+        reply_to: Option<String>,
+        corr: Option<String>,
+        lost: &CancellationToken,
+    ) {
+        let job_id = job.map(|job| &job.job_id);
+        let Verdict { result, action } = verdict;
+        match action {
+            Action::Leave => {
+                tracing::info!(job = ?job_id, "build stopped: its delivery died; the broker redelivers it");
+                return;
+            }
+            Action::Requeue { after } => {
+                if !after.is_zero() {
+                    let delay = after.mul_f64(0.5 + fastrand::f64() / 2.0);
+                    tracing::warn!(job = ?job_id, ?delay, "platform failure: retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = lost.cancelled() => return,
+                        () = self.draining.cancelled() => {}
+                    }
+                }
+                return self.requeue(d, job_id).await;
+            }
+            Action::Ack | Action::DeadLetter => {}
+        }
+        if let Some(mut result) = result {
+            result.worker = self.info.clone();
+            if let Some(job) = job
+                && result.timings.queued_ms.is_none()
+            {
+                result.timings.queued_ms =
+                    job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
+            }
+            if !self
+                .publish_result(&result, reply_to.as_deref(), corr, lost)
+                .await
+            {
+                if !lost.is_cancelled() {
+                    self.requeue(d, job_id).await;
+                }
+                return;
+            }
+            self.metrics.job_finished(
+                &job::wire_name(result.status),
+                &result.reason.map(job::wire_name).unwrap_or_default(),
+            );
+            if result.status == Status::Error {
+                tracing::error!(job = %result.job_id, message = ?result.message, "platform failure is final: dead-lettering");
+            }
+            self.emit_for(&result);
+        }
+        match action {
+            Action::DeadLetter => {
+                let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
+            }
+            _ => {
+                if let Err(err) = d.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(job = ?job_id, error = %err, "ack failed after the result was published; the broker will redeliver (identical result)");
+                }
+            }
+        }
+    }
+
+    async fn requeue(&self, d: &Delivery, job_id: Option<&JobId>) {
+        tracing::info!(job = ?job_id, "requeueing");
         let _ = d
             .acker
             .nack(BasicNackOptions {
@@ -595,71 +581,6 @@ impl<R: JobRunner> Worker<R> {
                 ..BasicNackOptions::default()
             })
             .await;
-    }
-
-    /// Publishes the final result, then acks; alerts follow.
-    async fn finish(
-        &self,
-        d: &Delivery,
-        job: &Job,
-        mut result: JobResult,
-        reply_to: Option<String>,
-        corr: Option<String>,
-        lost: &CancellationToken,
-    ) {
-        result.worker = self.info.clone();
-        if result.timings.queued_ms.is_none() {
-            result.timings.queued_ms = job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
-        }
-        if self
-            .publish_result(&result, reply_to.as_deref(), corr, lost)
-            .await
-        {
-            if let Err(err) = d.acker.ack(BasicAckOptions::default()).await {
-                tracing::warn!(job = %job.job_id, error = %err, "ack failed after the result was published; the broker will redeliver (identical result)");
-            }
-            self.emit_for(&result);
-        } else if !lost.is_cancelled() {
-            self.requeue(d, &job.job_id).await;
-        }
-    }
-
-    /// Invalid input: a `rejected` result when the ids are known, then dead-letter.
-    #[allow(clippy::too_many_arguments)]
-    async fn refuse(
-        &self,
-        d: &Delivery,
-        job_id: Option<JobId>,
-        project: Option<ProjectId>,
-        err: ProtocolError,
-        reply_to: Option<String>,
-        corr: Option<String>,
-        lost: &CancellationToken,
-    ) {
-        match job_id {
-            Some(job_id) => {
-                let result = JobResult::rejected(job_id, project, err, self.info.clone());
-                if !self
-                    .publish_result(&result, reply_to.as_deref(), corr, lost)
-                    .await
-                {
-                    if !lost.is_cancelled() {
-                        self.requeue(d, &result.job_id).await;
-                    }
-                    return;
-                }
-                self.emit_for(&result);
-            }
-            None => self.emit(alerts::event(
-                EventKind::InvalidJob,
-                Severity::Warning,
-                project,
-                None,
-                &self.info.id,
-                format!("unreadable job message dead-lettered: {err}"),
-            )),
-        }
-        let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
     }
 
     /// Publishes a result to the results exchange (required: retried until confirmed, or
@@ -723,22 +644,6 @@ impl<R: JobRunner> Worker<R> {
         }
         tracing::info!(job = id, status = ?result.status, "result published");
         true
-    }
-
-    /// The result of a build the worker stopped: the runner's own (usage, log) when it has
-    /// one, with `status` set; a bare one otherwise.
-    fn stopped_result(&self, outcome: RunOutcome, job: &Job, status: Status) -> JobResult {
-        let mut r = match outcome {
-            RunOutcome::Final(r) => *r,
-            _ => JobResult::new(
-                job.job_id.clone(),
-                Some(job.project.clone()),
-                status,
-                self.info.clone(),
-            ),
-        };
-        r.status = status;
-        r
     }
 
     fn emit_for(&self, result: &JobResult) {

@@ -1,4 +1,4 @@
-//! `corral replay JOB.json`: the whole pipeline locally, on the embedded defaults (a
+//! `corral replay JOB.json`: a job's whole life locally, on the embedded defaults (a
 //! directory store under the data dir). For fixture jobs, missing bases and source bundles
 //! are created on first use from `fixtures/bases/` and `fixtures/bundles/`.
 
@@ -8,14 +8,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use corral_protocol::{Job, JobResult, Stream, WorkerInfo};
-use tokio_util::sync::CancellationToken;
 
 use crate::base::{BaseError, Catalogue, IfExists, Recipe};
 use crate::cli::ReplayArgs;
 use crate::config::{Config, ConfigFlags, Sources};
 use crate::exit;
+use crate::job::{
+    self, Delivery, RunContext, Sandboxed, Settings, Stop, Stopper, error_chain, open_store,
+    wire_name,
+};
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, RunContext, Settings, error_chain, open_store, wire_name};
 use crate::store::Store;
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<u8> {
@@ -73,16 +75,16 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         prepare_base(&catalogue, &job, fixtures).await?;
         prepare_source(&store, &job, fixtures).await?;
     }
-    let pipeline = Pipeline::open(settings, store, Arc::new(Metrics::new()))
+    let runner = Sandboxed::open(settings, store, Arc::new(Metrics::new()))
         .context("opening the data dir")?;
 
-    let cancel = CancellationToken::new();
+    let stop = Stopper::new();
     {
-        let cancel = cancel.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 eprintln!("\ncorral: interrupted: stopping the build and cleaning up");
-                cancel.cancel();
+                stop.stop(Stop::Cancel(None));
             }
         });
     }
@@ -101,7 +103,7 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
     });
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let ctx = RunContext {
-        cancel,
+        stop,
         logs,
         redelivered: false,
         delivery_count: 0,
@@ -114,14 +116,12 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         "running job {} of project {} on base {}",
         job.job_id, job.project, job.base
     ));
-    let outcome = pipeline.run(job, ctx).await;
+    let verdict = job::run(&runner, &job, ctx, Delivery::ONCE).await;
     let _ = printer.await;
-    let result = match outcome {
-        Ok(result) => result,
-        Err(err) => {
-            say(format!("platform error: {}", error_chain(&err)));
-            return Ok(exit::PLATFORM_ERROR);
-        }
+    let Some(result) = verdict.result else {
+        // Only a lost delivery or a drain end without a result; replay has neither.
+        say("the job ended without a result".into());
+        return Ok(exit::PLATFORM_ERROR);
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
@@ -150,7 +150,7 @@ async fn prepare_base(catalogue: &Catalogue, job: &Job, fixtures: &Path) -> anyh
     }
     let recipe_path = fixtures.join("bases").join(format!("{}.json", job.base));
     if !recipe_path.is_file() {
-        return Ok(()); // The pipeline answers with the typed unknown-base error.
+        return Ok(()); // The run answers with the typed unknown-base error.
     }
     let recipe = Recipe::load(&recipe_path)?;
     eprintln!(

@@ -1,5 +1,6 @@
 //! `corral work`: the production entry point. Consumes the pool's job queue until SIGTERM
 //! or SIGINT, then drains; a second signal stops running builds at once (they are requeued).
+//! Every job runs in the sandbox: there is no other runner in this binary.
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
@@ -7,89 +8,100 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
-use crate::amqp::{AmqpSettings, ProcessRunner, Worker};
-use crate::cli::{RunnerKind, WorkArgs};
+use crate::amqp::{AmqpSettings, Worker};
+use crate::cli::WorkArgs;
 use crate::config::{Config, ConfigFlags, Sources};
 use crate::exit;
+use crate::job::{self, Sandboxed, Settings};
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Pipeline, PipelineRunner, Settings};
+
+/// Older workers took `CORRAL_RUNNER=process` to run jobs outside the sandbox. A unit file
+/// that still sets it expects something this binary no longer does: refuse to start rather
+/// than guess.
+pub const RETIRED_RUNNER_VAR: &str = "CORRAL_RUNNER";
 
 pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
+    if let Some(value) = std::env::var_os(RETIRED_RUNNER_VAR) {
+        eprintln!(
+            "corral: {RETIRED_RUNNER_VAR}={} is set, but `corral work` runs every job in the \
+             sandbox and has no other runner; remove {RETIRED_RUNNER_VAR} from the worker's \
+             environment",
+            value.to_string_lossy()
+        );
+        return Ok(exit::USAGE);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let drain = CancellationToken::new();
-        let kill = CancellationToken::new();
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        {
-            let (drain, kill) = (drain.clone(), kill.clone());
-            tokio::spawn(async move {
-                let mut seen = 0;
-                loop {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                    seen += 1;
-                    if seen == 1 {
-                        tracing::info!("signal: draining (a second signal stops builds now)");
-                        drain.cancel();
-                    } else {
-                        tracing::warn!("second signal: stopping builds now");
-                        kill.cancel();
-                    }
-                }
-            });
+        let (drain, kill) = on_signals()?;
+        let sources = Sources::from_process(args.config.clone(), ConfigFlags::default());
+        let loaded = Config::load(&sources).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for warning in &loaded.warnings {
+            tracing::warn!("config: {warning}");
         }
-        match args.runner {
-            RunnerKind::Pipeline => {
-                let sources = Sources::from_process(args.config.clone(), ConfigFlags::default());
-                let loaded = Config::load(&sources).map_err(|e| anyhow::anyhow!("{e}"))?;
-                for warning in &loaded.warnings {
-                    tracing::warn!("config: {warning}");
-                }
-                let config = loaded.config;
-                let amqp = match &args.config {
-                    Some(_) => AmqpSettings::from_config(&config, args.amqp),
-                    None => args.amqp,
-                };
-                let metrics = Arc::new(Metrics::new());
-                if let Some(addr) = config.metrics.listen {
-                    let listener = crate::metrics::bind(addr)
-                        .await
-                        .with_context(|| format!("binding the metrics listener {addr}"))?;
-                    let stop = kill.clone();
-                    tokio::spawn(crate::metrics::serve(
-                        listener,
-                        metrics.clone(),
-                        async move {
-                            stop.cancelled().await;
-                        },
-                    ));
-                }
-                let store = pipeline::open_store(&config)
-                    .await
-                    .context("opening the store")?;
-                let settings = Settings::from_config(&config).context("setting up the sandbox")?;
-                let pipeline = Arc::new(
-                    Pipeline::open(settings, store, metrics.clone())
-                        .context("opening the data dir")?,
-                );
-                if let Some(warning) = crate::datadisk::warning(&config.data_dir) {
-                    tracing::warn!("{warning}");
-                }
-                let worker = Worker::with_metrics(amqp, PipelineRunner::new(pipeline), metrics)?;
-                worker.run(drain, kill).await?;
-            }
-            RunnerKind::Process => {
-                tracing::warn!("runner `process`: jobs run WITHOUT a sandbox (tests only)");
-                let worker = Worker::new(args.amqp, ProcessRunner::from_env())?;
-                worker.run(drain, kill).await?;
-            }
+        let config = loaded.config;
+        let amqp = match &args.config {
+            Some(_) => AmqpSettings::from_config(&config, args.amqp),
+            None => args.amqp,
+        };
+        let metrics = Arc::new(Metrics::new());
+        if let Some(addr) = config.metrics.listen {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics listener {addr}"))?;
+            let stop = kill.clone();
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.clone(),
+                async move {
+                    stop.cancelled().await;
+                },
+            ));
         }
+        let store = job::open_store(&config)
+            .await
+            .context("opening the store")?;
+        let settings = Settings::from_config(&config).context("setting up the sandbox")?;
+        let runner =
+            Sandboxed::open(settings, store, metrics.clone()).context("opening the data dir")?;
+        if let Some(warning) = crate::datadisk::warning(&config.data_dir) {
+            tracing::warn!("{warning}");
+        }
+        let worker = Worker::with_metrics(amqp, runner, metrics)?;
+        worker.run(drain, kill).await?;
         Ok(exit::SUCCESS)
     })
+}
+
+/// Tokens fired by the first SIGTERM or SIGINT (drain) and the second (stop builds now).
+/// Installed before anything else, so an early signal drains instead of killing. Needs a
+/// tokio runtime.
+pub fn on_signals() -> anyhow::Result<(CancellationToken, CancellationToken)> {
+    let drain = CancellationToken::new();
+    let kill = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    {
+        let (drain, kill) = (drain.clone(), kill.clone());
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!("signal: draining (a second signal stops builds now)");
+                    drain.cancel();
+                } else {
+                    tracing::warn!("second signal: stopping builds now");
+                    kill.cancel();
+                }
+            }
+        });
+    }
+    Ok((drain, kill))
 }

@@ -1,0 +1,120 @@
+//! What a job may ask for on this worker: its inputs checked against the worker's maxima
+//! (the decoder already checked the protocol's hard ones) and the lease, the build's
+//! environment, and the [`Settings`] every run of this worker shares.
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_protocol::{Job, Limits, ProtocolError, Rule};
+use corral_sandbox::SandboxConfig;
+
+use super::error::JobError;
+use crate::layer::Compression;
+use crate::source::ExtractLimits;
+
+/// Time a job needs besides its build (fetch, snapshot, upload, publish): a job's wall limit
+/// plus this must fit in the lease, or the broker's consumer timeout could fire mid-build.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
+
+/// How the worker runs jobs: every knob comes from the worker's config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// This worker's maxima (at most [`Limits::MAX`]).
+    pub max_limits: Limits,
+    /// Host uids (and gids, from `gid_start`) handed out to projects.
+    pub uid_range: RangeInclusive<u32>,
+    pub sandbox: SandboxConfig,
+    pub cpus_per_build: f64,
+    pub kill_grace: Duration,
+    pub compression: Compression,
+    pub compression_threads: usize,
+    pub max_output_bytes: u64,
+    pub extract_limits: ExtractLimits,
+    /// Answer from the action cache when the job allows it.
+    pub use_cache: bool,
+    /// Job filesystems kept per disk size, in use or formatted and mounted ready for the
+    /// next job: the worker's concurrency (0 keeps none).
+    pub job_dir_pool: usize,
+}
+
+impl Settings {
+    /// The settings from the worker's config.
+    pub fn from_config(config: &crate::config::Config) -> std::io::Result<Self> {
+        use crate::config::{Compression as Codec, SandboxHelper};
+        let sandbox = &config.sandbox;
+        let mut sandbox_config = SandboxConfig::new()?;
+        if let SandboxHelper::Path(path) = &sandbox.helper {
+            sandbox_config.helper_exe.clone_from(path);
+        }
+        sandbox_config.cgroup_parent = super::stage::cgroup_parent(&sandbox.cgroup_parent)?;
+        // One long-lived zygote forks each job's helper (no exec of this binary per job).
+        sandbox_config.zygote = Some(Arc::new(corral_sandbox::Zygote::new(
+            &sandbox_config.helper_exe,
+        )));
+        let level = config.snapshot.level;
+        Ok(Settings {
+            data_dir: config.data_dir.clone(),
+            max_limits: config.limits,
+            uid_range: sandbox.uid_start
+                ..=sandbox
+                    .uid_start
+                    .saturating_add(sandbox.id_count.saturating_sub(1)),
+            sandbox: sandbox_config,
+            cpus_per_build: sandbox.cpus_per_build,
+            kill_grace: sandbox.kill_grace,
+            compression: match config.snapshot.compression {
+                Codec::Gzip => Compression::Gzip { level },
+                Codec::Zstd => Compression::Zstd {
+                    level: i32::try_from(level).unwrap_or(3),
+                },
+            },
+            compression_threads: usize::try_from(config.snapshot.threads).unwrap_or(1),
+            max_output_bytes: config.snapshot.max_output_bytes.bytes(),
+            extract_limits: ExtractLimits::default(),
+            use_cache: true,
+            job_dir_pool: usize::from(config.concurrency),
+        })
+    }
+}
+
+/// The job within this worker's maxima.
+pub fn check(job: &Job, maxima: &Limits) -> Result<(), JobError> {
+    job.validate(maxima).map_err(JobError::Spec)
+}
+
+/// The job's wall limit and [`LEASE_MARGIN`] within the broker's lease on its delivery.
+pub fn check_lease(job: &Job, lease: Duration) -> Result<(), ProtocolError> {
+    if Duration::from_secs(job.limits.wall_seconds) + LEASE_MARGIN <= lease {
+        return Ok(());
+    }
+    Err(ProtocolError::new(
+        "limits.wall_seconds",
+        Rule::Maximum,
+        format!(
+            "{} s plus {} s for fetch and upload exceed this worker's lease of {} s \
+             (the broker's consumer_timeout); run long builds on a pool with a longer lease",
+            job.limits.wall_seconds,
+            LEASE_MARGIN.as_secs(),
+            lease.as_secs()
+        ),
+    ))
+}
+
+/// The build's environment: a minimal base, then the job's own variables.
+pub fn build_env(job: &Job) -> Vec<(String, String)> {
+    let mut env = BTreeMap::from([
+        (
+            "PATH".to_string(),
+            "/usr/local/bin:/usr/bin:/bin".to_string(),
+        ),
+        ("HOME".to_string(), job.workdir.to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("SOURCE_DATE_EPOCH".to_string(), job.epoch().to_string()),
+    ]);
+    env.extend(job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.into_iter().collect()
+}
