@@ -6,10 +6,13 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use corral_protocol::{Artifact, LogRef, Stream};
-use corral_sandbox::{Outcome, Sandbox, SandboxSpec};
+use corral_protocol::{Artifact, Job, LogRef, NetworkPolicy, Stream};
+use corral_sandbox::{
+    Identity, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
+};
 
 use super::error::JobError;
 use super::{LogSink, RunContext, Settings, blocking};
@@ -114,6 +117,44 @@ impl BuildLog {
             .sink
             .blocking_send((Stream::System, Bytes::from(notice)));
         true
+    }
+}
+
+/// What the sandbox runs: the job's command, env and limits over `lower_dirs` (topmost
+/// first) and the job dir's upper, as the project's identity.
+pub fn spec(
+    job: &Job,
+    settings: &Settings,
+    lower_dirs: Vec<PathBuf>,
+    job_dir: &PooledJobDir,
+    identity: Identity,
+) -> SandboxSpec {
+    let disk = job.limits.disk_bytes.bytes();
+    SandboxSpec {
+        lower_dirs,
+        upper: job_dir.upper(),
+        work: job_dir.work(),
+        identity,
+        argv: job.command.clone(),
+        env: super::spec::build_env(job),
+        cwd: PathBuf::from(job.workdir.as_str()),
+        limits: SandboxLimits {
+            memory_bytes: Some(job.limits.memory_bytes.bytes()),
+            pids: Some(job.limits.pids),
+            cpu_quota: Some(settings.cpus_per_build),
+            wall: Duration::from_secs(job.limits.wall_seconds),
+            cpu_seconds: Some(job.limits.cpu_seconds),
+            open_files: job.limits.open_files,
+            tmp_bytes: (disk / 4).max(16 << 20),
+            file_size_bytes: Some(disk),
+        },
+        network: match job.network {
+            NetworkPolicy::None => Network::None,
+            NetworkPolicy::Loopback => Network::Loopback,
+        },
+        read_only_binds: Vec::new(),
+        hostname: "corral".to_string(),
+        scratch: None,
     }
 }
 

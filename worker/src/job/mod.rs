@@ -28,13 +28,13 @@ pub mod stage;
 pub mod verdict;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use corral_protocol::{Job, NetworkPolicy, Status, Stream, Timings, WorkerInfo};
-use corral_sandbox::{IdentityMap, JobDirPool, Network, SandboxLimits, SandboxSpec};
+use corral_protocol::{Job, Status, Stream, Timings, WorkerInfo};
+use corral_sandbox::{IdentityMap, JobDirPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -285,32 +285,13 @@ impl Sandboxed {
 
         tracing::info!(stage = "build", argv = ?job.command, "build starting");
         let build_started = Instant::now();
-        let spec = SandboxSpec {
-            lower_dirs: vec![scratch.source_root(), base.base.rootfs()],
-            upper: job_dir.upper(),
-            work: job_dir.work(),
+        let spec = build::spec(
+            job,
+            &self.settings,
+            vec![scratch.source_root(), base.base.rootfs()],
+            &job_dir,
             identity,
-            argv: job.command.clone(),
-            env: spec::build_env(job),
-            cwd: PathBuf::from(job.workdir.as_str()),
-            limits: SandboxLimits {
-                memory_bytes: Some(job.limits.memory_bytes.bytes()),
-                pids: Some(job.limits.pids),
-                cpu_quota: Some(self.settings.cpus_per_build),
-                wall: Duration::from_secs(job.limits.wall_seconds),
-                cpu_seconds: Some(job.limits.cpu_seconds),
-                open_files: job.limits.open_files,
-                tmp_bytes: (job.limits.disk_bytes.bytes() / 4).max(16 << 20),
-                file_size_bytes: Some(job.limits.disk_bytes.bytes()),
-            },
-            network: match job.network {
-                NetworkPolicy::None => Network::None,
-                NetworkPolicy::Loopback => Network::Loopback,
-            },
-            read_only_binds: Vec::new(),
-            hostname: "corral".to_string(),
-            scratch: None,
-        };
+        );
         let (outcome, log_truncated) = build::sandbox(
             spec,
             &self.settings,
