@@ -165,8 +165,6 @@ impl Env {
         let mut cmd = process_worker::command(&args);
         cmd.env("CORRAL_CONCURRENCY", "2")
             .env("RUST_LOG", "info,lapin=error")
-            .env_remove("CORRAL_FAULT_ABORT_JOB")
-            .env_remove("CORRAL_FAULT_PLATFORM_JOB")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log);

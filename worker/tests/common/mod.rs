@@ -31,6 +31,13 @@ pub fn have(tool: &str) -> bool {
 pub fn corral() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
     cmd.current_dir(repo()).env("RUST_LOG", "warn,lapin=error");
+    without_corral_settings(&mut cmd);
+    cmd
+}
+
+/// Removes the caller's `CORRAL_*` settings (but not `CORRAL_TEST_*`) from `cmd`'s
+/// environment.
+pub fn without_corral_settings(cmd: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars_os() {
         if key
             .to_str()

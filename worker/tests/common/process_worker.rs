@@ -1,7 +1,8 @@
 //! A `corral work` whose runner runs each job's command as a plain child process, WITHOUT a
 //! sandbox, source or snapshot: the AMQP layer exercised end to end with real builds and
 //! without root. It lives in test code so that no shipped binary can run a job outside the
-//! sandbox; an integration-test binary re-executes itself as this worker ([`command`]).
+//! sandbox; an integration-test binary re-executes itself as this worker ([`command`]), with
+//! the shared `common` module beside it.
 //!
 //! Fault injection for tests of the delivery guarantees, read from the environment:
 //! `CORRAL_FAULT_ABORT_JOB=<prefix>` aborts the whole worker process when a job whose id
@@ -32,15 +33,17 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// This test binary started as a process worker running `corral` with `args` (`work …`).
 pub fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().expect("the test binary's path"));
-    cmd.args([
+    let libtest = [
         "--exact",
         ENTRY,
         "--ignored",
         "--nocapture",
         "--test-threads",
         "1",
-    ])
-    .env(ARGS_VAR, args.join("\n"));
+    ];
+    crate::common::without_corral_settings(&mut cmd)
+        .args(libtest)
+        .env(ARGS_VAR, args.join("\n"));
     cmd
 }
 
