@@ -489,10 +489,10 @@ impl<R: Runner> Worker<R> {
             stop: flight.stop.clone(),
             logs: log_tx,
             redelivered: d.redelivered,
-            delivery_count: delivery.count,
+            delivery,
             worker: self.info.clone(),
         };
-        let verdict = job::run(&*self.runner, &job, ctx, delivery).await;
+        let verdict = job::run(&*self.runner, &job, ctx).await;
         let tally = pump.await.unwrap_or_default();
         self.flights.finish(flight_id);
         self.metrics.in_flight.dec();

@@ -106,7 +106,7 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         stop,
         logs,
         redelivered: false,
-        delivery_count: 0,
+        delivery: Delivery::ONCE,
         worker: WorkerInfo {
             id: format!("replay@{}", host.trim()),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -116,7 +116,7 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         "running job {} of project {} on base {}",
         job.job_id, job.project, job.base
     ));
-    let verdict = job::run(&runner, &job, ctx, Delivery::ONCE).await;
+    let verdict = job::run(&runner, &job, ctx).await;
     let _ = printer.await;
     let Some(result) = verdict.result else {
         // Only a lost delivery or a drain end without a result; replay has neither.

@@ -47,7 +47,7 @@ use publish::Publish;
 pub use build::{BuildLog, Built, Output};
 pub use error::{JobError, JobFault, error_chain};
 pub use spec::Settings;
-pub use stage::{cgroup_parent, open_store};
+pub use stage::open_store;
 pub use verdict::{Action, Delivery, Ending, Facts, Verdict, verdict, wire_name};
 
 /// Where a build's output goes while it runs: `(stream, bytes)` in the order produced.
@@ -107,8 +107,8 @@ pub struct RunContext {
     pub logs: LogSink,
     /// The broker delivered this job before.
     pub redelivered: bool,
-    /// Earlier deliveries of this job (0 at first).
-    pub delivery_count: u32,
+    /// How often the job was tried, how often it may be.
+    pub delivery: Delivery,
     /// Who is running it, for the result's `worker` field.
     pub worker: WorkerInfo,
 }
@@ -128,10 +128,10 @@ pub trait Runner: Send + Sync + 'static {
 
 /// Runs `job` through `runner` and decides its verdict: the one entry point of
 /// `corral replay` and `corral work`.
-pub async fn run(runner: &impl Runner, job: &Job, ctx: RunContext, delivery: Delivery) -> Verdict {
+pub async fn run(runner: &impl Runner, job: &Job, ctx: RunContext) -> Verdict {
     let started = Instant::now();
     let queued_ms = job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
-    let (stop, worker) = (ctx.stop.clone(), ctx.worker.clone());
+    let (stop, worker, delivery) = (ctx.stop.clone(), ctx.worker.clone(), ctx.delivery);
     // Every log line about this job carries its job and project ids.
     let span = tracing::info_span!("job", job = %job.job_id, project = %job.project);
     let ran = tracing::Instrument::instrument(runner.run(job, ctx), span).await;
