@@ -31,6 +31,7 @@ use super::settings::{AmqpSettings, Names, redact};
 use super::{AmqpError, now_ms};
 use crate::backoff::Backoff;
 use crate::job::{self, Action, Ending, Facts, RunContext, Runner, Stop, Verdict};
+
 /// Log output buffered between a build and its log pump before the build waits.
 const LOG_QUEUE: usize = 64;
 
