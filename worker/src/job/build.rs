@@ -229,3 +229,74 @@ pub fn dir_bytes(dir: &Path) -> u64 {
     }
     total
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[test]
+    fn the_log_stops_at_its_limit_once_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("build.log");
+        let (sink, mut live) = tokio::sync::mpsc::channel(64);
+        let log = BuildLog::new(10, Some(std::fs::File::create(&path).unwrap()), sink);
+        let stops = Arc::new(AtomicUsize::new(0));
+        let counted = stops.clone();
+        // The limit falls inside the first read; a later read on another stream adds nothing.
+        let out = log.read(
+            std::io::Cursor::new(b"0123456789abcdef".repeat(8)),
+            Stream::Stdout,
+            move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+            },
+        );
+        out.join().unwrap();
+        let err = log.read(
+            std::io::Cursor::new(b"late".to_vec()),
+            Stream::Stderr,
+            || panic!("the limit stops the build once"),
+        );
+        err.join().unwrap();
+        drop(log);
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
+        let mut chunks = Vec::new();
+        while let Ok(chunk) = live.try_recv() {
+            chunks.push(chunk);
+        }
+        assert_eq!(
+            chunks[0],
+            (Stream::Stdout, Bytes::from_static(b"0123456789"))
+        );
+        assert_eq!(chunks[1].0, Stream::System);
+        assert!(
+            String::from_utf8_lossy(&chunks[1].1).contains("limit of 10 bytes"),
+            "{chunks:?}"
+        );
+        assert_eq!(
+            chunks.len(),
+            2,
+            "nothing past the limit goes live: {chunks:?}"
+        );
+        assert_eq!(stops.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn output_within_the_limit_is_kept_whole() {
+        let (sink, mut live) = tokio::sync::mpsc::channel(64);
+        let log = BuildLog::new(100, None, sink);
+        log.read(
+            std::io::Cursor::new(b"hello\n".to_vec()),
+            Stream::Stderr,
+            || panic!("within the limit"),
+        )
+        .join()
+        .unwrap();
+        assert!(!log.truncated());
+        assert_eq!(
+            live.try_recv().unwrap(),
+            (Stream::Stderr, Bytes::from_static(b"hello\n"))
+        );
+    }
+}
