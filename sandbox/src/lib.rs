@@ -38,6 +38,7 @@
 //! itself while pid 1 builds the root; [`Sandbox::spawn`] (the worker) makes it first.
 //!
 //! Process tree: worker → helper (`__sandbox-init`) → pid 1 (reaper) → the job's command.
+#![deny(unsafe_code)]
 
 mod cgroup;
 mod identity;
@@ -67,6 +68,7 @@ pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
 pub use sandbox::{CancelHandle, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
+pub use sys::c_main_start;
 pub use spec::{
     Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec, Scratch,
 };

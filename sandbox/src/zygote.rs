@@ -51,10 +51,7 @@ pub fn main() -> ! {
             -1
         };
         drop(fds);
-        // SAFETY: sending 4 bytes from a live buffer on our own socket.
-        let sent =
-            unsafe { libc::send(0, pid.to_le_bytes().as_ptr().cast(), 4, libc::MSG_NOSIGNAL) };
-        if sent != 4 {
+        if sys::send_fds(0, &pid.to_le_bytes(), &[]).is_err() {
             sys::exit_now(0);
         }
     }
@@ -159,20 +156,13 @@ fn ask(sock: &OwnedFd, fds: &[i32; 3]) -> io::Result<i32> {
     sys::send_fds(sock.as_raw_fd(), &[0], fds)?;
     let mut answer = [0u8; 4];
     loop {
-        // SAFETY: receiving into a live 4-byte buffer from our own socket.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), answer.as_mut_ptr().cast(), 4, 0) };
-        if n == 4 {
-            return Ok(i32::from_le_bytes(answer));
+        match sys::recv_fds(sock.as_raw_fd(), &mut answer, 0) {
+            Ok(Some((4, _))) => return Ok(i32::from_le_bytes(answer)),
+            Ok(Some(_)) => return Err(io::Error::from(io::ErrorKind::InvalidData)),
+            Ok(None) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
-        let err = io::Error::last_os_error();
-        if n < 0 && err.kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        return Err(if n == 0 {
-            io::Error::from(io::ErrorKind::UnexpectedEof)
-        } else {
-            err
-        });
     }
 }
 

@@ -4,9 +4,10 @@
 //!
 //! `main` is the C entry point: std's own start-up reads `/proc/self/maps` and sets up a
 //! stack overflow handler, ~0.09 ms of a sandbox run that takes ~4. What of it this
-//! program relies on is done here (see [`start`]); `std::env::args` still works, as glibc
-//! hands std the arguments before `main`.
+//! program relies on is done by [`corral_sandbox::c_main_start`]; `std::env::args` still
+//! works, as glibc hands std the arguments before `main`.
 #![no_main]
+#![deny(unsafe_code)]
 
 use std::ffi::{OsStr, c_char, c_int};
 use std::os::unix::process::CommandExt;
@@ -19,38 +20,14 @@ use corral_worker::exit;
 /// The binary every command but `sandbox` runs in, found beside this one.
 const WORKER_BIN: &str = "corral-worker";
 
+// The C entry point is `no_mangle`, which the unsafe-code lint counts as unsafe: allowed
+// for this one function, whose body is safe code.
+#[allow(unsafe_code)]
 #[unsafe(no_mangle)]
 extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
-    start();
+    corral_sandbox::c_main_start();
     // Not a return: std::process::exit flushes stdout first.
     std::process::exit(c_int::from(run()))
-}
-
-/// The parts of std's start-up this program needs: fds 0-2 open (a closed one would be
-/// reused by the first file we open, and the outcome written into it), and SIGPIPE
-/// ignored (a closed stdout is an error to report, not death before the cleanup).
-fn start() {
-    use nix::libc;
-    let mut fds = [0, 1, 2].map(|fd| libc::pollfd {
-        fd,
-        events: 0,
-        revents: 0,
-    });
-    // SAFETY: `fds` is a valid array of three pollfds for the duration of the call.
-    let polled = unsafe { libc::poll(fds.as_mut_ptr(), 3, 0) };
-    if polled >= 0 {
-        for pfd in fds.iter().filter(|p| p.revents & libc::POLLNVAL != 0) {
-            // SAFETY: opens a file; the path is a NUL-terminated literal.
-            let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
-            if null != pfd.fd {
-                // SAFETY: abort takes no arguments; a closed fd 0-2 that cannot be reopened
-                // where it was leaves nothing sane to do.
-                unsafe { libc::abort() };
-            }
-        }
-    }
-    // SAFETY: setting a signal to SIG_IGN runs no code of ours.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
 fn run() -> u8 {

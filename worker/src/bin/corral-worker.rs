@@ -2,6 +2,7 @@
 //! every command but `sandbox`; it is the binary the worker's sandbox helpers are started
 //! from. Reads as a pipeline: parse the command line, install logging, run one command,
 //! turn its outcome into an exit code.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
