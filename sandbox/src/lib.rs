@@ -22,8 +22,8 @@
 //! [`JobDir::create`] and [`JobDir::remove`] make and remove one job filesystem without a
 //! pool (`corral sandbox --disk`, tests).
 //!
-//! The helper binary (`corral-worker`) must dispatch `__sandbox-init` ([`INIT_ARG`]) to
-//! [`init::main`] and `__sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before
+//! The helper binary (`corral-worker`) must dispatch `__sandbox-shim` ([`SHIM_ARG`]) to
+//! [`shim::main`] and `__sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before
 //! anything else (no threads, no runtime). With [`SandboxConfig::zygote`] set, helpers are
 //! forked from one long-lived zygote instead of exec'd per job. That helper clones the
 //! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces. Still real
@@ -37,12 +37,12 @@
 //! notifications, wall and CPU limits, cancellation. [`Sandbox::run`] makes the cgroup
 //! itself while pid 1 builds the root; [`Sandbox::spawn`] (the worker) makes it first.
 //!
-//! Process tree: worker → helper (`__sandbox-init`) → pid 1 (reaper) → the job's command.
+//! Process tree: worker → helper (`__sandbox-shim`) → pid 1 (reaper) → the job's command.
 #![deny(unsafe_code)]
 
 mod cgroup;
 mod identity;
-pub mod init;
+pub mod shim;
 mod jobdir;
 pub mod mountinfo;
 mod namespaces;
@@ -60,7 +60,7 @@ pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, discover as discover_cgroups,
 };
 pub use identity::{IdentityError, IdentityMap};
-pub use init::INIT_ARG;
+pub use shim::SHIM_ARG;
 pub use jobdir::{
     JobDir, JobDirError, JobDirPool, PoolOptions, PoolRecovery, PoolStats, PooledJobDir,
 };

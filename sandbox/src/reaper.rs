@@ -122,7 +122,7 @@ pub fn run(spec: &SandboxSpec, root: &Path, pipes: Pipes) -> ! {
                 while let Ok(Some(_)) = sys::wait4(-1, 0) {}
                 // Only we still see the job's mounts (they die with us).
                 let full =
-                    crate::init::is_full(Path::new("/")) || crate::init::is_full(Path::new("/tmp"));
+                    crate::shim::is_full(Path::new("/")) || crate::shim::is_full(Path::new("/tmp"));
                 // Out of the job's cgroup (v1): the helper can read and remove it while
                 // our namespaces are torn down.
                 let left =

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupStats, JobCgroup};
-use crate::init::{
-    CgroupSetup, Control, EndedBy, INIT_ARG, InitReport, InitRequest, JobOutput, Supervisor,
+use crate::shim::{
+    CgroupSetup, Control, EndedBy, SHIM_ARG, ShimReport, ShimRequest, JobOutput, Supervisor,
 };
 use crate::outcome::{DeathReason, Exit, Outcome, Usage};
 use crate::spec::{SandboxConfig, SandboxSpec};
@@ -187,7 +187,7 @@ impl Sandbox {
         // read and remove afterwards, with the typed error if making it failed.
         let mut made: Option<JobCgroup> = None;
         let mut failed: Option<Error> = None;
-        let report = (|| -> Result<crate::init::Supervised, Error> {
+        let report = (|| -> Result<crate::shim::Supervised, Error> {
             let null = match output {
                 Output::Inherit => None,
                 Output::Discard => Some(
@@ -218,7 +218,7 @@ impl Sandbox {
                     message
                 })
             };
-            let report = crate::init::supervise(
+            let report = crate::shim::supervise(
                 spec,
                 &root,
                 CgroupSetup::Create(&mut create),
@@ -318,7 +318,7 @@ impl Sandbox {
             }
             None => {
                 let mut child = Command::new(&config.helper_exe)
-                    .arg(INIT_ARG)
+                    .arg(SHIM_ARG)
                     .env_clear()
                     .stdin(Stdio::from(OwnedFd::from(theirs)))
                     .stdout(Stdio::piped())
@@ -353,7 +353,7 @@ impl Sandbox {
             cgroup: cg.clone(),
             waited: false,
         };
-        let req = InitRequest {
+        let req = ShimRequest {
             spec: spec.clone(),
             cgroup: cg.clone(),
             root: root.to_owned(),
@@ -392,7 +392,7 @@ impl Running {
         if line.is_empty() {
             return Err(Error::HelperDied);
         }
-        let report: InitReport = serde_json::from_str(&line).map_err(|e| Error::Protocol {
+        let report: ShimReport = serde_json::from_str(&line).map_err(|e| Error::Protocol {
             message: e.to_string(),
         })?;
         finish(report, stats)
@@ -409,7 +409,7 @@ fn single_threaded() -> bool {
 
 /// The supervisor's report plus the cgroup's counters, as an [`Outcome`].
 fn finish(
-    report: InitReport,
+    report: ShimReport,
     stats: Result<CgroupStats, crate::CgroupError>,
 ) -> Result<Outcome, Error> {
     if let Some(message) = report.error {
@@ -436,7 +436,7 @@ impl Drop for Running {
     }
 }
 
-fn usage(report: &InitReport, stats: &CgroupStats) -> Usage {
+fn usage(report: &ShimReport, stats: &CgroupStats) -> Usage {
     Usage {
         cpu_user: stats.cpu_user.max(report.cpu_user),
         cpu_system: stats.cpu_system.max(report.cpu_system),

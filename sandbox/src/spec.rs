@@ -121,7 +121,7 @@ pub enum Network {
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
     /// The `corral-worker` binary, re-executed as the single-threaded helper
-    /// (`<helper_exe> __sandbox-init`).
+    /// (`<helper_exe> __sandbox-shim`).
     pub helper_exe: PathBuf,
     /// Cgroup (relative to each hierarchy's root) under which job cgroups are created.
     pub cgroup_parent: String,

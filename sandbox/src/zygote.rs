@@ -3,7 +3,7 @@
 //! warm process instead of an `exec` of the whole `corral-worker` binary (dynamic loading,
 //! relocations, runtime start-up: about a millisecond of CPU per job on a 2-core machine).
 //!
-//! The forked helper runs exactly the code of an exec'd one ([`crate::init::main`]): the
+//! The forked helper runs exactly the code of an exec'd one ([`crate::shim::main`]): the
 //! worker hands it the same three fds (control socket, stdout and stderr pipes) and talks to
 //! it the same way. Only the zygote itself is exec'd, once, from the worker — never forked
 //! from the worker's threads.
@@ -67,7 +67,7 @@ fn become_helper(fds: &[OwnedFd]) -> ! {
             sys::exit_now(70);
         }
     }
-    crate::init::main()
+    crate::shim::main()
 }
 
 /// The worker's handle on its zygote, started on first use and restarted if it died.

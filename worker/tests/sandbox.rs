@@ -560,7 +560,7 @@ fn debug_command_prints_the_outcome_as_json() {
         .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
     assert!(
-        help.contains("sandbox") && !help.contains("__sandbox-init"),
+        help.contains("sandbox") && !help.contains("__sandbox-shim"),
         "{help}"
     );
 }

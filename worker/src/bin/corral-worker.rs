@@ -12,9 +12,9 @@ use corral_worker::{cmd, logging};
 
 fn main() -> ExitCode {
     // The hidden sandbox helper must start before anything spawns a thread.
-    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(corral_sandbox::INIT_ARG))
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(corral_sandbox::SHIM_ARG))
     {
-        corral_sandbox::init::main();
+        corral_sandbox::shim::main();
     }
     if std::env::args_os().nth(1).as_deref()
         == Some(std::ffi::OsStr::new(corral_sandbox::ZYGOTE_ARG))

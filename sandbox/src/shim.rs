@@ -1,12 +1,12 @@
 //! The sandbox helper: the `corral-worker` binary re-executed (`corral-worker
-//! __sandbox-init`), single threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
+//! __sandbox-shim`), single threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
 //! while pid 1 builds its root, writes its id maps, then supervises: answers seccomp
 //! notifications, enforces the wall-clock and CPU-seconds limits, relays cancellation, and
 //! finally reports to the worker over its stdin socket. It never mounts anything itself.
 //!
-//! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`InitRequest`] line,
+//! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`ShimRequest`] line,
 //! then [`Control`] lines (`{"cancel":…}`) at any time. The helper answers with one JSON
-//! [`InitReport`] line and exits. End of stream from the worker counts as an immediate
+//! [`ShimReport`] line and exits. End of stream from the worker counts as an immediate
 //! cancel, so a job never outlives its worker.
 
 use std::collections::BTreeMap;
@@ -24,17 +24,17 @@ use crate::spec::SandboxSpec;
 use crate::sys::{self, Forked};
 
 /// The first argument that selects the helper in the `corral-worker` binary.
-pub const INIT_ARG: &str = "__sandbox-init";
+pub const SHIM_ARG: &str = "__sandbox-shim";
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct InitRequest {
+pub struct ShimRequest {
     pub spec: SandboxSpec,
     pub cgroup: JobCgroup,
     /// Empty directory the job's root is mounted on (in the helper's namespace only).
     pub root: PathBuf,
 }
 
-/// Messages from the worker after the [`InitRequest`].
+/// Messages from the worker after the [`ShimRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Control {
@@ -52,7 +52,7 @@ pub enum EndedBy {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct InitReport {
+pub struct ShimReport {
     pub exit: Option<Exit>,
     pub ended_by: Option<EndedBy>,
     pub denied_syscalls: BTreeMap<String, u64>,
@@ -68,7 +68,7 @@ pub struct InitReport {
     pub error: Option<String>,
 }
 
-/// Entry point of `corral __sandbox-init`. Never returns.
+/// Entry point of `corral __sandbox-shim`. Never returns.
 pub fn main() -> ! {
     // Nothing the worker had open may reach the job.
     let _ = sys::close_range(3, u32::MAX);
@@ -87,7 +87,7 @@ pub fn main() -> ! {
         sys::exit_now(70);
     }
     // The worker hears only once pid 1 is gone, mounts and all: it reuses the job dir next.
-    let report = match serde_json::from_str::<InitRequest>(&line) {
+    let report = match serde_json::from_str::<ShimRequest>(&line) {
         Ok(req) => supervise(
             &req.spec,
             &req.root,
@@ -99,9 +99,9 @@ pub fn main() -> ! {
             },
         )
         .finish(),
-        Err(err) => InitReport {
+        Err(err) => ShimReport {
             error: Some(format!("bad init request: {err}")),
-            ..InitReport::default()
+            ..ShimReport::default()
         },
     };
     let mut out = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned());
@@ -148,7 +148,7 @@ pub(crate) const SIGNAL_GRACE: Duration = Duration::from_secs(2);
 
 /// What [`supervise`] returns: the report, and pid 1 while it may still be exiting.
 pub(crate) struct Supervised {
-    pub report: InitReport,
+    pub report: ShimReport,
     /// Pid 1 when it left the job's cgroup and reported before exiting: its namespaces
     /// (mounts included) may still be going away.
     exiting: Option<libc::pid_t>,
@@ -156,7 +156,7 @@ pub(crate) struct Supervised {
 
 impl Supervised {
     /// Waits until pid 1 is gone, its namespaces and mounts with it.
-    pub fn finish(self) -> InitReport {
+    pub fn finish(self) -> ShimReport {
         let (report, exiting) = self.into_parts();
         if let Some(pid) = exiting {
             let _ = sys::wait4(pid, 0);
@@ -165,13 +165,13 @@ impl Supervised {
     }
 
     /// The report, and pid 1 if it may still be exiting (the caller must wait for it).
-    pub fn into_parts(self) -> (InitReport, Option<libc::pid_t>) {
+    pub fn into_parts(self) -> (ShimReport, Option<libc::pid_t>) {
         (self.report, self.exiting)
     }
 }
 
-impl From<InitReport> for Supervised {
-    fn from(report: InitReport) -> Self {
+impl From<ShimReport> for Supervised {
+    fn from(report: ShimReport) -> Self {
         Supervised {
             report,
             exiting: None,
@@ -179,10 +179,10 @@ impl From<InitReport> for Supervised {
     }
 }
 
-fn fail(msg: String) -> InitReport {
-    InitReport {
+fn fail(msg: String) -> ShimReport {
+    ShimReport {
         error: Some(msg),
-        ..InitReport::default()
+        ..ShimReport::default()
     }
 }
 
@@ -334,7 +334,7 @@ fn run_job(
             return fail(format!("sandbox setup: {why}")).into();
         }
     };
-    let mut report = InitReport::default();
+    let mut report = ShimReport::default();
     let mut status = std::fs::File::from(status_r);
     let mut record = Vec::new();
     let pidfd = match sys::pidfd_open(pid) {
@@ -511,7 +511,7 @@ fn run_job(
     }
 }
 
-impl InitReport {
+impl ShimReport {
     fn set_usage(&mut self, usage: &sys::Usage) {
         self.cpu_user = usage.utime;
         self.cpu_system = usage.stime;
@@ -542,7 +542,7 @@ fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, sync: &mut std::fs::File) -> 
 fn cancel(
     pid: libc::pid_t,
     grace: Duration,
-    report: &mut InitReport,
+    report: &mut ShimReport,
     kill_deadline: &mut Option<Instant>,
 ) {
     report.ended_by.get_or_insert(EndedBy::Cancelled);
@@ -551,7 +551,7 @@ fn cancel(
     *kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
 }
 
-fn answer_notification(listener: i32, report: &mut InitReport) {
+fn answer_notification(listener: i32, report: &mut ShimReport) {
     let Ok(n) = sys::seccomp_notif_recv(listener) else {
         return;
     };
