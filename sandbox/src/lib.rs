@@ -47,7 +47,7 @@ mod jobdir;
 pub mod mountinfo;
 mod namespaces;
 mod outcome;
-mod reaper;
+mod init;
 mod rlimits;
 mod rootfs;
 mod sandbox;

@@ -6,7 +6,7 @@ use crate::spec::{Identity, JOB_GID, JOB_UID};
 
 /// Created at clone time, owned by the initial user namespace: the job's pid 1 mounts its
 /// root as real root, and nothing in the job can ever reconfigure these namespaces. The
-/// cgroup and user namespaces come later, from inside (see `reaper::setup`).
+/// cgroup and user namespaces come later, from inside (see `init::setup`).
 pub const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWPID
     | libc::CLONE_NEWNET

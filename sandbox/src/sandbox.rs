@@ -26,8 +26,8 @@ use crate::spec::{SandboxConfig, SandboxSpec};
 pub struct Sandbox;
 
 /// What [`Sandbox::run`] returns: the job's [`Outcome`], known once every process of the
-/// job is dead and its cgroup has been read and removed. The job's pid 1 (the sandbox's own
-/// reaper: no job code runs in it by then, and it has closed its standard streams) may
+/// job is dead and its cgroup has been read and removed. The job's pid 1 (the sandbox's
+/// init: no job code runs in it by then, and it has closed its standard streams) may
 /// still be exiting, its namespaces going away with it, the overlay mount among them.
 /// [`Ended::wait`] (or dropping this) waits for that, which matters before unmounting or
 /// reusing what the root was made of; [`Ended::detach`] does not, for a caller that is

@@ -267,13 +267,13 @@ fn run_job(
                 let _ = sys::dup2(out, 1);
                 let _ = sys::dup2(err, 2);
             }
-            let pipes = crate::reaper::Pipes {
+            let pipes = crate::init::Pipes {
                 sync: sync_r,
                 ready: ready_w,
                 status: status_w,
                 notify: notify_child,
             };
-            crate::reaper::run(spec, root, pipes)
+            crate::init::run(spec, root, pipes)
         }
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return fail(format!("clone into new namespaces: {e}")).into(),
@@ -303,7 +303,7 @@ fn run_job(
             // means it failed; its reason is on the status pipe.
             let unshared = matches!(
                 std::fs::File::from(ready_r).read(&mut ready),
-                Ok(1) if ready[0] == crate::reaper::UNSHARED
+                Ok(1) if ready[0] == crate::init::UNSHARED
             );
             if !unshared {
                 return Ok(None);
@@ -311,7 +311,7 @@ fn run_job(
             crate::namespaces::write_id_maps(pid, &spec.identity)
                 .map_err(|e| format!("writing id maps: {e}"))?;
             sync_w
-                .write_all(&[crate::reaper::MAPPED])
+                .write_all(&[crate::init::MAPPED])
                 .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
             Ok(Some(cg))
         });
@@ -325,7 +325,7 @@ fn run_job(
             let mut record = Vec::new();
             let _ = std::fs::File::from(status_r).read_to_end(&mut record);
             let why = match (record.split_first(), failed) {
-                (Some((&crate::reaper::ERROR_TAG, rest)), _) => {
+                (Some((&crate::init::ERROR_TAG, rest)), _) => {
                     String::from_utf8_lossy(rest).into_owned()
                 }
                 (_, Err(msg)) => msg,
@@ -401,7 +401,7 @@ fn run_job(
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     record.extend_from_slice(&buf[..n]);
-                    if crate::reaper::parse_status(&record).is_some() {
+                    if crate::init::parse_status(&record).is_some() {
                         break;
                     }
                 }
@@ -478,7 +478,7 @@ fn run_job(
     // With pid 1 out of the cgroup (its record says so) and every process of the job dead,
     // the caller may read and remove the cgroup while pid 1 finishes exiting; otherwise
     // pid 1 is waited for here, and its record read to the end.
-    let left = crate::reaper::parse_status(&record).is_some_and(|(_, _, left, _)| left);
+    let left = crate::init::parse_status(&record).is_some_and(|(_, _, left, _)| left);
     let reaped = if left {
         None
     } else {
@@ -486,14 +486,14 @@ fn run_job(
         let _ = status.read_to_end(&mut record);
         reaped
     };
-    match crate::reaper::parse_status(&record) {
+    match crate::init::parse_status(&record) {
         Some((raw, full, _, usage)) => {
             report.exit = Some(decode_status(raw));
             report.disk_full = full;
             report.set_usage(&usage);
         }
         None => match record.split_first() {
-            Some((&crate::reaper::ERROR_TAG, rest)) => {
+            Some((&crate::init::ERROR_TAG, rest)) => {
                 report.error = Some(format!("sandbox setup: {}", String::from_utf8_lossy(rest)));
             }
             _ => {
@@ -533,7 +533,7 @@ fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, sync: &mut std::fs::File) -> 
             (Vec::new(), Vec::new())
         }
     };
-    sync.write_all(&crate::reaper::cgroup_message(&join, &leave))
+    sync.write_all(&crate::init::cgroup_message(&join, &leave))
         .map_err(|e| format!("sending the cgroup to the job's pid 1: {e}"))
 }
 

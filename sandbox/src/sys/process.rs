@@ -36,7 +36,7 @@ pub fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
 
 /// `fork()`, used by the job's pid 1 (single-threaded) to start the job.
 pub fn fork() -> io::Result<Forked> {
-    // SAFETY: only called from the single-threaded reaper.
+    // SAFETY: only called from the single-threaded init (pid 1).
     match check(unsafe { libc::fork() })? {
         0 => Ok(Forked::Child),
         pid => Ok(Forked::Parent(pid)),

@@ -1,5 +1,6 @@
-//! The job's pid 1: starts the job, reaps every orphan, forwards termination requests,
-//! and when the job's main process ends, kills everything left and reports its status.
+//! The job's init, its pid 1 (the role runc, youki and crun call the container's init):
+//! builds the root, starts the job, reaps every orphan, forwards termination requests, and
+//! when the job's main process ends, kills everything left and reports its status.
 //! It is corral's own code (never customer code), non-dumpable, under the job's seccomp
 //! filter, and keeps its capabilities only in the job's user namespace.
 
