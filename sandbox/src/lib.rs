@@ -22,45 +22,53 @@
 //! [`JobDir::create`] and [`JobDir::remove`] make and remove one job filesystem without a
 //! pool (`corral sandbox --disk`, tests).
 //!
-//! The helper binary (`corral-worker`) must dispatch `__sandbox-shim` ([`SHIM_ARG`]) to
-//! [`shim::main`] and `__sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before
-//! anything else (no threads, no runtime). With [`SandboxConfig::zygote`] set, helpers are
-//! forked from one long-lived zygote instead of exec'd per job. That helper clones the
-//! job's pid 1 (a reaper) into new mount, pid, net, ipc and uts namespaces. Still real
-//! root, pid 1 builds the overlay root in its own mount namespace (which dies with it, so
-//! no crash can leave a mount on the host), then joins the job's cgroup (on v1 by moving
-//! itself, which avoids an RCU grace period; on v2 the helper moves it), pivots into the
-//! root and enters the job's user and cgroup namespaces. While the helper writes its id
-//! maps, pid 1 sets what the job inherits: signal dispositions, bounding set, rlimits and
-//! the seccomp filter (whose listener it hands to the helper). Then it starts the job with
-//! a vfork-style clone. The helper stays outside the job's cgroup and supervises: seccomp
-//! notifications, wall and CPU limits, cancellation. [`Sandbox::run`] makes the cgroup
-//! itself while pid 1 builds the root; [`Sandbox::spawn`] (the worker) makes it first.
+//! # Processes
 //!
-//! Process tree: worker → helper (`__sandbox-shim`) → pid 1 (reaper) → the job's command.
+//! ```text
+//! worker ──(zygote: fork)──▶ shim (`__sandbox-shim`) ──clone──▶ init (the job's pid 1) ──▶ the job's command
+//! ```
+//!
+//! The binary (`corral-worker`) must dispatch `__sandbox-shim` ([`SHIM_ARG`]) to
+//! [`shim_main`] and `__sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before anything
+//! else (no threads, no runtime). With [`SandboxConfig::zygote`] set, shims are forked from
+//! one long-lived zygote instead of exec'd per job. The shim (the role of containerd-shim or
+//! conmon) clones the job's init (what runc, youki and crun call the container's init) into
+//! new mount, pid, net, ipc and uts namespaces. Still real root, init builds the overlay
+//! root in its own mount namespace (which dies with it, so no crash can leave a mount on
+//! the host), then joins the job's cgroup (on v1 by moving itself, which avoids an RCU grace
+//! period; on v2 the shim moves it), pivots into the root and enters the job's user and
+//! cgroup namespaces. While the shim writes its id maps, init sets what the job inherits:
+//! signal dispositions, bounding set, rlimits and the seccomp filter (whose listener it
+//! hands to the shim). Then it starts the job with a vfork-style clone. The shim stays
+//! outside the job's cgroup and supervises: seccomp notifications, wall and CPU limits,
+//! cancellation. [`Sandbox::run`] makes the cgroup itself while init builds the root;
+//! [`Sandbox::spawn`] (the worker) makes it first. Worker, zygote, shim and init talk
+//! through one versioned, framed [handshake](handshake), and a failed setup comes back as
+//! a [`SetupError`] naming its [`SetupStep`].
 #![deny(unsafe_code)]
 
-mod cgroup;
-mod identity;
-pub mod shim;
-mod jobdir;
-pub mod mountinfo;
-mod namespaces;
-mod outcome;
-mod init;
-mod rlimits;
-mod rootfs;
-mod sandbox;
-mod seccomp;
-mod spec;
-mod sys;
-mod zygote;
+mod cgroup; // the job's cgroup: v1 and v2 behind one trait, limits, counters
+mod handshake; // the framed messages between worker, zygote, shim and init
+mod identity; // project → host uid and gid, stable across restarts
+mod init; // the job's pid 1: builds and enters the root, starts and reaps the job
+mod jobdir; // size-limited job filesystems (upper/ + work/) and their pool
+pub mod mountinfo; // parsing /proc/self/mountinfo
+mod namespaces; // the namespaces a job gets and its id maps
+mod outcome; // how a run ended, why, and what it used
+mod rlimits; // the job's resource limits
+mod rootfs; // the overlay root, its mounts and pivot_root, behind a recordable trait
+mod sandbox; // the worker's side of a run: Sandbox::spawn / Sandbox::run
+mod seccomp; // the syscall filter and how its notifications are named
+mod shim; // the per-job supervisor outside the job: clones init, limits, cancel, report
+mod spec; // what to run and how: SandboxSpec, limits, config
+mod sys; // the only unsafe code: thin syscall wrappers, one file per kernel concept
+mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, discover as discover_cgroups,
 };
+pub use handshake::{HandshakeError, SetupError, SetupStep};
 pub use identity::{IdentityError, IdentityMap};
-pub use shim::SHIM_ARG;
 pub use jobdir::{
     JobDir, JobDirError, JobDirPool, PoolOptions, PoolRecovery, PoolStats, PooledJobDir,
 };
@@ -68,10 +76,11 @@ pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
 pub use sandbox::{CancelHandle, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
-pub use sys::c_main_start;
+pub use shim::{SHIM_ARG, main as shim_main};
 pub use spec::{
     Identity, JOB_GID, JOB_UID, Network, SandboxConfig, SandboxLimits, SandboxSpec, Scratch,
 };
+pub use sys::c_main_start;
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};
 
 /// Errors of [`Sandbox::spawn`] and [`Running::wait`].
@@ -81,21 +90,28 @@ pub enum Error {
     Mountinfo { source: std::io::Error },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
-    #[error("creating the control socket to the sandbox helper")]
+    #[error("the control socket to the sandbox shim")]
     ControlSocket { source: std::io::Error },
-    #[error("starting the sandbox helper {path}")]
-    SpawnHelper {
+    #[error("starting the sandbox shim {path}")]
+    SpawnShim {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("malformed message between worker and sandbox helper: {message}")]
-    Protocol { message: String },
-    #[error("the sandbox helper died without a report")]
-    HelperDied,
-    #[error("the sandbox could not be set up: {message}")]
-    Setup { message: String },
+    #[error("the handshake with the sandbox shim")]
+    Handshake(#[source] HandshakeError),
+    #[error("the sandbox shim died without a report")]
+    ShimDied,
+    /// The step that failed, and why (an errno when a syscall did).
+    #[error("the sandbox could not be set up: {0}")]
+    Setup(SetupError),
     #[error("Sandbox::run needs a single-threaded caller (use Sandbox::spawn)")]
     NotSingleThreaded,
+}
+
+impl From<SetupError> for Error {
+    fn from(error: SetupError) -> Self {
+        Error::Setup(error)
+    }
 }
 
 /// An error and its sources, joined with `: ` (for logs and one-line messages).

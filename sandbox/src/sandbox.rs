@@ -1,9 +1,8 @@
-//! The worker's side of a run: create the job's cgroup, launch the helper, hand it the
-//! spec, stream the job's output, relay cancellation, and turn the helper's report plus the
+//! The worker's side of a run: create the job's cgroup, launch the shim, hand it the
+//! spec, stream the job's output, relay cancellation, and turn the shim's report plus the
 //! cgroup's counters into an [`Outcome`]. Safe to call from a multi-threaded process: it
 //! only spawns a process and reads and writes files.
 
-use std::io::{BufRead, BufReader, Write};
 use std::io::{PipeReader, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -14,14 +13,15 @@ use std::time::Duration;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupStats, JobCgroup};
-use crate::shim::{
-    CgroupSetup, Control, EndedBy, SHIM_ARG, ShimReport, ShimRequest, JobOutput, Supervisor,
+use crate::handshake::{
+    self, EndedBy, Frames, FromShim, HandshakeError, Report, Request, SetupError, SetupStep, ToShim,
 };
 use crate::outcome::{DeathReason, Exit, Outcome, Usage};
+use crate::shim::{CgroupSetup, JobOutput, SHIM_ARG, Supervisor};
 use crate::spec::{SandboxConfig, SandboxSpec};
 
 /// Entry points: [`Sandbox::spawn`] (from any process, e.g. the tokio worker: the
-/// supervisor is a re-executed helper) and [`Sandbox::run`] (a single-threaded caller, the
+/// supervisor is a shim process) and [`Sandbox::run`] (a single-threaded caller, the
 /// `corral sandbox` command: the caller supervises the job itself).
 pub struct Sandbox;
 
@@ -91,35 +91,35 @@ pub enum Output {
 pub struct Running {
     pub stdout: Option<PipeReader>,
     pub stderr: Option<PipeReader>,
-    helper: Helper,
-    ctl: BufReader<UnixStream>,
+    shim: Shim,
+    ctl: UnixStream,
     cancel: CancelHandle,
     cgroup: JobCgroup,
     waited: bool,
 }
 
-/// The supervising helper: exec'd by us, or forked by the zygote (whose child it is).
-enum Helper {
+/// The supervising shim: exec'd by us, or forked by the zygote (whose child it is).
+enum Shim {
     Exec(Child),
     Forked(u32),
 }
 
-impl Helper {
+impl Shim {
     fn pid(&self) -> u32 {
         match self {
-            Helper::Exec(child) => child.id(),
-            Helper::Forked(pid) => *pid,
+            Shim::Exec(child) => child.id(),
+            Shim::Forked(pid) => *pid,
         }
     }
 
-    /// Returns once the helper has exited. A forked helper is not our child: its exit shows
-    /// as the end of the control stream (nothing else holds the helper's end by then).
-    fn wait(&mut self, ctl: &mut BufReader<UnixStream>) {
+    /// Returns once the shim has exited. A forked shim is not our child: its exit shows
+    /// as the end of the control stream (nothing else holds the shim's end by then).
+    fn wait(&mut self, ctl: &mut UnixStream) {
         match self {
-            Helper::Exec(child) => {
+            Shim::Exec(child) => {
                 let _ = child.wait();
             }
-            Helper::Forked(_) => {
+            Shim::Forked(_) => {
                 let mut rest = Vec::new();
                 let _ = ctl.read_to_end(&mut rest);
             }
@@ -136,30 +136,17 @@ pub struct CancelHandle {
 impl CancelHandle {
     /// Idempotent; a later call with a shorter grace shortens the wait.
     pub fn cancel(&self, grace: Duration) {
-        let line = serde_json::to_string(&Control::Cancel {
-            grace_ms: grace.as_millis() as u64,
-        })
-        .unwrap_or_default();
         if let Ok(mut ctl) = self.ctl.lock() {
-            // A closed socket means the helper already finished: nothing left to cancel.
-            let _ = ctl.write_all(format!("{line}\n").as_bytes());
+            // A closed socket means the shim already finished: nothing left to cancel.
+            let _ = handshake::write(&mut *ctl, &ToShim::Cancel { grace });
         }
     }
-}
-
-fn send(ctl: &mut UnixStream, message: &impl serde::Serialize) -> Result<(), Error> {
-    let mut line = serde_json::to_vec(message).map_err(|e| Error::Protocol {
-        message: e.to_string(),
-    })?;
-    line.push(b'\n');
-    ctl.write_all(&line)
-        .map_err(|source| Error::ControlSocket { source })
 }
 
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 impl Sandbox {
-    /// Creates the job's cgroup with its limits and starts the helper. The job is running
+    /// Creates the job's cgroup with its limits and starts the shim. The job is running
     /// (or failing to start, which [`Running::wait`] reports) when this returns.
     pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
         let cg = Self::job_cgroup(config)?;
@@ -172,7 +159,7 @@ impl Sandbox {
         }
     }
 
-    /// Runs the job to its end with the calling process as its supervisor: no helper
+    /// Runs the job to its end with the calling process as its supervisor: no shim
     /// process, no control socket. SIGINT, SIGTERM and SIGHUP cancel the job (TERM, a short
     /// grace, KILL; a second one kills at once) and the outcome still comes back. The
     /// caller must be single-threaded (the job's pid 1 is cloned from it and mounts as
@@ -194,13 +181,15 @@ impl Sandbox {
                     std::fs::OpenOptions::new()
                         .write(true)
                         .open("/dev/null")
-                        .map_err(|e| Error::Setup {
-                            message: format!("opening /dev/null: {e}"),
-                        })?,
+                        .map_err(|e| SetupError::io_on(SetupStep::Output, "/dev/null", &e))?,
                 ),
             };
-            let signals = crate::sys::signalfd(&CANCEL_SIGNALS).map_err(|e| Error::Setup {
-                message: format!("a signalfd for SIGINT, SIGTERM and SIGHUP: {e}"),
+            let signals = crate::sys::signalfd(&CANCEL_SIGNALS).map_err(|e| {
+                SetupError::io_on(
+                    SetupStep::Signals,
+                    "a signalfd for SIGINT, SIGTERM, SIGHUP",
+                    &e,
+                )
             })?;
             let job_output = match &null {
                 Some(f) => JobOutput::Fds(f.as_raw_fd(), f.as_raw_fd()),
@@ -213,9 +202,9 @@ impl Sandbox {
                     Ok(cg)
                 });
                 made_now.map_err(|err| {
-                    let message = err.to_string();
+                    let setup = SetupError::chain(SetupStep::Cgroup, &err);
                     failed = Some(err);
-                    message
+                    setup
                 })
             };
             let report = crate::shim::supervise(
@@ -257,11 +246,9 @@ impl Sandbox {
                 Ok(done)
             }
             // The run stopped before the clone: the report says why.
-            None => Err(Error::Setup {
-                message: report
-                    .error
-                    .unwrap_or_else(|| "no job cgroup was made".to_owned()),
-            }),
+            None => Err(Error::Setup(report.error.unwrap_or_else(|| {
+                SetupError::new(SetupStep::Cgroup, "no job cgroup was made")
+            }))),
         }
     }
 
@@ -299,22 +286,22 @@ impl Sandbox {
         cg.version().apply(&spec.limits)?;
         let (ours, theirs) =
             UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
-        let spawn_err = |source| Error::SpawnHelper {
+        let spawn_err = |source| Error::SpawnShim {
             path: config.helper_exe.clone(),
             source,
         };
-        let (helper, stdout, stderr) = match &config.zygote {
+        let (shim, stdout, stderr) = match &config.zygote {
             Some(zygote) => {
                 let pipes = (|| Ok::<_, std::io::Error>((std::io::pipe()?, std::io::pipe()?)))();
                 let ((out_r, out_w), (err_r, err_w)) = pipes.map_err(spawn_err)?;
                 let pid = zygote
-                    .fork_helper(
+                    .fork_shim(
                         &OwnedFd::from(theirs),
                         &OwnedFd::from(out_w),
                         &OwnedFd::from(err_w),
                     )
                     .map_err(spawn_err)?;
-                (Helper::Forked(pid), out_r, err_r)
+                (Shim::Forked(pid), out_r, err_r)
             }
             None => {
                 let mut child = Command::new(&config.helper_exe)
@@ -330,10 +317,10 @@ impl Sandbox {
                 let (Some(out), Some(err)) = (out, err) else {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(Error::HelperDied);
+                    return Err(Error::ShimDied);
                 };
                 (
-                    Helper::Exec(child),
+                    Shim::Exec(child),
                     PipeReader::from(out),
                     PipeReader::from(err),
                 )
@@ -345,34 +332,34 @@ impl Sandbox {
         let mut running = Running {
             stdout: Some(stdout),
             stderr: Some(stderr),
-            helper,
-            ctl: BufReader::new(ours),
+            shim,
+            ctl: ours,
             cancel: CancelHandle {
                 ctl: Arc::new(Mutex::new(cancel_side)),
             },
             cgroup: cg.clone(),
             waited: false,
         };
-        let req = ShimRequest {
+        let request = ToShim::Request(Box::new(Request {
             spec: spec.clone(),
             cgroup: cg.clone(),
             root: root.to_owned(),
-        };
-        if let Err(err) = send(running.ctl.get_mut(), &req) {
-            // Dropping the control socket ends the helper; the caller removes the cgroup.
+        }));
+        if let Err(source) = handshake::write(&mut running.ctl, &request) {
+            // Dropping the control socket ends the shim; the caller removes the cgroup.
             running.waited = true;
             running.cancel.cancel(Duration::ZERO);
-            running.helper.wait(&mut running.ctl);
-            return Err(err);
+            running.shim.wait(&mut running.ctl);
+            return Err(Error::ControlSocket { source });
         }
         Ok(running)
     }
 }
 
 impl Running {
-    /// Pid of the helper process (for metrics and crash tests; the job is its child).
-    pub fn helper_pid(&self) -> u32 {
-        self.helper.pid()
+    /// Pid of the shim process (for metrics and crash tests; the job is its child).
+    pub fn shim_pid(&self) -> u32 {
+        self.shim.pid()
     }
 
     pub fn cancel_handle(&self) -> CancelHandle {
@@ -383,19 +370,16 @@ impl Running {
     /// the job is dead and its cgroup has been removed.
     pub fn wait(mut self) -> Result<Outcome, Error> {
         self.waited = true;
-        let mut line = String::new();
-        let read = self.ctl.read_line(&mut line);
-        self.helper.wait(&mut self.ctl);
+        let read = Frames::default().read::<FromShim>(&mut self.ctl);
+        self.shim.wait(&mut self.ctl);
         let stats = self.cgroup.version().stats();
         self.cgroup.destroy()?;
-        read.map_err(|source| Error::ControlSocket { source })?;
-        if line.is_empty() {
-            return Err(Error::HelperDied);
+        match read {
+            Ok(Some(FromShim::Report(report))) => finish(*report, stats),
+            Ok(None) => Err(Error::ShimDied),
+            Err(HandshakeError::Io(source)) => Err(Error::ControlSocket { source }),
+            Err(err) => Err(Error::Handshake(err)),
         }
-        let report: ShimReport = serde_json::from_str(&line).map_err(|e| Error::Protocol {
-            message: e.to_string(),
-        })?;
-        finish(report, stats)
     }
 }
 
@@ -409,14 +393,14 @@ fn single_threaded() -> bool {
 
 /// The supervisor's report plus the cgroup's counters, as an [`Outcome`].
 fn finish(
-    report: ShimReport,
+    report: Report,
     stats: Result<CgroupStats, crate::CgroupError>,
 ) -> Result<Outcome, Error> {
-    if let Some(message) = report.error {
-        return Err(Error::Setup { message });
+    if let Some(error) = report.error {
+        return Err(Error::Setup(error));
     }
     let stats = stats?;
-    let exit = report.exit.ok_or(Error::HelperDied)?;
+    let exit = report.exit.ok_or(Error::ShimDied)?;
     Ok(Outcome {
         exit,
         reason: decide(report.ended_by, exit, &stats, report.disk_full),
@@ -430,13 +414,13 @@ impl Drop for Running {
     fn drop(&mut self) {
         if !self.waited {
             self.cancel.cancel(Duration::ZERO);
-            self.helper.wait(&mut self.ctl);
+            self.shim.wait(&mut self.ctl);
             let _ = self.cgroup.destroy();
         }
     }
 }
 
-fn usage(report: &ShimReport, stats: &CgroupStats) -> Usage {
+fn usage(report: &Report, stats: &CgroupStats) -> Usage {
     Usage {
         cpu_user: stats.cpu_user.max(report.cpu_user),
         cpu_system: stats.cpu_system.max(report.cpu_system),

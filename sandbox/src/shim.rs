@@ -1,72 +1,30 @@
-//! The sandbox helper: the `corral-worker` binary re-executed (`corral-worker
-//! __sandbox-shim`), single threaded. It clones the job's pid 1 into fresh namespaces, places it in the job's cgroup
-//! while pid 1 builds its root, writes its id maps, then supervises: answers seccomp
+//! The sandbox shim: the per-job process that supervises a job from outside, the role of
+//! containerd-shim or conmon. It is the `corral-worker` binary re-executed (`corral-worker
+//! __sandbox-shim`) or forked from the [zygote](crate::zygote), single threaded. It clones
+//! the job's [init](crate::init) (its pid 1) into fresh namespaces, places it in the job's
+//! cgroup while init builds the root, writes its id maps, then supervises: answers seccomp
 //! notifications, enforces the wall-clock and CPU-seconds limits, relays cancellation, and
-//! finally reports to the worker over its stdin socket. It never mounts anything itself.
+//! finally reports to the worker. It never mounts anything itself.
 //!
-//! Protocol on fd 0 (a unix stream socket): the worker sends one JSON [`ShimRequest`] line,
-//! then [`Control`] lines (`{"cancel":…}`) at any time. The helper answers with one JSON
-//! [`ShimReport`] line and exits. End of stream from the worker counts as an immediate
-//! cancel, so a job never outlives its worker.
+//! It speaks the [handshake](crate::handshake) on fd 0, a unix stream socket from the
+//! worker (a request, then cancels; end of stream counts as an immediate cancel, so a job
+//! never outlives its worker), and on one seqpacket socket with init.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::cgroup::{CgroupVersion, JobCgroup};
+use crate::handshake::{
+    self, EndedBy, Frames, FromInit, FromShim, Report, SetupError, SetupStep, ToInit, ToShim,
+};
 use crate::outcome::Exit;
 use crate::spec::SandboxSpec;
 use crate::sys::{self, Forked};
 
-/// The first argument that selects the helper in the `corral-worker` binary.
+/// The first argument that selects the shim in the `corral-worker` binary.
 pub const SHIM_ARG: &str = "__sandbox-shim";
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ShimRequest {
-    pub spec: SandboxSpec,
-    pub cgroup: JobCgroup,
-    /// Empty directory the job's root is mounted on (in the helper's namespace only).
-    pub root: PathBuf,
-}
-
-/// Messages from the worker after the [`ShimRequest`].
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Control {
-    /// TERM everything, then KILL after `grace_ms`.
-    Cancel { grace_ms: u64 },
-}
-
-/// Which of the helper's own limits ended the job, if any.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EndedBy {
-    WallTimeout,
-    CpuLimit,
-    Cancelled,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct ShimReport {
-    pub exit: Option<Exit>,
-    pub ended_by: Option<EndedBy>,
-    pub denied_syscalls: BTreeMap<String, u64>,
-    pub network_attempts: u64,
-    pub wall: Duration,
-    pub cpu_user: Duration,
-    pub cpu_system: Duration,
-    pub io_read: u64,
-    pub io_write: u64,
-    /// The upper dir's filesystem or `/tmp` had no space or inodes left at the end.
-    pub disk_full: bool,
-    /// Set when the sandbox itself could not be built (the job never ran).
-    pub error: Option<String>,
-}
 
 /// Entry point of `corral __sandbox-shim`. Never returns.
 pub fn main() -> ! {
@@ -78,36 +36,29 @@ pub fn main() -> ! {
         Ok(fd) => UnixStream::from(fd),
         Err(_) => sys::exit_now(70),
     };
-    let mut reader = BufReader::new(match ctl.try_clone() {
-        Ok(c) => c,
-        Err(_) => sys::exit_now(70),
-    });
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        sys::exit_now(70);
-    }
+    let mut frames = Frames::default();
     // The worker hears only once pid 1 is gone, mounts and all: it reuses the job dir next.
-    let report = match serde_json::from_str::<ShimRequest>(&line) {
-        Ok(req) => supervise(
+    let report = match frames.read::<ToShim>(&mut &ctl) {
+        Ok(Some(ToShim::Request(req))) => supervise(
             &req.spec,
             &req.root,
             CgroupSetup::Ready(&req.cgroup),
             Supervisor {
-                ctl: Some(reader),
+                ctl: Some((&ctl, frames)),
                 signals: None,
                 job_output: JobOutput::OwnPipes,
             },
         )
         .finish(),
-        Err(err) => ShimReport {
-            error: Some(format!("bad init request: {err}")),
-            ..ShimReport::default()
-        },
+        // The worker went away before asking anything.
+        Ok(None) => sys::exit_now(0),
+        Ok(Some(ToShim::Cancel { .. })) => fail(SetupError::new(
+            SetupStep::Request,
+            "a cancel before the request",
+        )),
+        Err(err) => fail(SetupError::new(SetupStep::Request, err.to_string())),
     };
-    let mut out = serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned());
-    out.push('\n');
-    let mut ctl = ctl;
-    let _ = ctl.write_all(out.as_bytes());
+    let _ = handshake::write(&mut &ctl, &FromShim::Report(Box::new(report)));
     sys::exit_now(0)
 }
 
@@ -129,14 +80,15 @@ pub(crate) enum CgroupSetup<'a> {
     Ready(&'a JobCgroup),
     /// Created (with its limits) by the supervisor right after the clone, while the job's
     /// pid 1 builds its root, which takes longer: the creation costs no wall time. An
-    /// error message stops the run.
-    Create(&'a mut dyn FnMut() -> Result<JobCgroup, String>),
+    /// error stops the run.
+    Create(&'a mut dyn FnMut() -> Result<JobCgroup, SetupError>),
 }
 
 /// How the supervisor hears about cancellation, and what it hands the job.
-pub(crate) struct Supervisor {
-    /// The worker's control stream: [`Control`] lines; end of stream cancels at once.
-    pub ctl: Option<BufReader<UnixStream>>,
+pub(crate) struct Supervisor<'a> {
+    /// The worker's control stream and what was read of it: [`ToShim::Cancel`] frames;
+    /// end of stream cancels at once.
+    pub ctl: Option<(&'a UnixStream, Frames)>,
     /// A signalfd for SIGINT, SIGTERM and SIGHUP (a CLI running the supervisor itself):
     /// the first cancels with [`SIGNAL_GRACE`], the next kills at once.
     pub signals: Option<OwnedFd>,
@@ -148,7 +100,7 @@ pub(crate) const SIGNAL_GRACE: Duration = Duration::from_secs(2);
 
 /// What [`supervise`] returns: the report, and pid 1 while it may still be exiting.
 pub(crate) struct Supervised {
-    pub report: ShimReport,
+    pub report: Report,
     /// Pid 1 when it left the job's cgroup and reported before exiting: its namespaces
     /// (mounts included) may still be going away.
     exiting: Option<libc::pid_t>,
@@ -156,7 +108,7 @@ pub(crate) struct Supervised {
 
 impl Supervised {
     /// Waits until pid 1 is gone, its namespaces and mounts with it.
-    pub fn finish(self) -> ShimReport {
+    pub fn finish(self) -> Report {
         let (report, exiting) = self.into_parts();
         if let Some(pid) = exiting {
             let _ = sys::wait4(pid, 0);
@@ -165,13 +117,13 @@ impl Supervised {
     }
 
     /// The report, and pid 1 if it may still be exiting (the caller must wait for it).
-    pub fn into_parts(self) -> (ShimReport, Option<libc::pid_t>) {
+    pub fn into_parts(self) -> (Report, Option<libc::pid_t>) {
         (self.report, self.exiting)
     }
 }
 
-impl From<ShimReport> for Supervised {
-    fn from(report: ShimReport) -> Self {
+impl From<Report> for Supervised {
+    fn from(report: Report) -> Self {
         Supervised {
             report,
             exiting: None,
@@ -179,10 +131,10 @@ impl From<ShimReport> for Supervised {
     }
 }
 
-fn fail(msg: String) -> ShimReport {
-    ShimReport {
-        error: Some(msg),
-        ..ShimReport::default()
+fn fail(error: SetupError) -> Report {
+    Report {
+        error: Some(error),
+        ..Report::default()
     }
 }
 
@@ -190,20 +142,25 @@ pub(crate) fn supervise(
     spec: &SandboxSpec,
     root: &Path,
     cgroup: CgroupSetup<'_>,
-    sup: Supervisor,
+    sup: Supervisor<'_>,
 ) -> Supervised {
     let started = Instant::now();
     if spec.argv.is_empty() {
-        return fail("empty argv".to_owned()).into();
+        return fail(SetupError::new(SetupStep::Command, "empty argv")).into();
     }
     if let Err(e) = sys::clear_supplementary_groups() {
-        return fail(format!("setgroups: {e}")).into();
+        return fail(SetupError::io(SetupStep::Groups, &e)).into();
     }
     // The mount point only: the root is mounted by the job's pid 1 in its own mount
     // namespace, which dies with it, so no mount can outlive the job (or a crash of ours).
     // The worker removes the directory.
     if let Err(e) = std::fs::create_dir_all(root) {
-        return fail(format!("creating {}: {e}", root.display())).into();
+        return fail(SetupError::io_on(
+            SetupStep::RootMountPoint,
+            root.display(),
+            &e,
+        ))
+        .into();
     }
     run_job(spec, root, cgroup, sup, started)
 }
@@ -212,7 +169,7 @@ fn run_job(
     spec: &SandboxSpec,
     root: &Path,
     cgroup: CgroupSetup<'_>,
-    sup: Supervisor,
+    sup: Supervisor<'_>,
     started: Instant,
 ) -> Supervised {
     let Supervisor {
@@ -220,21 +177,12 @@ fn run_job(
         signals,
         job_output,
     } = sup;
-    let pipes = (|| -> std::io::Result<_> {
-        let (notify_ours, notify_theirs) = UnixStream::pair()?;
-        Ok((
-            notify_ours,
-            OwnedFd::from(notify_theirs),
-            sys::pipe()?,
-            sys::pipe()?,
-            sys::pipe()?,
-        ))
-    })();
-    let (notify, notify_child, (sync_r, sync_w), (ready_r, ready_w), (status_r, status_w)) =
-        match pipes {
-            Ok(p) => p,
-            Err(e) => return fail(format!("pipes: {e}")).into(),
-        };
+    // One link to init for the whole setup and its status; it carries the seccomp
+    // listener too.
+    let (link, init_link) = match sys::seqpacket_pair() {
+        Ok(pair) => pair,
+        Err(e) => return fail(SetupError::io(SetupStep::Link, &e)).into(),
+    };
     // When we make the cgroup while pid 1 builds the root, the two overlap only on two
     // CPUs, but a new child often starts queued on its parent's CPU, and then they take
     // turns (each ~0.3 ms). Restricting a task to other CPUs moves it there at once;
@@ -259,7 +207,7 @@ fn run_job(
     let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
         Ok(Forked::Child) => {
             move_off(0, our_cpu);
-            drop((notify, sync_w, ready_r, status_r));
+            drop(link);
             if let Ok(null) = std::fs::File::open("/dev/null") {
                 let _ = sys::dup2(null.as_raw_fd(), 0);
             }
@@ -267,92 +215,97 @@ fn run_job(
                 let _ = sys::dup2(out, 1);
                 let _ = sys::dup2(err, 2);
             }
-            let pipes = crate::init::Pipes {
-                sync: sync_r,
-                ready: ready_w,
-                status: status_w,
-                notify: notify_child,
-            };
-            crate::init::run(spec, root, pipes)
+            crate::init::run(spec, root, init_link)
         }
         Ok(Forked::Parent(pid)) => pid,
-        Err(e) => return fail(format!("clone into new namespaces: {e}")).into(),
+        Err(e) => return fail(SetupError::io(SetupStep::Clone, &e)).into(),
     };
     move_off(pid, sys::current_cpu());
-    drop((sync_r, ready_w, status_w, notify_child));
+    drop(init_link);
     if let JobOutput::OwnPipes = job_output
         && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null")
     {
         let _ = sys::dup2(null.as_raw_fd(), 1);
         let _ = sys::dup2(null.as_raw_fd(), 2);
     }
-    let mut sync_w = std::fs::File::from(sync_w);
-    let mut ready = [0u8; 1];
     // The cgroup is made (when it is ours to make) and entered while pid 1 builds the root.
     // Moving another process into a cgroup waits for an RCU grace period, so on v1 pid 1
     // moves itself (cheaply) once it has the list of files; on v2 we move it. Pid 1 forks
-    // the job only after MAPPED, which we send after this.
+    // the job only after `Mapped`, which we send after this.
     let cgroup = match cgroup {
         CgroupSetup::Ready(cg) => Ok(cg.clone()),
         CgroupSetup::Create(create) => create(),
     };
     let placed = cgroup
-        .and_then(|cg| place(cg.version(), pid, &mut sync_w).map(|()| cg))
+        .and_then(|cg| place(cg.version(), pid, link.as_raw_fd()).map(|()| cg))
         .and_then(|cg| {
-            // Pid 1 builds the root, then asks for its identity mapping. End of file here
-            // means it failed; its reason is on the status pipe.
-            let unshared = matches!(
-                std::fs::File::from(ready_r).read(&mut ready),
-                Ok(1) if ready[0] == crate::init::UNSHARED
-            );
-            if !unshared {
-                return Ok(None);
+            // Pid 1 builds the root, then asks for its identity mapping.
+            match handshake::recv::<FromInit>(link.as_raw_fd(), 0) {
+                Ok(Some((FromInit::Unshared, _))) => {}
+                Ok(Some((FromInit::Failed(e), _))) => return Err(e),
+                Ok(None) => return Err(SetupError::new(SetupStep::InitDied, "")),
+                Ok(Some((other, _))) => {
+                    return Err(SetupError::new(
+                        SetupStep::Link,
+                        format!("{other:?} before Unshared"),
+                    ));
+                }
+                Err(e) => return Err(SetupError::new(SetupStep::Link, e.to_string())),
             }
             crate::namespaces::write_id_maps(pid, &spec.identity)
-                .map_err(|e| format!("writing id maps: {e}"))?;
-            sync_w
-                .write_all(&[crate::init::MAPPED])
-                .map_err(|e| format!("releasing the job's pid 1: {e}"))?;
-            Ok(Some(cg))
+                .map_err(|e| SetupError::io(SetupStep::IdMaps, &e))?;
+            handshake::send(link.as_raw_fd(), &ToInit::Mapped, &[])
+                .map_err(|e| SetupError::io(SetupStep::Link, &e))?;
+            Ok(cg)
         });
-    drop(sync_w);
     let cgroup = match placed {
-        Ok(Some(cg)) => cg,
-        failed => {
+        Ok(cg) => cg,
+        Err(ours) => {
             // Pid 1's own reason (it failed first) beats ours (a consequence).
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::wait4(pid, 0);
-            let mut record = Vec::new();
-            let _ = std::fs::File::from(status_r).read_to_end(&mut record);
-            let why = match (record.split_first(), failed) {
-                (Some((&crate::init::ERROR_TAG, rest)), _) => {
-                    String::from_utf8_lossy(rest).into_owned()
-                }
-                (_, Err(msg)) => msg,
-                _ => "the job's pid 1 died during setup".to_owned(),
+            let why = match last_word(link.as_raw_fd()) {
+                Some(FromInit::Failed(theirs)) => theirs,
+                _ => ours,
             };
-            return fail(format!("sandbox setup: {why}")).into();
+            return fail(why).into();
         }
     };
-    let mut report = ShimReport::default();
-    let mut status = std::fs::File::from(status_r);
-    let mut record = Vec::new();
+    let mut report = Report::default();
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
             let _ = sys::kill(pid, libc::SIGKILL);
             let _ = sys::wait4(pid, 0);
-            return fail(format!("pidfd_open: {e}")).into();
+            return fail(SetupError::io(SetupStep::Pidfd, &e)).into();
         }
     };
     let wall_deadline = started + spec.limits.wall;
     let mut kill_deadline: Option<Instant> = None;
     let mut listener: Option<OwnedFd> = None;
-    let mut notify = Some(notify);
+    // Init's status or setup error, once it has sent one.
+    let mut last: Option<FromInit> = None;
     let mut signals = signals;
     let cpu_limit = spec.limits.cpu_seconds.map(Duration::from_secs);
     let tick = Duration::from_millis(100);
     loop {
+        // Cancels already read (one may come with the request) act before any wait.
+        if let Some((_, frames)) = ctl.as_mut() {
+            loop {
+                match frames.next::<ToShim>() {
+                    Ok(None) => break,
+                    Ok(Some(ToShim::Cancel { grace })) => {
+                        cancel(pid, grace, &mut report, &mut kill_deadline)
+                    }
+                    // A second request, or garbage: the worker is not one we can follow.
+                    Ok(Some(ToShim::Request(_))) | Err(_) => {
+                        ctl = None;
+                        cancel(pid, Duration::ZERO, &mut report, &mut kill_deadline);
+                        break;
+                    }
+                }
+            }
+        }
         let now = Instant::now();
         let mut next = wall_deadline;
         if let Some(k) = kill_deadline {
@@ -365,30 +318,24 @@ fn run_job(
             .saturating_duration_since(now)
             .as_millis()
             .min(i32::MAX as u128) as i32;
-        // Pid 1's status record (it may report before it has finished exiting), then pid 1.
+        // Pid 1's messages (it may report before it has finished exiting), then pid 1.
         let mut fds = vec![
-            (status.as_raw_fd(), libc::POLLIN),
+            (link.as_raw_fd(), libc::POLLIN),
             (pidfd.as_raw_fd(), libc::POLLIN),
         ];
-        let ctl_idx = ctl.as_ref().map(|c| {
-            fds.push((c.get_ref().as_raw_fd(), libc::POLLIN));
+        let ctl_idx = ctl.as_ref().map(|(c, _)| {
+            fds.push((c.as_raw_fd(), libc::POLLIN));
             fds.len() - 1
         });
         let signal_idx = signals.as_ref().map(|s| {
             fds.push((s.as_raw_fd(), libc::POLLIN));
             fds.len() - 1
         });
-        let notify_idx = notify.as_ref().map(|n| {
-            fds.push((n.as_raw_fd(), libc::POLLIN));
-            fds.len() - 1
-        });
         let listener_idx = listener.as_ref().map(|l| {
             fds.push((l.as_raw_fd(), libc::POLLIN));
             fds.len() - 1
         });
-        // A buffered cancel line (rare) would not wake poll: handle it without waiting.
-        let buffered = ctl.as_ref().is_some_and(|c| !c.buffer().is_empty());
-        let revents = match sys::poll(&fds, if buffered { 0 } else { timeout }) {
+        let revents = match sys::poll(&fds, timeout) {
             Ok(r) => r,
             Err(_) => vec![0; fds.len()],
         };
@@ -396,14 +343,18 @@ fn run_job(
             break;
         }
         if revents[0] != 0 {
-            let mut buf = [0u8; 4096];
-            match status.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    record.extend_from_slice(&buf[..n]);
-                    if crate::init::parse_status(&record).is_some() {
-                        break;
-                    }
+            match handshake::recv::<FromInit>(link.as_raw_fd(), 1) {
+                Ok(Some((FromInit::Listener, fds))) => listener = fds.into_iter().next(),
+                Ok(Some((end @ (FromInit::Status(_) | FromInit::Failed(_)), _))) => {
+                    last = Some(end);
+                    break;
+                }
+                Ok(None) => break,
+                // Init is our own code: anything else is a broken link, and the job
+                // cannot be supervised without it.
+                Ok(Some((FromInit::Unshared, _))) | Err(_) => {
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                    break;
                 }
             }
         }
@@ -418,35 +369,14 @@ fn run_job(
                 listener = None;
             }
         }
-        if let Some(i) = notify_idx
-            && revents[i] != 0
-            && let Some(n) = notify.take()
-            && let Ok(Some(fd)) = sys::recv_fd(n.as_raw_fd())
-        {
-            listener = Some(fd);
-        }
         if let Some(i) = ctl_idx
-            && (buffered || revents[i] != 0)
-            && let Some(reader) = ctl.as_mut()
+            && revents[i] != 0
+            && let Some((stream, frames)) = ctl.as_mut()
+            && !matches!(frames.fill(stream), Ok(true))
         {
-            let mut line = String::new();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => {
-                    ctl = None;
-                    report.ended_by.get_or_insert(EndedBy::Cancelled);
-                    let _ = sys::kill(pid, libc::SIGKILL);
-                }
-                Ok(_) => {
-                    if let Ok(Control::Cancel { grace_ms }) = serde_json::from_str(&line) {
-                        cancel(
-                            pid,
-                            Duration::from_millis(grace_ms),
-                            &mut report,
-                            &mut kill_deadline,
-                        );
-                    }
-                }
-            }
+            ctl = None;
+            report.ended_by.get_or_insert(EndedBy::Cancelled);
+            let _ = sys::kill(pid, libc::SIGKILL);
         }
         if let Some(i) = signal_idx
             && revents[i] != 0
@@ -475,35 +405,33 @@ fn run_job(
         }
     }
     report.wall = started.elapsed();
-    // With pid 1 out of the cgroup (its record says so) and every process of the job dead,
+    // With pid 1 out of the cgroup (its status says so) and every process of the job dead,
     // the caller may read and remove the cgroup while pid 1 finishes exiting; otherwise
-    // pid 1 is waited for here, and its record read to the end.
-    let left = crate::init::parse_status(&record).is_some_and(|(_, _, left, _)| left);
+    // pid 1 is waited for here, and what it sent before dying read.
+    let left = matches!(&last, Some(FromInit::Status(s)) if s.left_cgroup);
     let reaped = if left {
         None
     } else {
         let reaped = sys::wait4(pid, 0).ok().flatten();
-        let _ = status.read_to_end(&mut record);
+        if last.is_none() {
+            last = last_word(link.as_raw_fd());
+        }
         reaped
     };
-    match crate::init::parse_status(&record) {
-        Some((raw, full, _, usage)) => {
-            report.exit = Some(decode_status(raw));
-            report.disk_full = full;
-            report.set_usage(&usage);
+    match last {
+        Some(FromInit::Status(status)) => {
+            report.exit = Some(decode_status(status.wait_status));
+            report.disk_full = status.disk_full;
+            report.set_usage(&status.usage);
         }
-        None => match record.split_first() {
-            Some((&crate::init::ERROR_TAG, rest)) => {
-                report.error = Some(format!("sandbox setup: {}", String::from_utf8_lossy(rest)));
+        Some(FromInit::Failed(e)) => report.error = Some(e),
+        _ => {
+            // Pid 1 died without a status (killed): what its wait status says.
+            if let Some(r) = &reaped {
+                report.set_usage(&r.usage);
             }
-            _ => {
-                // Pid 1 died without a record (killed): what its wait status says.
-                if let Some(r) = &reaped {
-                    report.set_usage(&r.usage);
-                }
-                report.exit = reaped.map(|r| decode_status(r.status));
-            }
-        },
+            report.exit = reaped.map(|r| decode_status(r.status));
+        }
     }
     Supervised {
         report,
@@ -511,7 +439,18 @@ fn run_job(
     }
 }
 
-impl ShimReport {
+/// What init sent last before it died: its status or why setup failed. Call only once
+/// init is dead (the link then ends after what is queued).
+fn last_word(link: RawFd) -> Option<FromInit> {
+    while let Ok(Some((message, _))) = handshake::recv::<FromInit>(link, 1) {
+        if matches!(message, FromInit::Status(_) | FromInit::Failed(_)) {
+            return Some(message);
+        }
+    }
+    None
+}
+
+impl Report {
     fn set_usage(&mut self, usage: &sys::Usage) {
         self.cpu_user = usage.utime;
         self.cpu_system = usage.stime;
@@ -522,19 +461,19 @@ impl ShimReport {
 
 /// Puts pid 1 in the job's cgroup: on v1 by sending it the files to write `0` to (it moves
 /// itself), otherwise by writing its pid here and sending it an empty list.
-fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, sync: &mut std::fs::File) -> Result<(), String> {
+fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, link: RawFd) -> Result<(), SetupError> {
     let (join, leave) = match (cg.self_join_files(), cg.self_leave_files()) {
         (Some(join), Some(leave)) => (join, leave),
         _ => {
             for file in cg.procs_files() {
                 std::fs::write(&file, pid.to_string())
-                    .map_err(|e| format!("joining {}: {e}", file.display()))?;
+                    .map_err(|e| SetupError::io_on(SetupStep::JoinCgroup, file.display(), &e))?;
             }
             (Vec::new(), Vec::new())
         }
     };
-    sync.write_all(&crate::init::cgroup_message(&join, &leave))
-        .map_err(|e| format!("sending the cgroup to the job's pid 1: {e}"))
+    handshake::send(link, &ToInit::Cgroup { join, leave }, &[])
+        .map_err(|e| SetupError::io(SetupStep::Link, &e))
 }
 
 /// TERM to pid 1 (which passes it on to everything), KILL once `grace` has passed; a
@@ -542,7 +481,7 @@ fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, sync: &mut std::fs::File) -> 
 fn cancel(
     pid: libc::pid_t,
     grace: Duration,
-    report: &mut ShimReport,
+    report: &mut Report,
     kill_deadline: &mut Option<Instant>,
 ) {
     report.ended_by.get_or_insert(EndedBy::Cancelled);
@@ -551,7 +490,7 @@ fn cancel(
     *kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
 }
 
-fn answer_notification(listener: i32, report: &mut ShimReport) {
+fn answer_notification(listener: i32, report: &mut Report) {
     let Ok(n) = sys::seccomp_notif_recv(listener) else {
         return;
     };

@@ -1,17 +1,17 @@
-//! The zygote: one long-lived, single-threaded helper per worker (`corral __sandbox-zygote`)
-//! that forks a fresh sandbox helper for each job. A job then pays for a `fork` of a small,
+//! The zygote: one long-lived, single-threaded process per worker (`corral __sandbox-zygote`)
+//! that forks a fresh sandbox shim for each job. A job then pays for a `fork` of a small,
 //! warm process instead of an `exec` of the whole `corral-worker` binary (dynamic loading,
 //! relocations, runtime start-up: about a millisecond of CPU per job on a 2-core machine).
 //!
-//! The forked helper runs exactly the code of an exec'd one ([`crate::shim::main`]): the
+//! The forked shim runs exactly the code of an exec'd one ([`crate::shim::main`]): the
 //! worker hands it the same three fds (control socket, stdout and stderr pipes) and talks to
 //! it the same way. Only the zygote itself is exec'd, once, from the worker — never forked
 //! from the worker's threads.
 //!
-//! Protocol on the zygote's fd 0 (a `SOCK_SEQPACKET` socket from the worker): each request
-//! is one byte with three fds attached (control, stdout, stderr); the answer is the forked
-//! helper's pid as 4 little-endian bytes (negative: the fork failed). End of stream from the
-//! worker ends the zygote; helpers it forked live on until their jobs end.
+//! On the zygote's fd 0 (a `SOCK_SEQPACKET` socket from the worker) it speaks the
+//! [handshake](crate::handshake): each [`ToZygote::Fork`] comes with three fds (control,
+//! stdout, stderr), each answer is a [`FromZygote`]. End of stream from the worker ends the
+//! zygote; shims it forked live on until their jobs end.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 
+use crate::handshake::{self, FromZygote, HandshakeError, ToZygote};
 use crate::sys::{self, Forked};
 
 /// The first argument that selects the zygote in the `corral-worker` binary.
@@ -29,36 +30,35 @@ pub fn main() -> ! {
     let _ = sys::close_range(3, u32::MAX);
     // The worker's death ends us (end of stream does too; this covers a stuck send).
     let _ = sys::set_parent_death_signal(libc::SIGKILL);
-    // The kernel reaps our helpers: nobody here waits for them.
+    // The kernel reaps our shims: nobody here waits for them.
     if sys::auto_reap_children(true).is_err() {
         sys::exit_now(70);
     }
     loop {
-        let mut byte = [0u8; 1];
-        let fds = match sys::recv_fds(0, &mut byte, 3) {
+        let answer = match handshake::recv::<ToZygote>(0, 3) {
             Ok(None) => sys::exit_now(0),
-            Ok(Some((_, fds))) => fds,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => sys::exit_now(70),
+            Ok(Some((ToZygote::Fork, fds))) if fds.len() == 3 => match sys::fork() {
+                Ok(Forked::Child) => become_shim(&fds),
+                Ok(Forked::Parent(pid)) => FromZygote::Forked { pid: pid as u32 },
+                Err(e) => FromZygote::ForkFailed {
+                    errno: e.raw_os_error().unwrap_or(0),
+                },
+            },
+            Ok(Some((ToZygote::Fork, _))) => FromZygote::ForkFailed { errno: libc::EBADF },
+            Err(HandshakeError::Io(_)) => sys::exit_now(70),
+            // Another build's worker, or garbage: refused, and the zygote carries on.
+            Err(_) => FromZygote::ForkFailed {
+                errno: libc::EPROTO,
+            },
         };
-        let pid = if fds.len() == 3 {
-            match sys::fork() {
-                Ok(Forked::Child) => become_helper(&fds),
-                Ok(Forked::Parent(pid)) => pid,
-                Err(_) => -1,
-            }
-        } else {
-            -1
-        };
-        drop(fds);
-        if sys::send_fds(0, &pid.to_le_bytes(), &[]).is_err() {
+        if handshake::send(0, &answer, &[]).is_err() {
             sys::exit_now(0);
         }
     }
 }
 
-/// In the forked child: the three fds become 0, 1 and 2, as for an exec'd helper.
-fn become_helper(fds: &[OwnedFd]) -> ! {
+/// In the forked child: the three fds become 0, 1 and 2, as for an exec'd shim.
+fn become_shim(fds: &[OwnedFd]) -> ! {
     if sys::auto_reap_children(false).is_err() {
         sys::exit_now(70);
     }
@@ -102,9 +102,9 @@ impl Zygote {
         running.as_ref().map(|r| r.child.id())
     }
 
-    /// Forks a helper that gets `ctl`, `stdout` and `stderr` as its fds 0, 1 and 2.
-    /// Returns the helper's pid.
-    pub(crate) fn fork_helper(
+    /// Forks a shim that gets `ctl`, `stdout` and `stderr` as its fds 0, 1 and 2.
+    /// Returns the shim's pid.
+    pub(crate) fn fork_shim(
         &self,
         ctl: &OwnedFd,
         stdout: &OwnedFd,
@@ -125,8 +125,13 @@ impl Zygote {
                 continue;
             };
             match ask(&zygote.sock, &fds) {
-                Ok(pid) if pid > 0 => return Ok(pid as u32),
-                Ok(_) => return Err(io::Error::other("the sandbox zygote could not fork")),
+                Ok(FromZygote::Forked { pid }) => return Ok(pid),
+                Ok(FromZygote::ForkFailed { errno }) => {
+                    let why = io::Error::from_raw_os_error(errno);
+                    return Err(io::Error::other(format!(
+                        "the sandbox zygote could not fork: {why}"
+                    )));
+                }
                 Err(err) => {
                     if let Some(mut dead) = running.take() {
                         let _ = dead.child.kill();
@@ -152,17 +157,13 @@ impl Zygote {
 }
 
 /// One request and its answer.
-fn ask(sock: &OwnedFd, fds: &[i32; 3]) -> io::Result<i32> {
-    sys::send_fds(sock.as_raw_fd(), &[0], fds)?;
-    let mut answer = [0u8; 4];
-    loop {
-        match sys::recv_fds(sock.as_raw_fd(), &mut answer, 0) {
-            Ok(Some((4, _))) => return Ok(i32::from_le_bytes(answer)),
-            Ok(Some(_)) => return Err(io::Error::from(io::ErrorKind::InvalidData)),
-            Ok(None) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
+fn ask(sock: &OwnedFd, fds: &[i32; 3]) -> io::Result<FromZygote> {
+    handshake::send(sock.as_raw_fd(), &ToZygote::Fork, fds)?;
+    match handshake::recv::<FromZygote>(sock.as_raw_fd(), 0) {
+        Ok(Some((answer, _))) => Ok(answer),
+        Ok(None) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+        Err(HandshakeError::Io(err)) => Err(err),
+        Err(err) => Err(io::Error::new(io::ErrorKind::InvalidData, err)),
     }
 }
 

@@ -465,7 +465,7 @@ fn helper_crash_leaves_no_mount_process_or_cgroup() {
         &job,
         &["sh", "-c", "echo ready; sleep 3600"],
     );
-    let helper = running.helper_pid().to_string();
+    let helper = running.shim_pid().to_string();
     assert!(
         std::process::Command::new("kill")
             .args(["-KILL", &helper])
@@ -474,10 +474,51 @@ fn helper_crash_leaves_no_mount_process_or_cgroup() {
             .success()
     );
     let err = running.wait().expect_err("a killed helper cannot report");
-    assert!(matches!(err, corral_sandbox::Error::HelperDied), "{err}");
+    assert!(matches!(err, corral_sandbox::Error::ShimDied), "{err}");
     assert_nothing_left("crash", 211_003, "crash");
     // The upper dir's filesystem is free again: the worker can unmount it.
     job.remove().unwrap();
+}
+
+/// A sandbox that cannot be built says which step failed and why, as a typed value that
+/// crossed every link (init → shim → worker), through an exec'd shim and a forked one.
+#[test]
+fn a_setup_failure_names_its_step_and_errno() {
+    if !prerequisites() {
+        return;
+    }
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    for (how, config) in [
+        ("exec'd shim", config("setup")),
+        ("forked shim", zygote_config("setup")),
+    ] {
+        let job = JobDir::create(jobs.path(), "setup", 16 << 20).unwrap();
+        // A file as the working directory: the root builds, then chdir fails in init.
+        let spec = SandboxSpec {
+            cwd: PathBuf::from("/etc/passwd"),
+            ..simple_spec(&job, 211_005, &["true"])
+        };
+        let err = Sandbox::spawn(&spec, &config)
+            .unwrap()
+            .wait()
+            .expect_err("a job whose workdir is a file cannot start");
+        let corral_sandbox::Error::Setup(setup) = &err else {
+            panic!("{how}: not a setup error: {err}");
+        };
+        assert_eq!(
+            setup.step,
+            corral_sandbox::SetupStep::Workdir,
+            "{how}: {err}"
+        );
+        assert_eq!(setup.errno, Some(20), "{how}: ENOTDIR expected: {err}");
+        assert!(
+            err.to_string()
+                .contains("chdir: /etc/passwd: Not a directory"),
+            "{how}: {err}"
+        );
+        assert_nothing_left("setup", 211_005, "setup");
+        job.remove().unwrap();
+    }
 }
 
 /// A zygote that died (killed between jobs) is replaced on the next job; the helpers it

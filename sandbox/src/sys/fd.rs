@@ -1,8 +1,8 @@
 //! File descriptors: duplicate, close, pipe, poll.
 
+use super::{check, check_long};
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use super::{check, check_long};
 
 /// `poll` over `(fd, events)`; returns the revents of each entry (0 on timeout).
 pub fn poll(fds: &[(RawFd, libc::c_short)], timeout_ms: i32) -> io::Result<Vec<libc::c_short>> {
@@ -35,15 +35,6 @@ pub fn close_range(first: u32, last: u32) -> io::Result<()> {
 pub fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on integers; `to` is replaced atomically.
     check(unsafe { libc::dup2(from, to) }).map(drop)
-}
-
-/// A close-on-exec pipe `(read, write)`.
-pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for two fds.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: fresh fds we own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// Duplicates `fd` to a new close-on-exec fd that we own.

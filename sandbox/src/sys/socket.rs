@@ -48,7 +48,8 @@ pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
         }
     }
     // SAFETY: msg and its buffers are valid for the call; the kernel only reads `data`.
-    let sent = check_long(unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } as libc::c_long)?;
+    let sent =
+        check_long(unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } as libc::c_long)?;
     if sent as usize != data.len() {
         return Err(io::Error::from(io::ErrorKind::WriteZero));
     }
@@ -93,16 +94,6 @@ pub fn recv_fds(
         }
     }
     Ok(Some((n as usize, fds)))
-}
-
-/// Sends one fd (with a single zero byte).
-pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
-    send_fds(sock, &[0], &[fd])
-}
-
-/// Receives one fd sent by [`send_fd`]. `Ok(None)` at end of stream or without an fd.
-pub fn recv_fd(sock: RawFd) -> io::Result<Option<OwnedFd>> {
-    Ok(recv_fds(sock, &mut [0u8; 1], 1)?.and_then(|(_, fds)| fds.into_iter().next()))
 }
 
 /// A connected pair of close-on-exec `SOCK_SEQPACKET` unix sockets.

@@ -11,10 +11,10 @@ use corral_worker::cli::{Cli, Command};
 use corral_worker::{cmd, logging};
 
 fn main() -> ExitCode {
-    // The hidden sandbox helper must start before anything spawns a thread.
+    // The hidden sandbox shim must start before anything spawns a thread.
     if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new(corral_sandbox::SHIM_ARG))
     {
-        corral_sandbox::shim::main();
+        corral_sandbox::shim_main();
     }
     if std::env::args_os().nth(1).as_deref()
         == Some(std::ffi::OsStr::new(corral_sandbox::ZYGOTE_ARG))
