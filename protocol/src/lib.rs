@@ -17,15 +17,15 @@
 //! [`schemas`]); producers in other languages validate against them.
 #![forbid(unsafe_code)]
 
-mod bytesize;
-mod digest;
-mod error;
-mod event;
-mod ids;
-mod job;
-mod limits;
-mod result;
-mod workdir;
+mod bytesize; // ByteSize: bytes for humans, a plain integer on the wire
+mod digest; // Digest: sha256 content addresses
+mod error; // ProtocolError: which field broke which rule
+mod event; // Event, LogChunk and Cancel
+mod ids; // validated identifier newtypes: job, project, pool, base
+mod job; // Job: one build request
+mod limits; // Limits: defaults, hard maxima, a worker's lower maxima
+mod result; // JobResult: the one final answer to a job
+mod workdir; // WorkDir: an absolute, normalized path inside the sandbox
 
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;

@@ -1,5 +1,5 @@
 //! A job's upper and work dirs on a size-limited backing: a sparse ext4 image, loop-mounted
-//! in the worker's own mount namespace so the upper dir survives the sandbox helper and
+//! in the worker's own mount namespace so the upper dir survives the sandbox shim and
 //! the worker can snapshot it.
 //!
 //! Why a loop filesystem and not a tmpfs: tmpfs pages are charged to the memory cgroup of

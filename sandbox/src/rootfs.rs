@@ -102,7 +102,7 @@ impl Syscalls for Kernel {
 }
 
 /// Character devices created in the job's `/dev`: (name, major, minor). Created with
-/// mknod by the helper (real root) rather than bind-mounted from the host: same nodes,
+/// mknod by init (still real root) rather than bind-mounted from the host: same nodes,
 /// six mounts fewer to copy into the job's namespace and to tear down.
 pub const DEVICES: [(&str, u32, u32); 6] = [
     ("null", 1, 3),

@@ -1,5 +1,5 @@
 //! The syscall filter: what builds never need and attacks do. Denied calls are handed to
-//! the supervising helper (`SECCOMP_RET_USER_NOTIF`), which fails them with an errno and
+//! the supervising shim (`SECCOMP_RET_USER_NOTIF`), which fails them with an errno and
 //! counts them by name; foreign ABIs (i386, x32) kill the job outright.
 
 use crate::spec::Network;

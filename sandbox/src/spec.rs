@@ -1,6 +1,6 @@
 //! What a sandbox is asked to run: the filesystem layers, the identity, the command, the
 //! limits and the network policy. Plain data, serialisable so the worker can hand it to the
-//! single-threaded helper process over a socket.
+//! single-threaded shim process over a socket.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -120,7 +120,7 @@ pub enum Network {
 /// How the worker launches sandboxes on this host.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
-    /// The `corral-worker` binary, re-executed as the single-threaded helper
+    /// The `corral-worker` binary, re-executed as the zygote and the single-threaded shim
     /// (`<helper_exe> __sandbox-shim`).
     pub helper_exe: PathBuf,
     /// Cgroup (relative to each hierarchy's root) under which job cgroups are created.
@@ -130,13 +130,13 @@ pub struct SandboxConfig {
     pub run_dir: PathBuf,
     /// Content of `/proc/self/mountinfo`, read at spawn when `None` (tests inject fakes).
     pub mountinfo: Option<String>,
-    /// Fork helpers from this zygote (started on first use) instead of exec'ing
+    /// Fork shims from this zygote (started on first use) instead of exec'ing
     /// `helper_exe` for every job.
     pub zygote: Option<std::sync::Arc<crate::Zygote>>,
 }
 
 impl SandboxConfig {
-    /// The helper is the current executable, jobs go under the `corral` cgroup.
+    /// The shim is the current executable, jobs go under the `corral` cgroup.
     pub fn new() -> std::io::Result<Self> {
         Ok(SandboxConfig {
             helper_exe: std::env::current_exe()?,

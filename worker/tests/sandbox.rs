@@ -1,6 +1,7 @@
 //! The sandbox against the real kernel, as root, on the real test rootfs: the abuse suite
-//! (`fixtures/abuse/*.json`, one table-driven test), cancellation, a helper crash, and the
-//! `corral sandbox` command. The `corral` binary under test is the sandbox helper.
+//! (`fixtures/abuse/*.json`, one table-driven test), cancellation, a shim crash, typed setup
+//! errors, and the `corral sandbox` command. The `corral-worker` binary under test is the
+//! sandbox shim and zygote.
 
 mod common;
 use common::{
@@ -24,7 +25,7 @@ fn config(test: &str) -> SandboxConfig {
     sandbox_config(test)
 }
 
-/// [`config`] with helpers forked from a zygote, as the worker runs them.
+/// [`config`] with shims forked from a zygote, as the worker runs them.
 fn zygote_config(test: &str) -> SandboxConfig {
     static ZYGOTE: std::sync::OnceLock<std::sync::Arc<Zygote>> = std::sync::OnceLock::new();
     SandboxConfig {
@@ -101,7 +102,7 @@ fn bytes(s: &str) -> u64 {
     s.parse::<corral_protocol::ByteSize>().unwrap().0
 }
 
-/// Through a zygote-forked helper, as in the worker.
+/// Through a zygote-forked shim, as in the worker.
 fn run(spec: &SandboxSpec) -> Ran {
     spawn_and_wait(spec, &zygote_config("abuse"))
 }
@@ -400,7 +401,7 @@ fn cancel_sends_term_then_kills_everything() {
     let _dirs = leaves_nothing("cancel");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "cancel", 16 << 20).unwrap();
-    // The helper exec'd per job.
+    // The shim exec'd per job.
     let (running, mut stdout) = start_ready(
         &config("cancel"),
         211_001,
@@ -451,29 +452,29 @@ fn cancel_of_a_term_ignoring_job_kills_after_the_grace() {
 }
 
 #[test]
-fn helper_crash_leaves_no_mount_process_or_cgroup() {
+fn shim_crash_leaves_no_mount_process_or_cgroup() {
     if !prerequisites() {
         return;
     }
     let _dirs = leaves_nothing("crash");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let job = JobDir::create(jobs.path(), "crash", 16 << 20).unwrap();
-    // A helper forked by the zygote, as in the worker.
+    // A shim forked by the zygote, as in the worker.
     let (running, _stdout) = start_ready(
         &zygote_config("crash"),
         211_003,
         &job,
         &["sh", "-c", "echo ready; sleep 3600"],
     );
-    let helper = running.shim_pid().to_string();
+    let shim = running.shim_pid().to_string();
     assert!(
         std::process::Command::new("kill")
-            .args(["-KILL", &helper])
+            .args(["-KILL", &shim])
             .status()
             .unwrap()
             .success()
     );
-    let err = running.wait().expect_err("a killed helper cannot report");
+    let err = running.wait().expect_err("a killed shim cannot report");
     assert!(matches!(err, corral_sandbox::Error::ShimDied), "{err}");
     assert_nothing_left("crash", 211_003, "crash");
     // The upper dir's filesystem is free again: the worker can unmount it.
@@ -487,6 +488,7 @@ fn a_setup_failure_names_its_step_and_errno() {
     if !prerequisites() {
         return;
     }
+    let _dirs = leaves_nothing("setup");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     for (how, config) in [
         ("exec'd shim", config("setup")),
@@ -521,7 +523,7 @@ fn a_setup_failure_names_its_step_and_errno() {
     }
 }
 
-/// A zygote that died (killed between jobs) is replaced on the next job; the helpers it
+/// A zygote that died (killed between jobs) is replaced on the next job; the shims it
 /// forked are not its own children's problem: each reports over its own socket.
 #[test]
 fn a_dead_zygote_is_replaced() {

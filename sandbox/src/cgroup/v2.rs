@@ -64,8 +64,8 @@ impl CgroupVersion for V2 {
         if let Some(mem) = limits.memory_bytes {
             write(&self.file("memory.max"), &mem.to_string())?;
             write(&self.file("memory.swap.max"), "0")?;
-            // No memory.oom.group: a group kill would take the supervising helper, which
-            // shares the cgroup, along with the job.
+            // No memory.oom.group: a group kill would take the job's init, which shares the
+            // cgroup and reports the job's end, along with the job.
         }
         if let Some(pids) = limits.pids {
             write(&self.file("pids.max"), &pids.to_string())?;

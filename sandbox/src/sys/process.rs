@@ -14,9 +14,9 @@ pub enum Forked {
 
 /// `clone(flags | SIGCHLD)` with fork semantics (the child continues on a copy of the
 /// stack). Only sound in a single-threaded process, which is why the worker re-executes a
-/// helper instead of calling this.
+/// shim instead of calling this.
 pub fn clone_fork(flags: libc::c_int) -> io::Result<Forked> {
-    // SAFETY: a null stack makes clone behave like fork; the caller (the helper) is
+    // SAFETY: a null stack makes clone behave like fork; the caller (the shim) is
     // single-threaded, so the child's copy of the address space holds no foreign locks.
     let ret = unsafe {
         libc::syscall(

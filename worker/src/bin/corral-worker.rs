@@ -1,5 +1,5 @@
 //! `corral-worker`: the whole `corral` command line, the worker included. `corral` hands it
-//! every command but `sandbox`; it is the binary the worker's sandbox helpers are started
+//! every command but `sandbox`; it is the binary the worker's sandbox shims are started
 //! from. Reads as a pipeline: parse the command line, install logging, run one command,
 //! turn its outcome into an exit code.
 #![forbid(unsafe_code)]

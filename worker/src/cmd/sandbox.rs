@@ -131,7 +131,7 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
             Upper::Given(_) | Upper::Limited(_) => None,
         },
     };
-    // This process is single-threaded: it supervises the job itself (no helper to start).
+    // This process is single-threaded: it supervises the job itself (no shim to start).
     let output = if args.quiet {
         Output::Discard
     } else {
