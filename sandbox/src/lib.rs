@@ -61,13 +61,14 @@ mod sandbox; // the worker's side of a run: Sandbox::spawn / Sandbox::run
 mod seccomp; // the syscall filter and how its notifications are named
 mod shim; // the per-job supervisor outside the job: clones init, limits, cancel, report
 mod spec; // what to run and how: SandboxSpec, limits, config
+#[allow(unsafe_code)]
 mod sys; // the only unsafe code: thin syscall wrappers, one file per kernel concept
 mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, discover as discover_cgroups,
 };
-pub use handshake::{HandshakeError, SetupError, SetupStep};
+pub use handshake::{HandshakeError, SetupError, SetupStep, VERSION as HANDSHAKE_VERSION};
 pub use identity::{IdentityError, IdentityMap};
 pub use jobdir::{
     JobDir, JobDirError, JobDirPool, PoolOptions, PoolRecovery, PoolStats, PooledJobDir,

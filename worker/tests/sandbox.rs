@@ -523,6 +523,44 @@ fn a_setup_failure_names_its_step_and_errno() {
     }
 }
 
+/// A shim refuses a request framed by another build of the handshake (an upgrade under a
+/// running worker) and says so in a report of its own version, instead of misreading it.
+#[test]
+fn a_shim_refuses_a_frame_of_another_handshake_version() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let mut shim = std::process::Command::new(env!("CARGO_BIN_EXE_corral-worker"))
+        .arg(corral_sandbox::SHIM_ARG)
+        .env_clear()
+        .stdin(std::os::fd::OwnedFd::from(theirs))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // length (of what follows) | version | kind (R: the request) | body
+    let body = b"{}";
+    let newer = corral_sandbox::HANDSHAKE_VERSION + 1;
+    let mut frame = ((2 + body.len()) as u32).to_le_bytes().to_vec();
+    frame.extend([newer, b'R']);
+    frame.extend(body);
+    ours.write_all(&frame).unwrap();
+    let mut reply = Vec::new();
+    ours.read_to_end(&mut reply).unwrap();
+    assert!(shim.wait().unwrap().success());
+    assert!(reply.len() > 6, "no report: {reply:?}");
+    let len = u32::from_le_bytes(reply[..4].try_into().unwrap()) as usize;
+    assert_eq!(len + 4, reply.len(), "one frame, whole");
+    assert_eq!(reply[4], corral_sandbox::HANDSHAKE_VERSION);
+    assert_eq!(reply[5], b'O', "a report");
+    let report: serde_json::Value = serde_json::from_slice(&reply[6..]).unwrap();
+    assert_eq!(report["error"]["step"], "request", "{report}");
+    let detail = report["error"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("version {newer}")),
+        "the report names the version it refused: {detail}"
+    );
+}
+
 /// A zygote that died (killed between jobs) is replaced on the next job; the shims it
 /// forked are not its own children's problem: each reports over its own socket.
 #[test]

@@ -1,7 +1,6 @@
 //! Thin wrappers over the raw syscalls the sandbox needs, one file per kernel concept. The
 //! only place in the workspace with `unsafe`; everything above speaks in `io::Result` and
-//! owned fds.
-#![allow(unsafe_code)]
+//! owned fds. `lib.rs` allows `unsafe` for this module alone.
 
 mod caps;
 mod exec;
