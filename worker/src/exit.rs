@@ -27,13 +27,63 @@ pub fn for_status(status: corral_protocol::Status) -> u8 {
     }
 }
 
-/// The exit code for a command's outcome; an error is printed to stderr first.
+/// Standard output was closed by its reader (`corral schema job | head -1`): 128 + SIGPIPE,
+/// the status a shell shows for `cat` or `grep` ended the same way. Nothing is printed.
+pub const STDOUT_CLOSED: u8 = 141;
+
+/// The exit code for a command's outcome; an error is printed to stderr first. The one
+/// place that turns a closed standard output, from any command, into a quiet end.
 pub fn code(outcome: anyhow::Result<u8>) -> u8 {
     match outcome {
         Ok(code) => code,
+        Err(err) if err.chain().any(|e| e.is::<StdoutClosed>()) => STDOUT_CLOSED,
         Err(err) => {
             eprintln!("corral: error: {err:#}");
             INTERNAL
         }
     }
+}
+
+/// The reader of standard output went away. Commands return it (through `?`) instead of
+/// panicking the way `println!` does, so their cleanup still runs before the quiet exit.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writing to standard output failed for another reason (a full disk behind a redirect).
+#[derive(Debug, thiserror::Error)]
+#[error("writing to standard output: {0}")]
+pub struct StdoutFailed(#[source] std::io::Error);
+
+/// Writes to standard output and flushes; what [`outln!`](crate::outln) expands to.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.flush())
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::BrokenPipe => anyhow::Error::new(StdoutClosed),
+            _ => anyhow::Error::new(StdoutFailed(err)),
+        })
+}
+
+/// `println!` for commands: returns an error instead of panicking on a closed stdout. Use
+/// with `?`; [`code`] ends the process quietly when the reader went away.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::exit::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::exit::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for commands; see [`outln!`](crate::outln).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::exit::write_stdout(format_args!($($arg)*))
+    };
 }

@@ -17,8 +17,8 @@ pub fn run(args: CheckConfigArgs) -> anyhow::Result<u8> {
                 eprintln!("corral: warning: {warning}");
             }
             if !args.quiet {
-                println!("# effective config of {}", args.file.display());
-                print!("{}", loaded.config.to_toml());
+                crate::outln!("# effective config of {}", args.file.display())?;
+                crate::out!("{}", loaded.config.to_toml())?;
             }
             Ok(exit::SUCCESS)
         }

@@ -3,7 +3,6 @@
 //! straight to ours (or nowhere with `--quiet`); Ctrl-C cancels the job and still prints
 //! the outcome.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -142,13 +141,7 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
 
 /// Prints the outcome as one JSON line; the exit code says whether the job succeeded.
 fn print(outcome: &Outcome) -> anyhow::Result<u8> {
-    // Not println!, which panics on a closed stdout and would skip removing the upper dir.
-    writeln!(
-        std::io::stdout().lock(),
-        "{}",
-        serde_json::to_string(outcome)?
-    )
-    .context("printing the outcome")?;
+    crate::outln!("{}", serde_json::to_string(outcome)?)?;
     Ok(if outcome.success() {
         exit::SUCCESS
     } else {

@@ -13,7 +13,7 @@ pub fn run(args: SchemaArgs) -> anyhow::Result<u8> {
             let path = dir.join(&name);
             let text = serde_json::to_string_pretty(&schema)? + "\n";
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-            println!("wrote {}", path.display());
+            crate::outln!("wrote {}", path.display())?;
         }
         return Ok(exit::SUCCESS);
     }
@@ -22,6 +22,6 @@ pub fn run(args: SchemaArgs) -> anyhow::Result<u8> {
         .into_iter()
         .find(|(name, _)| *name == wanted)
         .context("no such message")?;
-    println!("{}", serde_json::to_string_pretty(&schema)?);
+    crate::outln!("{}", serde_json::to_string_pretty(&schema)?)?;
     Ok(exit::SUCCESS)
 }

@@ -46,7 +46,7 @@ pub fn run(args: SnapshotArgs) -> anyhow::Result<u8> {
                     })
                 })
                 .collect();
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::json!({
                     "digest": summary.digest,
@@ -58,21 +58,21 @@ pub fn run(args: SnapshotArgs) -> anyhow::Result<u8> {
                     "setid_stripped": summary.setid_stripped,
                     "skipped": skipped,
                 })
-            );
+            )?;
             Ok(exit::SUCCESS)
         }
         Err(err) => {
             let _ = std::fs::remove_file(&partial);
             let message = chain(&err);
             eprintln!("corral: snapshot failed: {message}");
-            println!(
+            crate::outln!(
                 "{}",
                 serde_json::json!({
                     "error": err.kind(),
                     "message": message,
                     "tree_fault": err.is_tree_fault(),
                 })
-            );
+            )?;
             Ok(if err.is_tree_fault() {
                 exit::INVALID_INPUT
             } else {

@@ -75,7 +75,7 @@ async fn push_async(args: SourcePushArgs) -> anyhow::Result<u8> {
                 PutOutcome::Mounted => "mounted from another repository",
             };
             tracing::info!(%digest, size, "source bundle {what}");
-            println!("{digest}");
+            crate::outln!("{digest}")?;
             std::io::stdout().flush()?;
             Ok(exit::SUCCESS)
         }

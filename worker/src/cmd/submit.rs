@@ -123,7 +123,7 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
                 return Ok(exit::PLATFORM_ERROR);
             }
         };
-        println!("{}", serde_json::to_string(&result)?);
+        crate::outln!("{}", serde_json::to_string(&result)?)?;
         let _ = conn.close(200, "done".into()).await;
         Ok(exit::for_status(result.status))
     })

@@ -10,21 +10,20 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<u8> {
         let verdict = corral_protocol::decode_job(&bytes);
         let name = file.display();
         match (&verdict, args.json) {
-            (Ok(job), true) => println!(
+            (Ok(job), true) => crate::outln!(
                 "{}",
                 serde_json::json!({"file": name.to_string(), "valid": true, "job_id": job.job_id, "project": job.project})
-            ),
-            (Ok(job), false) => println!(
+            )?,
+            (Ok(job), false) => crate::outln!(
                 "{name}: valid job {} of project {}",
-                job.job_id, job.project
-            ),
-            (Err(err), true) => {
-                println!(
-                    "{}",
-                    serde_json::json!({"file": name.to_string(), "valid": false, "error": err})
-                )
-            }
-            (Err(err), false) => println!("{name}: invalid: {err} [{}]", err.rule),
+                job.job_id,
+                job.project
+            )?,
+            (Err(err), true) => crate::outln!(
+                "{}",
+                serde_json::json!({"file": name.to_string(), "valid": false, "error": err})
+            )?,
+            (Err(err), false) => crate::outln!("{name}: invalid: {err} [{}]", err.rule)?,
         }
         if verdict.is_err() {
             code = exit::INVALID_INPUT;
