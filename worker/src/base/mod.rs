@@ -15,6 +15,7 @@
 
 pub mod debootstrap;
 pub mod import;
+pub mod prerequisites;
 
 use std::fs::{self, File};
 use std::io;
@@ -82,6 +83,18 @@ pub enum BaseError {
     Mounts { path: PathBuf, source: io::Error },
 
     // Building with debootstrap.
+    #[error(transparent)]
+    Prerequisite(#[from] prerequisites::PrerequisiteError),
+    #[error(
+        "not enough space for a base in {}: {} free, about {} needed; free some space or pass \
+         --data-dir DIR on a larger filesystem",
+        path.display(), ByteSize(*free), ByteSize(*needed)
+    )]
+    NoSpace {
+        path: PathBuf,
+        free: u64,
+        needed: u64,
+    },
     #[error("running {program}: {source} (is it installed, and are you root?)")]
     Spawn {
         program: &'static str,
