@@ -81,6 +81,10 @@ pub enum Command {
     /// Validate a worker config file (plus `CORRAL_*` environment and flags) and print the
     /// effective config with secrets redacted; exit 65 naming the bad key otherwise.
     CheckConfig(CheckConfigArgs),
+    /// Check that this host can run builds (kernel, namespaces, overlayfs, cgroups, seccomp,
+    /// disk limits, tools, data dir; with --config also the broker and the store), one line
+    /// per check with the fix beside each failure. Exit 0 when nothing fails, 1 otherwise.
+    Doctor(DoctorArgs),
     /// Run one command in a sandbox over a root filesystem and print its outcome as JSON.
     Sandbox(Box<SandboxArgs>),
     /// Consume build jobs from RabbitMQ until SIGTERM (then drain).
@@ -118,6 +122,23 @@ pub struct ReplayArgs {
     /// A worker config file (TOML) to take limits, sandbox and store settings from.
     #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Never install a missing host package (debootstrap, python3-venv) with apt; stop and
+    /// name it instead. Installing happens only as root on Debian or Ubuntu.
+    #[arg(long, env = "CORRAL_NO_INSTALL", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_install: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    /// Print the report as one JSON object (stable keys; see `corral_worker::doctor`).
+    #[arg(long)]
+    pub json: bool,
+    /// A worker config file: its data dir, cgroup parent, broker and store are checked.
+    #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The data dir to check (default: the config's, else /var/lib/corral).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -240,6 +261,9 @@ pub struct BaseBuildArgs {
     /// Rebuild the base if it exists, swapping the new one in when it is complete.
     #[arg(long)]
     pub replace: bool,
+    /// Never install debootstrap with apt when it is missing; stop and name it instead.
+    #[arg(long, env = "CORRAL_NO_INSTALL", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_install: bool,
     #[command(flatten)]
     pub data_dir: DataDirArg,
 }

@@ -3,6 +3,9 @@
 //! (snapshots), the stores and the AMQP worker. Raw syscalls live in `corral-sandbox`; wire
 //! types in `corral-protocol`.
 #![forbid(unsafe_code)]
+// Standard output goes through `outln!`/`out!`, which turn a closed stdout into a quiet
+// exit (`exit::code`) instead of `println!`'s panic.
+#![warn(clippy::print_stdout)]
 
 /// The AMQP worker: topology, consumer, confirming publisher, cancels, drain.
 pub mod amqp;
@@ -20,8 +23,12 @@ pub mod cmd;
 pub mod config;
 /// Warnings about the data disk the worker runs on.
 pub mod datadisk;
+/// `corral doctor`: whether this host can run builds.
+pub mod doctor;
 /// Exit codes that say whose fault a failure is.
 pub mod exit;
+/// What a fixture job needs on its first replay, made once and announced.
+pub mod firstrun;
 /// OCI image config and manifest.
 pub mod image;
 /// A job's life: spec → stage → build → publish → verdict.

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::base::prerequisites::{self, Install, Role};
 use crate::base::{
     Base, BaseError, Catalogue, IfExists, Origin, Progress, Recipe, Step, human_size,
 };
@@ -20,10 +21,14 @@ pub fn run(command: BaseCommand) -> anyhow::Result<u8> {
     };
     match outcome {
         Ok(()) => Ok(exit::SUCCESS),
-        Err(err) => {
-            eprintln!("corral: error: {err}");
-            Ok(exit_code(&err))
-        }
+        Err(err) => match err.downcast::<BaseError>() {
+            Ok(err) => {
+                eprintln!("corral: error: {err}");
+                Ok(exit_code(&err))
+            }
+            // A closed or failing standard output: `exit::code` decides.
+            Err(other) => Err(other),
+        },
     }
 }
 
@@ -51,7 +56,7 @@ fn if_exists(replace: bool) -> IfExists {
     }
 }
 
-fn build(args: BaseBuildArgs) -> Result<(), BaseError> {
+fn build(args: BaseBuildArgs) -> anyhow::Result<()> {
     let catalogue = Catalogue::open(&args.data_dir.dir)?;
     let recipe = match &args.recipe {
         Some(path) => {
@@ -67,21 +72,31 @@ fn build(args: BaseBuildArgs) -> Result<(), BaseError> {
             docs: args.docs,
         },
     };
-    let base = build_with_progress(&catalogue, &args.name, &recipe, if_exists(args.replace))?;
-    summarise(&base);
+    let install = Install::for_host(args.no_install);
+    let base = build_with_progress(
+        &catalogue,
+        &args.name,
+        &recipe,
+        if_exists(args.replace),
+        &install,
+    )?;
+    summarise(&base)?;
     Ok(())
 }
 
 /// Builds a base with debootstrap, showing its progress (shared with `corral replay`,
-/// which creates missing fixture bases on first use).
+/// which creates missing fixture bases on first use). A missing debootstrap is installed
+/// first when `install` allows it, and named with its package otherwise.
 pub(crate) fn build_with_progress(
     catalogue: &Catalogue,
     name: &corral_protocol::BaseName,
     recipe: &Recipe,
     if_exists: IfExists,
+    install: &Install,
 ) -> Result<Base, BaseError> {
+    prerequisites::ensure(Role::Base, install, &mut |line| eprintln!("corral: {line}"))?;
     eprintln!(
-        "corral: building base {} with debootstrap ({} minbase{}{}); this takes a minute or two",
+        "corral: building base {} with debootstrap ({} minbase{}{}); this takes a few minutes (about 3 on 2 cores)",
         name,
         recipe.suite,
         if recipe.include.is_empty() { "" } else { " + " },
@@ -93,7 +108,7 @@ pub(crate) fn build_with_progress(
     base
 }
 
-fn import(args: BaseImportArgs) -> Result<(), BaseError> {
+fn import(args: BaseImportArgs) -> anyhow::Result<()> {
     let catalogue = Catalogue::open(&args.data_dir.dir)?;
     let mut display = Display::new();
     let base = catalogue.import(
@@ -103,13 +118,13 @@ fn import(args: BaseImportArgs) -> Result<(), BaseError> {
         &mut |p| display.report(p),
     );
     display.finish();
-    summarise(&base?);
+    summarise(&base?)?;
     Ok(())
 }
 
-fn summarise(base: &Base) {
+fn summarise(base: &Base) -> anyhow::Result<()> {
     let info = &base.info;
-    println!(
+    crate::outln!(
         "base {}: {}, {} files, layer {}, in {}",
         info.name,
         human_size(info.size),
@@ -118,18 +133,18 @@ fn summarise(base: &Base) {
             .as_ref()
             .map_or_else(|| "not computed".to_string(), |l| l.digest.to_string()),
         base.dir().display()
-    );
+    )
 }
 
-fn list(args: BaseListArgs) -> Result<(), BaseError> {
+fn list(args: BaseListArgs) -> anyhow::Result<()> {
     let catalogue = Catalogue::open(&args.data_dir.dir)?;
     let bases = catalogue.list()?;
     if args.json {
         let infos: Vec<_> = bases.iter().map(|b| &b.info).collect();
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&infos).expect("base infos serialise")
-        );
+        )?;
         return Ok(());
     }
     if bases.is_empty() {
@@ -173,7 +188,7 @@ fn list(args: BaseListArgs) -> Result<(), BaseError> {
                 _ => format!("{cell:<width$}"),
             })
             .collect();
-        println!("{}", cells.join("  "));
+        crate::outln!("{}", cells.join("  "))?;
     }
     Ok(())
 }
@@ -195,28 +210,28 @@ fn origin_text(origin: &Origin) -> String {
     }
 }
 
-fn show(args: BaseShowArgs) -> Result<(), BaseError> {
+fn show(args: BaseShowArgs) -> anyhow::Result<()> {
     let catalogue = Catalogue::open(&args.data_dir.dir)?;
     let base = catalogue.get(&args.name)?;
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&base.info).expect("base info serialises")
-        );
+        )?;
     } else {
         let info = &base.info;
-        println!("name:    {}", info.name);
-        println!("rootfs:  {}", base.rootfs().display());
-        println!("size:    {} ({} bytes)", human_size(info.size), info.size);
-        println!("files:   {}", info.files);
-        println!("created: {} by {}", info.created.at, info.created.by);
-        println!("origin:  {}", origin_text(&info.created.origin));
+        crate::outln!("name:    {}", info.name)?;
+        crate::outln!("rootfs:  {}", base.rootfs().display())?;
+        crate::outln!("size:    {} ({} bytes)", human_size(info.size), info.size)?;
+        crate::outln!("files:   {}", info.files)?;
+        crate::outln!("created: {} by {}", info.created.at, info.created.by)?;
+        crate::outln!("origin:  {}", origin_text(&info.created.origin))?;
         match &info.layer {
             Some(layer) => {
-                println!("layer:   {} ({})", layer.digest, human_size(layer.size));
-                println!("diff_id: {}", layer.diff_id);
+                crate::outln!("layer:   {} ({})", layer.digest, human_size(layer.size))?;
+                crate::outln!("diff_id: {}", layer.diff_id)?;
             }
-            None => println!("layer:   not computed"),
+            None => crate::outln!("layer:   not computed")?,
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 
 pub mod base;
 pub mod check_config;
+pub mod doctor;
 pub mod replay;
 pub mod sandbox;
 pub mod schema;

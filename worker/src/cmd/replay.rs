@@ -3,13 +3,13 @@
 //! are created on first use from `fixtures/bases/` and `fixtures/bundles/`.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use corral_protocol::{Job, JobResult, Stream, WorkerInfo};
 
-use crate::base::{BaseError, Catalogue, IfExists, Recipe};
+use crate::base::Catalogue;
+use crate::base::prerequisites::Install;
 use crate::cli::ReplayArgs;
 use crate::config::{Config, ConfigFlags, Sources};
 use crate::exit;
@@ -18,7 +18,6 @@ use crate::job::{
     wire_name,
 };
 use crate::metrics::Metrics;
-use crate::store::Store;
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<u8> {
     let bytes =
@@ -58,6 +57,10 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<u8> {
 
 async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u8> {
     let say = |text: String| eprintln!("corral: {text}");
+    if let Err(err) = crate::firstrun::check_data_dir(&config.data_dir) {
+        eprintln!("corral: error: {:#}", err.error);
+        return Ok(err.code);
+    }
     let store = match open_store(&config).await {
         Ok(store) => store,
         Err(err) => {
@@ -69,11 +72,15 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
     settings.use_cache = !args.no_cache;
     // One job: one job filesystem, wiped after the build and torn down at exit.
     settings.job_dir_pool = 1;
-    let fixtures = fixtures_dir(&args.job);
     let catalogue = Catalogue::open(&config.data_dir).context("opening the bases")?;
-    if let Some(fixtures) = &fixtures {
-        prepare_base(&catalogue, &job, fixtures).await?;
-        prepare_source(&store, &job, fixtures).await?;
+    if let Some(fixtures) = crate::firstrun::fixtures_dir(&args.job) {
+        let install = Install::for_host(args.no_install);
+        let prepared =
+            crate::firstrun::prepare(&catalogue, &store, &job, &fixtures, &install).await;
+        if let Err(err) = prepared {
+            eprintln!("corral: error: {:#}", err.error);
+            return Ok(err.code);
+        }
     }
     let runner = Sandboxed::open(settings, store, Arc::new(Metrics::new()))
         .context("opening the data dir")?;
@@ -124,93 +131,14 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         return Ok(exit::PLATFORM_ERROR);
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&result)?)?;
     } else {
-        summarise(&result);
+        summarise(&result)?;
     }
     Ok(exit::for_status(result.status))
 }
 
-/// `fixtures/` when the job file sits in `fixtures/jobs/` (or any `jobs/` beside `bases/`
-/// and `bundles/`).
-fn fixtures_dir(job_file: &Path) -> Option<PathBuf> {
-    let dir = std::fs::canonicalize(job_file)
-        .ok()?
-        .parent()?
-        .parent()?
-        .to_path_buf();
-    (dir.join("bundles").is_dir() || dir.join("bases").is_dir()).then_some(dir)
-}
-
-async fn prepare_base(catalogue: &Catalogue, job: &Job, fixtures: &Path) -> anyhow::Result<()> {
-    match catalogue.get(&job.base) {
-        Ok(_) => return Ok(()),
-        Err(BaseError::Unknown { .. }) => {}
-        Err(err) => return Err(err.into()),
-    }
-    let recipe_path = fixtures.join("bases").join(format!("{}.json", job.base));
-    if !recipe_path.is_file() {
-        return Ok(()); // The run answers with the typed unknown-base error.
-    }
-    let recipe = Recipe::load(&recipe_path)?;
-    eprintln!(
-        "corral: base {} is missing; creating it from {} (once; about 1 to 3 minutes)",
-        job.base,
-        recipe_path.display()
-    );
-    let (catalogue, name) = (catalogue.clone(), job.base.clone());
-    tokio::task::spawn_blocking(move || {
-        super::base::build_with_progress(&catalogue, &name, &recipe, IfExists::Keep)
-    })
-    .await??;
-    Ok(())
-}
-
-/// Finds the fixture bundle whose deterministic packing has the job's source digest and
-/// pushes it, when the store lacks it.
-async fn prepare_source(store: &Store, job: &Job, fixtures: &Path) -> anyhow::Result<()> {
-    let digest = &job.source.digest;
-    if store.has_blob(digest).await? {
-        return Ok(());
-    }
-    let bundles = fixtures.join("bundles");
-    let Ok(entries) = std::fs::read_dir(&bundles) else {
-        return Ok(());
-    };
-    let mut dirs: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    let setup = fixtures.parent().map(|repo| repo.join("scripts/fixtures"));
-    if let Some(setup) = setup.filter(|s| s.is_file()) {
-        eprintln!(
-            "corral: source {digest} is not in the store; preparing the fixture bundles ({})",
-            setup.display()
-        );
-        let status = tokio::process::Command::new(&setup).status().await?;
-        anyhow::ensure!(status.success(), "{} failed", setup.display());
-    }
-    for dir in dirs {
-        let (file, packed) = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || super::source::pack_dir(&dir)).await??
-        };
-        if &packed != digest {
-            continue;
-        }
-        super::source::put_bundle(store, file, digest).await?;
-        eprintln!(
-            "corral: pushed fixture bundle {} as {digest}",
-            dir.display()
-        );
-        return Ok(());
-    }
-    Ok(())
-}
-
-fn summarise(result: &JobResult) {
+fn summarise(result: &JobResult) -> anyhow::Result<()> {
     let mut out = format!(
         "\n{} {}",
         result.job_id,
@@ -276,5 +204,5 @@ fn summarise(result: &JobResult) {
             if log.truncated { ", truncated" } else { "" }
         ));
     }
-    println!("{out}");
+    crate::outln!("{out}")
 }

@@ -42,6 +42,11 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
             tracing::warn!("config: {warning}");
         }
         let config = loaded.config;
+        // The same checks as `corral doctor`: refuse to start on a host that cannot build.
+        if let Err(failures) = crate::doctor::preflight(&config).await {
+            tracing::error!("refusing to start: this host failed checks:\n{failures}");
+            return Ok(exit::PLATFORM_ERROR);
+        }
         let amqp = match &args.config {
             Some(_) => AmqpSettings::from_config(&config, args.amqp),
             None => args.amqp,
