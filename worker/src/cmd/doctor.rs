@@ -27,6 +27,7 @@ pub fn run(args: DoctorArgs) -> anyhow::Result<u8> {
     // The broker and the store are checked when a config names them.
     let scope = Scope {
         services: args.config.is_some(),
+        all_tools: true,
     };
     let report = runtime.block_on(doctor::run(&config, scope));
     if args.json {

@@ -28,7 +28,7 @@ const CONTROLLERS: [(&str, &str); 4] = [
 
 const GIB: u64 = 1 << 30;
 
-pub(super) fn checks(config: &Config) -> Vec<Check> {
+pub(super) fn checks(config: &Config, scope: super::Scope) -> Vec<Check> {
     let mountinfo = corral_sandbox::mountinfo::read_own().unwrap_or_default();
     let mut checks = vec![
         kernel(),
@@ -43,7 +43,11 @@ pub(super) fn checks(config: &Config) -> Vec<Check> {
     checks.extend(
         prerequisites::packages()
             .iter()
-            .filter(|p| p.role != Role::Test)
+            .filter(|p| match p.role {
+                Role::Run => true,
+                Role::Base | Role::Fixtures | Role::Optional => scope.all_tools,
+                Role::Test => false,
+            })
             .map(tool),
     );
     checks
@@ -526,4 +530,84 @@ fn tool(package: &Package) -> Check {
         Role::Optional | Role::Test => Check::ok(id, format!("{missing}; optional")),
     }
     .with_details(details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// A mountinfo line for `fstype` at `point` with per-superblock `options`.
+    fn line(id: u32, point: &Path, fstype: &str, options: &str) -> String {
+        format!(
+            "{id} 1 0:{id} / {} rw,relatime - {fstype} {fstype} rw,{options}\n",
+            point.display()
+        )
+    }
+
+    #[test]
+    fn v1_controllers_beside_an_empty_v2_mount_are_reported_as_such() {
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("cgroup.controllers"), "\n").unwrap();
+        let mut mountinfo = String::new();
+        for (n, ctl) in ["memory", "pids", "cpu", "cpuacct", "blkio"]
+            .iter()
+            .enumerate()
+        {
+            let point = PathBuf::from("/sys/fs/cgroup").join(ctl);
+            mountinfo += &line(30 + n as u32, &point, "cgroup", ctl);
+        }
+        mountinfo += &line(40, v2.path(), "cgroup2", "nsdelegate");
+        let check = cgroups(&mountinfo);
+        assert_eq!(check.status, super::super::Status::Ok, "{check:?}");
+        let d = &check.details;
+        assert_eq!(d["used"], "v1");
+        assert_eq!(d["controllers"]["io"]["version"], "v1");
+        assert_eq!(d["controllers"]["io"]["path"], "/sys/fs/cgroup/blkio");
+        assert_eq!(d["controllers"]["memory"]["path"], "/sys/fs/cgroup/memory");
+        assert_eq!(d["v2"]["controllers"], json!([]));
+        assert!(
+            check.summary.contains("holds no controllers"),
+            "{}",
+            check.summary
+        );
+    }
+
+    #[test]
+    fn a_unified_hierarchy_with_its_controllers_is_used_and_a_missing_one_fails() {
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(
+            v2.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        let mountinfo = line(40, v2.path(), "cgroup2", "nsdelegate");
+        let check = cgroups(&mountinfo);
+        assert_eq!(check.details["used"], "v2");
+        assert_eq!(check.details["controllers"]["pids"]["version"], "v2");
+        assert_eq!(check.fix, None);
+
+        std::fs::write(v2.path().join("cgroup.controllers"), "cpu io\n").unwrap();
+        let check = cgroups(&mountinfo);
+        assert_eq!(check.status, super::super::Status::Fail, "{check:?}");
+        assert_eq!(check.details["used"], Value::Null);
+        assert_eq!(
+            check.details["controllers"]["memory"]["version"],
+            Value::Null
+        );
+        assert!(check.fix.is_some());
+    }
+
+    #[test]
+    fn the_deepest_mount_holds_a_path() {
+        let mountinfo = "22 1 254:0 / / rw - ext4 /dev/vda rw\n\
+                         30 22 0:40 / /var/lib/corral rw - xfs /dev/vdb rw\n";
+        let (point, fstype) = mount_of(mountinfo, Path::new("/var/lib/corral/jobs")).unwrap();
+        assert_eq!(
+            (point.as_path(), fstype.as_str()),
+            (Path::new("/var/lib/corral"), "xfs")
+        );
+        let (_, fstype) = mount_of(mountinfo, Path::new("/var/lib/other")).unwrap();
+        assert_eq!(fstype, "ext4");
+    }
 }

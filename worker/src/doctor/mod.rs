@@ -8,7 +8,7 @@
 //! { "ok": bool,                          no check failed
 //!   "checks": [ { "id": string,          kernel, user_namespaces, overlayfs, cgroups,
 //!                                        cgroup_parent, seccomp, disk_limit, data_dir,
-//!                                        tool:<command>, broker, store
+//!                                        tool:<package>, broker, store
 //!                 "status": "ok" | "warn" | "fail",
 //!                 "summary": string,     what was found
 //!                 "fix": string | null,  what to do, for warn and fail
@@ -150,12 +150,15 @@ impl Report {
 pub struct Scope {
     /// The broker and the store the config names.
     pub services: bool,
+    /// Every tool of the host package list but the test-only ones; otherwise only those
+    /// every worker host needs (a worker never builds bases or fixture bundles).
+    pub all_tools: bool,
 }
 
 /// Runs the checks for `config`. Blocking host checks run on a blocking thread.
 pub async fn run(config: &Config, scope: Scope) -> Report {
     let host_config = config.clone();
-    let mut checks = tokio::task::spawn_blocking(move || host::checks(&host_config))
+    let mut checks = tokio::task::spawn_blocking(move || host::checks(&host_config, scope))
         .await
         .unwrap_or_else(|err| {
             vec![Check::fail(
@@ -175,7 +178,11 @@ pub async fn run(config: &Config, scope: Scope) -> Report {
 /// and the store, with retries). Each warning is logged; failures come back, one per line,
 /// each with its fix, for the worker to refuse to start with.
 pub async fn preflight(config: &Config) -> Result<(), String> {
-    let report = run(config, Scope { services: false }).await;
+    let scope = Scope {
+        services: false,
+        all_tools: false,
+    };
+    let report = run(config, scope).await;
     for check in report.warnings() {
         tracing::warn!(
             check = %check.id,
@@ -199,5 +206,35 @@ pub async fn preflight(config: &Config) -> Result<(), String> {
         Ok(())
     } else {
         Err(failures.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_has_one_line_per_check_the_fix_below_and_a_total() {
+        let report = Report::new(vec![
+            Check::ok("kernel", "Linux 6.1"),
+            Check::warn("data_dir", "little space", "free some"),
+            Check::fail("seccomp", "missing", "upgrade"),
+        ]);
+        assert!(!report.ok);
+        let fix = " ".repeat(16) + "fix: ";
+        let expected = [
+            "ok    kernel    Linux 6.1".to_string(),
+            "warn  data_dir  little space".to_string(),
+            fix.clone() + "free some",
+            "fail  seccomp   missing".to_string(),
+            fix + "upgrade",
+            "3 checks: 1 ok, 1 warning, 1 failure".to_string(),
+        ];
+        assert_eq!(report.to_text().lines().collect::<Vec<_>>(), expected);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["ok"], false);
+        assert_eq!(json["checks"][2]["status"], "fail");
+        assert_eq!(json["checks"][0]["fix"], serde_json::Value::Null);
+        assert!(Report::new(vec![Check::warn("a", "b", "c")]).ok);
     }
 }
