@@ -12,12 +12,7 @@ mod common;
 use common::{is_root, require};
 
 fn corral(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_corral"))
-        .env("RUST_LOG", "warn")
-        .env_remove("CORRAL_CONFIG")
-        .args(args)
-        .output()
-        .unwrap()
+    common::corral().args(args).output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -292,7 +287,7 @@ fn work_refuses_to_start_naming_the_failed_check() {
     )
     .unwrap();
     let started = std::time::Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+    let out = common::corral()
         .env("RUST_LOG", "info")
         .args(["work", "--config", config.to_str().unwrap()])
         .output()

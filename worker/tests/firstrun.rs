@@ -10,16 +10,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{have, is_root, repo, require};
+use common::{have, is_root, require};
 
+/// The shared `corral` command (repository root, no inherited `CORRAL_*` settings), with no
+/// standard input.
 fn corral() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_corral"));
-    command
-        .current_dir(repo())
-        .env("RUST_LOG", "warn")
-        .env_remove("CORRAL_CONFIG")
-        .env_remove("CORRAL_NO_INSTALL")
-        .stdin(Stdio::null());
+    let mut command = common::corral();
+    command.stdin(Stdio::null());
     command
 }
 
