@@ -77,6 +77,13 @@ pub fn fixtures_dir(job_file: &Path) -> Option<PathBuf> {
     (dir.join("bundles").is_dir() || dir.join("bases").is_dir()).then_some(dir)
 }
 
+/// Makes sure the tools every build needs are on this host (`run` in the host package
+/// list: mkfs.ext4 for the disk limit, mount, modprobe), installing what is missing when
+/// `install` allows it.
+pub fn ensure_run_tools(install: &Install) -> Result<(), PrepareError> {
+    prerequisites::ensure(Role::Run, install, &mut |line| say(line)).map_err(PrepareError::platform)
+}
+
 /// Creates the job's base and source bundle from `fixtures` when they are missing.
 pub async fn prepare(
     catalogue: &Catalogue,

@@ -171,8 +171,16 @@ fn without_debootstrap_and_no_way_to_install_it_the_message_names_package_and_co
         return;
     }
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    // A PATH with the tools every build needs, and neither debootstrap nor apt-get.
     let empty_path = dir.path().join("bin");
     std::fs::create_dir(&empty_path).unwrap();
+    for tool in ["mkfs.ext4", "mount", "modprobe"] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("{tool} is on this host's PATH"));
+        std::os::unix::fs::symlink(found, empty_path.join(tool)).unwrap();
+    }
     // Installing turned off; then allowed but impossible (no apt-get on PATH).
     for (env, reason) in [
         (Some("1"), "installing is turned off"),
@@ -202,6 +210,20 @@ fn without_debootstrap_and_no_way_to_install_it_the_message_names_package_and_co
         assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
         no_leftovers(&data);
     }
+    // Any job, fixture or not, needs the tools of every build first.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    let out = corral()
+        .env("PATH", &bare)
+        .env("CORRAL_NO_INSTALL", "1")
+        .args(["replay", "fixtures/jobs/hello.json", "--data-dir"])
+        .arg(dir.path().join("data-bare"))
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("mkfs.ext4 is not installed"), "{stderr}");
+    assert!(stderr.contains("`apt-get install e2fsprogs`"), "{stderr}");
     // `--no-install` says the same as the variable.
     let out = corral()
         .env("PATH", &empty_path)

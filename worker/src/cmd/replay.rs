@@ -73,14 +73,14 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
     // One job: one job filesystem, wiped after the build and torn down at exit.
     settings.job_dir_pool = 1;
     let catalogue = Catalogue::open(&config.data_dir).context("opening the bases")?;
-    if let Some(fixtures) = crate::firstrun::fixtures_dir(&args.job) {
-        let install = Install::for_host(args.no_install);
-        let prepared =
-            crate::firstrun::prepare(&catalogue, &store, &job, &fixtures, &install).await;
-        if let Err(err) = prepared {
-            eprintln!("corral: error: {:#}", err.error);
-            return Ok(err.code);
-        }
+    let install = Install::for_host(args.no_install);
+    let mut prepared = crate::firstrun::ensure_run_tools(&install);
+    if let (Ok(()), Some(fixtures)) = (&prepared, crate::firstrun::fixtures_dir(&args.job)) {
+        prepared = crate::firstrun::prepare(&catalogue, &store, &job, &fixtures, &install).await;
+    }
+    if let Err(err) = prepared {
+        eprintln!("corral: error: {:#}", err.error);
+        return Ok(err.code);
     }
     let runner = Sandboxed::open(settings, store, Arc::new(Metrics::new()))
         .context("opening the data dir")?;
