@@ -35,7 +35,7 @@ pub enum IdentityError {
     },
     #[error("every uid in {start}..={end} is taken; widen the configured range")]
     Exhausted { start: u32, end: u32 },
-    #[error("the uid range {start}..={end} is empty or includes uid 0")]
+    #[error("the id range {start}..={end} is empty, overflows or includes id 0")]
     BadRange { start: u32, end: u32 },
 }
 
@@ -44,6 +44,8 @@ pub enum IdentityError {
 pub struct IdentityMap {
     path: PathBuf,
     range: RangeInclusive<u32>,
+    /// The gid of the range's first uid; a project's gid sits at its uid's offset from it.
+    gid_start: u32,
 }
 
 impl IdentityMap {
@@ -61,11 +63,39 @@ impl IdentityMap {
         })?;
         Ok(IdentityMap {
             path: data_dir.join("identities.json"),
+            gid_start: *range.start(),
             range,
         })
     }
 
-    /// The project's identity, allocating the lowest free uid (gid = uid) on first use.
+    /// Gids from their own range: a project's gid is `gid_start` plus its uid's offset in
+    /// the uid range (by default the gid equals the uid).
+    pub fn with_gid_start(self, gid_start: u32) -> Result<Self, IdentityError> {
+        let span = self.range.end() - self.range.start();
+        match gid_start.checked_add(span) {
+            Some(_) if gid_start != 0 => Ok(IdentityMap { gid_start, ..self }),
+            _ => Err(IdentityError::BadRange {
+                start: gid_start,
+                end: gid_start.saturating_add(span),
+            }),
+        }
+    }
+
+    fn identity_of(&self, uid: u32) -> Identity {
+        let host_gid = if self.range.contains(&uid) {
+            self.gid_start + (uid - self.range.start())
+        } else {
+            // Allocated from an earlier range, when gids equalled uids: its files on disk
+            // keep that gid.
+            uid
+        };
+        Identity {
+            host_uid: uid,
+            host_gid,
+        }
+    }
+
+    /// The project's identity, allocating the lowest free uid (and its gid) on first use.
     pub fn identity(&self, project: &str) -> Result<Identity, IdentityError> {
         let path = &self.path;
         let mut file = std::fs::OpenOptions::new()
@@ -97,10 +127,7 @@ impl IdentityMap {
             })?
         };
         if let Some(&uid) = map.get(project) {
-            return Ok(Identity {
-                host_uid: uid,
-                host_gid: uid,
-            });
+            return Ok(self.identity_of(uid));
         }
         let taken: std::collections::BTreeSet<u32> = map.values().copied().collect();
         let uid =
@@ -124,10 +151,7 @@ impl IdentityMap {
             path: path.clone(),
             source,
         })?;
-        Ok(Identity {
-            host_uid: uid,
-            host_gid: uid,
-        })
+        Ok(self.identity_of(uid))
     }
 }
 
@@ -147,6 +171,23 @@ mod tests {
         assert_eq!(map.identity("alpha").unwrap(), a);
         let reopened = IdentityMap::open(dir.path(), 200_000..=200_009).unwrap();
         assert_eq!(reopened.identity("beta").unwrap(), b);
+    }
+
+    #[test]
+    fn gids_sit_at_the_uids_offset_in_their_own_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = IdentityMap::open(dir.path(), 200_000..=200_009)
+            .unwrap()
+            .with_gid_start(500_000)
+            .unwrap();
+        let a = map.identity("alpha").unwrap();
+        let b = map.identity("beta").unwrap();
+        assert_eq!((a.host_uid, a.host_gid), (200_000, 500_000));
+        assert_eq!((b.host_uid, b.host_gid), (200_001, 500_001));
+        assert_eq!(map.identity("beta").unwrap(), b);
+        let open = || IdentityMap::open(dir.path(), 200_000..=200_009).unwrap();
+        assert!(open().with_gid_start(0).is_err());
+        assert!(open().with_gid_start(u32::MAX - 5).is_err());
     }
 
     #[test]
