@@ -193,6 +193,7 @@ impl Sandboxed {
         let cache_dir = data.join("cache").join("actions");
         let cache = ActionCache::open(&cache_dir).map_err(|e| open_err(&cache_dir, e.into()))?;
         let identities = IdentityMap::open(&data, settings.uid_range.clone())
+            .and_then(|ids| ids.with_gid_start(settings.gid_start))
             .map_err(|e| open_err(&data, e.into()))?;
         for dir in [data.join("jobs"), data.join("tmp")] {
             std::fs::create_dir_all(&dir).map_err(|e| open_err(&dir, e.into()))?;

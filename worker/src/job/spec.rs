@@ -25,8 +25,10 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// This worker's maxima (at most [`Limits::MAX`]).
     pub max_limits: Limits,
-    /// Host uids (and gids, from `gid_start`) handed out to projects.
+    /// Host uids handed out to projects.
     pub uid_range: RangeInclusive<u32>,
+    /// The gid of the range's first uid: a project's gid sits at its uid's offset from it.
+    pub gid_start: u32,
     pub sandbox: SandboxConfig,
     pub cpus_per_build: f64,
     pub kill_grace: Duration,
@@ -63,6 +65,7 @@ impl Settings {
                 ..=sandbox
                     .uid_start
                     .saturating_add(sandbox.id_count.saturating_sub(1)),
+            gid_start: sandbox.gid_start,
             sandbox: sandbox_config,
             cpus_per_build: sandbox.cpus_per_build,
             kill_grace: sandbox.kill_grace,
