@@ -80,7 +80,7 @@ pub enum Command {
     Source(SourceCommand),
     /// Validate a worker config file (plus `CORRAL_*` environment and flags) and print the
     /// effective config with secrets redacted; exit 65 naming the bad key otherwise.
-    CheckConfig(CheckConfigArgs),
+    CheckConfig(Box<CheckConfigArgs>),
     /// Check that this host can run builds (kernel, namespaces, overlayfs, cgroups, seccomp,
     /// disk limits, tools, data dir; with --config also the broker and the store), one line
     /// per check with the fix beside each failure. Exit 0 when nothing fails, 1 otherwise.
@@ -107,10 +107,10 @@ pub struct ValidateArgs {
 pub struct ReplayArgs {
     /// The job message (JSON), e.g. fixtures/jobs/python-app.json.
     pub job: PathBuf,
-    /// Store URL (default: the config's, i.e. `oci-dir:<data dir>/store`).
+    /// Store URL (`store.url`; default: the config's, i.e. `oci-dir:<data dir>/store`).
     #[arg(long, value_name = "URL")]
     pub store: Option<String>,
-    /// The worker's data dir (bases, store, caches, job dirs). Default /var/lib/corral.
+    /// The worker's data dir (`data_dir`: bases, store, caches, job dirs).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Rebuild even when the action cache has this job's inputs.
@@ -139,6 +139,22 @@ pub struct DoctorArgs {
     /// The data dir to check (default: the config's, else /var/lib/corral).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+impl ReplayArgs {
+    /// The config keys these flags set.
+    pub fn config_flags(&self) -> Vec<crate::config::FlagValue> {
+        use crate::config::FlagValue;
+        let mut out = Vec::new();
+        if let Some(dir) = &self.data_dir {
+            let dir = dir.display().to_string();
+            out.push(FlagValue::new("data_dir", dir, "--data-dir"));
+        }
+        if let Some(store) = &self.store {
+            out.push(FlagValue::new("store.url", store.as_str(), "--store"));
+        }
+        out
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -329,13 +345,19 @@ pub struct SourcePushArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CheckConfigArgs {
-    /// The TOML config file.
-    pub file: PathBuf,
+    /// The TOML config file. Without one: the defaults, the environment and the flags, as
+    /// `corral work` without `--config` runs.
+    #[arg(env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub file: Option<PathBuf>,
     /// Print nothing on success (for `validate:` in Ansible and scripts).
     #[arg(short, long)]
     pub quiet: bool,
+    /// Follow each key with where its value came from: `default`, `file PATH`,
+    /// `environment CORRAL_…` or `flag --…`.
+    #[arg(long, conflicts_with = "quiet")]
+    pub effective: bool,
     #[command(flatten)]
-    pub flags: crate::config::ConfigFlags,
+    pub flags: crate::config::WorkerFlags,
 }
 
 // `corral sandbox`'s defaults, shared by clap and [`SandboxArgs::parse_plain`].
@@ -515,9 +537,9 @@ pub enum SandboxNetwork {
 #[derive(Debug, clap::Args)]
 pub struct WorkArgs {
     #[command(flatten)]
-    pub amqp: crate::amqp::AmqpSettings,
-    /// The worker's config file (TOML). With it, the broker settings come from the file
-    /// (its `[amqp]` section, `concurrency`, `drain_deadline`) instead of the flags above.
+    pub flags: crate::config::WorkerFlags,
+    /// The worker's config file (TOML). `CORRAL_*` variables and the flags above override its
+    /// keys; `corral check-config --effective` shows the result.
     #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -529,17 +551,15 @@ pub struct SubmitArgs {
     /// Wait for the job's result (through a reply queue) and print it as JSON.
     #[arg(long)]
     pub wait: bool,
-    /// Broker URL.
-    #[arg(
-        long,
-        alias = "amqp",
-        env = "CORRAL_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// Prefix of the exchange names (`<prefix>.jobs`).
-    #[arg(long, env = "CORRAL_AMQP_PREFIX", default_value = "corral")]
-    pub prefix: String,
+    /// Broker URL (`amqp.url`).
+    #[arg(long, alias = "amqp", value_name = "URL")]
+    pub amqp_url: Option<String>,
+    /// Prefix of the exchange names (`amqp.prefix`): the job goes to `<prefix>.jobs`.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// The workers' config file (TOML), for the broker and store settings.
+    #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// With --wait: give up after this long (exit 75).
     #[arg(long, default_value = "1h", value_parser = crate::amqp::parse_duration)]
     pub timeout: std::time::Duration,
@@ -547,13 +567,27 @@ pub struct SubmitArgs {
     /// its digest as `source` (what `corral source push DIR` does, in one step).
     #[arg(long, value_name = "DIR")]
     pub source: Option<PathBuf>,
-    /// Store the workers read sources from (with --source).
-    #[arg(
-        long,
-        env = "CORRAL_STORE",
-        default_value = "oci-dir:/var/lib/corral/store"
-    )]
-    pub store: String,
+    /// Store the workers read sources from (with --source; `store.url`).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+}
+
+impl SubmitArgs {
+    /// The config keys these flags set.
+    pub fn config_flags(&self) -> Vec<crate::config::FlagValue> {
+        use crate::config::FlagValue;
+        let mut out = Vec::new();
+        if let Some(url) = &self.amqp_url {
+            out.push(FlagValue::new("amqp.url", url.as_str(), "--amqp-url"));
+        }
+        if let Some(prefix) = &self.prefix {
+            out.push(FlagValue::new("amqp.prefix", prefix.as_str(), "--prefix"));
+        }
+        if let Some(store) = &self.store {
+            out.push(FlagValue::new("store.url", store.as_str(), "--store"));
+        }
+        out
+    }
 }
 
 #[cfg(test)]

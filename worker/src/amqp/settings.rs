@@ -1,66 +1,94 @@
-//! [`AmqpSettings`]: what `corral work` needs to know about the broker and its own capacity,
-//! from flags with `CORRAL_*` environment fallbacks (the config file fills the same struct).
+//! [`AmqpSettings`]: what the AMQP worker needs to know about the broker and its own
+//! capacity, derived from the one [`Config`] (defaults, file, environment and flags are
+//! layered there; nothing here has a default of its own).
 
 use std::time::Duration;
 
 use corral_protocol::PoolName;
 
-/// Broker and capacity settings of a worker. Defaults follow `ARCHITECTURE.md`.
-#[derive(Debug, Clone, clap::Args)]
+use crate::config::Config;
+
+/// Broker and capacity settings of a worker.
+#[derive(Debug, Clone)]
 pub struct AmqpSettings {
-    /// Broker URL. A `heartbeat` query parameter, when absent, is set from `--heartbeat`.
-    #[arg(
-        long,
-        env = "CORRAL_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    /// Broker URI, password included: never log it (see [`redact`]).
     pub amqp_url: String,
-    /// Worker pool: the routing key on the job exchange and the suffix of the job queue.
-    #[arg(long, env = "CORRAL_POOL", default_value = "default", value_parser = parse_pool)]
     pub pool: PoolName,
     /// Builds run at once; also the prefetch count, so the broker never hands this worker
     /// more jobs than it has free slots.
-    #[arg(long, env = "CORRAL_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
     /// On SIGTERM, how long running builds may finish before they are cancelled and requeued.
-    #[arg(long, env = "CORRAL_DRAIN_DEADLINE", default_value = "5m", value_parser = parse_duration)]
     pub drain_deadline: Duration,
-    /// `x-delivery-limit` of the job queue: deliveries after the first before a job is
-    /// dead-lettered. Also when a platform failure stops being retried.
-    #[arg(long, env = "CORRAL_DELIVERY_LIMIT", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// `x-delivery-limit` of the job queue; also when a platform failure stops being retried.
     pub delivery_limit: u32,
-    /// How long the broker lets this worker hold a delivery (its `consumer_timeout`). A job
-    /// whose wall limit plus a margin for fetch and upload exceeds it is refused up front.
-    #[arg(long, env = "CORRAL_LEASE", default_value = "30m", value_parser = parse_duration)]
+    /// How long the broker lets this worker hold a delivery (its `consumer_timeout`).
     pub lease: Duration,
-    /// AMQP heartbeat, 10 to 20 seconds: dead connections are noticed within two of these.
-    #[arg(long, env = "CORRAL_HEARTBEAT", default_value_t = 15, value_parser = clap::value_parser!(u16).range(10..=20))]
+    /// A job whose wall limit plus this exceeds the lease is refused up front.
+    pub lease_margin: Duration,
     pub heartbeat: u16,
-    /// Prefix of every exchange and queue name (`<prefix>.jobs`, `<prefix>.jobs.<pool>`…).
-    #[arg(long, env = "CORRAL_AMQP_PREFIX", default_value = "corral")]
-    pub prefix: String,
-    /// How long publishing waits while the broker has blocked the connection (resource
-    /// alarm) before the attempt counts as failed and is retried.
-    #[arg(long, env = "CORRAL_BLOCKED_WAIT", default_value = "5m", value_parser = parse_duration)]
+    /// How long publishing waits while the broker has blocked the connection.
     pub blocked_wait: Duration,
-    /// How long a Cancel for a job this worker is not running is remembered, so the job is
-    /// answered `cancelled` if it is delivered here later.
-    #[arg(long, env = "CORRAL_CANCEL_MEMORY", default_value = "1h", value_parser = parse_duration)]
+    /// How long a Cancel for a job not running here is remembered.
     pub cancel_memory: Duration,
     /// Longest pause between reconnect attempts and platform-failure retries.
-    #[arg(long, env = "CORRAL_BACKOFF_MAX", default_value = "30s", value_parser = parse_duration)]
     pub backoff_max: Duration,
-    /// This worker's id in results and events. Default: `<hostname>-<pid>`.
-    #[arg(long, env = "CORRAL_WORKER_ID")]
-    pub worker_id: Option<String>,
-    /// Exchange and queue names set one by one (from the config file) instead of from
-    /// `prefix`.
-    #[arg(skip)]
-    pub names_override: Option<Names>,
+    pub worker_id: String,
+    pub names: Names,
 }
 
-fn parse_pool(s: &str) -> Result<PoolName, String> {
-    PoolName::new(s).map_err(|e| e.to_string())
+impl AmqpSettings {
+    pub fn from_config(config: &Config) -> AmqpSettings {
+        let a = &config.amqp;
+        AmqpSettings {
+            amqp_url: a.connection_uri(),
+            pool: a.pool.clone(),
+            concurrency: a.prefetch,
+            drain_deadline: config.drain_deadline,
+            delivery_limit: a.delivery_limit,
+            lease: a.lease,
+            lease_margin: a.lease_margin,
+            // Range-checked to 5..=60 by the config.
+            heartbeat: u16::try_from(a.heartbeat.as_secs()).unwrap_or(u16::MAX),
+            blocked_wait: a.blocked_wait,
+            cancel_memory: a.cancel_memory,
+            backoff_max: a.reconnect_max,
+            worker_id: config.worker.id.clone(),
+            names: Names {
+                jobs_exchange: a.jobs_exchange.clone(),
+                jobs_queue: a.jobs_queue.clone(),
+                dead_exchange: a.dead_letter_exchange.clone(),
+                dead_queue: a.dead_letter_queue.clone(),
+                results: a.results_exchange.clone(),
+                events: a.events_exchange.clone(),
+                logs: a.logs_exchange.clone(),
+                control: a.control_exchange.clone(),
+            },
+        }
+    }
+
+    pub fn names(&self) -> Names {
+        self.names.clone()
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone()
+    }
+
+    /// The broker URI with the heartbeat and a connection timeout set.
+    pub fn uri(&self) -> Result<lapin::uri::AMQPUri, super::AmqpError> {
+        let mut uri: lapin::uri::AMQPUri =
+            self.amqp_url
+                .parse()
+                .map_err(|reason| super::AmqpError::Url {
+                    url: redact(&self.amqp_url),
+                    reason,
+                })?;
+        uri.query.heartbeat = Some(self.heartbeat);
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(10_000);
+        }
+        Ok(uri)
+    }
 }
 
 /// Parses `90`, `90s`, `500ms`, `5m`, `2h` (a bare number is seconds).
@@ -106,68 +134,6 @@ impl Names {
             logs: format!("{prefix}.logs"),
             control: format!("{prefix}.control"),
         }
-    }
-}
-
-impl AmqpSettings {
-    pub fn names(&self) -> Names {
-        self.names_override
-            .clone()
-            .unwrap_or_else(|| Names::new(&self.prefix, &self.pool))
-    }
-
-    /// The settings a config file gives (it names every exchange and queue itself).
-    pub fn from_config(config: &crate::config::Config, base: AmqpSettings) -> AmqpSettings {
-        let a = &config.amqp;
-        AmqpSettings {
-            amqp_url: a.connection_uri(),
-            pool: a.pool.clone(),
-            concurrency: config.concurrency,
-            drain_deadline: config.drain_deadline,
-            delivery_limit: a.delivery_limit,
-            lease: a.lease,
-            heartbeat: u16::try_from(a.heartbeat.as_secs()).unwrap_or(15),
-            backoff_max: a.reconnect_max,
-            worker_id: Some(config.worker.id.clone()),
-            names_override: Some(Names {
-                jobs_exchange: a.jobs_exchange.clone(),
-                jobs_queue: a.jobs_queue.clone(),
-                dead_exchange: a.dead_letter_exchange.clone(),
-                dead_queue: a.dead_letter_queue.clone(),
-                results: a.results_exchange.clone(),
-                events: a.events_exchange.clone(),
-                logs: a.logs_exchange.clone(),
-                control: a.control_exchange.clone(),
-            }),
-            ..base
-        }
-    }
-
-    pub fn worker_id(&self) -> String {
-        self.worker_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "worker".into());
-            format!("{host}-{}", std::process::id())
-        })
-    }
-
-    /// The broker URI with the heartbeat set (unless the URL sets its own).
-    pub fn uri(&self) -> Result<lapin::uri::AMQPUri, super::AmqpError> {
-        let mut uri: lapin::uri::AMQPUri =
-            self.amqp_url
-                .parse()
-                .map_err(|reason| super::AmqpError::Url {
-                    url: redact(&self.amqp_url),
-                    reason,
-                })?;
-        if uri.query.heartbeat.is_none() {
-            uri.query.heartbeat = Some(self.heartbeat);
-        }
-        if uri.query.connection_timeout.is_none() {
-            uri.query.connection_timeout = Some(10_000);
-        }
-        Ok(uri)
     }
 }
 

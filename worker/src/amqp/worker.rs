@@ -440,7 +440,8 @@ impl<R: Runner> Worker<R> {
                 ..Facts::new(&job, ending, self.info.clone(), now_ms())
             })
         };
-        let unstarted = if let Err(err) = job::spec::check_lease(&job, self.settings.lease) {
+        let (lease, margin) = (self.settings.lease, self.settings.lease_margin);
+        let unstarted = if let Err(err) = job::spec::check_lease(&job, lease, margin) {
             tracing::warn!(job = %job.job_id, error = %err, "job refused: wall limit above the lease");
             Some(before_start(Ending::Rejected(err)))
         } else if self

@@ -29,8 +29,9 @@ use serde::{Deserialize, Serialize};
 pub use debootstrap::Recipe;
 pub use import::ImportFormat;
 
-/// Where the worker keeps its state (bases, stores, caches) unless told otherwise.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/corral";
+/// Where the worker keeps its state (bases, stores, caches) unless told otherwise: the
+/// config's default `data_dir`.
+pub const DEFAULT_DATA_DIR: &str = crate::config::defaults::DATA_DIR;
 
 const BASE_JSON: &str = "base.json";
 const ROOTFS: &str = "rootfs";

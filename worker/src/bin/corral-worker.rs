@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => cmd::snapshot::run(args),
         Command::Base(args) => cmd::base::run(args),
         Command::Source(command) => cmd::source::run(command),
-        Command::CheckConfig(args) => cmd::check_config::run(args),
+        Command::CheckConfig(args) => cmd::check_config::run(*args),
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Sandbox(args) => cmd::sandbox::run(*args),
         Command::Work(args) => cmd::work::run(*args),

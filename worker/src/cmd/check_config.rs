@@ -1,37 +1,63 @@
-//! `corral check-config FILE`: load a config exactly as `corral work` would (file, then
-//! `CORRAL_*` environment, then flags), print the effective config with secrets redacted,
-//! or name every bad key and exit 65.
+//! `corral check-config [FILE]`: load the config exactly as `corral work` would (defaults,
+//! the file, `CORRAL_*` environment, flags), print the effective config with secrets
+//! redacted (with `--effective`, each key followed by where its value came from), or name
+//! every bad key and exit 65. Every command that reads the config reports a bad one this way.
 
 use crate::cli::CheckConfigArgs;
-use crate::config::{Config, ConfigError, Sources};
+use crate::config::{Config, ConfigError, Loaded, Sources};
 use crate::exit;
 
 pub fn run(args: CheckConfigArgs) -> anyhow::Result<u8> {
-    let sources = Sources::from_process(Some(args.file.clone()), args.flags);
-    match Config::load(&sources) {
-        Ok(loaded) => {
-            for warning in &loaded.warnings {
-                eprintln!("corral: warning: {warning}");
-            }
-            if let Some(warning) = crate::datadisk::warning(&loaded.config.data_dir) {
-                eprintln!("corral: warning: {warning}");
-            }
-            if !args.quiet {
-                crate::outln!("# effective config of {}", args.file.display())?;
-                crate::out!("{}", loaded.config.to_toml())?;
-            }
-            Ok(exit::SUCCESS)
-        }
-        Err(err @ ConfigError::Invalid(_)) => {
-            eprintln!("corral: {} is invalid:", args.file.display());
+    let sources = Sources::from_process(args.file.clone(), args.flags.values());
+    let loaded = match load(&sources) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
+    for warning in &loaded.warnings {
+        eprintln!("corral: warning: {warning}");
+    }
+    if let Some(warning) = crate::datadisk::warning(&loaded.config.data_dir) {
+        eprintln!("corral: warning: {warning}");
+    }
+    if args.quiet {
+        return Ok(exit::SUCCESS);
+    }
+    let file = args
+        .file
+        .as_ref()
+        .map_or_else(|| "no file".to_string(), |f| f.display().to_string());
+    if args.effective {
+        crate::outln!("# effective config: defaults < {file} < CORRAL_* environment < flags")?;
+        crate::out!("{}", loaded.annotated_toml())?;
+    } else {
+        crate::outln!("# effective config of {file}")?;
+        crate::out!("{}", loaded.config.to_toml())?;
+    }
+    Ok(exit::SUCCESS)
+}
+
+/// The config, or the exit code after its errors were printed, one bad key a line.
+pub fn load(sources: &Sources) -> Result<Loaded, u8> {
+    Config::load(sources).map_err(|err| {
+        eprintln!("corral: {}", describe(&err, sources));
+        exit::INVALID_INPUT
+    })
+}
+
+/// A config error as printed: the config named, then every bad key on its own line.
+pub fn describe(err: &ConfigError, sources: &Sources) -> String {
+    match err {
+        ConfigError::Invalid(_) => {
+            let what = match &sources.file {
+                Some(file) => file.display().to_string(),
+                None => "the config".to_string(),
+            };
+            let mut text = format!("{what} is invalid:");
             for line in err.to_string().lines() {
-                eprintln!("  {line}");
+                text.push_str(&format!("\n  {line}"));
             }
-            Ok(exit::INVALID_INPUT)
+            text
         }
-        Err(err) => {
-            eprintln!("corral: {err}");
-            Ok(exit::INVALID_INPUT)
-        }
+        err => err.to_string(),
     }
 }

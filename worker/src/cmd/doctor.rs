@@ -4,21 +4,20 @@
 use anyhow::Context;
 
 use crate::cli::DoctorArgs;
-use crate::config::{Config, ConfigFlags, Sources};
+use crate::config::{FlagValue, Sources};
 use crate::doctor::{self, Scope};
 use crate::exit;
 
 pub fn run(args: DoctorArgs) -> anyhow::Result<u8> {
-    let flags = ConfigFlags {
-        data_dir: args.data_dir.clone(),
-        ..ConfigFlags::default()
-    };
-    let config = match Config::load(&Sources::from_process(args.config.clone(), flags)) {
+    let flags = args
+        .data_dir
+        .iter()
+        .map(|dir| FlagValue::new("data_dir", dir.display().to_string(), "--data-dir"))
+        .collect();
+    let config = match super::check_config::load(&Sources::from_process(args.config.clone(), flags))
+    {
         Ok(loaded) => loaded.config,
-        Err(err) => {
-            eprintln!("corral: {err}");
-            return Ok(exit::INVALID_INPUT);
-        }
+        Err(code) => return Ok(code),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

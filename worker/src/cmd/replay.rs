@@ -11,7 +11,7 @@ use corral_protocol::{Job, JobResult, Stream, WorkerInfo};
 use crate::base::Catalogue;
 use crate::base::prerequisites::Install;
 use crate::cli::ReplayArgs;
-use crate::config::{Config, ConfigFlags, Sources};
+use crate::config::{Config, Sources};
 use crate::exit;
 use crate::job::{
     self, Delivery, RunContext, Sandboxed, Settings, Stop, Stopper, error_chain, open_store,
@@ -33,21 +33,11 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<u8> {
             return Ok(exit::INVALID_INPUT);
         }
     };
-    let flags = ConfigFlags {
-        data_dir: args.data_dir.clone(),
-        ..ConfigFlags::default()
-    };
-    let mut config = match Config::load(&Sources::from_process(args.config.clone(), flags)) {
+    let sources = Sources::from_process(args.config.clone(), args.config_flags());
+    let config = match super::check_config::load(&sources) {
         Ok(loaded) => loaded.config,
-        Err(err) => {
-            eprintln!("corral: {err}");
-            return Ok(exit::INVALID_INPUT);
-        }
+        Err(code) => return Ok(code),
     };
-    if let Some(url) = &args.store {
-        config.store.url =
-            crate::config::StoreUrl::parse(url).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,4 +1,4 @@
-//! `corral submit JOB.json [--wait]`: publish a job to `<prefix>.jobs` (routing key = its
+//! `corral submit JOB.json [--wait]`: publish a job to the config's job exchange (routing key = its
 //! pool) with publisher confirms; with `--wait`, receive its result on an exclusive reply
 //! queue (AMQP `reply_to`, correlation id = job id) and print it.
 
@@ -13,6 +13,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use crate::amqp::AmqpError;
 use crate::cli::SubmitArgs;
+use crate::config::Sources;
 use crate::exit;
 
 pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
@@ -28,21 +29,27 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
             return Ok(exit::INVALID_INPUT);
         }
     };
+    let sources = Sources::from_process(args.config.clone(), args.config_flags());
+    let config = match super::check_config::load(&sources) {
+        Ok(loaded) => loaded.config,
+        Err(code) => return Ok(code),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         if let Some(dir) = &args.source {
-            let store = crate::store::Store::open(&args.store, None)
+            let store = crate::job::open_store(&config)
                 .await
-                .with_context(|| format!("opening the store {}", args.store))?;
+                .with_context(|| format!("opening the store {}", config.store.url))?;
             let (digest, size) = super::source::push_dir(&store, dir).await?;
             eprintln!("corral: source {} uploaded as {digest}", dir.display());
             job.source = corral_protocol::SourceRef { digest, size: Some(size) };
         }
-        let url = crate::amqp::redact(&args.amqp_url);
-        let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default())
+        let uri = config.amqp.connection_uri();
+        let url = config.amqp.url.to_string();
+        let conn = Connection::connect(&uri, ConnectionProperties::default())
             .await
             .map_err(|source| AmqpError::Connect { url, source })?;
         let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
@@ -75,7 +82,7 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
         }
         job.submitted_at_ms.get_or_insert_with(crate::amqp::now_ms);
         let body = serde_json::to_vec(&job).context("encoding the job")?;
-        let exchange = format!("{}.jobs", args.prefix);
+        let exchange = config.amqp.jobs_exchange.clone();
         let confirm = ch
             .basic_publish(
                 exchange.as_str().into(),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::amqp::{AmqpSettings, Worker};
 use crate::cli::WorkArgs;
-use crate::config::{Config, ConfigFlags, Sources};
+use crate::config::Sources;
 use crate::exit;
 use crate::job::{self, Sandboxed, Settings};
 use crate::metrics::Metrics;
@@ -30,14 +30,18 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
         );
         return Ok(exit::USAGE);
     }
+    // Every setting, the broker's included, comes from the one layered config.
+    let sources = Sources::from_process(args.config.clone(), args.flags.values());
+    let loaded = match super::check_config::load(&sources) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let (drain, kill) = on_signals()?;
-        let sources = Sources::from_process(args.config.clone(), ConfigFlags::default());
-        let loaded = Config::load(&sources).map_err(|e| anyhow::anyhow!("{e}"))?;
         for warning in &loaded.warnings {
             tracing::warn!("config: {warning}");
         }
@@ -47,10 +51,7 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
             tracing::error!("refusing to start: this host failed checks:\n{failures}");
             return Ok(exit::PLATFORM_ERROR);
         }
-        let amqp = match &args.config {
-            Some(_) => AmqpSettings::from_config(&config, args.amqp),
-            None => args.amqp,
-        };
+        let amqp = AmqpSettings::from_config(&config);
         let metrics = Arc::new(Metrics::new());
         if let Some(addr) = config.metrics.listen {
             let listener = crate::metrics::bind(addr)
@@ -79,7 +80,6 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
         Ok(exit::SUCCESS)
     })
 }
-
 /// Tokens fired by the first SIGTERM or SIGINT (drain) and the second (stop builds now).
 /// Installed before anything else, so an early signal drains instead of killing. Needs a
 /// tokio runtime.

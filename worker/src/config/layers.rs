@@ -237,6 +237,37 @@ fn merge(
     }
 }
 
+/// Variables that once set a worker setting under another name, and the key they set. A
+/// worker that silently ignored `CORRAL_POOL=gpu` would serve the wrong pool, so they are
+/// refused with their new name.
+const RENAMED_VARS: [(&str, &str); 8] = [
+    ("CORRAL_POOL", "amqp.pool"),
+    ("CORRAL_DRAIN_DEADLINE", "drain_deadline_seconds"),
+    ("CORRAL_DELIVERY_LIMIT", "amqp.delivery_limit"),
+    ("CORRAL_LEASE", "amqp.lease_seconds"),
+    ("CORRAL_HEARTBEAT", "amqp.heartbeat_seconds"),
+    ("CORRAL_BLOCKED_WAIT", "amqp.blocked_wait_seconds"),
+    ("CORRAL_CANCEL_MEMORY", "amqp.cancel_memory_seconds"),
+    ("CORRAL_BACKOFF_MAX", "amqp.reconnect_max_seconds"),
+];
+
+/// The key a renamed variable sets now.
+pub fn renamed_var(var: &str) -> Option<&'static str> {
+    RENAMED_VARS
+        .iter()
+        .find(|(old, _)| *old == var)
+        .map(|(_, key)| *key)
+}
+
+/// `CORRAL_*` variables that are not config keys but are read by corral itself: the config
+/// file's path, `corral source push`'s store, and the test and benchmark harnesses' own.
+pub fn read_elsewhere(var: &str) -> bool {
+    matches!(var, "CORRAL_CONFIG" | "CORRAL_RUNNER" | "CORRAL_STORE")
+        || ["CORRAL_TEST_", "CORRAL_BENCH_", "CORRAL_FAULT_"]
+            .iter()
+            .any(|prefix| var.starts_with(prefix))
+}
+
 /// The `CORRAL_*` variables that name a key, as a table, plus those that name none (which
 /// are ignored: other tools share the prefix, but a typo deserves a warning).
 pub fn from_env(vars: &[(String, String)], layers: &mut Layers) -> Vec<String> {

@@ -3,11 +3,13 @@
 //! validated into the typed [`Config`]. Every error names the dotted key, why it is wrong and
 //! which layer set it. `deploy/corral.example.toml` documents every key and its default.
 
+mod flags;
 mod layers;
 mod raw;
 mod url;
 mod validate;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use corral_protocol::{ByteSize, Limits, PoolName};
 
 use crate::cli::LogFormat;
 
+pub use flags::{FlagValue, WorkerFlags};
 pub use layers::{Key, Origin, keys};
 pub use raw::{RawBytes, RawConfig};
 pub use url::{AmqpUrl, StoreUrl};
@@ -26,16 +29,15 @@ pub mod defaults {
     pub const DATA_DIR: &str = "/var/lib/corral";
     pub const INSTANCE: &str = "0";
     pub const CONCURRENCY: u16 = 2;
-    pub const DRAIN_DEADLINE_SECONDS: u64 = 600;
-    pub const AMQP_URL: &str = "amqp://corral@127.0.0.1:5672/corral";
+    /// Five minutes: most builds finish, and a host drains well within a rolling restart.
+    pub const DRAIN_DEADLINE_SECONDS: u64 = 300;
+    /// The broker a fresh RabbitMQ install runs: its `guest` account (loopback only), the
+    /// default vhost. Without a password in the URL or `amqp.password`, the client sends
+    /// RabbitMQ's default, `guest`.
+    pub const AMQP_URL: &str = "amqp://guest@127.0.0.1:5672/%2f";
     pub const POOL: &str = "default";
-    pub const JOBS_EXCHANGE: &str = "corral.jobs";
-    pub const DEAD_LETTER_EXCHANGE: &str = "corral.dead";
-    pub const DEAD_LETTER_QUEUE: &str = "corral.jobs.dead";
-    pub const RESULTS_EXCHANGE: &str = "corral.results";
-    pub const EVENTS_EXCHANGE: &str = "corral.events";
-    pub const LOGS_EXCHANGE: &str = "corral.logs";
-    pub const CONTROL_EXCHANGE: &str = "corral.control";
+    /// Exchange and queue names are `<prefix>.jobs`, `<prefix>.dead`, … unless set one by one.
+    pub const AMQP_PREFIX: &str = "corral";
     pub const DELIVERY_LIMIT: u32 = 5;
     pub const HEARTBEAT_SECONDS: u64 = 15;
     /// RabbitMQ's own default `consumer_timeout` (30 min).
@@ -43,6 +45,8 @@ pub mod defaults {
     /// Time kept for snapshot, upload and result after the build's wall limit.
     pub const LEASE_MARGIN_SECONDS: u64 = 300;
     pub const RECONNECT_MAX_SECONDS: u64 = 30;
+    pub const BLOCKED_WAIT_SECONDS: u64 = 300;
+    pub const CANCEL_MEMORY_SECONDS: u64 = 3600;
     pub const UID_START: u32 = 1_000_000;
     pub const GID_START: u32 = 1_000_000;
     pub const ID_COUNT: u32 = 65_536;
@@ -50,8 +54,6 @@ pub mod defaults {
     pub const HELPER: &str = "self";
     pub const CPUS_PER_BUILD: f64 = 1.0;
     pub const KILL_GRACE_SECONDS: u64 = 10;
-    /// Below the protocol's 7200 s so that wall + margin fits the default lease.
-    pub const WALL_SECONDS: u64 = 1500;
     pub const GZIP_LEVEL: u32 = 6;
     pub const ZSTD_LEVEL: u32 = 3;
     pub const SNAPSHOT_THREADS: u32 = 1;
@@ -105,6 +107,8 @@ pub enum RegistryAuth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
     pub url: AmqpUrl,
+    /// The default exchange and queue names are `<prefix>.jobs`, `<prefix>.dead`, ….
+    pub prefix: String,
     pub password: Option<Secret>,
     pub pool: PoolName,
     pub jobs_exchange: String,
@@ -122,8 +126,15 @@ pub struct AmqpConfig {
     pub prefetch: u16,
     /// How long the broker lets a delivery stay unacked (its `consumer_timeout`).
     pub lease: Duration,
+    /// Kept after a job's wall limit for fetch, snapshot, upload and result: a job whose wall
+    /// limit plus this exceeds the lease is refused.
     pub lease_margin: Duration,
+    /// Longest pause between reconnect attempts and platform-failure retries.
     pub reconnect_max: Duration,
+    /// How long a publish waits while the broker blocks the connection (resource alarm).
+    pub blocked_wait: Duration,
+    /// How long a Cancel for a job not running here is remembered.
+    pub cancel_memory: Duration,
 }
 
 impl AmqpConfig {
@@ -275,79 +286,19 @@ impl ConfigError {
     }
 }
 
-/// Command-line flags that override config keys; `corral work` and `corral check-config`
-/// flatten these.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ConfigFlags {
-    /// Override any key, e.g. `--set amqp.pool=gpu` (repeatable; after the environment).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    /// Override `worker.id`.
-    #[arg(long, value_name = "ID")]
-    pub worker_id: Option<String>,
-    /// Override `worker.instance` (the systemd unit passes `%i`).
-    #[arg(long, value_name = "NAME")]
-    pub instance: Option<String>,
-    /// Override `data_dir`.
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Override `concurrency`.
-    #[arg(long, value_name = "N")]
-    pub concurrency: Option<u64>,
-    /// Override `metrics.listen` (empty: off).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_listen: Option<String>,
-}
-
-impl ConfigFlags {
-    fn pairs(&self) -> Vec<(String, String, String)> {
-        let mut out = Vec::new();
-        for item in &self.set {
-            let (key, value) = item.split_once('=').unwrap_or((item.as_str(), ""));
-            out.push((
-                key.trim().to_string(),
-                value.to_string(),
-                format!("--set {key}"),
-            ));
-        }
-        let mut flag = |key: &str, value: Option<String>, name: &str| {
-            if let Some(value) = value {
-                out.push((key.to_string(), value, name.to_string()));
-            }
-        };
-        flag("worker.id", self.worker_id.clone(), "--worker-id");
-        flag("worker.instance", self.instance.clone(), "--instance");
-        flag(
-            "data_dir",
-            self.data_dir.as_ref().map(|p| p.display().to_string()),
-            "--data-dir",
-        );
-        flag(
-            "concurrency",
-            self.concurrency.map(|n| n.to_string()),
-            "--concurrency",
-        );
-        flag(
-            "metrics.listen",
-            self.metrics_listen.clone(),
-            "--metrics-listen",
-        );
-        out
-    }
-}
-
 /// Everything a config is built from. [`Sources::from_process`] reads the real ones.
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
     pub file: Option<PathBuf>,
     pub env: Vec<(String, String)>,
-    pub flags: ConfigFlags,
+    /// The command line's keys, in the order given (a later one wins).
+    pub flags: Vec<FlagValue>,
     /// For the default `worker.id`.
     pub hostname: String,
 }
 
 impl Sources {
-    pub fn from_process(file: Option<PathBuf>, flags: ConfigFlags) -> Sources {
+    pub fn from_process(file: Option<PathBuf>, flags: Vec<FlagValue>) -> Sources {
         Sources {
             file,
             env: std::env::vars().collect(),
@@ -370,6 +321,40 @@ fn hostname() -> String {
 pub struct Loaded {
     pub config: Config,
     pub warnings: Vec<String>,
+    /// The layer each key set outside the defaults came from.
+    pub origins: BTreeMap<String, Origin>,
+}
+
+impl Loaded {
+    pub fn origin(&self, key: &str) -> Origin {
+        self.origins.get(key).cloned().unwrap_or(Origin::Default)
+    }
+
+    /// The effective config as TOML (it parses back to the same config), each key followed
+    /// by a comment naming where its value came from, as `git config --show-origin` does.
+    /// Secrets are redacted.
+    pub fn annotated_toml(&self) -> String {
+        let table = toml::Table::try_from(self.config.to_raw()).unwrap_or_default();
+        let mut out = String::new();
+        let mut sections = Vec::new();
+        let line = |out: &mut String, key: &str, name: &str, value: &toml::Value| {
+            let entry = format!("{name} = {value}");
+            out.push_str(&format!("{entry:<48} # {}\n", self.origin(key)));
+        };
+        for (name, value) in &table {
+            match value {
+                toml::Value::Table(inner) => sections.push((name, inner)),
+                value => line(&mut out, name, name, value),
+            }
+        }
+        for (section, inner) in sections {
+            out.push_str(&format!("\n[{section}]\n"));
+            for (name, value) in inner {
+                line(&mut out, &format!("{section}.{name}"), name, value);
+            }
+        }
+        out
+    }
 }
 
 impl Config {
@@ -399,19 +384,34 @@ impl Config {
             }
         }
         for var in layers::from_env(&sources.env, &mut layers) {
-            if !var.starts_with("CORRAL_TEST_") {
-                warnings.push(format!("{var}: ignored, names no config key"));
+            let origin = Origin::Env(var.clone());
+            match layers::renamed_var(&var) {
+                Some(key) => errors.push(KeyError {
+                    reason: format!(
+                        "no longer read; set {} (the key {key}) instead",
+                        layers::key(key).map_or_else(String::new, Key::env_var)
+                    ),
+                    key: var,
+                    origin,
+                }),
+                None if layers::read_elsewhere(&var) => {}
+                None => warnings.push(format!("{var}: ignored, names no config key")),
             }
         }
-        for (key, value, flag) in sources.flags.pairs() {
-            let origin = Origin::Flag(flag);
-            if layers.set(&key, &value, &origin).is_err() {
-                errors.push(KeyError {
-                    key,
-                    reason: "unknown key".into(),
-                    origin,
-                });
-            }
+        for flag in &sources.flags {
+            let origin = Origin::Flag(flag.flag.clone());
+            let reason = match &flag.value {
+                Ok(value) => match layers.set(&flag.key, value, &origin) {
+                    Ok(()) => continue,
+                    Err(_) => "unknown key".to_string(),
+                },
+                Err(reason) => reason.clone(),
+            };
+            errors.push(KeyError {
+                key: flag.key.clone(),
+                reason,
+                origin,
+            });
         }
         // A value of the wrong type is reported, dropped, and the rest read again, so that
         // one run names every bad key.
@@ -432,7 +432,22 @@ impl Config {
             }
         };
         match validate::validate(raw, &layers, &sources.hostname, &mut warnings) {
-            Ok(config) if errors.is_empty() => Ok(Loaded { config, warnings }),
+            Ok(config) if errors.is_empty() => {
+                let mut origins = layers.origins;
+                // A password given inside amqp.url comes from where the URL came from.
+                if config.amqp.password.is_some()
+                    && !origins.contains_key("amqp.password")
+                    && !origins.contains_key("amqp.password_file")
+                    && let Some(origin) = origins.get("amqp.url").cloned()
+                {
+                    origins.insert("amqp.password".into(), origin);
+                }
+                Ok(Loaded {
+                    config,
+                    warnings,
+                    origins,
+                })
+            }
             Ok(_) => Err(ConfigError::Invalid(errors)),
             Err(more) => {
                 errors.extend(more);

@@ -71,6 +71,8 @@ pub struct RawAmqp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<String>,
@@ -102,6 +104,10 @@ pub struct RawAmqp {
     pub lease_margin_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reconnect_max_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked_wait_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_memory_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -18,7 +18,19 @@ pub struct AmqpUrl {
 }
 
 impl AmqpUrl {
+    /// A URL without a password (one in it is an error naming where it belongs).
     pub fn parse(text: &str) -> Result<AmqpUrl, String> {
+        match AmqpUrl::parse_with_password(text)? {
+            (url, None) => Ok(url),
+            (_, Some(_)) => Err(
+                "contains a password; put it in amqp.password_file (or amqp.password / CORRAL_AMQP_PASSWORD)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// A URL and the password in it, if any (decoded).
+    pub fn parse_with_password(text: &str) -> Result<(AmqpUrl, Option<String>), String> {
         let (tls, rest) = if let Some(rest) = text.strip_prefix("amqps://") {
             (true, rest)
         } else if let Some(rest) = text.strip_prefix("amqp://") {
@@ -43,15 +55,10 @@ impl AmqpUrl {
             Some((user, hostport)) => (Some(user), hostport),
             None => (None, authority),
         };
-        let username = match userinfo {
-            Some(user) if user.contains(':') => {
-                return Err(
-                    "contains a password; put it in amqp.password_file (or amqp.password / CORRAL_AMQP_PASSWORD)"
-                        .into(),
-                );
-            }
-            Some(user) => decode(user)?,
-            None => "guest".to_string(),
+        let (username, password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
+            Some((user, "")) => (decode(user)?, None),
+            Some((user, password)) => (decode(user)?, Some(decode(password)?)),
+            None => ("guest".to_string(), None),
         };
         let default_port = if tls { 5671 } else { 5672 };
         let (host, port) = split_host_port(hostport, default_port)?;
@@ -59,14 +66,15 @@ impl AmqpUrl {
             None => "/".to_string(),
             Some(path) => decode(path)?,
         };
-        Ok(AmqpUrl {
+        let url = AmqpUrl {
             tls,
             username,
             host,
             port,
             vhost,
             query,
-        })
+        };
+        Ok((url, password))
     }
 
     /// The full URI a client library connects with, the password percent-encoded in.

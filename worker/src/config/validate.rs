@@ -236,11 +236,29 @@ pub(super) fn validate(
     // amqp
     let a = raw.amqp.unwrap_or_default();
     let url_text = a.url.unwrap_or_else(|| defaults::AMQP_URL.to_string());
-    let url = AmqpUrl::parse(&url_text).unwrap_or_else(|reason| {
+    // A file is copied, diffed and printed, so it names the password's file instead; a
+    // flag or variable may carry it in the URL, as every AMQP client's does.
+    let url_in_file = matches!(layers.origin("amqp.url"), super::Origin::File(_));
+    let parsed = if url_in_file {
+        AmqpUrl::parse(&url_text).map(|url| (url, None))
+    } else {
+        AmqpUrl::parse_with_password(&url_text)
+    };
+    let (url, url_password) = parsed.unwrap_or_else(|reason| {
         c.fail("amqp.url", reason);
-        AmqpUrl::parse(defaults::AMQP_URL).expect("default AMQP URL parses")
+        let url = AmqpUrl::parse(defaults::AMQP_URL).expect("default AMQP URL parses");
+        (url, None)
     });
-    let amqp_password = c.secret("amqp", "password", a.password, a.password_file, warnings);
+    let mut amqp_password = c.secret("amqp", "password", a.password, a.password_file, warnings);
+    if let Some(value) = url_password {
+        if amqp_password.is_some() {
+            c.fail(
+                "amqp.url",
+                "carries a password and amqp.password or amqp.password_file is set too; give one",
+            );
+        }
+        amqp_password = Some(Secret { value, file: None });
+    }
     if !url.tls && !url.is_loopback() && amqp_password.is_some() {
         warnings.push(format!(
             "amqp.url: {url} is plain AMQP to another host; the password crosses the network in clear (use amqps://)"
@@ -251,43 +269,19 @@ pub(super) fn validate(
         c.fail("amqp.pool", e.message);
         PoolName::default()
     });
-    let jobs_exchange = c.amqp_name(
-        "amqp.jobs_exchange",
-        a.jobs_exchange,
-        defaults::JOBS_EXCHANGE,
-    );
+    let prefix = c.amqp_name("amqp.prefix", a.prefix, defaults::AMQP_PREFIX);
+    let mut name = |key: &str, value: Option<String>, suffix: &str| {
+        c.amqp_name(key, value, &format!("{prefix}.{suffix}"))
+    };
+    let jobs_exchange = name("amqp.jobs_exchange", a.jobs_exchange, "jobs");
+    let dead_letter_exchange = name("amqp.dead_letter_exchange", a.dead_letter_exchange, "dead");
+    let dead_letter_queue = name("amqp.dead_letter_queue", a.dead_letter_queue, "jobs.dead");
+    let results_exchange = name("amqp.results_exchange", a.results_exchange, "results");
+    let events_exchange = name("amqp.events_exchange", a.events_exchange, "events");
+    let logs_exchange = name("amqp.logs_exchange", a.logs_exchange, "logs");
+    let control_exchange = name("amqp.control_exchange", a.control_exchange, "control");
     let jobs_queue_default = format!("{jobs_exchange}.{pool}");
     let jobs_queue = c.amqp_name("amqp.jobs_queue", a.jobs_queue, &jobs_queue_default);
-    let dead_letter_exchange = c.amqp_name(
-        "amqp.dead_letter_exchange",
-        a.dead_letter_exchange,
-        defaults::DEAD_LETTER_EXCHANGE,
-    );
-    let dead_letter_queue = c.amqp_name(
-        "amqp.dead_letter_queue",
-        a.dead_letter_queue,
-        defaults::DEAD_LETTER_QUEUE,
-    );
-    let results_exchange = c.amqp_name(
-        "amqp.results_exchange",
-        a.results_exchange,
-        defaults::RESULTS_EXCHANGE,
-    );
-    let events_exchange = c.amqp_name(
-        "amqp.events_exchange",
-        a.events_exchange,
-        defaults::EVENTS_EXCHANGE,
-    );
-    let logs_exchange = c.amqp_name(
-        "amqp.logs_exchange",
-        a.logs_exchange,
-        defaults::LOGS_EXCHANGE,
-    );
-    let control_exchange = c.amqp_name(
-        "amqp.control_exchange",
-        a.control_exchange,
-        defaults::CONTROL_EXCHANGE,
-    );
     if jobs_queue == dead_letter_queue {
         c.fail(
             "amqp.dead_letter_queue",
@@ -323,12 +317,32 @@ pub(super) fn validate(
         0,
         86_400,
     );
+    if margin_s >= lease_s {
+        c.fail(
+            "amqp.lease_margin_seconds",
+            format!("{margin_s} s leaves no time for a build in amqp.lease_seconds ({lease_s} s)"),
+        );
+    }
     let reconnect_max = Duration::from_secs(c.range(
         "amqp.reconnect_max_seconds",
         a.reconnect_max_seconds,
         defaults::RECONNECT_MAX_SECONDS,
         1,
         600,
+    ));
+    let blocked_wait = Duration::from_secs(c.range(
+        "amqp.blocked_wait_seconds",
+        a.blocked_wait_seconds,
+        defaults::BLOCKED_WAIT_SECONDS,
+        1,
+        86_400,
+    ));
+    let cancel_memory = Duration::from_secs(c.range(
+        "amqp.cancel_memory_seconds",
+        a.cancel_memory_seconds,
+        defaults::CANCEL_MEMORY_SECONDS,
+        0,
+        7 * 86_400,
     ));
 
     // sandbox
@@ -384,7 +398,10 @@ pub(super) fn validate(
     let max = Limits::MAX;
     let bytes = |b: Option<RawBytes>, d: ByteSize| b.map_or(d, |b| b.0);
     let limits = Limits {
-        wall_seconds: l.wall_seconds.unwrap_or(defaults::WALL_SECONDS),
+        // What fits the lease, so that raising the lease raises it.
+        wall_seconds: l
+            .wall_seconds
+            .unwrap_or_else(|| lease_s.saturating_sub(margin_s).clamp(1, max.wall_seconds)),
         cpu_seconds: l.cpu_seconds.unwrap_or(max.cpu_seconds),
         memory_bytes: bytes(l.memory_bytes, max.memory_bytes),
         pids: l.pids.unwrap_or(max.pids),
@@ -498,6 +515,7 @@ pub(super) fn validate(
         },
         amqp: AmqpConfig {
             url,
+            prefix,
             password: amqp_password,
             pool,
             jobs_exchange,
@@ -514,6 +532,8 @@ pub(super) fn validate(
             lease: Duration::from_secs(lease_s),
             lease_margin: Duration::from_secs(margin_s),
             reconnect_max,
+            blocked_wait,
+            cancel_memory,
         },
         sandbox: SandboxConfig {
             uid_start,
@@ -582,6 +602,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
         }),
         amqp: Some(RawAmqp {
             url: Some(c.amqp.url.to_string()),
+            prefix: Some(c.amqp.prefix.clone()),
             password: amqp_password,
             password_file: amqp_password_file,
             pool: Some(c.amqp.pool.to_string()),
@@ -598,6 +619,8 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             lease_seconds: secs(c.amqp.lease),
             lease_margin_seconds: secs(c.amqp.lease_margin),
             reconnect_max_seconds: secs(c.amqp.reconnect_max),
+            blocked_wait_seconds: secs(c.amqp.blocked_wait),
+            cancel_memory_seconds: secs(c.amqp.cancel_memory),
         }),
         sandbox: Some(RawSandbox {
             uid_start: Some(u64::from(c.sandbox.uid_start)),
@@ -646,7 +669,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{ConfigFlags, Sources};
+    use super::super::Sources;
     use super::*;
 
     fn load(toml: &str) -> Result<Config, Vec<String>> {
@@ -656,7 +679,7 @@ mod tests {
         let sources = Sources {
             file: Some(file),
             env: vec![],
-            flags: ConfigFlags::default(),
+            flags: Vec::new(),
             hostname: "h".into(),
         };
         Config::load(&sources)

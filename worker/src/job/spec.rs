@@ -15,10 +15,6 @@ use super::error::JobError;
 use crate::layer::Compression;
 use crate::source::ExtractLimits;
 
-/// Time a job needs besides its build (fetch, snapshot, upload, publish): a job's wall limit
-/// plus this must fit in the lease, or the broker's consumer timeout could fire mid-build.
-pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
-
 /// How the worker runs jobs: every knob comes from the worker's config.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -89,9 +85,12 @@ pub fn check(job: &Job, maxima: &Limits) -> Result<(), JobError> {
     job.validate(maxima).map_err(JobError::Spec)
 }
 
-/// The job's wall limit and [`LEASE_MARGIN`] within the broker's lease on its delivery.
-pub fn check_lease(job: &Job, lease: Duration) -> Result<(), ProtocolError> {
-    if Duration::from_secs(job.limits.wall_seconds) + LEASE_MARGIN <= lease {
+/// The job's wall limit plus `margin`, the time it needs besides its build (fetch, snapshot,
+/// upload, publish), within the broker's lease on its delivery, or the broker's consumer
+/// timeout could fire mid-build. The config holds its own wall limit to the same rule
+/// (`amqp.lease_margin_seconds`).
+pub fn check_lease(job: &Job, lease: Duration, margin: Duration) -> Result<(), ProtocolError> {
+    if Duration::from_secs(job.limits.wall_seconds) + margin <= lease {
         return Ok(());
     }
     Err(ProtocolError::new(
@@ -101,7 +100,7 @@ pub fn check_lease(job: &Job, lease: Duration) -> Result<(), ProtocolError> {
             "{} s plus {} s for fetch and upload exceed this worker's lease of {} s \
              (the broker's consumer_timeout); run long builds on a pool with a longer lease",
             job.limits.wall_seconds,
-            LEASE_MARGIN.as_secs(),
+            margin.as_secs(),
             lease.as_secs()
         ),
     ))

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use corral_protocol::{Job, Stream, Timings};
 use corral_sandbox::{DeathReason, Exit, Outcome, Usage};
-use corral_worker::amqp::Worker;
+use corral_worker::amqp::{AmqpSettings, Worker};
 use corral_worker::cli::{Cli, Command as CorralCommand};
+use corral_worker::config::{Config, Sources};
 use corral_worker::job::{BuildLog, Built, Ending, JobError, Output, Ran, RunContext, Runner};
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +66,11 @@ pub fn serve_if_asked() {
     runtime.block_on(async move {
         let (drain, kill) = corral_worker::cmd::work::on_signals().expect("signal handlers");
         tracing::warn!("process runner: jobs run WITHOUT a sandbox (tests only)");
-        let worker = Worker::new(work.amqp, ProcessRunner::from_env()).expect("the worker");
+        // The same layered config as `corral work`, broker settings included.
+        let sources = Sources::from_process(work.config.clone(), work.flags.values());
+        let config = Config::load(&sources).expect("the worker's config").config;
+        let settings = AmqpSettings::from_config(&config);
+        let worker = Worker::new(settings, ProcessRunner::from_env()).expect("the worker");
         worker.run(drain, kill).await.expect("the worker ran");
     });
 }
