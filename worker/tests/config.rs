@@ -266,3 +266,495 @@ fn secrets_come_from_files_and_are_never_printed() {
     assert!(!stdout(&out).contains("hunter2"));
     assert_eq!(t["amqp"]["password"].as_str(), Some("<redacted>"));
 }
+
+/// Runs `corral check-config --effective ARGS…` with a clean `CORRAL_*` environment plus
+/// `env`; returns the annotated output as (TOML table, origin of each dotted key).
+fn effective_with_origins(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (toml::Table, std::collections::BTreeMap<String, String>) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
+    for (var, _) in std::env::vars() {
+        if var.starts_with("CORRAL_") {
+            cmd.env_remove(var);
+        }
+    }
+    let out = cmd
+        .args(["check-config", "--effective"])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running corral");
+    let table = effective(&out);
+    let mut origins = std::collections::BTreeMap::new();
+    let mut section = String::new();
+    for line in stdout(&out).lines() {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = format!("{name}.");
+        } else if let Some((entry, origin)) = line.rsplit_once(" # ")
+            && let Some((key, _)) = entry.split_once(" = ")
+        {
+            origins.insert(format!("{section}{key}"), origin.to_string());
+        }
+    }
+    (table, origins)
+}
+
+fn lookup<'a>(table: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    match key.split_once('.') {
+        Some((section, rest)) => table.get(section)?.as_table()?.get(rest),
+        None => table.get(key),
+    }
+}
+
+/// A TOML value as written after `=`.
+fn toml_value(text: &str) -> toml::Value {
+    let table: toml::Table = format!("v = {text}").parse().unwrap();
+    table["v"].clone()
+}
+
+/// A value for every key, other than its default, and how the effective config prints it;
+/// some keys need others set (in a file) to be valid.
+fn every_key(secret: &Path) -> Vec<(&'static str, String, String, String)> {
+    let secret = secret.display().to_string();
+    let registry = "[store]\nurl = \"oci://registry.invalid/corral\"\n";
+    let basic = format!("{registry}username = \"u\"\n");
+    let s = |v: &str| v.to_string();
+    let q = |v: &str| format!("{v:?}");
+    let none = String::new();
+    vec![
+        (
+            "data_dir",
+            s("/srv/corral-x"),
+            q("/srv/corral-x"),
+            none.clone(),
+        ),
+        ("concurrency", s("4"), s("4"), none.clone()),
+        ("drain_deadline_seconds", s("45"), s("45"), none.clone()),
+        ("worker.id", s("box-7"), q("box-7"), none.clone()),
+        ("worker.instance", s("3"), q("3"), none.clone()),
+        (
+            "worker.scratch_dir",
+            s("/scratch/3"),
+            q("/scratch/3"),
+            none.clone(),
+        ),
+        (
+            "store.url",
+            s("oci+http://127.0.0.1:5000/corral"),
+            q("oci+http://127.0.0.1:5000/corral"),
+            none.clone(),
+        ),
+        (
+            "store.username",
+            s("u"),
+            q("u"),
+            format!("{registry}password = \"p\"\n"),
+        ),
+        (
+            "store.password",
+            s("hunter2"),
+            q("<redacted>"),
+            basic.clone(),
+        ),
+        (
+            "store.password_file",
+            secret.clone(),
+            q(&secret),
+            basic.clone(),
+        ),
+        ("store.token", s("t0k"), q("<redacted>"), s(registry)),
+        ("store.token_file", secret.clone(), q(&secret), s(registry)),
+        (
+            "amqp.url",
+            s("amqp://corral@10.1.2.3:5673/builds"),
+            q("amqp://corral@10.1.2.3:5673/builds"),
+            none.clone(),
+        ),
+        ("amqp.prefix", s("acme"), q("acme"), none.clone()),
+        ("amqp.password", s("hunter2"), q("<redacted>"), none.clone()),
+        (
+            "amqp.password_file",
+            secret.clone(),
+            q(&secret),
+            none.clone(),
+        ),
+        ("amqp.pool", s("gpu"), q("gpu"), none.clone()),
+        ("amqp.jobs_exchange", s("x.jobs"), q("x.jobs"), none.clone()),
+        ("amqp.jobs_queue", s("x.q"), q("x.q"), none.clone()),
+        (
+            "amqp.dead_letter_exchange",
+            s("x.dead"),
+            q("x.dead"),
+            none.clone(),
+        ),
+        ("amqp.dead_letter_queue", s("x.dq"), q("x.dq"), none.clone()),
+        (
+            "amqp.results_exchange",
+            s("x.results"),
+            q("x.results"),
+            none.clone(),
+        ),
+        (
+            "amqp.events_exchange",
+            s("x.events"),
+            q("x.events"),
+            none.clone(),
+        ),
+        ("amqp.logs_exchange", s("x.logs"), q("x.logs"), none.clone()),
+        (
+            "amqp.control_exchange",
+            s("x.control"),
+            q("x.control"),
+            none.clone(),
+        ),
+        ("amqp.delivery_limit", s("9"), s("9"), none.clone()),
+        ("amqp.heartbeat_seconds", s("20"), s("20"), none.clone()),
+        ("amqp.lease_seconds", s("3600"), s("3600"), none.clone()),
+        (
+            "amqp.lease_margin_seconds",
+            s("120"),
+            s("120"),
+            none.clone(),
+        ),
+        ("amqp.reconnect_max_seconds", s("45"), s("45"), none.clone()),
+        ("amqp.blocked_wait_seconds", s("60"), s("60"), none.clone()),
+        (
+            "amqp.cancel_memory_seconds",
+            s("600"),
+            s("600"),
+            none.clone(),
+        ),
+        ("sandbox.uid_start", s("200000"), s("200000"), none.clone()),
+        ("sandbox.gid_start", s("300000"), s("300000"), none.clone()),
+        ("sandbox.id_count", s("1000"), s("1000"), none.clone()),
+        (
+            "sandbox.cgroup_parent",
+            s("/corral/builds"),
+            q("/corral/builds"),
+            none.clone(),
+        ),
+        (
+            "sandbox.helper",
+            s("/opt/corral-worker"),
+            q("/opt/corral-worker"),
+            none.clone(),
+        ),
+        ("sandbox.cpus_per_build", s("1.5"), s("1.5"), none.clone()),
+        ("sandbox.kill_grace_seconds", s("20"), s("20"), none.clone()),
+        ("limits.wall_seconds", s("600"), s("600"), none.clone()),
+        ("limits.cpu_seconds", s("600"), s("600"), none.clone()),
+        ("limits.memory_bytes", s("1GiB"), q("1 GiB"), none.clone()),
+        ("limits.pids", s("64"), s("64"), none.clone()),
+        ("limits.disk_bytes", s("2 GiB"), q("2 GiB"), none.clone()),
+        ("limits.open_files", s("1024"), s("1024"), none.clone()),
+        ("limits.log_bytes", s("1048576"), q("1 MiB"), none.clone()),
+        ("snapshot.compression", s("zstd"), q("zstd"), none.clone()),
+        ("snapshot.level", s("5"), s("5"), none.clone()),
+        ("snapshot.threads", s("2"), s("2"), none.clone()),
+        (
+            "snapshot.max_output_bytes",
+            s("1 GiB"),
+            q("1 GiB"),
+            none.clone(),
+        ),
+        (
+            "metrics.listen",
+            s("127.0.0.1:9999"),
+            q("127.0.0.1:9999"),
+            none.clone(),
+        ),
+        ("log.format", s("json"), q("json"), none),
+    ]
+}
+
+#[test]
+fn every_environment_variable_and_set_reaches_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "secret", "s3cr3t\n");
+    let table = every_key(&secret);
+    let covered: BTreeSet<String> = table.iter().map(|row| row.0.to_string()).collect();
+    let known: BTreeSet<String> = corral_worker::config::keys()
+        .iter()
+        .map(|k| k.name.clone())
+        .collect();
+    assert_eq!(covered, known, "the table must cover every key");
+
+    for (key, text, printed, companions) in &table {
+        let file = write(dir.path(), "companions.toml", companions);
+        let file = file.to_str().unwrap();
+        let var = format!("CORRAL_{}", key.replace('.', "_").to_uppercase());
+        let set = format!("{key}={text}");
+        let by_env = [(var.as_str(), text.as_str())];
+        let ways = [
+            (&[file][..], &by_env[..], format!("environment {var}")),
+            (&[file, "--set", &set], &[], format!("flag --set {key}")),
+        ];
+        for (args, env, origin) in ways {
+            let (effective, origins) = effective_with_origins(args, env);
+            assert_eq!(
+                lookup(&effective, key),
+                Some(&toml_value(printed)),
+                "{key} by {origin}"
+            );
+            assert_eq!(origins.get(*key), Some(&origin), "{key}");
+        }
+    }
+}
+
+#[test]
+fn every_flag_reaches_its_key() {
+    let flags: &[(&str, &str, &str, &str)] = &[
+        ("--instance", "3", "worker.instance", "\"3\""),
+        ("--worker-id", "box-7", "worker.id", "\"box-7\""),
+        ("--data-dir", "/srv/x", "data_dir", "\"/srv/x\""),
+        ("--concurrency", "4", "concurrency", "4"),
+        ("--drain-deadline", "2m", "drain_deadline_seconds", "120"),
+        (
+            "--amqp-url",
+            "amqp://corral@10.1.2.3:5673/builds",
+            "amqp.url",
+            "\"amqp://corral@10.1.2.3:5673/builds\"",
+        ),
+        ("--pool", "gpu", "amqp.pool", "\"gpu\""),
+        ("--prefix", "acme", "amqp.prefix", "\"acme\""),
+        ("--delivery-limit", "9", "amqp.delivery_limit", "9"),
+        ("--lease", "1h", "amqp.lease_seconds", "3600"),
+        ("--lease-margin", "2m", "amqp.lease_margin_seconds", "120"),
+        ("--heartbeat", "20s", "amqp.heartbeat_seconds", "20"),
+        ("--blocked-wait", "1m", "amqp.blocked_wait_seconds", "60"),
+        (
+            "--cancel-memory",
+            "10m",
+            "amqp.cancel_memory_seconds",
+            "600",
+        ),
+        ("--backoff-max", "45", "amqp.reconnect_max_seconds", "45"),
+        (
+            "--metrics-listen",
+            "127.0.0.1:9999",
+            "metrics.listen",
+            "\"127.0.0.1:9999\"",
+        ),
+    ];
+    for (flag, text, key, printed) in flags {
+        let (effective, origins) = effective_with_origins(&[flag, text], &[]);
+        assert_eq!(
+            lookup(&effective, key),
+            Some(&toml_value(printed)),
+            "{flag}"
+        );
+        assert_eq!(origins.get(*key), Some(&format!("flag {flag}")), "{flag}");
+    }
+
+    // `corral work` takes exactly these, besides its own and the global ones.
+    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["work", "--help"])
+        .output()
+        .unwrap();
+    let help = stdout(&out);
+    let mut offered = BTreeSet::new();
+    for line in help.lines() {
+        let line = line.trim_start();
+        // `-v, --verbose`: the long name after a short one.
+        let line = match line.get(..4) {
+            Some(short) if short.starts_with('-') && short.ends_with(", ") => &line[4..],
+            _ => line,
+        };
+        if let Some(rest) = line.strip_prefix("--") {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            offered.insert(format!("--{name}"));
+        }
+    }
+    let mut expected: BTreeSet<String> = flags.iter().map(|f| f.0.to_string()).collect();
+    for own in [
+        "--set",
+        "--config",
+        "--log-format",
+        "--verbose",
+        "--help",
+        "--version",
+    ] {
+        expected.insert(own.to_string());
+    }
+    assert_eq!(offered, expected, "{help}");
+
+    // Flags win over the environment, and `--set` over the other flags.
+    let (effective, origins) = effective_with_origins(
+        &[
+            "--concurrency",
+            "3",
+            "--set",
+            "concurrency=5",
+            "--pool",
+            "gpu",
+        ],
+        &[("CORRAL_CONCURRENCY", "7"), ("CORRAL_AMQP_POOL", "cpu")],
+    );
+    assert_eq!(effective["concurrency"].as_integer(), Some(5));
+    assert_eq!(origins["concurrency"], "flag --set concurrency");
+    assert_eq!(effective["amqp"]["pool"].as_str(), Some("gpu"));
+    assert_eq!(
+        effective["amqp"]["jobs_queue"].as_str(),
+        Some("corral.jobs.gpu")
+    );
+}
+
+#[test]
+fn a_bad_flag_is_named_like_a_bad_key() {
+    for (args, key) in [
+        (&["--lease", "soon"][..], "amqp.lease_seconds"),
+        (&["--drain-deadline", "1500ms"], "drain_deadline_seconds"),
+        (&["--concurrency", "0"], "concurrency"),
+        (&["--heartbeat", "600"], "amqp.heartbeat_seconds"),
+        (&["--set", "amqp.pool"], "amqp.pool"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+            .arg("check-config")
+            .args(args)
+            .env_remove("CORRAL_CONFIG")
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(65), "{args:?}: {err}");
+        assert!(
+            err.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{key}: ")) && l.contains("flag --")),
+            "{args:?}: expected {key} set by a flag in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn defaults_without_a_file_reach_the_local_broker() {
+    let (effective, origins) = effective_with_origins(&[], &[]);
+    assert_eq!(
+        effective["amqp"]["url"].as_str(),
+        Some("amqp://guest@127.0.0.1:5672/%2F")
+    );
+    assert_eq!(effective["drain_deadline_seconds"].as_integer(), Some(300));
+    assert_eq!(
+        effective["amqp"]["jobs_exchange"].as_str(),
+        Some("corral.jobs")
+    );
+    assert!(origins.values().all(|o| o == "default"), "{origins:?}");
+    // The derived defaults follow what they derive from.
+    let (effective, _) = effective_with_origins(
+        &["--prefix", "acme", "--lease", "1h", "--instance", "4"],
+        &[],
+    );
+    assert_eq!(
+        effective["amqp"]["jobs_exchange"].as_str(),
+        Some("acme.jobs")
+    );
+    assert_eq!(
+        effective["amqp"]["jobs_queue"].as_str(),
+        Some("acme.jobs.default")
+    );
+    assert_eq!(
+        effective["amqp"]["dead_letter_queue"].as_str(),
+        Some("acme.jobs.dead")
+    );
+    assert_eq!(effective["limits"]["wall_seconds"].as_integer(), Some(3300));
+    assert_eq!(
+        effective["worker"]["scratch_dir"].as_str(),
+        Some("/var/lib/corral/4")
+    );
+}
+
+#[test]
+fn a_password_in_a_flag_url_is_a_redacted_secret() {
+    let (effective, origins) = effective_with_origins(
+        &["--amqp-url", "amqp://builder:s3cr%40t@127.0.0.1:5672/%2f"],
+        &[],
+    );
+    assert_eq!(
+        effective["amqp"]["url"].as_str(),
+        Some("amqp://builder@127.0.0.1:5672/%2F")
+    );
+    assert_eq!(effective["amqp"]["password"].as_str(), Some("<redacted>"));
+    assert_eq!(origins["amqp.password"], "flag --amqp-url");
+    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["check-config", "--effective"])
+        .env(
+            "CORRAL_AMQP_URL",
+            "amqp://builder:s3cr%40t@127.0.0.1:5672/%2f",
+        )
+        .env_remove("CORRAL_CONFIG")
+        .output()
+        .unwrap();
+    let text = stdout(&out) + &stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("s3cr"), "{text}");
+
+    // With a password given twice, neither wins silently.
+    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["check-config", "--amqp-url", "amqp://b:x@127.0.0.1/%2f"])
+        .env("CORRAL_AMQP_PASSWORD", "y")
+        .env_remove("CORRAL_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(stderr(&out).contains("amqp.url: "), "{}", stderr(&out));
+}
+
+#[test]
+fn renamed_variables_are_refused_with_their_new_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .arg("check-config")
+        .env("CORRAL_POOL", "gpu")
+        .env_remove("CORRAL_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    let err = stderr(&out);
+    assert!(
+        err.contains("CORRAL_POOL: ") && err.contains("CORRAL_AMQP_POOL"),
+        "{err}"
+    );
+}
+
+/// The one config sizes both what the broker hands this worker and the job filesystems kept
+/// ready for it; a flag or variable that set only one would leave builds waiting.
+#[test]
+fn concurrency_sizes_the_prefetch_and_the_job_dir_pool() {
+    use corral_worker::amqp::AmqpSettings;
+    use corral_worker::config::{Config, Sources, WorkerFlags};
+    use corral_worker::job::Settings;
+
+    let load = |env: &[(&str, &str)], flags: WorkerFlags| {
+        let mut vars = vec![("CORRAL_SANDBOX_CGROUP_PARENT", "/corral-test")];
+        vars.extend_from_slice(env);
+        let sources = Sources {
+            file: None,
+            env: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            flags: flags.values(),
+            hostname: "h".into(),
+        };
+        Config::load(&sources).unwrap().config
+    };
+    let by_flag = WorkerFlags {
+        concurrency: Some("4".into()),
+        ..WorkerFlags::default()
+    };
+    for (config, n) in [
+        (load(&[], WorkerFlags::default()), 2),
+        (load(&[], by_flag), 4),
+        (
+            load(&[("CORRAL_CONCURRENCY", "5")], WorkerFlags::default()),
+            5,
+        ),
+    ] {
+        assert_eq!(AmqpSettings::from_config(&config).concurrency, n);
+        assert_eq!(
+            Settings::from_config(&config).unwrap().job_dir_pool,
+            usize::from(n)
+        );
+    }
+}
