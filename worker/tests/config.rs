@@ -1,10 +1,15 @@
 //! `corral check-config` as an operator uses it: the annotated example is valid and says the
 //! defaults, every kind of mistake exits 65 naming the key, environment and flags override
-//! the file, and secrets never reach the output.
+//! the file, and secrets never reach the output. `--effective` shows that every `CORRAL_*`
+//! variable, every `--set` and every flag of `corral work` reaches the key it names, with
+//! that layer as the value's origin.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::corral;
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/corral.example.toml")
@@ -12,12 +17,7 @@ fn example() -> PathBuf {
 
 /// Runs `corral check-config` with a clean `CORRAL_*` environment plus `env`.
 fn check(file: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
-    for (var, _) in std::env::vars() {
-        if var.starts_with("CORRAL_") {
-            cmd.env_remove(var);
-        }
-    }
+    let mut cmd = corral();
     cmd.arg("check-config")
         .arg(file)
         .args(args)
@@ -273,13 +273,7 @@ fn effective_with_origins(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (toml::Table, std::collections::BTreeMap<String, String>) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corral"));
-    for (var, _) in std::env::vars() {
-        if var.starts_with("CORRAL_") {
-            cmd.env_remove(var);
-        }
-    }
-    let out = cmd
+    let out = corral()
         .args(["check-config", "--effective"])
         .args(args)
         .envs(env.iter().copied())
@@ -548,10 +542,7 @@ fn every_flag_reaches_its_key() {
     }
 
     // `corral work` takes exactly these, besides its own and the global ones.
-    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["work", "--help"])
-        .output()
-        .unwrap();
+    let out = corral().args(["work", "--help"]).output().unwrap();
     let help = stdout(&out);
     let mut offered = BTreeSet::new();
     for line in help.lines() {
@@ -612,12 +603,7 @@ fn a_bad_flag_is_named_like_a_bad_key() {
         (&["--heartbeat", "600"], "amqp.heartbeat_seconds"),
         (&["--set", "amqp.pool"], "amqp.pool"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_corral"))
-            .arg("check-config")
-            .args(args)
-            .env_remove("CORRAL_CONFIG")
-            .output()
-            .unwrap();
+        let out = corral().arg("check-config").args(args).output().unwrap();
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(65), "{args:?}: {err}");
         assert!(
@@ -677,13 +663,12 @@ fn a_password_in_a_flag_url_is_a_redacted_secret() {
     );
     assert_eq!(effective["amqp"]["password"].as_str(), Some("<redacted>"));
     assert_eq!(origins["amqp.password"], "flag --amqp-url");
-    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+    let out = corral()
         .args(["check-config", "--effective"])
         .env(
             "CORRAL_AMQP_URL",
             "amqp://builder:s3cr%40t@127.0.0.1:5672/%2f",
         )
-        .env_remove("CORRAL_CONFIG")
         .output()
         .unwrap();
     let text = stdout(&out) + &stderr(&out);
@@ -691,10 +676,9 @@ fn a_password_in_a_flag_url_is_a_redacted_secret() {
     assert!(!text.contains("s3cr"), "{text}");
 
     // With a password given twice, neither wins silently.
-    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+    let out = corral()
         .args(["check-config", "--amqp-url", "amqp://b:x@127.0.0.1/%2f"])
         .env("CORRAL_AMQP_PASSWORD", "y")
-        .env_remove("CORRAL_CONFIG")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(65));
@@ -703,10 +687,9 @@ fn a_password_in_a_flag_url_is_a_redacted_secret() {
 
 #[test]
 fn renamed_variables_are_refused_with_their_new_name() {
-    let out = Command::new(env!("CARGO_BIN_EXE_corral"))
+    let out = corral()
         .arg("check-config")
         .env("CORRAL_POOL", "gpu")
-        .env_remove("CORRAL_CONFIG")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(65));

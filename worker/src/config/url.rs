@@ -300,6 +300,20 @@ mod tests {
     }
 
     #[test]
+    fn a_password_in_the_url_is_split_off() {
+        let (url, password) =
+            AmqpUrl::parse_with_password("amqp://builder:p%40ss@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(password.as_deref(), Some("p@ss"));
+        assert_eq!(url.to_string(), "amqp://builder@127.0.0.1:5672/%2F");
+        assert_eq!(
+            url.with_password(password.as_deref()),
+            "amqp://builder:p%40ss@127.0.0.1:5672/%2F"
+        );
+        let (_, none) = AmqpUrl::parse_with_password("amqp://builder@h/v").unwrap();
+        assert_eq!(none, None);
+    }
+
+    #[test]
     fn store_urls() {
         assert_eq!(
             StoreUrl::parse("oci-dir:/var/lib/corral/store").unwrap(),
