@@ -741,3 +741,108 @@ fn concurrency_sizes_the_prefetch_and_the_job_dir_pool() {
         );
     }
 }
+
+/// `sandbox.gid_start` reaches the build: the job runs as gid `gid_start` + offset on the
+/// host, as its uid is `uid_start` + offset (the kernel's id maps, read inside the job, say
+/// so), and its files come back in the layer as the job's own user and group.
+#[test]
+fn a_build_runs_as_uid_start_and_gid_start_plus_its_offset() {
+    use std::os::unix::fs::symlink;
+    if !common::prerequisites() {
+        return;
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("corral-test-ids-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let data = scratch.path().join("data");
+    let tarball = scratch.path().join("rootfs.tar");
+    let tar = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(common::rootfs())
+        .args(["--numeric-owner", "-cf"])
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let out = corral()
+        .args(["base", "import", "python-3.11"])
+        .arg(&tarball)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A fixtures tree of one job: the hello bundle, a command that shows the id maps.
+    let fixtures = scratch.path().join("fixtures");
+    std::fs::create_dir_all(fixtures.join("jobs")).unwrap();
+    for dir in ["bundles", "bases"] {
+        symlink(
+            common::repo().join("fixtures").join(dir),
+            fixtures.join(dir),
+        )
+        .unwrap();
+    }
+    let mut job: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(common::repo().join("fixtures/jobs/hello.json")).unwrap(),
+    )
+    .unwrap();
+    job["job_id"] = "id-maps".into();
+    job["command"] = serde_json::json!([
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map /proc/self/gid_map; mkdir -p /app/out; touch /app/out/mine"
+    ]);
+    let job_file = fixtures.join("jobs/id-maps.json");
+    std::fs::write(&job_file, serde_json::to_vec(&job).unwrap()).unwrap();
+
+    let out = corral()
+        .arg("replay")
+        .arg(&job_file)
+        .args(["--json", "--no-cache", "--data-dir"])
+        .arg(&data)
+        .env("CORRAL_SANDBOX_UID_START", "230000")
+        .env("CORRAL_SANDBOX_GID_START", "330000")
+        .env("CORRAL_SANDBOX_ID_COUNT", "100")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no result ({e}): {}\n{err}", stdout(&out)));
+    assert_eq!(result["status"], "succeeded", "{result}\n{err}");
+    let maps: Vec<Vec<&str>> = err
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.len() == 3 && fields[2] == "1")
+        .collect();
+    let (uid, gid) = (
+        corral_sandbox::JOB_UID.to_string(),
+        corral_sandbox::JOB_GID.to_string(),
+    );
+    assert_eq!(
+        maps,
+        vec![
+            vec![uid.as_str(), "230000", "1"],
+            vec![gid.as_str(), "330000", "1"]
+        ],
+        "{err}"
+    );
+
+    let digest = result["artifact"]["layers"][2]["digest"].as_str().unwrap();
+    let blob = data
+        .join("store/blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    let listing = std::process::Command::new("tar")
+        .args(["--numeric-owner", "-tvzf"])
+        .arg(&blob)
+        .output()
+        .unwrap();
+    let listing = stdout(&listing);
+    let mine = listing
+        .lines()
+        .find(|l| l.ends_with("app/out/mine"))
+        .unwrap_or_else(|| panic!("app/out/mine not in the layer:\n{listing}"));
+    assert!(mine.contains(&format!(" {uid}/{gid} ")), "{mine}");
+}
