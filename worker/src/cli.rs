@@ -22,12 +22,40 @@ pub struct Cli {
 /// Flags every subcommand accepts.
 #[derive(Debug, clap::Args)]
 pub struct GlobalArgs {
-    /// Log format: human text or one JSON object per line.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CORRAL_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    /// Log format: human text or one JSON object per line (`log.format`; default text).
+    #[arg(long, global = true, value_enum, env = "CORRAL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// More log detail (-v debug, -vv trace). `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+impl GlobalArgs {
+    /// The format of commands that read no config.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or(LogFormat::Text)
+    }
+
+    /// `--log-format` as a layer of the config. clap also fills it from `CORRAL_LOG_FORMAT`,
+    /// which the config's environment layer reads itself: only a value the variable does not
+    /// already give came from the command line.
+    pub fn config_flags(&self) -> Vec<crate::config::FlagValue> {
+        let Some(format) = self.log_format else {
+            return Vec::new();
+        };
+        let text = match format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        if std::env::var("CORRAL_LOG_FORMAT").is_ok_and(|v| v == text) {
+            return Vec::new();
+        }
+        vec![crate::config::FlagValue::new(
+            "log.format",
+            text,
+            "--log-format",
+        )]
+    }
 }
 
 /// `corral sandbox …` on its own. Building the whole command tree costs about a third of a

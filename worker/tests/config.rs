@@ -530,6 +530,7 @@ fn every_flag_reaches_its_key() {
             "metrics.listen",
             "\"127.0.0.1:9999\"",
         ),
+        ("--log-format", "json", "log.format", "\"json\""),
     ];
     for (flag, text, key, printed) in flags {
         let (effective, origins) = effective_with_origins(&[flag, text], &[]);
@@ -561,14 +562,7 @@ fn every_flag_reaches_its_key() {
         }
     }
     let mut expected: BTreeSet<String> = flags.iter().map(|f| f.0.to_string()).collect();
-    for own in [
-        "--set",
-        "--config",
-        "--log-format",
-        "--verbose",
-        "--help",
-        "--version",
-    ] {
+    for own in ["--set", "--config", "--verbose", "--help", "--version"] {
         expected.insert(own.to_string());
     }
     assert_eq!(offered, expected, "{help}");
@@ -845,4 +839,31 @@ fn a_build_runs_as_uid_start_and_gid_start_plus_its_offset() {
         .find(|l| l.ends_with("app/out/mine"))
         .unwrap_or_else(|| panic!("app/out/mine not in the layer:\n{listing}"));
     assert!(mine.contains(&format!(" {uid}/{gid} ")), "{mine}");
+}
+
+/// `corral work` logs in the format its config names (here from `--set`, the highest layer):
+/// its first line, a warning about a stray variable, is already JSON. (It then stops on a
+/// metrics address already taken, before it touches a data dir or a broker.)
+#[test]
+fn work_logs_in_the_configured_format() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = corral()
+        .args([
+            "work",
+            "--set",
+            "log.format=json",
+            "--metrics-listen",
+            &addr,
+        ])
+        .env("CORRAL_NOT_A_KEY", "x")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(70), "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    let line: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("not JSON ({e}): {err}"));
+    assert!(line.to_string().contains("CORRAL_NOT_A_KEY"), "{err}");
+    assert!(err.contains("binding the metrics listener"), "{err}");
 }

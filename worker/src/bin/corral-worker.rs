@@ -22,8 +22,9 @@ fn main() -> ExitCode {
         corral_sandbox::zygote_main();
     }
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Sandbox(_)) {
-        logging::install(cli.global.log_format, cli.global.verbose);
+    // `work` installs its logging once its config says which format.
+    if !matches!(cli.command, Command::Sandbox(_) | Command::Work(_)) {
+        logging::install(cli.global.log_format(), cli.global.verbose);
     }
     let outcome = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
@@ -32,10 +33,10 @@ fn main() -> ExitCode {
         Command::Snapshot(args) => cmd::snapshot::run(args),
         Command::Base(args) => cmd::base::run(args),
         Command::Source(command) => cmd::source::run(command),
-        Command::CheckConfig(args) => cmd::check_config::run(*args),
+        Command::CheckConfig(args) => cmd::check_config::run(*args, &cli.global),
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Sandbox(args) => cmd::sandbox::run(*args),
-        Command::Work(args) => cmd::work::run(*args),
+        Command::Work(args) => cmd::work::run(*args, &cli.global),
         Command::Submit(args) => cmd::submit::run(args),
     };
     ExitCode::from(corral_worker::exit::code(outcome))

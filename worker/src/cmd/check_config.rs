@@ -3,12 +3,14 @@
 //! redacted (with `--effective`, each key followed by where its value came from), or name
 //! every bad key and exit 65. Every command that reads the config reports a bad one this way.
 
-use crate::cli::CheckConfigArgs;
+use crate::cli::{CheckConfigArgs, GlobalArgs};
 use crate::config::{Config, ConfigError, Loaded, Sources};
 use crate::exit;
 
-pub fn run(args: CheckConfigArgs) -> anyhow::Result<u8> {
-    let sources = Sources::from_process(args.file.clone(), args.flags.values());
+pub fn run(args: CheckConfigArgs, global: &GlobalArgs) -> anyhow::Result<u8> {
+    let mut flags = global.config_flags();
+    flags.extend(args.flags.values());
+    let sources = Sources::from_process(args.file.clone(), flags);
     let loaded = match load(&sources) {
         Ok(loaded) => loaded,
         Err(code) => return Ok(code),

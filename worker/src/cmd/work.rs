@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use std::sync::Arc;
 
 use crate::amqp::{AmqpSettings, Worker};
-use crate::cli::WorkArgs;
+use crate::cli::{GlobalArgs, WorkArgs};
 use crate::config::Sources;
 use crate::exit;
 use crate::job::{self, Sandboxed, Settings};
@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 /// than guess.
 pub const RETIRED_RUNNER_VAR: &str = "CORRAL_RUNNER";
 
-pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
+pub fn run(args: WorkArgs, global: &GlobalArgs) -> anyhow::Result<u8> {
     if let Some(value) = std::env::var_os(RETIRED_RUNNER_VAR) {
         eprintln!(
             "corral: {RETIRED_RUNNER_VAR}={} is set, but `corral work` runs every job in the \
@@ -30,12 +30,15 @@ pub fn run(args: WorkArgs) -> anyhow::Result<u8> {
         );
         return Ok(exit::USAGE);
     }
-    // Every setting, the broker's included, comes from the one layered config.
-    let sources = Sources::from_process(args.config.clone(), args.flags.values());
+    // Every setting, the broker's and the log's included, comes from the one layered config.
+    let mut flags = global.config_flags();
+    flags.extend(args.flags.values());
+    let sources = Sources::from_process(args.config.clone(), flags);
     let loaded = match super::check_config::load(&sources) {
         Ok(loaded) => loaded,
         Err(code) => return Ok(code),
     };
+    crate::logging::install(loaded.config.log.format, global.verbose);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

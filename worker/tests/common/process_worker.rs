@@ -58,7 +58,7 @@ pub fn serve_if_asked() {
     let CorralCommand::Work(work) = cli.command else {
         panic!("{ARGS_VAR} must start with `work`, not {args:?}");
     };
-    corral_worker::logging::install(cli.global.log_format, cli.global.verbose);
+    corral_worker::logging::install(cli.global.log_format(), cli.global.verbose);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
