@@ -24,14 +24,13 @@ pub fn run(args: CheckConfigArgs, global: &GlobalArgs) -> anyhow::Result<u8> {
     if args.quiet {
         return Ok(exit::SUCCESS);
     }
-    let file = args
-        .file
-        .as_ref()
-        .map_or_else(|| "no file".to_string(), |f| f.display().to_string());
+    let file = args.file.as_ref().map(|f| f.display().to_string());
     if args.effective {
-        crate::outln!("# effective config: defaults < {file} < CORRAL_* environment < flags")?;
+        let file = file.map(|f| format!("{f} < ")).unwrap_or_default();
+        crate::outln!("# effective config: defaults < {file}CORRAL_* environment < flags")?;
         crate::out!("{}", loaded.annotated_toml())?;
     } else {
+        let file = file.unwrap_or_else(|| "the defaults".to_string());
         crate::outln!("# effective config of {file}")?;
         crate::out!("{}", loaded.config.to_toml())?;
     }
