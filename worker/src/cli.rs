@@ -356,19 +356,46 @@ pub enum SourceCommand {
 pub struct SourcePushArgs {
     /// A directory to pack, or a .tar / .tar.gz bundle to upload as it is.
     pub path: PathBuf,
-    /// Store URL: oci-dir:/path, oci://host:port/repo or oci+http://host:port/repo.
-    #[arg(
-        long,
-        env = "CORRAL_STORE",
-        default_value = "oci-dir:/var/lib/corral/store"
-    )]
-    pub store: String,
-    /// Registry user name.
-    #[arg(long, env = "CORRAL_STORE_USERNAME")]
+    /// Store URL (`store.url`): oci-dir:/path, oci://host:port/repo or
+    /// oci+http://host:port/repo. Default: the config's, `oci-dir:<data_dir>/store`.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// Registry user name (`store.username`).
+    #[arg(long)]
     pub username: Option<String>,
-    /// File holding the registry password (first line).
-    #[arg(long, env = "CORRAL_STORE_PASSWORD_FILE", requires = "username")]
+    /// File holding the registry password (`store.password_file`).
+    #[arg(long, requires = "username")]
     pub password_file: Option<PathBuf>,
+    /// The workers' config file (TOML), for the store and its credentials.
+    #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl SourcePushArgs {
+    /// The config keys these flags set.
+    pub fn config_flags(&self) -> Vec<crate::config::FlagValue> {
+        use crate::config::FlagValue;
+        let mut out = Vec::new();
+        if let Some(store) = &self.store {
+            out.push(FlagValue::new("store.url", store.as_str(), "--store"));
+        }
+        if let Some(user) = &self.username {
+            out.push(FlagValue::new(
+                "store.username",
+                user.as_str(),
+                "--username",
+            ));
+        }
+        if let Some(file) = &self.password_file {
+            let file = file.display().to_string();
+            out.push(FlagValue::new(
+                "store.password_file",
+                file,
+                "--password-file",
+            ));
+        }
+        out
+    }
 }
 
 #[derive(Debug, clap::Args)]

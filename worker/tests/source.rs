@@ -417,7 +417,10 @@ fn source_push_uploads_a_tarball_as_is_and_prints_its_digest() {
     let again = corral()
         .args(["source", "push"])
         .arg(&bundle)
-        .env("CORRAL_STORE", format!("oci-dir:{}", store_dir.display()))
+        .env(
+            "CORRAL_STORE_URL",
+            format!("oci-dir:{}", store_dir.display()),
+        )
         .output()
         .unwrap();
     assert!(again.status.success());

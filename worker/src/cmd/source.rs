@@ -11,9 +11,10 @@ use corral_protocol::Digest;
 use tempfile::NamedTempFile;
 
 use crate::cli::{SourceCommand, SourcePushArgs};
+use crate::config::Sources;
 use crate::exit;
 use crate::source::{self, ExtractLimits};
-use crate::store::{self, Credentials, PutOutcome, Store};
+use crate::store::{self, PutOutcome, Store};
 
 pub fn run(command: SourceCommand) -> anyhow::Result<u8> {
     match command {
@@ -31,12 +32,13 @@ fn push(args: SourcePushArgs) -> anyhow::Result<u8> {
 }
 
 async fn push_async(args: SourcePushArgs) -> anyhow::Result<u8> {
-    let credentials = match (&args.username, &args.password_file) {
-        (Some(user), Some(file)) => Some(Credentials::from_password_file(user.clone(), file)?),
-        (Some(user), None) => Some(Credentials::new(user.clone(), String::new())),
-        _ => None,
+    // The store and its credentials as the workers that will read the bundle have them.
+    let sources = Sources::from_process(args.config.clone(), args.config_flags());
+    let config = match super::check_config::load(&sources) {
+        Ok(loaded) => loaded.config,
+        Err(code) => return Ok(code),
     };
-    let store = match Store::open(&args.store, credentials).await {
+    let store = match crate::job::open_store(&config).await {
         Ok(store) => store,
         Err(e) => {
             eprintln!("corral: error: opening the store: {e}");

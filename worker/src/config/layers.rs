@@ -240,7 +240,7 @@ fn merge(
 /// Variables that once set a worker setting under another name, and the key they set. A
 /// worker that silently ignored `CORRAL_POOL=gpu` would serve the wrong pool, so they are
 /// refused with their new name.
-const RENAMED_VARS: [(&str, &str); 8] = [
+const RENAMED_VARS: [(&str, &str); 9] = [
     ("CORRAL_POOL", "amqp.pool"),
     ("CORRAL_DRAIN_DEADLINE", "drain_deadline_seconds"),
     ("CORRAL_DELIVERY_LIMIT", "amqp.delivery_limit"),
@@ -249,6 +249,7 @@ const RENAMED_VARS: [(&str, &str); 8] = [
     ("CORRAL_BLOCKED_WAIT", "amqp.blocked_wait_seconds"),
     ("CORRAL_CANCEL_MEMORY", "amqp.cancel_memory_seconds"),
     ("CORRAL_BACKOFF_MAX", "amqp.reconnect_max_seconds"),
+    ("CORRAL_STORE", "store.url"),
 ];
 
 /// The key a renamed variable sets now.
@@ -260,9 +261,9 @@ pub fn renamed_var(var: &str) -> Option<&'static str> {
 }
 
 /// `CORRAL_*` variables that are not config keys but are read by corral itself: the config
-/// file's path, `corral source push`'s store, and the test and benchmark harnesses' own.
+/// file's path, and the test and benchmark harnesses' own.
 pub fn read_elsewhere(var: &str) -> bool {
-    matches!(var, "CORRAL_CONFIG" | "CORRAL_RUNNER" | "CORRAL_STORE")
+    matches!(var, "CORRAL_CONFIG" | "CORRAL_RUNNER")
         || ["CORRAL_TEST_", "CORRAL_BENCH_", "CORRAL_FAULT_"]
             .iter()
             .any(|prefix| var.starts_with(prefix))
