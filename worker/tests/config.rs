@@ -692,6 +692,14 @@ fn renamed_variables_are_refused_with_their_new_name() {
         err.contains("CORRAL_POOL: ") && err.contains("CORRAL_AMQP_POOL"),
         "{err}"
     );
+    // What `corral work` refuses to start with, check-config refuses too.
+    let out = corral()
+        .arg("check-config")
+        .env("CORRAL_RUNNER", "pipeline")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("CORRAL_RUNNER=pipeline is set"));
 }
 
 /// The one config sizes both what the broker hands this worker and the job filesystems kept

@@ -8,6 +8,9 @@ use crate::config::{Config, ConfigError, Loaded, Sources};
 use crate::exit;
 
 pub fn run(args: CheckConfigArgs, global: &GlobalArgs) -> anyhow::Result<u8> {
+    if let Some(code) = super::work::refuse_retired_runner() {
+        return Ok(code);
+    }
     let mut flags = global.config_flags();
     flags.extend(args.flags.values());
     let sources = Sources::from_process(args.file.clone(), flags);

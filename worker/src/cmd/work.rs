@@ -21,14 +21,8 @@ use crate::metrics::Metrics;
 pub const RETIRED_RUNNER_VAR: &str = "CORRAL_RUNNER";
 
 pub fn run(args: WorkArgs, global: &GlobalArgs) -> anyhow::Result<u8> {
-    if let Some(value) = std::env::var_os(RETIRED_RUNNER_VAR) {
-        eprintln!(
-            "corral: {RETIRED_RUNNER_VAR}={} is set, but `corral work` runs every job in the \
-             sandbox and has no other runner; remove {RETIRED_RUNNER_VAR} from the worker's \
-             environment",
-            value.to_string_lossy()
-        );
-        return Ok(exit::USAGE);
+    if let Some(code) = refuse_retired_runner() {
+        return Ok(code);
     }
     // Every setting, the broker's and the log's included, comes from the one layered config.
     let mut flags = global.config_flags();
@@ -83,6 +77,19 @@ pub fn run(args: WorkArgs, global: &GlobalArgs) -> anyhow::Result<u8> {
         Ok(exit::SUCCESS)
     })
 }
+/// Exit [`exit::USAGE`] (after saying why) when [`RETIRED_RUNNER_VAR`] is set; `corral
+/// check-config` refuses the environment `corral work` would refuse.
+pub fn refuse_retired_runner() -> Option<u8> {
+    let value = std::env::var_os(RETIRED_RUNNER_VAR)?;
+    eprintln!(
+        "corral: {RETIRED_RUNNER_VAR}={} is set, but `corral work` runs every job in the \
+         sandbox and has no other runner; remove {RETIRED_RUNNER_VAR} from the worker's \
+         environment",
+        value.to_string_lossy()
+    );
+    Some(exit::USAGE)
+}
+
 /// Tokens fired by the first SIGTERM or SIGINT (drain) and the second (stop builds now).
 /// Installed before anything else, so an early signal drains instead of killing. Needs a
 /// tokio runtime.

@@ -263,7 +263,7 @@ pub fn renamed_var(var: &str) -> Option<&'static str> {
 /// `CORRAL_*` variables that are not config keys but are read by corral itself: the config
 /// file's path, and the test and benchmark harnesses' own.
 pub fn read_elsewhere(var: &str) -> bool {
-    matches!(var, "CORRAL_CONFIG" | "CORRAL_RUNNER")
+    var == "CORRAL_CONFIG"
         || ["CORRAL_TEST_", "CORRAL_BENCH_", "CORRAL_FAULT_"]
             .iter()
             .any(|prefix| var.starts_with(prefix))
