@@ -753,6 +753,8 @@ fn a_build_runs_as_uid_start_and_gid_start_plus_its_offset() {
     if !common::prerequisites() {
         return;
     }
+    // Its own cgroup parent, so that other tests' checks for leftovers never see this job.
+    let _dirs = common::leaves_nothing("ids");
     let scratch = tempfile::Builder::new()
         .prefix("corral-test-ids-")
         .tempdir_in("/var/tmp")
@@ -808,6 +810,7 @@ fn a_build_runs_as_uid_start_and_gid_start_plus_its_offset() {
         .env("CORRAL_SANDBOX_UID_START", "230000")
         .env("CORRAL_SANDBOX_GID_START", "330000")
         .env("CORRAL_SANDBOX_ID_COUNT", "100")
+        .env("CORRAL_SANDBOX_CGROUP_PARENT", "/corral-test-ids")
         .output()
         .unwrap();
     let err = stderr(&out);
