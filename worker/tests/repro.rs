@@ -21,7 +21,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::Value;
 
 mod common;
-use common::{have, is_root, repo, require, rootfs};
+use common::{have, is_root, repo, require, rootfs, without_corral_settings};
 
 const BIN: &str = env!("CARGO_BIN_EXE_corral");
 const LAYERS: [&str; 3] = ["base", "source", "build"];
@@ -58,6 +58,7 @@ impl Host {
             .args(args)
             .current_dir(repo())
             .env("RUST_LOG", "warn");
+        without_corral_settings(&mut cmd);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -90,10 +91,10 @@ fn prerequisites() -> bool {
         && require(have("curl"), "curl")
 }
 
-/// The fixture jobs whose expected result is `succeeded`, by name; `CORRAL_REPRO_JOBS`
+/// The fixture jobs whose expected result is `succeeded`, by name; `CORRAL_TEST_REPRO_JOBS`
 /// (names, comma-separated) narrows them down while working on one.
 fn succeeding_jobs() -> Vec<String> {
-    let only = std::env::var("CORRAL_REPRO_JOBS").ok();
+    let only = std::env::var("CORRAL_TEST_REPRO_JOBS").ok();
     let wanted = |job: &str| {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|j| j == job))
@@ -312,7 +313,7 @@ fn every_succeeding_fixture_job_builds_the_same_image_whatever_the_host() {
     let jobs = succeeding_jobs();
     assert!(
         !jobs.is_empty()
-            && (std::env::var_os("CORRAL_REPRO_JOBS").is_some()
+            && (std::env::var_os("CORRAL_TEST_REPRO_JOBS").is_some()
                 || (jobs.len() >= 3 && jobs.iter().any(|j| j == "python-app"))),
         "succeeding fixture jobs: {jobs:?}"
     );
