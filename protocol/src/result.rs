@@ -147,9 +147,9 @@ pub struct Timings {
 }
 
 /// Everything a build's bytes depend on, as the worker saw it: the action cache key is the
-/// sha256 of these fields (all but `action_key`) as compact JSON in this order, so two
-/// results with different digests and equal inputs point at the worker, and unequal inputs
-/// name what changed. What is not here does not reach the image: the worker's umask,
+/// sha256 of the compact JSON object `{"kind":"corral.action.v2", …}` followed by these
+/// fields in this order (all but `action_key`), so two results with different digests and
+/// equal inputs point at the worker, and unequal inputs name what changed. What is not here does not reach the image: the worker's umask,
 /// time zone, locale, data dir, uid range, concurrency, snapshot threads, cache state and
 /// store (the reproducibility tests vary each of them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
