@@ -42,7 +42,8 @@ pub use job::{
 };
 pub use limits::Limits;
 pub use result::{
-    Artifact, JobResult, Layer, LogRef, Reason, ResultSchema, Status, Timings, Usage, WorkerInfo,
+    Artifact, BuildInputs, JobResult, Layer, LogRef, Reason, ResultSchema, Status, Timings, Usage,
+    WorkerInfo,
 };
 pub use workdir::WorkDir;
 

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::ProtocolError;
 use crate::ids::{JobId, ProjectId};
+use crate::job::NetworkPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum ResultSchema {
@@ -145,6 +146,37 @@ pub struct Timings {
     pub total_ms: u64,
 }
 
+/// Everything a build's bytes depend on, as the worker saw it: the action cache key is the
+/// sha256 of the compact JSON object `{"kind":"corral.action.v2", …}` followed by these
+/// fields in this order (all but `action_key`), so two results with different digests and
+/// equal inputs point at the worker, and unequal inputs name what changed. What is not here does not reach the image: the worker's umask,
+/// time zone, locale, data dir, uid range, concurrency, snapshot threads, cache state and
+/// store (the reproducibility tests vary each of them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildInputs {
+    /// sha256 of the canonical inputs: the action cache key.
+    pub action_key: Digest,
+    /// The version of the layer format (tar layout, id mapping, permission policy).
+    pub layer_format_version: u32,
+    /// Digest of the base's layer (not its name: a rebuilt base is another input).
+    pub base_digest: Digest,
+    /// Digest of the source bundle.
+    pub source_digest: Digest,
+    pub command: Vec<String>,
+    /// sha256 of the job's `env` as compact JSON with sorted keys (the values themselves
+    /// are not repeated: results travel further than jobs).
+    pub env_digest: Digest,
+    pub workdir: String,
+    /// The job's `source_date_epoch` (or its default): the clamp of every mtime.
+    pub source_date_epoch: u64,
+    pub network: NetworkPolicy,
+    /// The layer encoding: media type and level, e.g. `gzip-6`, `zstd-3`.
+    pub layer_encoding: String,
+    /// The umask the build's processes start with, in octal (`0022`).
+    pub umask: String,
+}
+
 /// Which worker produced a result.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -184,6 +216,10 @@ pub struct JobResult {
     pub log: Option<LogRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// What the build's digest depends on (absent when nothing was built or looked up,
+    /// e.g. a rejected job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<BuildInputs>,
     #[serde(default)]
     pub timings: Timings,
     /// Whether the result came from the action cache instead of a build.
@@ -217,6 +253,7 @@ impl JobResult {
             artifact: None,
             log: None,
             usage: None,
+            inputs: None,
             timings: Timings::default(),
             cached: false,
             worker,

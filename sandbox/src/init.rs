@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use crate::handshake::{self, FromInit, SetupError, SetupStep, Status, ToInit};
-use crate::spec::{JOB_GID, JOB_UID, SandboxSpec};
+use crate::spec::{JOB_GID, JOB_UID, JOB_UMASK, SandboxSpec};
 use crate::sys;
 
 const SIGNALS: [libc::c_int; 5] = [
@@ -90,6 +90,8 @@ fn setup(
     let io = |step: Step| move |e: std::io::Error| SetupError::io(step, &e);
     // If the shim dies, so does the job (pid 1 takes the namespace with it).
     sys::set_parent_death_signal(libc::SIGKILL).map_err(io(Step::ParentDeathSignal))?;
+    // The worker's umask is its operator's choice; the job's root and the job get ours.
+    sys::set_umask(JOB_UMASK);
     let kernel = crate::rootfs::Kernel;
     crate::rootfs::prepare(&kernel, spec, root).map_err(|e| SetupError::chain(Step::Rootfs, &e))?;
     // What the job inherits and does not depend on namespaces, done now in case the shim

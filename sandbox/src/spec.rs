@@ -60,6 +60,11 @@ fn default_hostname() -> String {
 pub const JOB_UID: u32 = 1000;
 /// Gid inside the sandbox that the project's host gid is mapped to.
 pub const JOB_GID: u32 = 1000;
+/// The umask the job starts with, whatever the worker's own (a hardened unit runs it under
+/// `UMask=0077`): the modes of what a build writes, so the build layer's bytes, must not
+/// depend on how the worker was started. Pid 1 sets it before it makes the job's root, so
+/// mount points, `/dev` and `/tmp` come out the same on every host too.
+pub const JOB_UMASK: u32 = 0o022;
 
 /// A project's host identity: files the job writes in the upper dir are owned by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,55 +8,82 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use corral_protocol::{Digest, Job, JobResult, Status};
+use corral_protocol::{BuildInputs, Digest, Job, JobResult, Status};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 /// Bumped whenever the bytes a build produces for the same inputs could change (tar layout,
-/// compression, id mapping): old cache entries then simply stop matching.
+/// compression, id mapping, permission policy): old cache entries then simply stop matching.
 pub const LAYER_FORMAT_VERSION: u32 = 1;
 
-/// sha256 of a build's canonical inputs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ActionKey(Digest);
+/// Names the key scheme: bumped when the set of hashed fields changes.
+const KEY_KIND: &str = "corral.action.v2";
 
-/// What goes into the key, serialized as canonical JSON (fields in this order, env sorted
-/// by `BTreeMap`, no whitespace).
+/// sha256 of a build's canonical inputs, with the inputs themselves (they go into the
+/// result, so that an operator can tell why two digests differ).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionKey(BuildInputs);
+
+/// What goes into the key, serialized as canonical JSON (fields in this order, no
+/// whitespace): every field of [`BuildInputs`] but the key, after a `kind`.
 #[derive(Serialize)]
-struct Inputs<'a> {
+struct Canonical<'a> {
     kind: &'static str,
     layer_format_version: u32,
     base_digest: &'a Digest,
     source_digest: &'a Digest,
     command: &'a [String],
-    env: &'a std::collections::BTreeMap<String, String>,
+    env_digest: &'a Digest,
     workdir: &'a str,
-    epoch: u64,
+    source_date_epoch: u64,
     network: corral_protocol::NetworkPolicy,
-    compression: &'a str,
+    layer_encoding: &'a str,
+    umask: &'a str,
 }
 
 impl ActionKey {
     /// `base_digest` is the base layer's digest (not its name: renaming a base or rebuilding
-    /// it with other content must not hit); `compression` names the layer encoding.
-    pub fn new(job: &Job, base_digest: &Digest, compression: &str) -> Self {
-        let inputs = Inputs {
-            kind: "corral.action.v1",
+    /// it with other content must not hit); `layer_encoding` names the layer compression and
+    /// its level ([`crate::layer::Compression::label`]), which both change the bytes.
+    pub fn new(job: &Job, base_digest: &Digest, layer_encoding: &str) -> Self {
+        let env = serde_json::to_vec(&job.env).expect("a string map serializes");
+        let env_digest = Digest::from_sha256(Sha256::digest(&env).into());
+        let umask = format!("{:04o}", corral_sandbox::JOB_UMASK);
+        let canonical = Canonical {
+            kind: KEY_KIND,
             layer_format_version: LAYER_FORMAT_VERSION,
             base_digest,
             source_digest: &job.source.digest,
             command: &job.command,
-            env: &job.env,
+            env_digest: &env_digest,
             workdir: job.workdir.as_str(),
-            epoch: job.epoch(),
+            source_date_epoch: job.epoch(),
             network: job.network,
-            compression,
+            layer_encoding,
+            umask: &umask,
         };
-        let canonical = serde_json::to_vec(&inputs).expect("plain data serializes");
-        ActionKey(Digest::from_sha256(Sha256::digest(&canonical).into()))
+        let bytes = serde_json::to_vec(&canonical).expect("plain data serializes");
+        ActionKey(BuildInputs {
+            action_key: Digest::from_sha256(Sha256::digest(&bytes).into()),
+            layer_format_version: LAYER_FORMAT_VERSION,
+            base_digest: base_digest.clone(),
+            source_digest: job.source.digest.clone(),
+            command: job.command.clone(),
+            env_digest,
+            workdir: job.workdir.as_str().to_string(),
+            source_date_epoch: job.epoch(),
+            network: job.network,
+            layer_encoding: layer_encoding.to_string(),
+            umask,
+        })
     }
 
     pub fn digest(&self) -> &Digest {
+        &self.0.action_key
+    }
+
+    /// The inputs the key hashes, for the result.
+    pub fn inputs(&self) -> &BuildInputs {
         &self.0
     }
 }
@@ -177,6 +204,37 @@ mod tests {
         assert_ne!(
             ActionKey::new(&a, &base(), "gzip"),
             ActionKey::new(&a, &base(), "zstd")
+        );
+    }
+
+    #[test]
+    fn the_result_inputs_recompute_the_key() {
+        let mut a = job();
+        a.env.insert("B".into(), "2".into());
+        a.env.insert("A".into(), "1".into());
+        let key = ActionKey::new(&a, &base(), "gzip-6");
+        let i = key.inputs();
+        assert_eq!(
+            i.env_digest,
+            Digest::from_sha256(Sha256::digest(br#"{"A":"1","B":"2"}"#).into())
+        );
+        assert_eq!(i.umask, "0022");
+        // What an operator would write from a result alone.
+        let canonical = format!(
+            r#"{{"kind":"corral.action.v2","layer_format_version":{},"base_digest":"{}","source_digest":"{}","command":["make"],"env_digest":"{}","workdir":"/app","source_date_epoch":{},"network":"none","layer_encoding":"gzip-6","umask":"0022"}}"#,
+            i.layer_format_version,
+            i.base_digest,
+            i.source_digest,
+            i.env_digest,
+            i.source_date_epoch,
+        );
+        assert_eq!(
+            key.digest(),
+            &Digest::from_sha256(Sha256::digest(canonical.as_bytes()).into())
+        );
+        assert_ne!(
+            ActionKey::new(&a, &base(), "gzip-6"),
+            ActionKey::new(&a, &base(), "gzip-9")
         );
     }
 

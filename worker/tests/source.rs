@@ -310,8 +310,9 @@ async fn fetch_verifies_the_digest_and_size_from_the_store() {
     assert!(!scratch.path().join("x").exists());
 }
 
-/// A directory packs to the same digest whatever its owners, timestamps or creation order,
-/// and what is stored unpacks to the same tree.
+/// A directory packs to the same digest whatever its owners, timestamps, creation order or
+/// the umask of whoever made it (its group and other bits), and what is stored unpacks to
+/// the same tree.
 #[test]
 fn source_push_packs_a_directory_deterministically() {
     let scratch = tempfile::tempdir().unwrap();
@@ -369,6 +370,13 @@ fn source_push_packs_a_directory_deterministically() {
             .unwrap();
         assert!(chowned.success());
     }
+    // As a checkout made under umask 002 has it.
+    let writable = Command::new("chmod")
+        .args(["-R", "g+w,o+w"])
+        .arg(&two_dir)
+        .status()
+        .unwrap();
+    assert!(writable.success());
     let two = push(&two_dir);
     assert_eq!(one, two, "same content, same digest");
     let digest = Digest::parse(one).unwrap();
@@ -381,8 +389,10 @@ fn source_push_packs_a_directory_deterministically() {
     let listing = String::from_utf8(listing.stdout).unwrap();
     assert!(listing.contains("sub/b.py"), "{listing}");
     assert!(
-        listing.contains("-rwxr-xr-x 0/0"),
-        "owners are 0:0 and modes kept: {listing}"
+        listing.contains("-rwxr-xr-x 0/0")
+            && listing.contains("-rw-r--r-- 0/0")
+            && listing.contains("drwxr-xr-x 0/0"),
+        "owners are 0:0 and modes as git keeps them: {listing}"
     );
 }
 

@@ -547,10 +547,14 @@ fn ensure_real_dirs(root: &Path, parents: &[&[u8]], entry: &str) -> Result<(), B
             Ok(meta) if meta.is_dir() => {}
             Ok(meta) => return Err(not_a_dir(entry, &parents[..=i], meta.is_symlink())),
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&path).map_err(|source| BaseError::Extract {
-                    path: path.clone(),
-                    source,
-                })?;
+                // A directory the tarball implies but does not list: 0755, never the
+                // importer's umask (it lands in the base layer).
+                fs::create_dir(&path)
+                    .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o755)))
+                    .map_err(|source| BaseError::Extract {
+                        path: path.clone(),
+                        source,
+                    })?;
             }
             Err(source) => return Err(BaseError::Extract { path, source }),
         }

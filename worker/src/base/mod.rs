@@ -543,14 +543,12 @@ pub fn compute_layer(rootfs: &Path, out: &Path) -> Result<Option<Layer>, BaseErr
         source,
     };
     let blob = File::create(out).map_err(|e| err(e.into()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let options = LayerOptions {
         mode: Mode::Plain,
         // Clamp nothing: a base keeps its own mtimes (its .pyc files check them). The layer
-        // is computed once, so its digest is fixed for the base's life.
-        epoch: now,
+        // is computed once, so its digest is fixed for the base's life; nor may the time
+        // of the import matter, so that one tarball imported anywhere gives one digest.
+        epoch: u64::MAX,
         // The base as built (su, mount): the sandbox runs with no_new_privs anyway.
         setid: SetIdPolicy::Keep,
         threads: std::thread::available_parallelism().map_or(1, usize::from),

@@ -108,11 +108,14 @@ fn copy_to_spool(
 }
 
 /// Packs `dir` deterministically into a tar.gz spooled to a temp file: the layer writer's
-/// plain mode (entries sorted bytewise, mtimes clamped to 0, owners 0:0, setuid/setgid
-/// stripped, device nodes refused, no xattrs, pinned gzip). The same tree gives the same
-/// digest on any machine, whoever owns the checkout.
+/// plain mode (entries sorted bytewise, mtimes clamped to 0, owners 0:0, permissions as git
+/// keeps them: 0755 for directories and executables, 0644 for other files; device nodes
+/// refused, no xattrs, pinned gzip). The same tree gives the same digest on any machine,
+/// whoever owns the checkout and whatever umask it was made under.
 pub fn pack_dir(dir: &Path) -> anyhow::Result<(NamedTempFile, Digest)> {
-    use crate::layer::{DevicePolicy, IdMap, LayerOptions, Mode, XattrPolicy, write_layer};
+    use crate::layer::{
+        DevicePolicy, IdMap, LayerOptions, Mode, PermissionPolicy, XattrPolicy, write_layer,
+    };
     let spool = NamedTempFile::new().context("creating a temp file for the bundle")?;
     let options = LayerOptions {
         mode: Mode::Plain,
@@ -120,6 +123,7 @@ pub fn pack_dir(dir: &Path) -> anyhow::Result<(NamedTempFile, Digest)> {
         id_map: IdMap::squash(0, 0),
         devices: DevicePolicy::Refuse,
         xattrs: XattrPolicy::none(),
+        permissions: PermissionPolicy::Normalized,
         threads: std::thread::available_parallelism().map_or(1, usize::from),
         ..LayerOptions::default()
     };

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use corral_protocol::{Artifact, Job, LogRef, NetworkPolicy, Stream};
+use corral_protocol::{Artifact, BuildInputs, Job, LogRef, NetworkPolicy, Stream};
 use corral_sandbox::{
     Identity, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
 };
@@ -28,6 +28,8 @@ pub struct Built {
     /// The stored build log.
     pub log: Option<LogRef>,
     pub output: Output,
+    /// What the output's digest depends on (the action key's inputs).
+    pub inputs: Option<Box<BuildInputs>>,
 }
 
 /// What became of a build's output.

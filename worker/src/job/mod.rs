@@ -249,11 +249,7 @@ impl Sandboxed {
             settings: &self.settings,
             metrics: &self.metrics,
         };
-        let key = ActionKey::new(
-            job,
-            &base.layer.digest,
-            self.settings.compression.media_type(),
-        );
+        let key = ActionKey::new(job, &base.layer.digest, &self.settings.compression.label());
         if self.settings.use_cache
             && job.cache
             && let Some(hit) = publish
@@ -316,6 +312,7 @@ impl Sandboxed {
             log_truncated,
             log: Some(log),
             output: Output::NotTaken,
+            inputs: Some(Box::new(key.inputs().clone())),
         };
         if !built.outcome.success() {
             return Ok(Ending::Built(Box::new(built)));

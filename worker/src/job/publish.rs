@@ -171,6 +171,7 @@ impl Publish<'_> {
         hit.project = Some(job.project.clone());
         hit.worker = worker.clone();
         hit.cached = true;
+        hit.inputs = Some(key.inputs().clone());
         self.metrics.cache_hits.inc();
         Ok(Some(hit))
     }

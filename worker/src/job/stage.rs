@@ -55,10 +55,16 @@ impl Scratch {
         let path = data_dir.join("tmp").join(format!("job-{}", job.job_id));
         // A leftover from a crashed run of the same job is stale by definition.
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).map_err(|source| JobError::Scratch {
-            path: path.clone(),
-            source,
-        })?;
+        // The worker's own (bundle, log, spooled layers): private whatever the umask.
+        std::fs::create_dir_all(&path)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| JobError::Scratch {
+                path: path.clone(),
+                source,
+            })?;
         Ok(Scratch { path })
     }
 
@@ -91,9 +97,14 @@ pub async fn source(
     limits: ExtractLimits,
 ) -> Result<(), JobError> {
     let app = scratch.source_root().join(SOURCE_DIR);
+    // Its mode is the source layer's first entry: fixed, never the worker's umask.
     std::fs::create_dir_all(&app)
         .and_then(|()| {
             std::os::unix::fs::chown(&app, Some(identity.host_uid), Some(identity.host_gid))
+        })
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755))
         })
         .map_err(|source| JobError::Scratch {
             path: app.clone(),

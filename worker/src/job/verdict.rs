@@ -317,6 +317,7 @@ fn describe_build(result: &mut JobResult, built: &Built, limits: &Limits, stoppe
     let outcome = &built.outcome;
     result.usage = Some(usage(built));
     result.log.clone_from(&built.log);
+    result.inputs = built.inputs.as_deref().cloned();
     match outcome.exit {
         Exit::Code(code) => result.exit_code = Some(code),
         Exit::Signal(sig) => result.signal = Some(sig),
@@ -497,6 +498,7 @@ mod tests {
             upper_bytes: 99,
             log: Some(log()),
             output,
+            inputs: None,
         }))
     }
 

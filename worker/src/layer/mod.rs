@@ -18,6 +18,9 @@
 //!   [`DevicePolicy`] (default: skipped and reported). FIFOs are stored.
 //! - Setuid/setgid bits of regular files are stripped unless [`SetIdPolicy::Keep`]; the
 //!   count is reported. Directories keep their setgid bit (group inheritance, not a privilege).
+//! - Permission bits come from the tree (the writer never consults the process umask; what
+//!   made the tree did), unless [`PermissionPolicy::Normalized`] keeps only what git keeps:
+//!   directories 0755, regular files 0755 when any execute bit is set and 0644 otherwise.
 //! - Hard links: the first path in archive order is stored as the file, later ones as link
 //!   entries (whiteouts, which overlay hard-links to one inode, are never grouped).
 //! - Paths longer than [`LayerOptions::max_path_bytes`] (default 4096, what extractors can
@@ -62,6 +65,14 @@ impl Default for Compression {
 }
 
 impl Compression {
+    /// The encoding and its level, as the action key and results name it: `gzip-6`.
+    pub fn label(&self) -> String {
+        match self {
+            Compression::Gzip { level } => format!("gzip-{level}"),
+            Compression::Zstd { level } => format!("zstd-{level}"),
+        }
+    }
+
     pub fn media_type(&self) -> &'static str {
         match self {
             Compression::Gzip { .. } => MEDIA_TYPE_GZIP,
@@ -146,6 +157,42 @@ pub enum SetIdPolicy {
     Keep,
 }
 
+/// Which permission bits a layer records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PermissionPolicy {
+    /// The tree's own bits (the snapshot of what a build wrote, a base as imported).
+    #[default]
+    AsIs,
+    /// git's policy, for trees whose bits say more about the host than the content (a
+    /// checkout's group and other bits follow the umask of whoever made it): directories
+    /// 0755, regular files 0755 when any execute bit is set and 0644 otherwise; symlinks
+    /// 0777; FIFOs 0644.
+    Normalized,
+}
+
+impl PermissionPolicy {
+    /// The bits stored for an entry of `kind` whose tree mode is `mode` (setuid/setgid
+    /// already applied by the caller).
+    pub(crate) fn apply(self, kind: EntryKind, mode: u32) -> u32 {
+        match (self, kind) {
+            (PermissionPolicy::AsIs, _) => mode & 0o7777,
+            (PermissionPolicy::Normalized, EntryKind::Dir) => 0o755,
+            (PermissionPolicy::Normalized, EntryKind::File) if mode & 0o111 != 0 => 0o755,
+            (PermissionPolicy::Normalized, EntryKind::Symlink) => 0o777,
+            (PermissionPolicy::Normalized, _) => 0o644,
+        }
+    }
+}
+
+/// The kinds of entry [`PermissionPolicy`] tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryKind {
+    Dir,
+    File,
+    Symlink,
+    Other,
+}
+
 /// What happens to character and block device nodes (other than whiteouts in an upper).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DevicePolicy {
@@ -212,6 +259,7 @@ pub struct LayerOptions {
     /// Longest path stored; longer ones fail with [`LayerError::PathTooLong`].
     pub max_path_bytes: usize,
     pub xattrs: XattrPolicy,
+    pub permissions: PermissionPolicy,
 }
 
 impl Default for LayerOptions {
@@ -228,6 +276,7 @@ impl Default for LayerOptions {
             max_tar_bytes: None,
             max_path_bytes: 4096,
             xattrs: XattrPolicy::default(),
+            permissions: PermissionPolicy::default(),
         }
     }
 }

@@ -16,7 +16,8 @@ use rustix::io::Errno;
 use super::tar::{self, Header, TypeFlag};
 use super::whiteout::{self, OverlayXattr};
 use super::{
-    DevicePolicy, LayerError, LayerOptions, Mode, SetIdPolicy, SkipReason, Skipped, TarStream,
+    DevicePolicy, EntryKind, LayerError, LayerOptions, Mode, SetIdPolicy, SkipReason, Skipped,
+    TarStream,
 };
 
 /// Directory fds kept open along the current path; deeper trees re-open ancestors via `..`.
@@ -321,10 +322,16 @@ impl<W: Write> Walker<'_, '_, W> {
     }
 
     fn base<'p>(&self, path: &'p [u8], kind: TypeFlag, meta: &Meta) -> Header<'p> {
+        let class = match kind {
+            TypeFlag::Directory => EntryKind::Dir,
+            TypeFlag::Regular | TypeFlag::HardLink => EntryKind::File,
+            TypeFlag::Symlink => EntryKind::Symlink,
+            _ => EntryKind::Other,
+        };
         Header {
             path,
             kind,
-            mode: meta.mode & 0o7777,
+            mode: self.opts.permissions.apply(class, meta.mode),
             uid: u64::from(self.opts.id_map.map_uid(meta.uid)),
             gid: u64::from(self.opts.id_map.map_gid(meta.gid)),
             size: 0,
@@ -445,14 +452,14 @@ impl<W: Write> Walker<'_, '_, W> {
 
     /// A regular file's mode after the set-id policy; `count` records a strip.
     fn file_mode(&mut self, mode: u32, count: bool) -> u32 {
-        let mode = mode & 0o7777;
+        let mut mode = mode & 0o7777;
         if self.opts.setid == SetIdPolicy::Strip && mode & 0o6000 != 0 {
             if count {
                 self.stats.setid_stripped += 1;
             }
-            return mode & !0o6000;
+            mode &= !0o6000;
         }
-        mode
+        self.opts.permissions.apply(EntryKind::File, mode)
     }
 
     fn write_file(&mut self, dir: &OwnedFd, entry: &Entry, path: &[u8]) -> Result<(), LayerError> {

@@ -15,6 +15,11 @@
 //! never a directory; hard links must name an earlier regular file inside the tree.
 //! Directory modes and times are applied at the end so read-only directories do not block
 //! their own contents.
+//!
+//! Modes come from the bundle alone, never from the process umask: a file or directory
+//! gets its entry's permission bits (less what the policy above strips), applied with
+//! `fchmod`; a directory the bundle implies but does not list gets 0755; symlinks have no
+//! mode. The destination itself (the bundle's `./`) keeps the mode its caller gave it.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -40,6 +45,8 @@ pub struct ExtractStats {
 
 const NAME_MAX: usize = 255;
 const PATH_MAX: usize = 4096;
+/// The mode of a directory the bundle implies (a parent of an entry) but does not list.
+const IMPLIED_DIR_MODE: u32 = 0o755;
 /// Deepest nesting accepted. Each entry is placed by walking its parents one `openat2` at
 /// a time, so this bounds the work a bundle of many deep paths can cost.
 const MAX_DEPTH: usize = 256;
@@ -345,13 +352,31 @@ impl Extraction {
             let next =
                 match rustix::fs::openat2(&dir, comp.as_slice(), flags, Mode::empty(), resolve) {
                     Err(Errno::NOENT) if create => {
-                        match rustix::fs::mkdirat(&dir, comp.as_slice(), Mode::from_raw_mode(0o755))
-                        {
-                            Ok(()) => self.own_at(&dir, comp, shown)?,
-                            Err(Errno::EXIST) => {}
+                        let made = match rustix::fs::mkdirat(
+                            &dir,
+                            comp.as_slice(),
+                            Mode::from_raw_mode(IMPLIED_DIR_MODE),
+                        ) {
+                            Ok(()) => {
+                                self.own_at(&dir, comp, shown)?;
+                                true
+                            }
+                            Err(Errno::EXIST) => false,
                             Err(e) => return Err(self.write_err(shown, e)),
+                        };
+                        let opened = rustix::fs::openat2(
+                            &dir,
+                            comp.as_slice(),
+                            flags,
+                            Mode::empty(),
+                            resolve,
+                        );
+                        // mkdir's mode went through the umask; the policy's mode must not.
+                        if made && let Ok(fd) = &opened {
+                            rustix::fs::fchmod(fd, Mode::from_raw_mode(IMPLIED_DIR_MODE))
+                                .map_err(|e| self.write_err(shown, e))?;
                         }
-                        rustix::fs::openat2(&dir, comp.as_slice(), flags, Mode::empty(), resolve)
+                        opened
                     }
                     other => other,
                 };

@@ -69,8 +69,13 @@ impl DirStore {
     }
 
     fn create_layout(&self) -> Result<(), StoreError> {
-        for dir in [self.root.join("blobs/sha256"), self.tmp_dir()] {
-            fs::create_dir_all(&dir)
+        // The layout is read by others (skopeo as another user, a web server); the temp
+        // dir holds unverified bytes and is the worker's alone.
+        for (dir, mode) in [
+            (self.root.join("blobs/sha256"), 0o755),
+            (self.tmp_dir(), 0o700),
+        ] {
+            create_dirs(&dir, mode)
                 .map_err(|source| StoreError::CreateDir { path: dir, source })?;
         }
         self.write_new_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
@@ -105,7 +110,7 @@ impl DirStore {
         if path.exists() {
             return Ok(());
         }
-        let tmp = self.spool(bytes)?;
+        let tmp = self.spool_readable(bytes)?;
         match tmp.persist_noclobber(&path) {
             Ok(_) => sync_dir(&self.root),
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
@@ -115,6 +120,18 @@ impl DirStore {
                 source: e.error,
             }),
         }
+    }
+
+    /// [`Self::spool`], mode 0644: a file of the layout that others read.
+    fn spool_readable(&self, bytes: &[u8]) -> Result<tempfile::NamedTempFile, StoreError> {
+        let tmp = self.spool(bytes)?;
+        tmp.as_file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .map_err(|source| StoreError::Write {
+                path: tmp.path().to_path_buf(),
+                source,
+            })?;
+        Ok(tmp)
     }
 
     /// Writes `bytes` to a fresh, fsynced temp file in the store.
@@ -427,7 +444,7 @@ impl DirStore {
                 reason: "no manifests array".into(),
             })?;
         edit(manifests);
-        let tmp = self.spool(&to_vec(&index))?;
+        let tmp = self.spool_readable(&to_vec(&index))?;
         let path = self.index_path();
         tmp.persist(&path).map_err(|e| StoreError::Rename {
             from: e.file.path().to_path_buf(),
@@ -604,4 +621,28 @@ impl<W: Write> Write for HashingWriter<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
+}
+
+/// Creates `dir` and its missing parents, each with exactly `mode` (never the umask's
+/// version of it). Directories that exist already are left as they are: they may be an
+/// operator's.
+fn create_dirs(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() || d.is_dir() {
+            break;
+        }
+        missing.push(d);
+        cur = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(mode))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

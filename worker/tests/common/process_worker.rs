@@ -242,6 +242,7 @@ fn built(exit: Exit, reason: DeathReason, started: Instant, log: &BuildLog) -> B
         upper_bytes: 0,
         log: None,
         output: Output::NotTaken,
+        inputs: None,
     }
 }
 
