@@ -78,6 +78,39 @@ pub trait CgroupVersion {
     fn kill_all(&self) -> Result<(), CgroupError>;
     /// Removes the (empty) cgroup directories.
     fn remove(&self) -> Result<(), CgroupError>;
+    /// The counters of limits the kernel enforced, and how it tells of a change, for
+    /// watching them while the job runs.
+    fn event_counters(&self) -> Vec<EventCounter>;
+}
+
+/// A counter in a flat keyed cgroup file that grows each time the kernel enforces a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventCounter {
+    pub limit: EnforcedLimit,
+    pub file: PathBuf,
+    pub key: &'static str,
+    pub notice: Notice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnforcedLimit {
+    /// The memory controller killed a process.
+    Oom,
+    /// The pids controller refused a fork or clone.
+    Pids,
+}
+
+/// How the kernel tells that a counter may have changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// kernfs raises `IN_MODIFY` on the file itself (v2 event files).
+    Inotify,
+    /// An eventfd registered as `<eventfd> <fd of file>` in this `cgroup.event_control`
+    /// (v1 `memory.oom_control`); it fires when the cgroup goes out of memory, before the
+    /// kill is counted.
+    EventControl(PathBuf),
+    /// No notification (v1 `pids.events`, checked on Linux 6.18): read now and then.
+    None,
 }
 
 /// Where the controllers live on this host.

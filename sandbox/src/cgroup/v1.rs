@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CgroupError, CgroupStats, CgroupVersion, keyed, kill_pids, mkdir, read_pids, read_u64, rmdir,
-    write,
+    CgroupError, CgroupStats, CgroupVersion, EnforcedLimit, EventCounter, Notice, keyed, kill_pids,
+    mkdir, read_pids, read_u64, rmdir, write,
 };
 use crate::spec::SandboxLimits;
 
@@ -157,6 +157,23 @@ impl CgroupVersion for V1 {
             rmdir(d)?;
         }
         Ok(())
+    }
+
+    fn event_counters(&self) -> Vec<EventCounter> {
+        vec![
+            EventCounter {
+                limit: EnforcedLimit::Oom,
+                file: self.memory.join("memory.oom_control"),
+                key: "oom_kill",
+                notice: Notice::EventControl(self.memory.join("cgroup.event_control")),
+            },
+            EventCounter {
+                limit: EnforcedLimit::Pids,
+                file: self.pids.join("pids.events"),
+                key: "max",
+                notice: Notice::None,
+            },
+        ]
     }
 }
 

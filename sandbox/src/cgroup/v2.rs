@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CgroupError, CgroupStats, CgroupVersion, keyed, mkdir, read, read_pids, read_u64, rmdir, write,
+    CgroupError, CgroupStats, CgroupVersion, EnforcedLimit, EventCounter, Notice, keyed, mkdir,
+    read, read_pids, read_u64, rmdir, write,
 };
 use crate::spec::SandboxLimits;
 
@@ -138,6 +139,23 @@ impl CgroupVersion for V2 {
 
     fn remove(&self) -> Result<(), CgroupError> {
         rmdir(&self.dir)
+    }
+
+    fn event_counters(&self) -> Vec<EventCounter> {
+        vec![
+            EventCounter {
+                limit: EnforcedLimit::Oom,
+                file: self.file("memory.events"),
+                key: "oom_kill",
+                notice: Notice::Inotify,
+            },
+            EventCounter {
+                limit: EnforcedLimit::Pids,
+                file: self.file("pids.events"),
+                key: "max",
+                notice: Notice::Inotify,
+            },
+        ]
     }
 }
 
