@@ -48,6 +48,7 @@
 #![deny(unsafe_code)]
 
 mod cgroup; // the job's cgroup: v1 and v2 behind one trait, limits, counters
+mod event; // what a job does as it happens: LiveEvent
 mod handshake; // the framed messages between worker, zygote, shim and init
 mod identity; // project → host uid and gid, stable across restarts
 mod init; // the job's pid 1: builds and enters the root, starts and reaps the job
@@ -63,11 +64,13 @@ mod shim; // the per-job supervisor outside the job: clones init, limits, cancel
 mod spec; // what to run and how: SandboxSpec, limits, config
 #[allow(unsafe_code)]
 mod sys; // the only unsafe code: thin syscall wrappers, one file per kernel concept
+mod watch; // the kernel's notifications of enforced limits, and the events' rate limit
 mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, discover as discover_cgroups,
 };
+pub use event::{LiveEvent, LiveEventKind};
 pub use handshake::{HandshakeError, SetupError, SetupStep, VERSION as HANDSHAKE_VERSION};
 pub use identity::{IdentityError, IdentityMap};
 pub use jobdir::{

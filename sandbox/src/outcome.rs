@@ -16,6 +16,17 @@ pub struct Outcome {
     pub denied_syscalls: BTreeMap<String, u64>,
     /// Attempts to open an IP or packet socket under [`crate::Network::None`].
     pub network_attempts: u64,
+    /// Processes of the job the memory controller killed, including ones the job
+    /// survived (a job can end [`DeathReason::Completed`] with OOM kills).
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// Forks and clones the pids controller refused, including ones the job survived.
+    #[serde(default)]
+    pub pids_limit_hits: u64,
+    /// [`crate::LiveEvent`]s lost because their consumer did not keep up (or never took
+    /// them): the counts above and the ones the events carried stay exact.
+    #[serde(default)]
+    pub events_dropped: u64,
 }
 
 impl Outcome {

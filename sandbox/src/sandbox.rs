@@ -8,11 +8,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::Error;
 use crate::cgroup::{self, CgroupStats, JobCgroup};
+use crate::event::LiveEvent;
 use crate::handshake::{
     self, EndedBy, Frames, FromShim, HandshakeError, Report, Request, SetupError, SetupStep, ToShim,
 };
@@ -87,7 +90,8 @@ pub enum Output {
 }
 
 /// A started job. Take [`Running::stdout`] and [`Running::stderr`] and drain them (the
-/// job blocks when a pipe is full), then call [`Running::wait`].
+/// job blocks when a pipe is full), optionally take [`Running::events`], then call
+/// [`Running::wait`].
 pub struct Running {
     pub stdout: Option<PipeReader>,
     pub stderr: Option<PipeReader>,
@@ -96,6 +100,46 @@ pub struct Running {
     cancel: CancelHandle,
     cgroup: JobCgroup,
     waited: bool,
+    events: Option<Receiver<LiveEvent>>,
+    /// Reads the shim's link: events into the channel as they come, then the report.
+    reader: Option<JoinHandle<ShimWords>>,
+}
+
+/// How many live events wait for their consumer before new ones are dropped (and
+/// counted in [`Outcome::events_dropped`]).
+pub const EVENTS_QUEUED: usize = 256;
+
+/// What the shim said: the report (or why there is none), and events dropped on our side.
+struct ShimWords {
+    report: Result<Option<Report>, HandshakeError>,
+    dropped: u64,
+}
+
+/// Reads frames from the shim until its report, passing events on without ever waiting
+/// for their consumer, so the shim's socket never fills while the job runs.
+fn read_shim(mut ctl: UnixStream, events: SyncSender<LiveEvent>) -> ShimWords {
+    let mut frames = Frames::default();
+    let mut dropped = 0;
+    loop {
+        match frames.read::<FromShim>(&mut ctl) {
+            Ok(Some(FromShim::Event(event))) => match events.try_send(event) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => dropped += 1,
+            },
+            Ok(Some(FromShim::Report(report))) => {
+                return ShimWords {
+                    report: Ok(Some(*report)),
+                    dropped,
+                };
+            }
+            other => {
+                return ShimWords {
+                    report: other.map(|_| None),
+                    dropped,
+                };
+            }
+        }
+    }
 }
 
 /// The supervising shim: exec'd by us, or forked by the zygote (whose child it is).
@@ -166,6 +210,18 @@ impl Sandbox {
     /// root), which is checked. It returns as soon as every process of the job is dead and
     /// the cgroup has been read and removed; see [`Ended`] for pid 1's own exit.
     pub fn run(spec: &SandboxSpec, config: &SandboxConfig, output: Output) -> Result<Ended, Error> {
+        Self::run_with_events(spec, config, output, &mut |_| {})
+    }
+
+    /// [`Sandbox::run`], handing each [`LiveEvent`] to `on_event` as it happens, on the
+    /// supervising thread: it must return quickly (the job's seccomp notifications wait
+    /// meanwhile).
+    pub fn run_with_events(
+        spec: &SandboxSpec,
+        config: &SandboxConfig,
+        output: Output,
+        on_event: &mut dyn FnMut(LiveEvent),
+    ) -> Result<Ended, Error> {
         if !single_threaded() {
             return Err(Error::NotSingleThreaded);
         }
@@ -215,6 +271,7 @@ impl Sandbox {
                     ctl: None,
                     signals: Some(signals),
                     job_output,
+                    events: on_event,
                 },
             );
             let _ = crate::sys::mask_signals(&CANCEL_SIGNALS, false);
@@ -329,6 +386,10 @@ impl Sandbox {
         let cancel_side = ours
             .try_clone()
             .map_err(|source| Error::ControlSocket { source })?;
+        let reader_side = ours
+            .try_clone()
+            .map_err(|source| Error::ControlSocket { source })?;
+        let (events_tx, events_rx) = std::sync::mpsc::sync_channel(EVENTS_QUEUED);
         let mut running = Running {
             stdout: Some(stdout),
             stderr: Some(stderr),
@@ -339,6 +400,8 @@ impl Sandbox {
             },
             cgroup: cg.clone(),
             waited: false,
+            events: Some(events_rx),
+            reader: None,
         };
         let request = ToShim::Request(Box::new(Request {
             spec: spec.clone(),
@@ -351,6 +414,13 @@ impl Sandbox {
             running.cancel.cancel(Duration::ZERO);
             running.shim.wait(&mut running.ctl);
             return Err(Error::ControlSocket { source });
+        }
+        let reader = std::thread::Builder::new()
+            .name("corral-shim-link".to_owned())
+            .spawn(move || read_shim(reader_side, events_tx));
+        match reader {
+            Ok(handle) => running.reader = Some(handle),
+            Err(source) => return Err(Error::ControlSocket { source }),
         }
         Ok(running)
     }
@@ -366,19 +436,44 @@ impl Running {
         self.cancel.clone()
     }
 
+    /// What the job does while it runs, as it happens (within milliseconds of the kernel's
+    /// notification), once: the first call takes the receiver. It ends after the last
+    /// event, before [`Running::wait`] returns. Events are kept for the consumer up to
+    /// [`EVENTS_QUEUED`]; past that they are dropped, never blocking the job, and counted
+    /// in [`Outcome::events_dropped`].
+    pub fn events(&mut self) -> Option<Receiver<LiveEvent>> {
+        self.events.take()
+    }
+
     /// Waits for the job to end. When this returns (even with an error) every process of
     /// the job is dead and its cgroup has been removed.
     pub fn wait(mut self) -> Result<Outcome, Error> {
         self.waited = true;
-        let read = Frames::default().read::<FromShim>(&mut self.ctl);
+        let words = self.stop_reading();
         self.shim.wait(&mut self.ctl);
         let stats = self.cgroup.version().stats();
         self.cgroup.destroy()?;
-        match read {
-            Ok(Some(FromShim::Report(report))) => finish(*report, stats),
+        match words.report {
+            Ok(Some(report)) => finish(report, stats).map(|mut outcome| {
+                outcome.events_dropped += words.dropped;
+                outcome
+            }),
             Ok(None) => Err(Error::ShimDied),
             Err(HandshakeError::Io(source)) => Err(Error::ControlSocket { source }),
             Err(err) => Err(Error::Handshake(err)),
+        }
+    }
+
+    /// Joins the link's reader: it returns after the report, or when the link ends.
+    fn stop_reading(&mut self) -> ShimWords {
+        // Nobody will take them now: events still coming are dropped, not queued.
+        self.events = None;
+        match self.reader.take().map(JoinHandle::join) {
+            Some(Ok(words)) => words,
+            _ => ShimWords {
+                report: Ok(None),
+                dropped: 0,
+            },
         }
     }
 }
@@ -407,6 +502,9 @@ fn finish(
         usage: usage(&report, &stats),
         denied_syscalls: report.denied_syscalls,
         network_attempts: report.network_attempts,
+        oom_kills: stats.oom_kills,
+        pids_limit_hits: stats.pids_limit_hits,
+        events_dropped: report.events_dropped,
     })
 }
 
@@ -414,6 +512,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         if !self.waited {
             self.cancel.cancel(Duration::ZERO);
+            let _ = self.stop_reading();
             self.shim.wait(&mut self.ctl);
             let _ = self.cgroup.destroy();
         }

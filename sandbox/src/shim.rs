@@ -16,12 +16,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupVersion, JobCgroup};
+use crate::event::{LiveEvent, LiveEventKind, family_name};
 use crate::handshake::{
     self, EndedBy, Frames, FromInit, FromShim, Report, SetupError, SetupStep, ToInit, ToShim,
 };
 use crate::outcome::Exit;
 use crate::spec::SandboxSpec;
 use crate::sys::{self, Forked};
+use crate::watch::{Throttle, Watch, enforced_event};
 
 /// The first argument that selects the shim in the `corral-worker` binary.
 pub const SHIM_ARG: &str = "__sandbox-shim";
@@ -37,8 +39,9 @@ pub fn main() -> ! {
         Err(_) => sys::exit_now(70),
     };
     let mut frames = Frames::default();
+    let mut outbox = Outbox::new(ctl.as_raw_fd());
     // The worker hears only once pid 1 is gone, mounts and all: it reuses the job dir next.
-    let report = match frames.read::<ToShim>(&mut &ctl) {
+    let mut report = match frames.read::<ToShim>(&mut &ctl) {
         Ok(Some(ToShim::Request(req))) => supervise(
             &req.spec,
             &req.root,
@@ -47,6 +50,7 @@ pub fn main() -> ! {
                 ctl: Some((&ctl, frames)),
                 signals: None,
                 job_output: JobOutput::OwnPipes,
+                events: &mut |event| outbox.push(&FromShim::Event(event)),
             },
         )
         .finish(),
@@ -58,8 +62,61 @@ pub fn main() -> ! {
         )),
         Err(err) => fail(SetupError::new(SetupStep::Request, err.to_string())),
     };
+    report.events_dropped = outbox.dropped;
+    let _ = outbox.flush(&ctl);
     let _ = handshake::write(&mut &ctl, &FromShim::Report(Box::new(report)));
     sys::exit_now(0)
+}
+
+/// Frames for the worker that must never block the shim: sent as far as the socket takes
+/// them, the rest kept (whole frames only, up to [`Outbox::MAX`]) for the next send, and
+/// what does not fit dropped and counted. Events are rate-limited upstream, so this fills
+/// only when the worker stops reading.
+struct Outbox {
+    sock: RawFd,
+    pending: Vec<u8>,
+    dropped: u64,
+    broken: bool,
+}
+
+impl Outbox {
+    const MAX: usize = 64 << 10;
+
+    fn new(sock: RawFd) -> Outbox {
+        Outbox {
+            sock,
+            pending: Vec::new(),
+            dropped: 0,
+            broken: false,
+        }
+    }
+
+    fn push(&mut self, message: &FromShim) {
+        let frame = handshake::encode(message);
+        if self.broken || self.pending.len() + frame.len() > Self::MAX {
+            self.dropped += 1;
+            return;
+        }
+        self.pending.extend(frame);
+        while !self.pending.is_empty() {
+            match sys::send_nowait(self.sock, &self.pending) {
+                Ok(0) => return,
+                Ok(n) => drop(self.pending.drain(..n)),
+                Err(_) => {
+                    self.broken = true;
+                    self.pending.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends what is left, blocking: before the report, which must follow it whole.
+    fn flush(&mut self, mut sock: &UnixStream) -> std::io::Result<()> {
+        use std::io::Write;
+        let pending = std::mem::take(&mut self.pending);
+        sock.write_all(&pending)
+    }
 }
 
 /// Where the job's standard output and error go.
@@ -93,6 +150,9 @@ pub(crate) struct Supervisor<'a> {
     /// the first cancels with [`SIGNAL_GRACE`], the next kills at once.
     pub signals: Option<OwnedFd>,
     pub job_output: JobOutput,
+    /// Receives what the job does as it happens ([`LiveEvent`]s, already rate-limited).
+    /// Called on the supervisor's thread: it must not block.
+    pub events: &'a mut dyn FnMut(LiveEvent),
 }
 
 /// How long a job gets between TERM and KILL when the supervising CLI is interrupted.
@@ -176,6 +236,7 @@ fn run_job(
         mut ctl,
         signals,
         job_output,
+        events,
     } = sup;
     // One link to init for the whole setup and its status; it carries the seccomp
     // listener too.
@@ -272,6 +333,9 @@ fn run_job(
         }
     };
     let mut report = Report::default();
+    // The job starts only after `Mapped`, so no counter can have moved yet.
+    let mut watch = Watch::start(cgroup.version());
+    let mut throttle = Throttle::default();
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
@@ -314,6 +378,12 @@ fn run_job(
         if cpu_limit.is_some() {
             next = next.min(now + tick);
         }
+        for due in [watch.deadline(), throttle.deadline()]
+            .into_iter()
+            .flatten()
+        {
+            next = next.min(due);
+        }
         let timeout = next
             .saturating_duration_since(now)
             .as_millis()
@@ -335,10 +405,24 @@ fn run_job(
             fds.push((l.as_raw_fd(), libc::POLLIN));
             fds.len() - 1
         });
+        let watch_from = fds.len();
+        fds.extend(watch.fds().into_iter().map(|fd| (fd, libc::POLLIN)));
         let revents = match sys::poll(&fds, timeout) {
             Ok(r) => r,
             Err(_) => vec![0; fds.len()],
         };
+        let now = Instant::now();
+        let watch_ready = revents[watch_from..].iter().any(|&r| r != 0);
+        for grew in watch.wake(watch_ready, now) {
+            emit(
+                events,
+                &mut throttle,
+                enforced_event(grew, spec.limits.pids),
+            );
+        }
+        for held in throttle.due(Some(now)) {
+            events(held);
+        }
         if revents[1] != 0 {
             break;
         }
@@ -360,10 +444,12 @@ fn run_job(
         }
         if let Some(i) = listener_idx {
             if revents[i] & libc::POLLIN != 0 {
-                answer_notification(
+                if let Some(event) = answer_notification(
                     listener.as_ref().map(|l| l.as_raw_fd()).unwrap_or(-1),
                     &mut report,
-                );
+                ) {
+                    emit(events, &mut throttle, event);
+                }
             } else if revents[i] & (libc::POLLHUP | libc::POLLERR) != 0 {
                 // Every filtered process is gone.
                 listener = None;
@@ -405,6 +491,10 @@ fn run_job(
         }
     }
     report.wall = started.elapsed();
+    // What was held back goes now: the consumer sees the last totals before the report.
+    for held in throttle.due(None) {
+        events(held);
+    }
     // With pid 1 out of the cgroup (its status says so) and every process of the job dead,
     // the caller may read and remove the cgroup while pid 1 finishes exiting; otherwise
     // pid 1 is waited for here, and what it sent before dying read.
@@ -490,19 +580,43 @@ fn cancel(
     *kill_deadline = Some(kill_deadline.map_or(k, |d| d.min(k)));
 }
 
-fn answer_notification(listener: i32, report: &mut Report) {
-    let Ok(n) = sys::seccomp_notif_recv(listener) else {
-        return;
-    };
+fn emit(events: &mut dyn FnMut(LiveEvent), throttle: &mut Throttle, event: LiveEvent) {
+    if let Some(event) = throttle.offer(event, Instant::now()) {
+        events(event);
+    }
+}
+
+/// Answers one notification; the live event it makes, if any.
+fn answer_notification(listener: i32, report: &mut Report) -> Option<LiveEvent> {
+    let n = sys::seccomp_notif_recv(listener).ok()?;
     let verdict = crate::seccomp::classify(n.nr as i64, &n.args);
     // ENOENT: the job was killed or the call interrupted before we answered; still counted.
     let _ = sys::seccomp_notif_fail(listener, n.id, crate::seccomp::errno_for(&verdict));
-    match verdict {
-        crate::seccomp::Verdict::NetworkAttempt => report.network_attempts += 1,
-        crate::seccomp::Verdict::Denied(name) => {
-            *report.denied_syscalls.entry(name).or_default() += 1
+    let kind = match verdict {
+        crate::seccomp::Verdict::NetworkAttempt => {
+            report.network_attempts += 1;
+            let family = family_name(n.args[0]);
+            let count = report.network_by_family.entry(family.clone()).or_default();
+            *count += 1;
+            LiveEventKind::NetworkAttempt {
+                syscall: "socket".to_owned(),
+                family,
+                count: *count,
+            }
         }
-    }
+        crate::seccomp::Verdict::Denied(name) => {
+            let count = report.denied_syscalls.entry(name.clone()).or_default();
+            *count += 1;
+            LiveEventKind::SeccompDenied {
+                syscall: name,
+                count: *count,
+            }
+        }
+    };
+    Some(LiveEvent {
+        at: std::time::SystemTime::now(),
+        kind,
+    })
 }
 
 /// Exit code or terminating signal from a raw wait status.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{HEADER, HandshakeError, MAX_FRAME, Message, SetupError, SetupStep};
 use crate::cgroup::JobCgroup;
+use crate::event::LiveEvent;
 use crate::outcome::Exit;
 use crate::spec::SandboxSpec;
 use crate::sys;
@@ -45,6 +46,8 @@ pub(crate) enum ToShim {
 /// Shim → worker.
 #[derive(Debug)]
 pub(crate) enum FromShim {
+    /// Something the job did while it runs; any number, before the report.
+    Event(LiveEvent),
     /// How the run ended; the last message, sent once init is gone.
     Report(Box<Report>),
 }
@@ -101,6 +104,9 @@ pub(crate) struct Report {
     pub ended_by: Option<EndedBy>,
     pub denied_syscalls: BTreeMap<String, u64>,
     pub network_attempts: u64,
+    /// The network attempts by address family, for the live events' counts.
+    #[serde(skip)]
+    pub network_by_family: BTreeMap<String, u64>,
     pub wall: Duration,
     pub cpu_user: Duration,
     pub cpu_system: Duration,
@@ -110,6 +116,8 @@ pub(crate) struct Report {
     pub disk_full: bool,
     /// Set when the sandbox itself could not be built (the job never ran).
     pub error: Option<SetupError>,
+    /// Live events the shim dropped because the worker did not read them in time.
+    pub events_dropped: u64,
 }
 
 /// Init's last word on a job that ran.
@@ -202,6 +210,7 @@ const FORK_FAILED: u8 = b'X';
 const REQUEST: u8 = b'R';
 const CANCEL: u8 = b'C';
 const REPORT: u8 = b'O';
+const EVENT: u8 = b'V';
 const CGROUP: u8 = b'G';
 const MAPPED: u8 = b'M';
 const UNSHARED: u8 = b'U';
@@ -305,16 +314,22 @@ impl Message for FromShim {
     const MAX_LEN: usize = MAX_FRAME;
 
     fn kind(&self) -> u8 {
-        REPORT
+        match self {
+            FromShim::Event(_) => EVENT,
+            FromShim::Report(_) => REPORT,
+        }
     }
 
     fn put_body(&self, out: &mut Vec<u8>) {
-        let FromShim::Report(report) = self;
-        put_json(out, report);
+        match self {
+            FromShim::Event(event) => put_json(out, event),
+            FromShim::Report(report) => put_json(out, report),
+        }
     }
 
     fn parse(kind: u8, bytes: &[u8]) -> Result<Self, HandshakeError> {
         match kind {
+            EVENT => Ok(FromShim::Event(body(Self::LINK, bytes).json()?)),
             REPORT => Ok(FromShim::Report(Box::new(body(Self::LINK, bytes).json()?))),
             kind => Err(HandshakeError::Kind {
                 link: Self::LINK,
@@ -513,6 +528,33 @@ mod tests {
             }));
         }
         round_trip(FromInit::Failed(SetupError::new(SetupStep::Start, "")));
+    }
+
+    #[test]
+    fn events_and_the_report_share_the_shim_link() {
+        let event = LiveEvent {
+            at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_125),
+            kind: crate::event::LiveEventKind::SeccompDenied {
+                syscall: "keyctl".into(),
+                count: 3,
+            },
+        };
+        let mut stream = encode(&FromShim::Event(event.clone()));
+        stream.extend(encode(&FromShim::Report(Box::new(Report {
+            events_dropped: 2,
+            ..Report::default()
+        }))));
+        let mut frames = crate::handshake::Frames::default();
+        let mut reader = &stream[..];
+        match frames.read::<FromShim>(&mut reader).unwrap() {
+            Some(FromShim::Event(back)) => assert_eq!(back, event),
+            other => panic!("expected the event first, got {other:?}"),
+        }
+        match frames.read::<FromShim>(&mut reader).unwrap() {
+            Some(FromShim::Report(report)) => assert_eq!(report.events_dropped, 2),
+            other => panic!("expected the report, got {other:?}"),
+        }
+        assert!(frames.read::<FromShim>(&mut reader).unwrap().is_none());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! | worker → zygote | seqpacket, the zygote's fd 0 | [`ToZygote::Fork`] with 3 fds: control socket, stdout, stderr |
 //! | zygote → worker | the same | [`FromZygote`]: the forked shim's pid, or why the fork failed |
 //! | worker → shim | stream, the shim's fd 0 | [`ToShim::Request`] once, then [`ToShim::Cancel`]; end of stream cancels at once |
-//! | shim → worker | the same | [`FromShim::Report`] once, then the shim exits |
+//! | shim → worker | the same | [`FromShim::Event`] while the job runs (never blocking the shim: dropped and counted when the worker does not read), then [`FromShim::Report`] once, then the shim exits |
 //! | shim → init | seqpacket | [`ToInit::Cgroup`], then [`ToInit::Mapped`] |
 //! | init → shim | the same | [`FromInit::Unshared`], [`FromInit::Listener`] with the seccomp listener, then [`FromInit::Status`] or [`FromInit::Failed`] |
 //!
@@ -36,7 +36,7 @@ pub(crate) use messages::*;
 pub use setup::{SetupError, SetupStep};
 
 /// Version of the frames this build speaks; bumped whenever a message changes.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Length field, version and kind.
 const HEADER: usize = 4 + 1 + 1;

@@ -1,0 +1,266 @@
+//! Watching a running job's cgroup event counters through the kernel's own notifications
+//! (inotify on v2 event files, an eventfd on v1 `memory.oom_control`), and the rate limit
+//! that keeps a hostile job's events to a trickle. The supervisor polls the fds here with
+//! its own; nothing is read until the kernel says something changed, except counters the
+//! kernel does not notify on, read at most every [`UNNOTIFIED_EVERY`].
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::cgroup::{CgroupVersion, EnforcedLimit, EventCounter, Notice, keyed};
+use crate::event::{LiveEvent, LiveEventKind};
+use crate::sys;
+
+/// How often a counter without kernel notification is read while the job runs.
+pub(crate) const UNNOTIFIED_EVERY: Duration = Duration::from_millis(250);
+
+/// After the v1 OOM eventfd fires (when the cgroup runs out of memory, before the kill is
+/// counted), how often and for how long the counter is reread until the kill shows.
+const RECHECK_EVERY: Duration = Duration::from_millis(10);
+const RECHECK_FOR: Duration = Duration::from_secs(1);
+
+/// After the first event of a key, at most one more per this interval.
+pub(crate) const SUMMARY_EVERY: Duration = Duration::from_secs(1);
+
+struct Watched {
+    counter: EventCounter,
+    seen: u64,
+    /// The v1 eventfd, when registered.
+    eventfd: Option<OwnedFd>,
+    /// No notification works for this counter: it is read now and then.
+    unnotified: bool,
+}
+
+/// A job cgroup's event counters under watch.
+pub(crate) struct Watch {
+    counters: Vec<Watched>,
+    inotify: Option<OwnedFd>,
+    last_read: Instant,
+    recheck_until: Option<Instant>,
+}
+
+/// A limit the kernel enforced, with its total so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Enforced {
+    pub limit: EnforcedLimit,
+    pub total: u64,
+}
+
+impl Watch {
+    /// Registers for the notifications `cg` offers; a counter whose registration fails is
+    /// read now and then instead (a watch never stops a job). A few syscalls.
+    pub fn start(cg: &dyn CgroupVersion) -> Watch {
+        let mut inotify: Option<OwnedFd> = None;
+        let counters = cg
+            .event_counters()
+            .into_iter()
+            .map(|counter| {
+                let mut watched = Watched {
+                    seen: 0,
+                    eventfd: None,
+                    unnotified: false,
+                    counter,
+                };
+                let registered = match &watched.counter.notice {
+                    Notice::Inotify => {
+                        let fd = match inotify.take() {
+                            Some(fd) => Ok(fd),
+                            None => sys::inotify(),
+                        };
+                        fd.and_then(|fd| {
+                            let added =
+                                sys::inotify_watch_modify(fd.as_raw_fd(), &watched.counter.file);
+                            inotify = Some(fd);
+                            added
+                        })
+                        .is_ok()
+                    }
+                    Notice::EventControl(control) => {
+                        match register_event_control(control, &watched.counter) {
+                            Ok(fd) => {
+                                watched.eventfd = Some(fd);
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                    Notice::None => false,
+                };
+                watched.unnotified = !registered;
+                watched
+            })
+            .collect();
+        Watch {
+            counters,
+            inotify,
+            last_read: Instant::now(),
+            recheck_until: None,
+        }
+    }
+
+    /// The fds to poll for readability.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.inotify
+            .iter()
+            .chain(self.counters.iter().filter_map(|w| w.eventfd.as_ref()))
+            .map(|fd| fd.as_raw_fd())
+            .collect()
+    }
+
+    /// When [`Watch::wake`] must run next even if no fd is ready.
+    pub fn deadline(&self) -> Option<Instant> {
+        let unnotified = self
+            .counters
+            .iter()
+            .any(|w| w.unnotified)
+            .then(|| self.last_read + UNNOTIFIED_EVERY);
+        let recheck = self.recheck_until.map(|_| Instant::now() + RECHECK_EVERY);
+        match (unnotified, recheck) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Called on every wake-up of the supervisor, `ready` when one of [`Watch::fds`] was.
+    /// Returns the counters that grew.
+    pub fn wake(&mut self, ready: bool, now: Instant) -> Vec<Enforced> {
+        let mut eventfd_fired = false;
+        if ready {
+            if let Some(fd) = &self.inotify {
+                sys::drain(fd.as_raw_fd());
+            }
+            for fd in self.counters.iter().filter_map(|w| w.eventfd.as_ref()) {
+                eventfd_fired |= sys::drain(fd.as_raw_fd());
+            }
+        }
+        if eventfd_fired {
+            self.recheck_until = Some(now + RECHECK_FOR);
+        }
+        let rechecking = self.recheck_until.is_some_and(|until| now < until);
+        if !rechecking {
+            self.recheck_until = None;
+        }
+        let poll_due = now >= self.last_read + UNNOTIFIED_EVERY;
+        if poll_due {
+            self.last_read = now;
+        }
+        let mut grew = Vec::new();
+        for w in &mut self.counters {
+            let read = ready || rechecking || (w.unnotified && poll_due);
+            if !read {
+                continue;
+            }
+            let Ok(total) = keyed(&w.counter.file, w.counter.key) else {
+                continue;
+            };
+            if total > w.seen {
+                w.seen = total;
+                if w.eventfd.is_some() {
+                    self.recheck_until = None;
+                }
+                grew.push(Enforced {
+                    limit: w.counter.limit,
+                    total,
+                });
+            }
+        }
+        grew
+    }
+}
+
+/// Registers a v1 eventfd for `counter`'s file: `<eventfd> <fd of the file>` written to
+/// `cgroup.event_control`. The kernel keeps its own reference; the file may be closed.
+fn register_event_control(
+    control: &std::path::Path,
+    counter: &EventCounter,
+) -> std::io::Result<OwnedFd> {
+    let efd = sys::eventfd()?;
+    let file = std::fs::File::open(&counter.file)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(control)?
+        .write_all(format!("{} {}", efd.as_raw_fd(), file.as_raw_fd()).as_bytes())?;
+    Ok(efd)
+}
+
+/// Sends the first event of each key at once and at most one more per [`SUMMARY_EVERY`]
+/// after, holding back the latest (whose counts are totals, so nothing is lost by
+/// skipping the ones in between).
+#[derive(Default)]
+pub(crate) struct Throttle {
+    keys: HashMap<String, Key>,
+}
+
+struct Key {
+    last_sent: Instant,
+    held: Option<LiveEvent>,
+}
+
+impl Throttle {
+    /// `event`, when it may go now.
+    pub fn offer(&mut self, event: LiveEvent, now: Instant) -> Option<LiveEvent> {
+        match self.keys.get_mut(&event.kind.key()) {
+            None => {
+                self.keys.insert(
+                    event.kind.key(),
+                    Key {
+                        last_sent: now,
+                        held: None,
+                    },
+                );
+                Some(event)
+            }
+            Some(key) if now >= key.last_sent + SUMMARY_EVERY => {
+                key.last_sent = now;
+                key.held = None;
+                Some(event)
+            }
+            Some(key) => {
+                key.held = Some(event);
+                None
+            }
+        }
+    }
+
+    /// Held events whose interval has passed (all of them with `now = None`: the end).
+    pub fn due(&mut self, now: Option<Instant>) -> Vec<LiveEvent> {
+        let mut out = Vec::new();
+        for key in self.keys.values_mut() {
+            if now.is_none_or(|now| now >= key.last_sent + SUMMARY_EVERY)
+                && let Some(event) = key.held.take()
+            {
+                if let Some(now) = now {
+                    key.last_sent = now;
+                }
+                out.push(event);
+            }
+        }
+        out.sort_by_key(|e| e.at);
+        out
+    }
+
+    /// When the next held event falls due.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.keys
+            .values()
+            .filter(|k| k.held.is_some())
+            .map(|k| k.last_sent + SUMMARY_EVERY)
+            .min()
+    }
+}
+
+/// A live event for a counter that grew.
+pub(crate) fn enforced_event(e: Enforced, pids_limit: Option<u64>) -> LiveEvent {
+    LiveEvent {
+        at: SystemTime::now(),
+        kind: match e.limit {
+            EnforcedLimit::Oom => LiveEventKind::Oom { oom_kills: e.total },
+            EnforcedLimit::Pids => LiveEventKind::PidsLimit {
+                refused: e.total,
+                limit: pids_limit,
+            },
+        },
+    }
+}
