@@ -479,6 +479,10 @@ pub struct SandboxArgs {
     /// Do not copy the command's stdout/stderr to ours.
     #[arg(long)]
     pub quiet: bool,
+    /// Write what the command does while it runs (OOM kills, refused forks, denied
+    /// syscalls, network attempts) as JSON lines, as it happens, to FILE (`-`: stderr).
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -514,6 +518,7 @@ impl SandboxArgs {
             env: Vec::new(),
             binds: Vec::new(),
             quiet: false,
+            events: None,
             command: Vec::new(),
         };
         let mut seen = std::collections::BTreeSet::new();
@@ -572,6 +577,7 @@ impl SandboxArgs {
                 "cwd" => parsed.cwd = value.into(),
                 "env" => parsed.env.push(value.to_owned()),
                 "bind" => parsed.binds.push(value.to_owned()),
+                "events" => parsed.events = Some(value.into()),
                 "log-format" if matches!(value, "text" | "json") => {}
                 _ => return None,
             }
@@ -700,12 +706,15 @@ mod tests {
                 "json",
                 "--disk-dir",
                 "/d",
+                "--events",
+                "/tmp/events.jsonl",
                 "--",
                 "x",
                 "--",
                 "-y",
             ],
             &["--disk", "64MiB", "--rootfs", "/r", "--", "x"],
+            &["--rootfs", "/r", "--events=/e", "--", "x"],
         ];
         for args in answered {
             let hand = by_hand(args);
@@ -737,6 +746,9 @@ mod tests {
             &["--rootfs", "--quiet", "--", "x"],
             &["--rootf", "/r", "--", "x"],
             &["--rootfs"],
+            &[
+                "--rootfs", "/r", "--events", "/e", "--events", "/f", "--", "x",
+            ],
         ];
         for args in declined {
             assert_eq!(by_hand(args), None, "{args:?}");

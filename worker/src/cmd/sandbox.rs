@@ -1,15 +1,15 @@
 //! `corral sandbox`: run one command in a sandbox and print its `Outcome` as JSON, for
 //! operators poking at a base image and for the benchmark. The command's output goes
 //! straight to ours (or nowhere with `--quiet`); Ctrl-C cancels the job and still prints
-//! the outcome.
+//! the outcome. `--events` writes what the job does while it runs as JSON lines.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use corral_sandbox::{
-    Ended, Identity, JobDir, Network, Outcome, Output, Sandbox, SandboxConfig, SandboxLimits,
-    SandboxSpec, Scratch,
+    Ended, Identity, JobDir, LiveEvent, Network, Outcome, Output, Sandbox, SandboxConfig,
+    SandboxLimits, SandboxSpec, Scratch,
 };
 
 use crate::cli::{SandboxArgs, SandboxNetwork};
@@ -136,7 +136,32 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
     } else {
         Output::Inherit
     };
-    Ok(Sandbox::run(&spec, config, output)?)
+    let mut events = match &args.events {
+        None => None,
+        Some(path) if path.as_os_str() == "-" => {
+            Some(Box::new(std::io::stderr()) as Box<dyn std::io::Write>)
+        }
+        Some(path) => Some(Box::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("creating the events file {}", path.display()))?,
+        ) as Box<dyn std::io::Write>),
+    };
+    let mut on_event = |event: LiveEvent| {
+        if let Some(out) = events.as_mut()
+            && let Ok(mut line) = serde_json::to_vec(&event)
+        {
+            line.push(b'\n');
+            // One write per event, so lines stay whole beside the job's own stderr; a
+            // failed write loses the live copy only (the outcome still counts it).
+            let _ = out.write_all(&line);
+        }
+    };
+    Ok(Sandbox::run_with_events(
+        &spec,
+        config,
+        output,
+        &mut on_event,
+    )?)
 }
 
 /// Prints the outcome as one JSON line; the exit code says whether the job succeeded.
