@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use corral_sandbox::{
     DeathReason, Exit, IdentityMap, JobDir, Network, Outcome, Sandbox, SandboxConfig,
@@ -88,6 +88,18 @@ struct Expect {
     stderr_contains: Vec<String>,
     #[serde(default)]
     upper_owned_by_project: Vec<PathBuf>,
+    /// Kinds of live event that must arrive while the job runs, before the probe's
+    /// `done=<time>` line and within a second of its `cause=<time>` line.
+    #[serde(default)]
+    live: Vec<String>,
+    /// At most this many live events of a kind (the rate limit).
+    #[serde(default)]
+    live_at_most: BTreeMap<String, usize>,
+    /// At least this many OOM kills and refused forks in the outcome.
+    #[serde(default)]
+    oom_kills: Option<u64>,
+    #[serde(default)]
+    pids_limit_hits: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -340,6 +352,20 @@ fn check(expect: &Expect, ran: &Ran, upper: &Path, uid: u32) -> Vec<String> {
             problems.push(format!("stderr lacks {s:?}"));
         }
     }
+    if let Some(n) = expect.oom_kills
+        && o.oom_kills < n
+    {
+        problems.push(format!("{} OOM kills, expected at least {n}", o.oom_kills));
+    }
+    if let Some(n) = expect.pids_limit_hits
+        && o.pids_limit_hits < n
+    {
+        problems.push(format!(
+            "{} refused forks, expected at least {n}",
+            o.pids_limit_hits
+        ));
+    }
+    problems.extend(check_live(expect, ran));
     for rel in &expect.upper_owned_by_project {
         match std::fs::symlink_metadata(upper.join(rel)) {
             Ok(m) if m.uid() == uid && m.gid() == uid => {}
@@ -350,6 +376,74 @@ fn check(expect: &Expect, ran: &Ran, upper: &Path, uid: u32) -> Vec<String> {
                 m.gid()
             )),
             Err(e) => problems.push(format!("{} not in the upper dir: {e}", rel.display())),
+        }
+    }
+    problems
+}
+
+/// The time a probe printed as `<what>=<unix seconds>`.
+fn stamped(stdout: &str, what: &str) -> Option<SystemTime> {
+    let secs: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(what)?.strip_prefix('='))?
+        .parse()
+        .ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+}
+
+/// Seconds from `a` to `b` (negative when `b` is earlier).
+fn secs_between(a: SystemTime, b: SystemTime) -> f64 {
+    match b.duration_since(a) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+fn check_live(expect: &Expect, ran: &Ran) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !expect.live.is_empty() && ran.outcome.events_dropped > 0 {
+        problems.push(format!(
+            "{} live events dropped",
+            ran.outcome.events_dropped
+        ));
+    }
+    for (kind, most) in &expect.live_at_most {
+        let n = ran
+            .events
+            .iter()
+            .filter(|(e, _)| e.kind.name() == kind)
+            .count();
+        if n > *most {
+            problems.push(format!("{n} {kind} events, expected at most {most}"));
+        }
+    }
+    if expect.live.is_empty() {
+        return problems;
+    }
+    let (Some(cause), Some(done)) = (stamped(&ran.stdout, "cause"), stamped(&ran.stdout, "done"))
+    else {
+        problems.push("the probe printed no cause= and done= times".to_owned());
+        return problems;
+    };
+    for kind in &expect.live {
+        let Some((event, received)) = ran.events.iter().find(|(e, _)| e.kind.name() == kind) else {
+            problems.push(format!("no live {kind} event"));
+            continue;
+        };
+        let seen = secs_between(cause, event.at);
+        let heard = secs_between(cause, *received);
+        eprintln!("  live {kind}: seen {seen:.3} s after the cause, received after {heard:.3} s");
+        // A little slack before the cause: the probe stamps just before acting.
+        if !(-0.05..=1.0).contains(&seen) || heard > 1.0 {
+            problems.push(format!(
+                "live {kind} seen {seen:.3} s and received {heard:.3} s after its cause, expected within 1 s"
+            ));
+        }
+        if *received >= done {
+            problems.push(format!(
+                "live {kind} arrived {:.3} s after the job's end, expected while it ran",
+                secs_between(done, *received)
+            ));
         }
     }
     problems

@@ -172,6 +172,8 @@ pub struct Ran {
     pub outcome: corral_sandbox::Outcome,
     pub stdout: String,
     pub stderr: String,
+    /// The live events, each with the time it reached us.
+    pub events: Vec<(corral_sandbox::LiveEvent, std::time::SystemTime)>,
 }
 
 /// Reads a job's output stream to its end on a thread of its own.
@@ -193,10 +195,18 @@ pub fn spawn_and_wait(
     let mut running = corral_sandbox::Sandbox::spawn(spec, config).expect("spawn");
     let out = drain(running.stdout.take());
     let err = drain(running.stderr.take());
+    let events = running.events().expect("the events, taken once");
+    let events = std::thread::spawn(move || {
+        events
+            .iter()
+            .map(|e| (e, std::time::SystemTime::now()))
+            .collect()
+    });
     let outcome = running.wait().expect("wait");
     Ran {
         outcome,
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
+        events: events.join().unwrap(),
     }
 }
