@@ -264,3 +264,146 @@ pub(crate) fn enforced_event(e: Enforced, pids_limit: Option<u64>) -> LiveEvent 
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::{V1, V2};
+    use std::path::Path;
+
+    fn ready(watch: &Watch) -> bool {
+        let fds: Vec<_> = watch
+            .fds()
+            .into_iter()
+            .map(|fd| (fd, libc::POLLIN))
+            .collect();
+        sys::poll(&fds, 0).unwrap().iter().any(|&r| r != 0)
+    }
+
+    /// A v2 job dir with the two event files; inotify works on plain files too.
+    fn v2(dir: &Path) -> V2 {
+        std::fs::write(dir.join("memory.events"), "oom 0\noom_kill 0\n").unwrap();
+        std::fs::write(dir.join("pids.events"), "max 0\n").unwrap();
+        V2 {
+            dir: dir.to_owned(),
+        }
+    }
+
+    #[test]
+    fn v2_counters_are_read_only_when_the_kernel_says_they_changed() {
+        let t = tempfile::tempdir().unwrap();
+        let cg = v2(t.path());
+        let mut watch = Watch::start(&cg);
+        assert_eq!(watch.fds().len(), 1, "one inotify for both files");
+        assert_eq!(watch.deadline(), None, "nothing to poll on v2");
+        assert!(!ready(&watch));
+
+        std::fs::write(t.path().join("memory.events"), "oom 1\noom_kill 1\n").unwrap();
+        assert!(ready(&watch));
+        let grew = watch.wake(true, Instant::now());
+        assert_eq!(
+            grew,
+            [Enforced {
+                limit: EnforcedLimit::Oom,
+                total: 1
+            }]
+        );
+        assert!(!ready(&watch), "the notification was drained");
+        // The same totals again are not news.
+        assert!(watch.wake(true, Instant::now()).is_empty());
+
+        std::fs::write(t.path().join("pids.events"), "max 7\n").unwrap();
+        assert!(ready(&watch));
+        assert_eq!(
+            watch.wake(true, Instant::now()),
+            [Enforced {
+                limit: EnforcedLimit::Pids,
+                total: 7
+            }]
+        );
+    }
+
+    #[test]
+    fn an_unnotified_counter_is_read_at_most_every_interval() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = |c: &str| {
+            let d = t.path().join(c);
+            std::fs::create_dir(&d).unwrap();
+            d
+        };
+        let cg = V1 {
+            memory: dir("memory"),
+            pids: dir("pids"),
+            cpu: dir("cpu"),
+            cpuacct: dir("cpuacct"),
+        };
+        std::fs::write(cg.memory.join("memory.oom_control"), "oom_kill 0\n").unwrap();
+        std::fs::write(cg.pids.join("pids.events"), "max 0\n").unwrap();
+        // No cgroup.event_control in a fake tree: the OOM counter falls back to polling.
+        let mut watch = Watch::start(&cg);
+        assert!(watch.fds().is_empty());
+        let start = Instant::now();
+        let deadline = watch.deadline().expect("polled counters set a deadline");
+        assert!(deadline <= start + UNNOTIFIED_EVERY);
+
+        std::fs::write(cg.pids.join("pids.events"), "max 3\n").unwrap();
+        assert!(
+            watch.wake(false, start).is_empty(),
+            "not read before its interval"
+        );
+        let later = start + UNNOTIFIED_EVERY + Duration::from_millis(1);
+        assert_eq!(
+            watch.wake(false, later),
+            [Enforced {
+                limit: EnforcedLimit::Pids,
+                total: 3
+            }]
+        );
+        assert!(watch.deadline().unwrap() > later);
+    }
+
+    fn denied(count: u64) -> LiveEvent {
+        LiveEvent {
+            at: SystemTime::now(),
+            kind: LiveEventKind::SeccompDenied {
+                syscall: "keyctl".into(),
+                count,
+            },
+        }
+    }
+
+    #[test]
+    fn the_first_event_goes_at_once_then_the_latest_once_a_second() {
+        let mut throttle = Throttle::default();
+        let kind = |e: Option<LiveEvent>| e.map(|e| e.kind);
+        let t0 = Instant::now();
+        assert_eq!(kind(throttle.offer(denied(1), t0)), Some(denied(1).kind));
+        assert_eq!(throttle.deadline(), None, "nothing held");
+        // A loop of refusals: held back, the latest total kept.
+        for n in 2..=1000 {
+            assert!(throttle.offer(denied(n), t0).is_none());
+        }
+        assert_eq!(throttle.deadline(), Some(t0 + SUMMARY_EVERY));
+        assert!(throttle.due(Some(t0 + SUMMARY_EVERY / 2)).is_empty());
+        let due = throttle.due(Some(t0 + SUMMARY_EVERY));
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].kind, denied(1000).kind);
+        // Another key is not held back by this one.
+        let net = LiveEvent {
+            at: SystemTime::now(),
+            kind: LiveEventKind::NetworkAttempt {
+                syscall: "socket".into(),
+                family: "inet".into(),
+                count: 1,
+            },
+        };
+        assert!(throttle.offer(net, t0 + SUMMARY_EVERY).is_some());
+        // At the end, whatever is held goes regardless of the interval.
+        let t1 = t0 + SUMMARY_EVERY + Duration::from_millis(1);
+        assert!(throttle.offer(denied(1001), t1).is_none());
+        let last = throttle.due(None);
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].kind, denied(1001).kind);
+        assert_eq!(throttle.deadline(), None);
+    }
+}

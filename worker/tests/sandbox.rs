@@ -740,6 +740,76 @@ fn debug_command_prints_the_outcome_as_json() {
     );
 }
 
+/// The fork bomb behind a sleep, through `corral sandbox --events -`: the refusal
+/// reaches stderr as a JSON line while the job still runs, and the outcome, `completed`,
+/// counts it.
+#[test]
+fn debug_command_streams_live_events_and_counts_a_survived_fork_bomb() {
+    if !prerequisites() {
+        return;
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["sandbox", "--rootfs"])
+        .arg(rootfs())
+        .args(["--pids", "16", "--wall", "30", "--events", "-", "--bind"])
+        .arg(format!(
+            "{}:/probes",
+            repo().join("fixtures/abuse/probes").display()
+        ))
+        .args(["--", "python3", "/probes/live.py", "forks", "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .map(|l| (l, SystemTime::now()))
+            .collect::<Vec<_>>()
+    });
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let lines = lines.join().unwrap();
+    assert!(status.success(), "{stdout}\n{lines:?}");
+    let outcome: Outcome = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(outcome.reason, DeathReason::Completed, "{stdout}");
+    assert!(outcome.pids_limit_hits >= 1, "{stdout}");
+    assert_eq!(outcome.events_dropped, 0);
+    let (cause, done) = (
+        stamped(&stdout, "cause").unwrap(),
+        stamped(&stdout, "done").unwrap(),
+    );
+    let (event, received) = lines
+        .iter()
+        .find_map(|(line, at)| {
+            let event: corral_sandbox::LiveEvent = serde_json::from_str(line).ok()?;
+            (event.kind.name() == "pids_limit").then_some((event, *at))
+        })
+        .unwrap_or_else(|| panic!("no pids_limit event on stderr: {lines:?}"));
+    assert!(
+        matches!(
+            event.kind,
+            corral_sandbox::LiveEventKind::PidsLimit { refused, limit: Some(16) } if refused >= 1
+        ),
+        "{event:?}"
+    );
+    assert!(
+        secs_between(cause, received) <= 1.0,
+        "{:.3} s",
+        secs_between(cause, received)
+    );
+    assert!(received < done, "the event came after the job's end");
+}
+
 /// A reader that went away: the outcome cannot be printed, and `corral sandbox` ends
 /// quietly with exit 141 (as `cat` does) instead of dying of SIGPIPE; with fd 1 closed
 /// altogether the outcome goes nowhere and the run succeeds. Neither leaves anything on
