@@ -24,8 +24,15 @@ pub struct LiveEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LiveEventKind {
-    /// The memory controller killed a process of the job.
-    Oom { oom_kills: u64 },
+    /// The memory controller killed a process of the job: the last one killed, as the
+    /// kernel log names it, when it can be read (its pid is the host's, not the job's).
+    Oom {
+        oom_kills: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host_pid: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        comm: Option<String>,
+    },
     /// The pids controller refused a fork or clone.
     PidsLimit { refused: u64, limit: Option<u64> },
     /// The seccomp filter refused a syscall (named as in
@@ -95,7 +102,11 @@ mod tests {
     fn events_are_flat_json_with_a_kind_and_a_float_time() {
         let event = LiveEvent {
             at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_250),
-            kind: LiveEventKind::Oom { oom_kills: 1 },
+            kind: LiveEventKind::Oom {
+                oom_kills: 1,
+                host_pid: None,
+                comm: None,
+            },
         };
         let json = serde_json::to_string(&event).unwrap();
         assert_eq!(json, r#"{"at":1700000000.25,"kind":"oom","oom_kills":1}"#);

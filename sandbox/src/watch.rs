@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cgroup::{CgroupVersion, EnforcedLimit, EventCounter, Notice, keyed};
@@ -42,10 +43,13 @@ pub(crate) struct Watch {
 }
 
 /// A limit the kernel enforced, with its total so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Enforced {
     pub limit: EnforcedLimit,
     pub total: u64,
+    /// For an OOM kill: the last process killed in the job's cgroup, as the kernel log
+    /// names it (host pid, command), when the log can be read.
+    pub victim: Option<(u32, String)>,
 }
 
 impl Watch {
@@ -160,14 +164,73 @@ impl Watch {
                 if w.eventfd.is_some() {
                     self.recheck_until = None;
                 }
+                let victim = match w.counter.limit {
+                    EnforcedLimit::Oom => w
+                        .counter
+                        .file
+                        .parent()
+                        .and_then(|dir| dir.file_name())
+                        .and_then(|name| name.to_str())
+                        .and_then(|name| oom_victim(name, Path::new("/dev/kmsg"))),
+                    EnforcedLimit::Pids => None,
+                };
                 grew.push(Enforced {
                     limit: w.counter.limit,
                     total,
+                    victim,
                 });
             }
         }
         grew
     }
+}
+
+/// The last OOM victim in the cgroup named `cgroup` (its last path component, unique per
+/// job) from the kernel log at `kmsg`: the kernel logs `oom-kill:…,task_memcg=<path>,
+/// task=<comm>,pid=<pid>,…` before it counts the kill, so it is there when the counter
+/// has grown. Read only after an OOM kill, never on the way of a job that has none.
+fn oom_victim(cgroup: &str, kmsg: &Path) -> Option<(u32, String)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut log = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(kmsg)
+        .ok()?;
+    let mut victim = None;
+    let mut record = vec![0u8; 8192];
+    // /dev/kmsg gives one record per read, oldest first; a bound keeps a huge log cheap.
+    for _ in 0..100_000 {
+        let n = match log.read(&mut record) {
+            Ok(0) => break,
+            Ok(n) => n,
+            // A record overwritten while we read: skip to the next.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        };
+        let text = String::from_utf8_lossy(&record[..n]);
+        let Some((_, message)) = text.split_once(';') else {
+            continue;
+        };
+        if let Some(found) = parse_oom_kill(message.lines().next().unwrap_or(""), cgroup) {
+            victim = Some(found);
+        }
+    }
+    victim
+}
+
+fn parse_oom_kill(message: &str, cgroup: &str) -> Option<(u32, String)> {
+    let fields = message.strip_prefix("oom-kill:")?;
+    let field = |key: &str| {
+        fields
+            .split(',')
+            .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+    };
+    let memcg = field("task_memcg")?;
+    if memcg.rsplit('/').next() != Some(cgroup) {
+        return None;
+    }
+    Some((field("pid")?.parse().ok()?, field("task")?.to_owned()))
 }
 
 /// Registers a v1 eventfd for `counter`'s file: `<eventfd> <fd of the file>` written to
@@ -256,7 +319,14 @@ pub(crate) fn enforced_event(e: Enforced, pids_limit: Option<u64>) -> LiveEvent 
     LiveEvent {
         at: SystemTime::now(),
         kind: match e.limit {
-            EnforcedLimit::Oom => LiveEventKind::Oom { oom_kills: e.total },
+            EnforcedLimit::Oom => {
+                let (host_pid, comm) = e.victim.map_or((None, None), |(p, c)| (Some(p), Some(c)));
+                LiveEventKind::Oom {
+                    oom_kills: e.total,
+                    host_pid,
+                    comm,
+                }
+            }
             EnforcedLimit::Pids => LiveEventKind::PidsLimit {
                 refused: e.total,
                 limit: pids_limit,
@@ -269,7 +339,6 @@ pub(crate) fn enforced_event(e: Enforced, pids_limit: Option<u64>) -> LiveEvent 
 mod tests {
     use super::*;
     use crate::cgroup::{V1, V2};
-    use std::path::Path;
 
     fn ready(watch: &Watch) -> bool {
         let fds: Vec<_> = watch
@@ -301,13 +370,8 @@ mod tests {
         std::fs::write(t.path().join("memory.events"), "oom 1\noom_kill 1\n").unwrap();
         assert!(ready(&watch));
         let grew = watch.wake(true, Instant::now());
-        assert_eq!(
-            grew,
-            [Enforced {
-                limit: EnforcedLimit::Oom,
-                total: 1
-            }]
-        );
+        assert_eq!(grew.len(), 1);
+        assert_eq!((grew[0].limit, grew[0].total), (EnforcedLimit::Oom, 1));
         assert!(!ready(&watch), "the notification was drained");
         // The same totals again are not news.
         assert!(watch.wake(true, Instant::now()).is_empty());
@@ -318,7 +382,8 @@ mod tests {
             watch.wake(true, Instant::now()),
             [Enforced {
                 limit: EnforcedLimit::Pids,
-                total: 7
+                total: 7,
+                victim: None
             }]
         );
     }
@@ -356,10 +421,40 @@ mod tests {
             watch.wake(false, later),
             [Enforced {
                 limit: EnforcedLimit::Pids,
-                total: 3
+                total: 3,
+                victim: None
             }]
         );
         assert!(watch.deadline().unwrap() > later);
+    }
+
+    #[test]
+    fn the_oom_victim_is_the_last_of_this_job_in_the_kernel_log() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("kmsg");
+        // A plain file reads as one record; the parser sees each line the same way.
+        let line = |memcg: &str, task: &str, pid: u32| {
+            format!(
+                "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,\
+                 oom_memcg={memcg},task_memcg={memcg},task={task},pid={pid},uid=1000000"
+            )
+        };
+        assert_eq!(
+            parse_oom_kill(&line("/corral/job-7-1", "python3", 4242), "job-7-1"),
+            Some((4242, "python3".to_owned()))
+        );
+        assert_eq!(
+            parse_oom_kill(&line("/corral/job-7-11", "cc1", 1), "job-7-1"),
+            None,
+            "another job's kill"
+        );
+        assert_eq!(
+            parse_oom_kill("Memory cgroup out of memory: Killed process 1", "job-7-1"),
+            None
+        );
+        std::fs::write(&log, format!("6,1,2,-;{}\n", line("/c/job-7-1", "sh", 9))).unwrap();
+        assert_eq!(oom_victim("job-7-1", &log), Some((9, "sh".to_owned())));
+        assert_eq!(oom_victim("job-7-1", &t.path().join("absent")), None);
     }
 
     fn denied(count: u64) -> LiveEvent {

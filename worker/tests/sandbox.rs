@@ -95,6 +95,9 @@ struct Expect {
     /// At most this many live events of a kind (the rate limit).
     #[serde(default)]
     live_at_most: BTreeMap<String, usize>,
+    /// Fields the first live event of a kind carries, as in its JSON.
+    #[serde(default)]
+    live_detail: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     /// At least this many OOM kills and refused forks in the outcome.
     #[serde(default)]
     oom_kills: Option<u64>,
@@ -430,6 +433,15 @@ fn check_live(expect: &Expect, ran: &Ran) -> Vec<String> {
             problems.push(format!("no live {kind} event"));
             continue;
         };
+        let json = serde_json::to_value(event).unwrap();
+        for (field, want) in expect.live_detail.get(kind).into_iter().flatten() {
+            if json.get(field) != Some(want) {
+                problems.push(format!(
+                    "live {kind} has {field} {:?}, expected {want}",
+                    json.get(field)
+                ));
+            }
+        }
         let seen = secs_between(cause, event.at);
         let heard = secs_between(cause, *received);
         eprintln!("  live {kind}: seen {seen:.3} s after the cause, received after {heard:.3} s");
