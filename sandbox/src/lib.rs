@@ -14,6 +14,7 @@
 //! let mut run = Sandbox::spawn(&spec, &SandboxConfig::new()?)?;   // safe from tokio threads
 //! let (out, err) = (run.stdout.take(), run.stderr.take());        // stream them as logs
 //! let cancel = run.cancel_handle();                               // cancel.cancel(grace)
+//! let events = run.events();      // Receiver<LiveEvent>: OOM kills, refused forks, … as they happen
 //! let outcome: Outcome = run.wait()?;                             // blocking: use spawn_blocking
 //! dir.mark_quiescent();        // every job process is dead and its cgroup removed
 //! // snapshot dir.upper() now, then drop `dir`: the pool wipes it for reuse in the background
@@ -78,7 +79,7 @@ pub use jobdir::{
 };
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
-pub use sandbox::{CancelHandle, Ended, Output, Running, Sandbox};
+pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use shim::{SHIM_ARG, main as shim_main};
 pub use spec::{
