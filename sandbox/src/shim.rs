@@ -664,6 +664,55 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_that_stops_reading_never_blocks_the_shim_and_gets_whole_frames() {
+        use std::io::Read;
+        let (shim, mut worker) = UnixStream::pair().unwrap();
+        let mut outbox = Outbox::new(shim.as_raw_fd());
+        let event = |n| {
+            FromShim::Event(LiveEvent {
+                at: std::time::SystemTime::now(),
+                kind: LiveEventKind::SeccompDenied {
+                    syscall: "keyctl".into(),
+                    count: n,
+                },
+            })
+        };
+        // Far more than the socket and the outbox hold; each push returns at once.
+        let pushed = 100_000;
+        for n in 1..=pushed {
+            outbox.push(&event(n));
+        }
+        assert!(outbox.dropped > 0, "nothing dropped");
+        assert!(outbox.pending.len() <= Outbox::MAX);
+        // The worker reads again: what was kept arrives, whole.
+        let reader = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            worker.read_to_end(&mut bytes).unwrap();
+            bytes
+        });
+        outbox.flush(&shim).unwrap();
+        drop(shim);
+        let bytes = reader.join().unwrap();
+        let mut frames = Frames::default();
+        let mut reader = &bytes[..];
+        let mut got = 0;
+        let mut last = 0;
+        while let Some(message) = frames.read::<FromShim>(&mut reader).unwrap() {
+            let FromShim::Event(LiveEvent {
+                kind: LiveEventKind::SeccompDenied { count, .. },
+                ..
+            }) = message
+            else {
+                panic!("not the event sent: {message:?}");
+            };
+            assert!(count > last, "frames out of order");
+            last = count;
+            got += 1;
+        }
+        assert_eq!(got + outbox.dropped, pushed);
+    }
+
+    #[test]
     fn wait_statuses_decode() {
         assert_eq!(decode_status(3 << 8), Exit::Code(3));
         assert_eq!(decode_status(libc::SIGKILL), Exit::Signal(9));
