@@ -69,7 +69,9 @@ mod watch; // the kernel's notifications of enforced limits, and the events' rat
 mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
-    CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, discover as discover_cgroups,
+    CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, REQUIRE_ENV as REQUIRE_CGROUP_ENV,
+    check_required as check_required_cgroup, discover as discover_cgroups,
+    host_layout as host_cgroup_layout,
 };
 pub use event::{LiveEvent, LiveEventKind};
 pub use handshake::{HandshakeError, SetupError, SetupStep, VERSION as HANDSHAKE_VERSION};

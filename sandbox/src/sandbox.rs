@@ -325,7 +325,7 @@ impl Sandbox {
             Some(m) => m.clone(),
             None => crate::mountinfo::read_own().map_err(|source| Error::Mountinfo { source })?,
         };
-        let layout = cgroup::discover(&mountinfo)?;
+        let layout = cgroup::discover_required(&mountinfo)?;
         let name = format!(
             "job-{}-{}",
             std::process::id(),
@@ -546,7 +546,8 @@ pub fn decide(
     if exit == Exit::Code(0) && ended_by.is_none() {
         return DeathReason::Completed;
     }
-    if stats.oom_kills > 0 {
+    // A v2 `oom` without a kill still means the limit broke the job (an allocation failed).
+    if stats.oom_kills > 0 || stats.oom_events > 0 {
         return DeathReason::Oom;
     }
     if stats.pids_limit_hits > 0 {
@@ -594,6 +595,15 @@ mod tests {
             "a plain kill -9 is not an OOM"
         );
         assert_eq!(decide(None, Exit::Signal(9), &oom, false), DeathReason::Oom);
+        let oom_without_kill = CgroupStats {
+            oom_events: 2,
+            ..CgroupStats::default()
+        };
+        assert_eq!(
+            decide(None, Exit::Code(1), &oom_without_kill, false),
+            DeathReason::Oom,
+            "an allocation the limit refused (v2 `oom`, no `oom_kill`) is an OOM"
+        );
         assert_eq!(
             decide(Some(EndedBy::WallTimeout), Exit::Signal(9), &pids, false),
             DeathReason::PidsLimit

@@ -1,7 +1,8 @@
 //! Job cgroups: discovery of the host's hierarchy (v2, or v1 with one mount per
 //! controller), creation with limits, accounting and event counters, killing and removal.
 //! Both versions sit behind [`CgroupVersion`]; discovery takes the mountinfo text as a
-//! parameter so tests run on fake trees.
+//! parameter so tests run on fake trees. [`REQUIRE_ENV`] pins the version a host must
+//! offer (CI on a pure-v2 kernel must not pass by quietly running the v1 path).
 
 mod v1;
 mod v2;
@@ -24,6 +25,15 @@ pub enum CgroupError {
         "no usable cgroup hierarchy: cgroup v2 {v2}; cgroup v1 lacks the controllers {v1_missing:?}"
     )]
     NoUsableHierarchy { v2: String, v1_missing: Vec<String> },
+    #[error("{REQUIRE_ENV}={wanted} but this host offers {found}")]
+    WrongVersion { wanted: String, found: String },
+    #[error("{REQUIRE_ENV}={0:?} is neither v1 nor v2")]
+    BadRequirement(String),
+    #[error(
+        "the controllers {missing:?} are not delegated to {dir} (absent from its cgroup.controllers: \
+         the cgroup above it must enable them, e.g. systemd's Delegate=yes)"
+    )]
+    NotDelegated { dir: PathBuf, missing: Vec<String> },
     #[error("creating cgroup {path}")]
     Create { path: PathBuf, source: io::Error },
     #[error("writing {value:?} to {path}")]
@@ -49,6 +59,10 @@ pub struct CgroupStats {
     pub pids_peak: u64,
     /// Processes the memory controller killed for exceeding the limit.
     pub oom_kills: u64,
+    /// Times the job hit its memory limit and reclaim could not make room (v2 `oom` in
+    /// `memory.events`), whether or not a process was killed for it.
+    #[serde(default)]
+    pub oom_events: u64,
     /// Times the pids controller refused a fork or clone.
     pub pids_limit_hits: u64,
     pub io_read: Option<u64>,
@@ -122,9 +136,79 @@ pub enum Layout {
     V1 { mounts: BTreeMap<String, PathBuf> },
 }
 
+impl Layout {
+    /// `v1` or `v2`, as [`REQUIRE_ENV`] names them.
+    pub fn version(&self) -> &'static str {
+        match self {
+            Layout::V2 { .. } => "v2",
+            Layout::V1 { .. } => "v1",
+        }
+    }
+
+    /// One line for an operator: the version and where its controllers are.
+    pub fn describe(&self) -> String {
+        match self {
+            Layout::V2 { root } => format!("cgroup v2 (unified) at {}", root.display()),
+            Layout::V1 { mounts } => {
+                let at: Vec<String> = mounts
+                    .iter()
+                    .map(|(c, p)| format!("{c} at {}", p.display()))
+                    .collect();
+                format!("cgroup v1 ({})", at.join(", "))
+            }
+        }
+    }
+}
+
+/// Environment variable naming the cgroup version this host must offer (`v1` or `v2`).
+pub const REQUIRE_ENV: &str = "CORRAL_REQUIRE_CGROUP";
+
+/// Checks `layout` against a required version (the value of [`REQUIRE_ENV`]; `None` or
+/// empty accepts either).
+pub fn check_required(layout: &Layout, required: Option<&str>) -> Result<(), CgroupError> {
+    match required.map(str::trim) {
+        None | Some("") => Ok(()),
+        Some(wanted @ ("v1" | "v2")) if wanted == layout.version() => Ok(()),
+        Some(wanted @ ("v1" | "v2")) => Err(CgroupError::WrongVersion {
+            wanted: wanted.to_owned(),
+            found: layout.describe(),
+        }),
+        Some(other) => Err(CgroupError::BadRequirement(other.to_owned())),
+    }
+}
+
+/// The hierarchy of the running process, checked against [`REQUIRE_ENV`].
+pub fn host_layout() -> Result<Layout, CgroupError> {
+    let mountinfo = crate::mountinfo::read_own().map_err(|source| CgroupError::Read {
+        path: PathBuf::from("/proc/self/mountinfo"),
+        source,
+    })?;
+    discover_required(&mountinfo)
+}
+
+/// [`discover`], then [`check_required`] against [`REQUIRE_ENV`]. A wrong version is
+/// reported even when discovery finds nothing usable: the requirement is the question.
+pub fn discover_required(mountinfo: &str) -> Result<Layout, CgroupError> {
+    let required = std::env::var(REQUIRE_ENV).ok();
+    let layout = discover(mountinfo);
+    if let (Some(wanted), Err(err)) = (required.as_deref(), &layout)
+        && !wanted.trim().is_empty()
+    {
+        return Err(CgroupError::WrongVersion {
+            wanted: wanted.trim().to_owned(),
+            found: format!("no usable hierarchy: {err}"),
+        });
+    }
+    let layout = layout?;
+    check_required(&layout, required.as_deref())?;
+    Ok(layout)
+}
+
 /// Controllers the sandbox needs.
 const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
 const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+/// Enabled for jobs where delegated: per-build I/O accounting (`io.stat`).
+const V2_OPTIONAL: [&str; 1] = ["io"];
 
 /// Finds a usable hierarchy from `/proc/self/mountinfo` text: v2 when it offers the
 /// controllers, otherwise v1 when each controller is mounted. Reads `cgroup.controllers`
@@ -382,6 +466,37 @@ mod tests {
         }
         let err = discover("").unwrap_err();
         assert!(err.to_string().contains("not mounted"), "{err}");
+    }
+
+    #[test]
+    fn a_required_version_is_checked_and_names_what_was_found() {
+        let (dir, info) = fake_tree("cpu io memory pids\n");
+        let v2 = discover(&info).unwrap();
+        let (_d, info1) = fake_tree("\n");
+        let v1 = discover(&info1).unwrap();
+        for ok in [None, Some(""), Some("v2"), Some(" v2\n")] {
+            check_required(&v2, ok).unwrap();
+        }
+        check_required(&v1, Some("v1")).unwrap();
+        let err = check_required(&v1, Some("v2")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("CORRAL_REQUIRE_CGROUP=v2 but this host offers cgroup v1 ("),
+            "{msg}"
+        );
+        assert!(msg.contains("memory at "), "{msg}");
+        let err = check_required(&v2, Some("v1")).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "cgroup v2 (unified) at {}",
+                dir.path().join("unified").display()
+            )),
+            "{err}"
+        );
+        assert!(matches!(
+            check_required(&v2, Some("2")),
+            Err(CgroupError::BadRequirement(v)) if v == "2"
+        ));
     }
 
     #[test]

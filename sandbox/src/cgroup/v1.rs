@@ -130,6 +130,8 @@ impl CgroupVersion for V1 {
                 0
             },
             oom_kills: keyed(&self.memory.join("memory.oom_control"), "oom_kill")?,
+            // v1 counts no OOM without a kill (failcnt also counts reclaimed hits).
+            oom_events: 0,
             pids_limit_hits: keyed(&self.pids.join("pids.events"), "max")?,
             io_read: None,
             io_write: None,

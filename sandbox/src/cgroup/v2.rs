@@ -19,22 +19,45 @@ pub struct V2 {
 const PERIOD_US: u64 = 100_000;
 
 impl V2 {
+    /// Makes `<root>/<parent>/<name>` with the job's controllers enabled on the way.
+    ///
+    /// v2 delegation: a cgroup may enable for its children only what its own
+    /// `cgroup.controllers` lists, and only the owner of a subtree may write its
+    /// `cgroup.subtree_control`. The deepest existing level on the way is ours (the
+    /// delegated cgroup under systemd, the configured parent elsewhere): controllers are
+    /// enabled there and in what we create below it, never above it.
     pub(super) fn create(root: &Path, parent: &str, name: &str) -> Result<Self, CgroupError> {
-        let parent_dir = root.join(parent);
-        mkdir(&parent_dir)?;
-        // Controllers must be enabled on every level above the job ("no internal
-        // processes": the parent holds only child cgroups).
-        for dir in [root, parent_dir.as_path()] {
-            let control = dir.join("cgroup.subtree_control");
-            let enabled = read(&control)?;
-            let wanted: Vec<String> = ["memory", "pids", "cpu"]
-                .iter()
-                .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
-                .map(|c| format!("+{c}"))
-                .collect();
-            if !wanted.is_empty() {
-                write(&control, &wanted.join(" "))?;
-            }
+        let parent_dir = parent
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .fold(root.to_path_buf(), |dir, c| dir.join(c));
+        let mut ours = parent_dir.clone();
+        let mut to_make = Vec::new();
+        while ours != root && !ours.join("cgroup.controllers").exists() {
+            to_make.push(ours.clone());
+            ours = ours
+                .parent()
+                .map_or_else(|| root.to_path_buf(), Path::to_path_buf);
+        }
+        let available = read(&ours.join("cgroup.controllers"))?;
+        let missing: Vec<String> = super::V2_CONTROLLERS
+            .iter()
+            .filter(|c| !available.split_whitespace().any(|a| a == **c))
+            .map(|c| (*c).to_owned())
+            .collect();
+        if !missing.is_empty() {
+            return Err(CgroupError::NotDelegated { dir: ours, missing });
+        }
+        let wanted: Vec<&str> = super::V2_CONTROLLERS
+            .iter()
+            .chain(super::V2_OPTIONAL.iter())
+            .copied()
+            .filter(|c| available.split_whitespace().any(|a| a == *c))
+            .collect();
+        enable(&ours, &wanted)?;
+        for dir in to_make.iter().rev() {
+            mkdir(dir)?;
+            enable(dir, &wanted)?;
         }
         let dir = parent_dir.join(name);
         mkdir(&dir)?;
@@ -46,8 +69,48 @@ impl V2 {
     }
 }
 
-/// Sums `rbytes=` and `wbytes=` over the devices of an `io.stat` file.
-fn io_bytes(text: &str) -> (u64, u64) {
+/// Enables `wanted` in `dir`'s `cgroup.subtree_control` where not yet enabled. Fails with
+/// EBUSY when `dir` holds processes (the no-internal-processes rule).
+fn enable(dir: &Path, wanted: &[&str]) -> Result<(), CgroupError> {
+    let control = dir.join("cgroup.subtree_control");
+    let enabled = read(&control)?;
+    let add: Vec<String> = wanted
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if add.is_empty() {
+        return Ok(());
+    }
+    write(&control, &add.join(" "))
+}
+
+/// `dir` and every cgroup below it, parents before children.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut all = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < all.len() {
+        if let Ok(entries) = std::fs::read_dir(&all[i]) {
+            let mut children: Vec<PathBuf> = entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect();
+            children.sort();
+            all.extend(children);
+        }
+        i += 1;
+    }
+    all
+}
+
+/// Sums `rbytes=` and `wbytes=` over the devices of an `io.stat` file; `None` when it
+/// names no device (no block I/O was charged here: a caller falls back to the processes'
+/// own counters, which also see writes the block layer did not attribute to the cgroup).
+fn io_bytes(text: &str) -> Option<(u64, u64)> {
+    if text.trim().is_empty() {
+        return None;
+    }
     let mut r = 0;
     let mut w = 0;
     for field in text.split_whitespace() {
@@ -57,16 +120,26 @@ fn io_bytes(text: &str) -> (u64, u64) {
             w += v.parse::<u64>().unwrap_or(0);
         }
     }
-    (r, w)
+    Some((r, w))
 }
 
 impl CgroupVersion for V2 {
     fn apply(&self, limits: &SandboxLimits) -> Result<(), CgroupError> {
         if let Some(mem) = limits.memory_bytes {
             write(&self.file("memory.max"), &mem.to_string())?;
-            write(&self.file("memory.swap.max"), "0")?;
-            // No memory.oom.group: a group kill would take the job's init, which shares the
-            // cgroup and reports the job's end, along with the job.
+            // Absent without swap accounting (no swap to limit then).
+            let swap = self.file("memory.swap.max");
+            if swap.exists() {
+                write(&swap, "0")?;
+            }
+        }
+        // An OOM kills the whole build, not one process of it that a build tool would
+        // survive and report as some other failure. The job's init goes too (the shim,
+        // outside this cgroup, then reads the end from the init's wait status and the
+        // cgroup's counters).
+        let group = self.file("memory.oom.group");
+        if group.exists() {
+            write(&group, "1")?;
         }
         if let Some(pids) = limits.pids {
             write(&self.file("pids.max"), &pids.to_string())?;
@@ -100,12 +173,12 @@ impl CgroupVersion for V2 {
     fn stats(&self) -> Result<CgroupStats, CgroupError> {
         let cpu = self.file("cpu.stat");
         let peak = self.file("memory.peak");
-        let (io_read, io_write) = match std::fs::read_to_string(self.file("io.stat")) {
-            Ok(text) => {
-                let (r, w) = io_bytes(&text);
-                (Some(r), Some(w))
-            }
-            Err(_) => (None, None),
+        let (io_read, io_write) = match std::fs::read_to_string(self.file("io.stat"))
+            .ok()
+            .and_then(|text| io_bytes(&text))
+        {
+            Some((r, w)) => (Some(r), Some(w)),
+            None => (None, None),
         };
         Ok(CgroupStats {
             cpu_user: Duration::from_micros(keyed(&cpu, "user_usec")?),
@@ -117,18 +190,27 @@ impl CgroupVersion for V2 {
             } else {
                 0
             },
+            // memory.events (not .local) counts the whole subtree, including cgroups a
+            // process of the job made below its own.
             oom_kills: keyed(&self.file("memory.events"), "oom_kill")?,
+            oom_events: keyed(&self.file("memory.events"), "oom")?,
             pids_limit_hits: keyed(&self.file("pids.events"), "max")?,
             io_read,
             io_write,
         })
     }
 
+    /// Including processes in cgroups below the job's (a job may make its own).
     fn pids(&self) -> Result<Vec<i32>, CgroupError> {
-        read_pids(&self.file("cgroup.procs"))
+        let mut all = Vec::new();
+        for dir in subtree(&self.dir) {
+            all.extend(read_pids(&dir.join("cgroup.procs"))?);
+        }
+        Ok(all)
     }
 
     fn kill_all(&self) -> Result<(), CgroupError> {
+        // cgroup.kill (Linux 5.14) kills the whole subtree at once, forks in flight included.
         let kill = self.file("cgroup.kill");
         if kill.exists() {
             return write(&kill, "1");
@@ -137,8 +219,12 @@ impl CgroupVersion for V2 {
         Ok(())
     }
 
+    /// Children first: a cgroup with child cgroups cannot be removed.
     fn remove(&self) -> Result<(), CgroupError> {
-        rmdir(&self.dir)
+        for dir in subtree(&self.dir).iter().rev() {
+            rmdir(dir)?;
+        }
+        Ok(())
     }
 
     fn event_counters(&self) -> Vec<EventCounter> {
@@ -163,27 +249,81 @@ impl CgroupVersion for V2 {
 mod tests {
     use super::*;
 
-    fn fake() -> (tempfile::TempDir, V2) {
+    /// A fake root offering every controller, with the job parent `corral` already made
+    /// and enabling `corral_enabled`.
+    fn fake_with(corral_enabled: &str) -> (tempfile::TempDir, V2) {
         let t = tempfile::tempdir().unwrap();
+        let all = "cpuset cpu io memory hugetlb pids rdma misc\n";
+        std::fs::write(t.path().join("cgroup.controllers"), all).unwrap();
         std::fs::write(t.path().join("cgroup.subtree_control"), "").unwrap();
         std::fs::create_dir(t.path().join("corral")).unwrap();
+        std::fs::write(t.path().join("corral/cgroup.controllers"), all).unwrap();
         std::fs::write(
             t.path().join("corral/cgroup.subtree_control"),
-            "memory pids cpu\n",
+            corral_enabled,
         )
         .unwrap();
         let cg = V2::create(t.path(), "corral", "job1").unwrap();
         (t, cg)
     }
 
+    fn fake() -> (tempfile::TempDir, V2) {
+        fake_with("memory pids cpu\n")
+    }
+
     #[test]
-    fn controllers_are_enabled_only_where_missing() {
+    fn controllers_are_enabled_only_in_our_own_cgroup() {
         let (t, _cg) = fake();
+        // The root is not ours (systemd's, the host's): never written.
         let root = std::fs::read_to_string(t.path().join("cgroup.subtree_control")).unwrap();
-        assert_eq!(root, "+memory +pids +cpu");
+        assert_eq!(root, "");
+        // Ours lacked only io.
         let parent =
             std::fs::read_to_string(t.path().join("corral/cgroup.subtree_control")).unwrap();
-        assert_eq!(parent, "memory pids cpu\n");
+        assert_eq!(parent, "+io");
+    }
+
+    #[test]
+    fn nothing_is_written_when_everything_is_enabled() {
+        let (t, _cg) = fake_with("cpu io memory pids\n");
+        let parent =
+            std::fs::read_to_string(t.path().join("corral/cgroup.subtree_control")).unwrap();
+        assert_eq!(parent, "cpu io memory pids\n");
+    }
+
+    #[test]
+    fn a_missing_parent_is_made_below_the_deepest_existing_cgroup() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        std::fs::write(t.path().join("cgroup.subtree_control"), "").unwrap();
+        // A fake tree has no kernel to fill in a new cgroup's files: pre-make them.
+        let err = V2::create(t.path(), "a/b", "job").unwrap_err();
+        assert!(
+            matches!(err, CgroupError::Read { ref path, .. } if path.ends_with("a/cgroup.subtree_control")),
+            "{err:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("cgroup.subtree_control")).unwrap(),
+            "+memory +pids +cpu",
+            "io is not offered here, so not asked for"
+        );
+        assert!(t.path().join("a").is_dir());
+    }
+
+    #[test]
+    fn controllers_not_delegated_to_us_are_a_typed_error() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("svc")).unwrap();
+        std::fs::write(t.path().join("svc/cgroup.controllers"), "cpu pids\n").unwrap();
+        std::fs::write(t.path().join("svc/cgroup.subtree_control"), "").unwrap();
+        match V2::create(t.path(), "svc", "job") {
+            Err(CgroupError::NotDelegated { dir, missing }) => {
+                assert_eq!(dir, t.path().join("svc"));
+                assert_eq!(missing, vec!["memory".to_owned()]);
+            }
+            other => panic!("expected NotDelegated, got {other:?}"),
+        }
+        assert!(!t.path().join("svc/job").exists());
     }
 
     #[test]
@@ -195,12 +335,16 @@ mod tests {
             cpu_quota: Some(1.5),
             ..SandboxLimits::default()
         };
+        // Present where the kernel has them (swap accounting, Linux 4.19).
+        std::fs::write(cg.dir.join("memory.swap.max"), "max").unwrap();
+        std::fs::write(cg.dir.join("memory.oom.group"), "0").unwrap();
         cg.apply(&limits).unwrap();
         let r = |n: &str| std::fs::read_to_string(cg.dir.join(n)).unwrap();
         assert_eq!(r("memory.max"), "1073741824");
         assert_eq!(r("memory.swap.max"), "0");
         assert_eq!(r("pids.max"), "100");
         assert_eq!(r("cpu.max"), "150000 100000");
+        assert_eq!(r("memory.oom.group"), "1");
     }
 
     #[test]
@@ -228,8 +372,16 @@ mod tests {
         assert_eq!(s.memory_peak, 4096);
         assert_eq!(s.pids_peak, 12);
         assert_eq!(s.oom_kills, 1);
+        assert_eq!(s.oom_events, 1);
         assert_eq!(s.pids_limit_hits, 0);
         assert_eq!((s.io_read, s.io_write), (Some(101), Some(52)));
+        w("io.stat", "");
+        let s = cg.stats().unwrap();
+        assert_eq!(
+            (s.io_read, s.io_write),
+            (None, None),
+            "no device: unknown, not zero"
+        );
         assert_eq!(cg.cpu_usage().unwrap(), Duration::from_secs(3));
     }
 }

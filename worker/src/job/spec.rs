@@ -44,11 +44,14 @@ impl Settings {
     pub fn from_config(config: &crate::config::Config) -> std::io::Result<Self> {
         use crate::config::{Compression as Codec, SandboxHelper};
         let sandbox = &config.sandbox;
+        // CORRAL_REQUIRE_CGROUP fails the start here, naming the hierarchy found.
+        let layout = corral_sandbox::host_cgroup_layout().map_err(std::io::Error::other)?;
         let mut sandbox_config = SandboxConfig::new()?;
         if let SandboxHelper::Path(path) = &sandbox.helper {
             sandbox_config.helper_exe.clone_from(path);
         }
-        sandbox_config.cgroup_parent = super::stage::cgroup_parent(&sandbox.cgroup_parent)?;
+        sandbox_config.cgroup_parent =
+            super::stage::cgroup_parent(&sandbox.cgroup_parent, &layout)?;
         // One long-lived zygote forks each job's helper (no exec of this binary per job).
         sandbox_config.zygote = Some(Arc::new(corral_sandbox::Zygote::new(
             &sandbox_config.helper_exe,

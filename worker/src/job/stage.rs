@@ -157,7 +157,10 @@ pub async fn job_dir(
 /// The cgroup under which builds get their own cgroups. `Delegated` (systemd's
 /// `Delegate=yes`) is the worker's own cgroup: on cgroup v2 the worker first moves itself
 /// into a `worker` leaf there, since v2 lets a cgroup hold either processes or children.
-pub fn cgroup_parent(parent: &crate::config::CgroupParent) -> std::io::Result<String> {
+pub fn cgroup_parent(
+    parent: &crate::config::CgroupParent,
+    layout: &corral_sandbox::Layout,
+) -> std::io::Result<String> {
     use crate::config::CgroupParent;
     match parent {
         CgroupParent::Path(path) => Ok(path.to_string_lossy().trim_start_matches('/').to_string()),
@@ -177,8 +180,12 @@ pub fn cgroup_parent(parent: &crate::config::CgroupParent) -> std::io::Result<St
                 // builds go under a fixed `corral` cgroup in each.
                 (Some(_), _) => Ok("corral".to_string()),
                 (None, Some(path)) => {
+                    let root = match layout {
+                        corral_sandbox::Layout::V2 { root } => root.as_path(),
+                        corral_sandbox::Layout::V1 { .. } => Path::new("/sys/fs/cgroup"),
+                    };
                     let path = path.trim_end_matches("/worker");
-                    let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+                    let dir = root.join(path.trim_start_matches('/'));
                     let leaf = dir.join("worker");
                     std::fs::create_dir_all(&leaf)?;
                     std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())?;
