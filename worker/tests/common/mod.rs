@@ -39,10 +39,12 @@ pub fn corral() -> Command {
 /// environment.
 pub fn without_corral_settings(cmd: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars_os() {
-        if key
-            .to_str()
-            .is_some_and(|k| k.starts_with("CORRAL_") && !k.starts_with("CORRAL_TEST_"))
-        {
+        if key.to_str().is_some_and(|k| {
+            // A required cgroup version is the host's property, not the caller's.
+            k.starts_with("CORRAL_")
+                && !k.starts_with("CORRAL_TEST_")
+                && k != corral_sandbox::REQUIRE_CGROUP_ENV
+        }) {
             cmd.env_remove(key);
         }
     }
