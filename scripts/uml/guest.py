@@ -292,8 +292,8 @@ def work():
         if left:
             return f"build cgroups left after the stop: {left}"
         slow_result = json.loads(slow_out or "null")
-        if not slow_result or "status" not in slow_result:
-            return f"the job running at the stop got no result: {slow_out} {slow_err}"
+        if not slow_result or slow_result.get("status") != "succeeded":
+            return f"the build running at the stop was not drained to its end: {slow_out} {slow_err}"
         print(f"   build cgroups seen under {SERVICE}: {sorted(seen)}", flush=True)
         return ""
     finally:
