@@ -849,9 +849,15 @@ fn debug_command_survives_a_closed_stdout() {
     if !prerequisites() {
         return;
     }
+    // The pipe's reader is closed before the command starts (`| true` would race: on a slow
+    // kernel `true` may still be reading when the outcome is written).
     let script = r#"
-        "$CORRAL" sandbox --rootfs "$ROOTFS" --quiet -- sh -c 'echo x >/written' | true
-        echo "piped=${PIPESTATUS[0]}" >&2
+        python3 -c 'import os, subprocess, sys
+r, w = os.pipe()
+os.close(r)
+sys.exit(subprocess.call(sys.argv[1:], stdout=w))' \
+            "$CORRAL" sandbox --rootfs "$ROOTFS" --quiet -- sh -c 'echo x >/written'
+        echo "piped=$?" >&2
         "$CORRAL" sandbox --rootfs "$ROOTFS" --quiet -- /bin/true >&-
         echo "closed=$?" >&2
     "#;
