@@ -309,7 +309,7 @@ fn cgroup_parent(config: &Config, mountinfo: &str) -> Check {
             "fix the cgroups check first",
         );
     };
-    let parent = match crate::job::stage::cgroup_parent(&config.sandbox.cgroup_parent) {
+    let parent = match crate::job::stage::cgroup_parent(&config.sandbox.cgroup_parent, &layout) {
         Ok(parent) => parent,
         Err(err) => {
             return Check::fail(
