@@ -204,6 +204,8 @@ def job_cgroups():
 
 def work():
     prefix = PLAN["prefix"]
+    # The worker checks for room for a base before it starts: the replay data goes first.
+    subprocess.run(["rm", "-rf", str(DATA)], check=True)
     data = pathlib.Path("/var/tmp/corral-v2-work")
     data.mkdir()
     # The base: the same import as for replay, into the worker's own data dir.

@@ -10,7 +10,8 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+# Job filesystems, bases and stores: the worker wants room for a base (512 MiB) free.
+mount -t tmpfs -o mode=1777,size=2G tmpfs /var/tmp
 mountpoint -q /dev || mount -t devtmpfs dev /dev
 # overlayfs and loop are modules in Debian's UML kernel.
 modules=/usr/lib/uml/modules/$(uname -r)/kernel

@@ -868,8 +868,13 @@ sys.exit(subprocess.call(sys.argv[1:], stdout=w))' \
         .output()
         .unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
+    // A closed stdout ends every command quietly with 128 + SIGPIPE (exit::STDOUT_CLOSED).
     assert!(stderr.contains("piped=141"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !stderr.contains("corral:"),
+        "a closed pipe is no error: {stderr}"
+    );
     assert!(stderr.contains("closed=0"), "{stderr}");
     // The default upper dir is a tmpfs inside the sandbox: the host's mount point for it
     // stays empty, whatever the jobs wrote.
