@@ -290,6 +290,8 @@ def work():
         slow_out, slow_err = slow.communicate(timeout=120)
         if code != 0:
             return f"the worker exited {code} on SIGTERM\n{worker_log()}"
+        if "names no config key" in (data / "worker.log").read_text():
+            return f"the worker warned of a CORRAL_* variable it reads:\n{worker_log()}"
         left = job_cgroups()
         if left:
             return f"build cgroups left after the stop: {left}"

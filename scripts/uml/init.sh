@@ -26,6 +26,9 @@ ip link set lo up
 if [ -n "$CORRAL_V2_NET" ]; then
     ip addr add "$CORRAL_V2_NET" dev eth0 && ip link set eth0 up
 fi
-python3 "$(dirname "$0")/guest.py" "$CORRAL_V2_PLAN"
+# Read once here, not passed on: corral warns about CORRAL_* variables it does not know.
+plan=$CORRAL_V2_PLAN
+unset CORRAL_V2_PLAN CORRAL_V2_NET
+python3 "$(dirname "$0")/guest.py" "$plan"
 echo "@@ guest exit $?"
 poweroff -f

@@ -261,15 +261,16 @@ pub fn renamed_var(var: &str) -> Option<&'static str> {
 }
 
 /// `CORRAL_*` variables that are not config keys but are read by corral itself: the config
-/// file's path, what `replay` may install and where it caches wheels, and the test and
-/// benchmark harnesses' own.
+/// file's path, what `replay` may install and where it caches wheels, the cgroup version the
+/// sandbox must find, and the test and benchmark harnesses' own.
 pub fn read_elsewhere(var: &str) -> bool {
     matches!(
         var,
         "CORRAL_CONFIG" | "CORRAL_NO_INSTALL" | "CORRAL_WHEEL_CACHE"
-    ) || ["CORRAL_TEST_", "CORRAL_BENCH_", "CORRAL_FAULT_"]
-        .iter()
-        .any(|prefix| var.starts_with(prefix))
+    ) || var == corral_sandbox::REQUIRE_CGROUP_ENV
+        || ["CORRAL_TEST_", "CORRAL_BENCH_", "CORRAL_FAULT_"]
+            .iter()
+            .any(|prefix| var.starts_with(prefix))
 }
 
 /// The `CORRAL_*` variables that name a key, as a table, plus those that name none (which
