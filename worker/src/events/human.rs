@@ -13,6 +13,8 @@ use serde_json::Value;
 
 /// Details too large for a line (a whole `usage` or `limits` object) are left to `--json`.
 const SKIPPED_DETAILS: &[&str] = &["usage", "limits", "error"];
+/// A detail's value is cut here on a line: a job's command or output is the job's to choose.
+const MAX_VALUE_CHARS: usize = 64;
 
 /// The human line of `event` (without a newline), time in UTC.
 pub fn line(event: &Event) -> String {
@@ -34,12 +36,21 @@ pub fn line(event: &Event) -> String {
         .details
         .iter()
         .filter(|(key, _)| !SKIPPED_DETAILS.contains(&key.as_str()))
-        .filter_map(|(key, value)| Some(format!("{key}={}", compact(value)?)))
+        .filter_map(|(key, value)| Some(format!("{key}={}", cut(compact(value)?))))
         .collect();
     if !fields.is_empty() {
         out.push_str(&format!(" [{}]", fields.join(" ")));
     }
     out
+}
+
+fn cut(value: String) -> String {
+    if value.chars().count() <= MAX_VALUE_CHARS {
+        return value;
+    }
+    let mut kept: String = value.chars().take(MAX_VALUE_CHARS - 1).collect();
+    kept.push('…');
+    kept
 }
 
 /// `HH:MM:SS.mmm` of a Unix-milliseconds time, UTC.
@@ -150,5 +161,13 @@ mod tests {
             json!({"alerts": [], "dropped": {}}),
         );
         assert!(line(&quiet).ends_with("[alerts=none]"), "{}", line(&quiet));
+        let long = event(
+            EventKind::JobStarted,
+            Severity::Info,
+            json!({"command": ["sh", "-c", "x".repeat(500)]}),
+        );
+        let cut = line(&long);
+        assert!(cut.ends_with("xxx…]"), "{cut}");
+        assert!(cut.len() < 200, "{cut}");
     }
 }
