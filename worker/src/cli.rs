@@ -150,8 +150,9 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub json: bool,
     /// Write the job's events (`corral.event.v1`, alerts and lifecycle) to FILE as JSON
-    /// lines while the job runs; `-` writes them to stdout. Alerts are also printed on
-    /// stderr as human lines, with or without this flag.
+    /// lines while the job runs; `-` writes them to stdout, between the build's output (or,
+    /// with --json, before the result). Alerts are also printed on stderr as human lines,
+    /// with or without this flag.
     #[arg(long, value_name = "FILE|-")]
     pub events: Option<PathBuf>,
     /// A worker config file (TOML) to take limits, sandbox and store settings from.

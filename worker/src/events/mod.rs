@@ -330,6 +330,10 @@ impl JobEvents {
         if let Some(code) = result.exit_code {
             fact = fact.with("exit_code", code);
         }
+        if result.cached {
+            // Answered from the action cache: no sandbox ran, so no job_started came first.
+            fact = fact.with("cached", true);
+        }
         if let Some(usage) = &result.usage {
             fact = fact.with("usage", usage);
         }
