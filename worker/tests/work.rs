@@ -457,3 +457,30 @@ listen = "127.0.0.1:{port}"
         .collect();
     assert!(jobs.is_empty(), "left in the jobs dir: {jobs:?}");
 }
+
+#[test]
+fn events_refuses_an_exchange_no_worker_declared_and_leaves_none() {
+    let broker = TcpStream::connect("127.0.0.1:5672").is_ok();
+    if !require(broker, "RabbitMQ on 127.0.0.1:5672") {
+        return;
+    }
+    let prefix = format!("te{}", std::process::id());
+    let out = corral()
+        .args(["events", "--wait", "1s", "--prefix", &prefix])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the events exchange {prefix}.events is not on the broker"
+        )),
+        "{stderr}"
+    );
+    // Asking again gives the same answer: the first run declared nothing.
+    let again = corral()
+        .args(["events", "--wait", "1s", "--prefix", &prefix])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(75));
+}

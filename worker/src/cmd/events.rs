@@ -61,21 +61,26 @@ async fn follow(args: EventsArgs, url: String, exchange: String) -> anyhow::Resu
             source,
         })?;
     let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
-    // As the workers declare it, so following works before any worker started.
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|source| AmqpError::Declare {
-        what: format!("the events exchange {exchange}"),
-        source,
-    })?;
+    // Passive: a mistyped prefix or config must not leave a durable exchange behind.
+    if let Err(err) = ch
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        eprintln!(
+            "corral: the events exchange {exchange} is not on the broker at {} ({err}): \
+             no worker with this prefix or config has started there yet",
+            redact(&url)
+        );
+        return Ok(exit::PLATFORM_ERROR);
+    }
     let queue = ch
         .queue_declare(
             "".into(),
