@@ -114,3 +114,34 @@ async fn publish(publisher: &Publisher, exchange: &str, event: &Event) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use corral_protocol::{EventKind, Severity};
+
+    use super::*;
+    use crate::events::alerts;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let metrics = Arc::new(Metrics::new());
+        let queue = EventQueue::new(metrics.clone());
+        let event = alerts::event(
+            EventKind::WorkerStarted,
+            Severity::Info,
+            None,
+            None,
+            "w1",
+            "started",
+        );
+        // Nothing publishes (the task is not started): the queue fills, then drops.
+        for _ in 0..CAPACITY + 5 {
+            queue.send(&event);
+        }
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"corral_events_dropped_total{kind="worker_started"} 5"#),
+            "{text}"
+        );
+    }
+}
