@@ -3,8 +3,6 @@
 //! to the events exchange with one topic pattern per kind asked for
 //! (`*.<kind>.<project>`, `#` for everything), so the broker does the filtering.
 
-use std::io::Write as _;
-
 use anyhow::Context;
 use corral_protocol::{Event, EventKind};
 use futures_lite::StreamExt;
@@ -142,7 +140,6 @@ async fn follow(args: EventsArgs, url: String, exchange: String) -> anyhow::Resu
         }
     };
     tokio::pin!(until);
-    let mut stdout = std::io::stdout().lock();
     loop {
         let delivery = tokio::select! {
             r = &mut until => {
@@ -170,12 +167,10 @@ async fn follow(args: EventsArgs, url: String, exchange: String) -> anyhow::Resu
         } else {
             human::line(&event)
         };
-        // A closed pipe (`| head`) ends the command quietly.
-        if writeln!(stdout, "{line}")
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            break;
+        // A closed pipe (`| head`) ends the command quietly (exit 141), its queue with it.
+        if let Err(err) = crate::outln!("{line}") {
+            let _ = conn.close(200, "stdout closed".into()).await;
+            return Err(err);
         }
     }
     let _ = conn.close(200, "done".into()).await;
