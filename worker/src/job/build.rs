@@ -13,7 +13,7 @@ use corral_protocol::{
     Artifact, BuildInputs, ByteSize, EventKind, Job, LogRef, NetworkPolicy, Severity, Stream,
 };
 use corral_sandbox::{
-    Identity, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
+    Identity, LiveEventKind, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
 };
 
 use super::error::JobError;
@@ -284,6 +284,16 @@ pub async fn sandbox(
     if let Some(pipe) = running.stderr.take() {
         readers.push(log.read(pipe, Stream::Stderr, stop_on_limit()));
     }
+    // The sandbox's live events (the kernel's OOM kills and refused forks, seccomp's
+    // refusals) join the job's one event path as they come; the channel closes with the job.
+    if let Some(live) = running.events() {
+        let events = ctx.events.clone();
+        readers.push(std::thread::spawn(move || {
+            for event in live {
+                events.raise(live_fact(&event.kind));
+            }
+        }));
+    }
     let watcher = {
         let (stop, cancel) = (ctx.stop.clone(), cancel.clone());
         tokio::spawn(async move {
@@ -302,6 +312,70 @@ pub async fn sandbox(
     let outcome = outcome?.map_err(JobError::Sandbox)?;
     readers_done?;
     Ok((outcome, log.truncated()))
+}
+
+/// The job event of what the sandbox saw. Counts are the job's totals so far.
+pub fn live_fact(kind: &LiveEventKind) -> Fact {
+    match kind {
+        LiveEventKind::Oom {
+            oom_kills,
+            host_pid,
+            comm,
+        } => {
+            let who = match (host_pid, comm) {
+                (Some(pid), Some(comm)) => format!("host pid {pid} ({comm})"),
+                (Some(pid), None) => format!("host pid {pid}"),
+                (None, Some(comm)) => format!("a process ({comm})"),
+                (None, None) => "a process".to_owned(),
+            };
+            let mut fact = Fact::new(
+                EventKind::Oom,
+                Severity::Warning,
+                format!("{who} of the job was killed out of memory ({oom_kills} so far)"),
+            )
+            .with("oom_kills", oom_kills);
+            if let Some(pid) = host_pid {
+                fact = fact.with("host_pid", pid);
+            }
+            if let Some(comm) = comm {
+                fact = fact.with("command", comm);
+            }
+            fact
+        }
+        LiveEventKind::PidsLimit { refused, limit } => {
+            let at = limit.map_or_else(String::new, |limit| format!(" of {limit}"));
+            Fact::new(
+                EventKind::PidsLimit,
+                Severity::Warning,
+                format!("a fork was refused at the pids limit{at} ({refused} refused so far)"),
+            )
+            .with("refused", refused)
+            .with("limit", limit)
+        }
+        LiveEventKind::SeccompDenied { syscall, count } => Fact::new(
+            EventKind::SeccompDenied,
+            Severity::Critical,
+            format!("denied system call {syscall} ({count} so far)"),
+        )
+        .with(
+            "syscalls",
+            std::collections::BTreeMap::from([(syscall, count)]),
+        ),
+        LiveEventKind::NetworkAttempt {
+            syscall,
+            family,
+            count,
+        } => Fact::new(
+            EventKind::NetworkAttempt,
+            Severity::Warning,
+            format!(
+                "{syscall} of a {family} socket refused: the job has no network ({count} so far)"
+            ),
+        )
+        .with("syscall", syscall)
+        .with("family", family)
+        .with("attempts", count),
+    }
 }
 
 /// Bytes of regular files under `dir`, without following links (best effort).
@@ -340,6 +414,42 @@ mod tests {
                  "command":["true"]}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn live_sandbox_events_read_as_job_alerts() {
+        let oom = live_fact(&LiveEventKind::Oom {
+            oom_kills: 1,
+            host_pid: Some(4242),
+            comm: Some("python3".into()),
+        });
+        assert_eq!(oom.kind, EventKind::Oom);
+        assert_eq!(
+            oom.message,
+            "host pid 4242 (python3) of the job was killed out of memory (1 so far)"
+        );
+        assert_eq!(oom.details["command"], "python3");
+        let denied = live_fact(&LiveEventKind::SeccompDenied {
+            syscall: "keyctl".into(),
+            count: 7,
+        });
+        assert_eq!(denied.severity, Severity::Critical);
+        assert_eq!(denied.details["syscalls"], serde_json::json!({"keyctl": 7}));
+        let pids = live_fact(&LiveEventKind::PidsLimit {
+            refused: 3,
+            limit: Some(64),
+        });
+        assert_eq!(
+            pids.message,
+            "a fork was refused at the pids limit of 64 (3 refused so far)"
+        );
+        let net = live_fact(&LiveEventKind::NetworkAttempt {
+            syscall: "socket".into(),
+            family: "inet".into(),
+            count: 1,
+        });
+        assert_eq!(net.kind, EventKind::NetworkAttempt);
+        assert_eq!(net.details["family"], "inet");
     }
 
     #[test]
