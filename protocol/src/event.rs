@@ -31,6 +31,22 @@ pub enum CancelSchema {
 }
 
 /// What happened. Alerts (something a job did that operators should see) and lifecycle.
+///
+/// Kinds are only ever added within `corral.event.v1`; a consumer that routes on the
+/// routing key sees new kinds under new keys. The facts each kind carries in `details`:
+///
+/// | kind | `details` |
+/// |---|---|
+/// | `oom` | `pid`, `command`, `memory_bytes` (when known), `usage` |
+/// | `pids_limit` | `limit`, `usage` |
+/// | `seccomp_denied` | `syscalls` (name → count) |
+/// | `network_attempt`, `egress_denied` | `attempts`, `destination` (when known) |
+/// | `cpu_saturated` | `cpus`, `seconds` |
+/// | `log_flood` | `bytes_per_second`, `threshold_bytes_per_second`, `stream` |
+/// | `unexpected_listen` | `port`, `protocol` |
+/// | `job_started` | `pool`, `base`, `limits` |
+/// | `job_finished` | `status`, `reason`, `exit_code`, `usage`, `alerts`, `dropped` |
+/// | any alert summarising repeats | `repeated`: occurrences since the last one sent |
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
@@ -49,6 +65,14 @@ pub enum EventKind {
     Cancelled,
     InvalidJob,
     PlatformError,
+    /// The job sat at its CPU quota for a long stretch (a miner looks like this).
+    CpuSaturated,
+    /// The job's output rate passed the worker's threshold.
+    LogFlood,
+    /// An app opened a listening socket other than its published port.
+    UnexpectedListen,
+    /// The egress proxy refused a destination.
+    EgressDenied,
     // Lifecycle.
     JobStarted,
     JobFinished,
@@ -60,6 +84,33 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [EventKind; 23] = [
+        EventKind::Oom,
+        EventKind::PidsLimit,
+        EventKind::WallTimeout,
+        EventKind::CpuLimit,
+        EventKind::DiskLimit,
+        EventKind::LogLimit,
+        EventKind::OutputLimit,
+        EventKind::SeccompDenied,
+        EventKind::NetworkAttempt,
+        EventKind::Cancelled,
+        EventKind::InvalidJob,
+        EventKind::PlatformError,
+        EventKind::CpuSaturated,
+        EventKind::LogFlood,
+        EventKind::UnexpectedListen,
+        EventKind::EgressDenied,
+        EventKind::JobStarted,
+        EventKind::JobFinished,
+        EventKind::JobRedelivered,
+        EventKind::WorkerStarted,
+        EventKind::WorkerDraining,
+        EventKind::WorkerStopped,
+        EventKind::BrokerReconnected,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Oom => "oom",
@@ -74,6 +125,10 @@ impl EventKind {
             EventKind::Cancelled => "cancelled",
             EventKind::InvalidJob => "invalid_job",
             EventKind::PlatformError => "platform_error",
+            EventKind::CpuSaturated => "cpu_saturated",
+            EventKind::LogFlood => "log_flood",
+            EventKind::UnexpectedListen => "unexpected_listen",
+            EventKind::EgressDenied => "egress_denied",
             EventKind::JobStarted => "job_started",
             EventKind::JobFinished => "job_finished",
             EventKind::JobRedelivered => "job_redelivered",
@@ -82,6 +137,34 @@ impl EventKind {
             EventKind::WorkerStopped => "worker_stopped",
             EventKind::BrokerReconnected => "broker_reconnected",
         }
+    }
+
+    /// Whether the kind is about a job's or the worker's life rather than something unusual.
+    pub fn is_lifecycle(self) -> bool {
+        matches!(
+            self,
+            EventKind::JobStarted
+                | EventKind::JobFinished
+                | EventKind::JobRedelivered
+                | EventKind::WorkerStarted
+                | EventKind::WorkerDraining
+                | EventKind::WorkerStopped
+                | EventKind::BrokerReconnected
+        )
+    }
+}
+
+impl std::str::FromStr for EventKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown event kind {s:?} (one of {})", known.join(", "))
+            })
     }
 }
 
@@ -124,7 +207,7 @@ pub struct Event {
     pub at_ms: u64,
     /// A one-line summary for humans.
     pub message: String,
-    /// Kind-specific facts (syscall names and counts, limits, peaks…).
+    /// Kind-specific facts (syscall names and counts, limits, peaks…): see [`EventKind`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub details: BTreeMap<String, serde_json::Value>,
 }
@@ -211,4 +294,21 @@ pub struct Cancel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_wire_name_and_parses_back() {
+        for kind in EventKind::ALL {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.as_str())
+            );
+            assert_eq!(kind.as_str().parse::<EventKind>(), Ok(kind));
+        }
+        assert!("fire".parse::<EventKind>().is_err());
+    }
 }

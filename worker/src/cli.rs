@@ -119,6 +119,8 @@ pub enum Command {
     Work(Box<WorkArgs>),
     /// Publish a job message to RabbitMQ; with --wait, print its result.
     Submit(SubmitArgs),
+    /// Show the workers' events (alerts and lifecycle) from the broker's events exchange.
+    Events(EventsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +149,12 @@ pub struct ReplayArgs {
     /// Print the JobResult as JSON on stdout (the build's output goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Write the job's events (`corral.event.v1`, alerts and lifecycle) to FILE as JSON
+    /// lines while the job runs; `-` writes them to stdout, between the build's output (or,
+    /// with --json, before the result). Alerts are also printed on stderr as human lines,
+    /// with or without this flag.
+    #[arg(long, value_name = "FILE|-")]
+    pub events: Option<PathBuf>,
     /// A worker config file (TOML) to take limits, sandbox and store settings from.
     #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -649,6 +657,62 @@ impl SubmitArgs {
         }
         out
     }
+}
+
+/// `corral events`: an operator's view of the events exchange.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Without --follow, corral events prints the events that arrive within \
+--wait (2 s by default) of it being subscribed and exits 0: events published before it \
+started are not shown (the exchange keeps nothing). With --follow it prints them until \
+interrupted (Ctrl-C, SIGTERM). Its queue is its own, exclusive and deleted when it exits."
+)]
+pub struct EventsArgs {
+    /// Keep printing events until interrupted.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only events of these kinds (repeatable, or comma-separated), e.g. `oom,log_flood`.
+    #[arg(long, value_delimiter = ',', value_name = "KIND")]
+    pub kind: Vec<corral_protocol::EventKind>,
+    /// Only events of this project.
+    #[arg(long, value_name = "PROJECT", value_parser = parse_project)]
+    pub project: Option<corral_protocol::ProjectId>,
+    /// Print each event as one JSON object per line (`corral.event.v1`) instead of a
+    /// human line.
+    #[arg(long)]
+    pub json: bool,
+    /// Without --follow: how long to listen before exiting.
+    #[arg(long, default_value = "2s", value_parser = crate::amqp::parse_duration, conflicts_with = "follow")]
+    pub wait: std::time::Duration,
+    /// The workers' config file (TOML): its broker URL, password and events exchange
+    /// (`amqp.events_exchange`) are used; `CORRAL_*` variables and the flags below override it.
+    #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Broker URL (`amqp.url`).
+    #[arg(long, alias = "amqp", value_name = "URL")]
+    pub amqp_url: Option<String>,
+    /// Prefix of the exchange names (`amqp.prefix`): events come from `<prefix>.events`.
+    #[arg(long)]
+    pub prefix: Option<String>,
+}
+
+impl EventsArgs {
+    /// The config keys these flags set.
+    pub fn config_flags(&self) -> Vec<crate::config::FlagValue> {
+        use crate::config::FlagValue;
+        let mut out = Vec::new();
+        if let Some(url) = &self.amqp_url {
+            out.push(FlagValue::new("amqp.url", url.as_str(), "--amqp-url"));
+        }
+        if let Some(prefix) = &self.prefix {
+            out.push(FlagValue::new("amqp.prefix", prefix.as_str(), "--prefix"));
+        }
+        out
+    }
+}
+
+fn parse_project(s: &str) -> Result<corral_protocol::ProjectId, String> {
+    corral_protocol::ProjectId::new(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ pub mod config;
 pub mod datadisk;
 /// `corral doctor`: whether this host can run builds.
 pub mod doctor;
+/// A job's events: the per-kind rate limit, the sinks, the human line.
+pub mod events;
 /// Exit codes that say whose fault a failure is.
 pub mod exit;
 /// What a fixture job needs on its first replay, made once and announced.

@@ -11,7 +11,9 @@
 //! | `corral_builds_in_flight`, `corral_free_slots` | gauge | |
 //! | `corral_broker_connected` | gauge (0/1) | |
 //! | `corral_broker_reconnects_total` | counter | |
-//! | `corral_alerts_total` | counter | `kind` |
+//! | `corral_alerts_total` | counter | `kind`: alerts sent (lifecycle events left out) |
+//! | `corral_events_total` | counter | `kind`: every event sent, alerts and lifecycle |
+//! | `corral_events_dropped_total` | counter | `kind`: held back by a job's rate limit, or lost because the publisher's queue was full |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub struct Metrics {
     registry: Registry,
     jobs: Family<JobLabels, Counter>,
     alerts: Family<AlertLabels, Counter>,
+    events: Family<AlertLabels, Counter>,
+    events_dropped: Family<AlertLabels, Counter>,
     job_dir_takes: Family<JobDirLabels, Counter>,
     pub build_seconds: Histogram,
     pub snapshot_seconds: Histogram,
@@ -86,6 +90,8 @@ impl Metrics {
         let metrics = Metrics {
             jobs: Family::default(),
             alerts: Family::default(),
+            events: Family::default(),
+            events_dropped: Family::default(),
             job_dir_takes: Family::default(),
             build_seconds: durations(),
             snapshot_seconds: durations(),
@@ -111,6 +117,16 @@ impl Metrics {
             "alerts",
             "Operator alerts raised, by kind",
             metrics.alerts.clone(),
+        );
+        registry.register(
+            "events",
+            "Events sent (alerts and lifecycle), by kind",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Events not sent: held back by a job's rate limit or a full publisher queue, by kind",
+            metrics.events_dropped.clone(),
         );
         registry.register(
             "job_dir_takes",
@@ -184,6 +200,26 @@ impl Metrics {
 
     pub fn alert(&self, kind: &str) {
         self.alerts
+            .get_or_create(&AlertLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an event sent to the sinks; `alert` counts it as an alert too.
+    pub fn event_sent(&self, kind: &str, alert: bool) {
+        let labels = AlertLabels {
+            kind: kind.to_string(),
+        };
+        self.events.get_or_create(&labels).inc();
+        if alert {
+            self.alerts.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Counts an event that was not sent.
+    pub fn event_dropped(&self, kind: &str) {
+        self.events_dropped
             .get_or_create(&AlertLabels {
                 kind: kind.to_string(),
             })
@@ -287,6 +323,8 @@ mod tests {
         metrics.job_finished("succeeded", "");
         metrics.job_finished("killed", "oom");
         metrics.alert("oom");
+        metrics.event_sent("job_started", false);
+        metrics.event_dropped("seccomp_denied");
         metrics.job_dir_taken(true);
         metrics.job_dir_taken(true);
         metrics.job_dir_taken(false);
@@ -308,6 +346,14 @@ mod tests {
         );
         assert!(
             text.contains(r#"corral_alerts_total{kind="oom"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"corral_events_total{kind="job_started"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"corral_events_dropped_total{kind="seccomp_denied"} 1"#),
             "{text}"
         );
         assert!(text.contains("corral_build_seconds_bucket"), "{text}");

@@ -611,6 +611,132 @@ async fn kill_9_mid_build_loses_no_job() {
     env.cleanup().await;
 }
 
+/// Every event on the test's events exchange until `done` says the collection is complete
+/// (bounded), from a queue of the test's own, exclusive to its connection.
+async fn collect_events(
+    ch: &Channel,
+    queue: &str,
+    done: impl Fn(&[corral_protocol::Event]) -> bool,
+) -> Vec<corral_protocol::Event> {
+    let mut events = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while !done(&events) {
+        assert!(Instant::now() < deadline, "events so far: {events:#?}");
+        match ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(message) => {
+                events.push(corral_protocol::decode(&message.delivery.data).expect("a valid event"))
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_say_a_job_was_redelivered_and_a_flood_while_it_runs() {
+    use corral_protocol::EventKind;
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    let (conn, ch) = connect().await.unwrap();
+    let queue = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions::exclusive().auto_delete(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        queue.name().clone(),
+        env.names.events.as_str().into(),
+        "*.*.acme".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let queue = queue.name().to_string();
+
+    // A worker dies mid-build; the next one runs the job again and says it was redelivered.
+    env.submit(&env.job("ev-again", "sleep 2; echo done", json!({})))
+        .await;
+    let w = env.worker(&[], &[]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    env.signal(w, "KILL");
+    env.wait(w);
+    env.worker(&[], &[]);
+    // 3 MiB of output at once, then the job goes on for 2 s.
+    env.submit(&env.job(
+        "ev-flood",
+        "yes flood | head -c 3145728; sleep 2; echo calm",
+        json!({}),
+    ))
+    .await;
+    let finished = |events: &[corral_protocol::Event], id: &str| {
+        events
+            .iter()
+            .any(|e| e.kind == EventKind::JobFinished && e.job_id.as_ref().unwrap().as_str() == id)
+    };
+    let events = collect_events(&ch, &queue, |events| {
+        finished(events, "ev-again") && finished(events, "ev-flood")
+    })
+    .await;
+    let of = |id: &str| -> Vec<&corral_protocol::Event> {
+        events
+            .iter()
+            .filter(|e| e.job_id.as_ref().is_some_and(|j| j.as_str() == id))
+            .collect()
+    };
+
+    let again: Vec<EventKind> = of("ev-again").iter().map(|e| e.kind).collect();
+    let redelivered = again
+        .iter()
+        .position(|k| *k == EventKind::JobRedelivered)
+        .unwrap_or_else(|| panic!("no job_redelivered: {again:?}"));
+    assert_eq!(
+        again[redelivered..],
+        [
+            EventKind::JobRedelivered,
+            EventKind::JobStarted,
+            EventKind::JobFinished
+        ],
+        "{again:?}"
+    );
+    let again_events = of("ev-again");
+    let last = again_events.last().unwrap();
+    assert_eq!(last.details["status"], "succeeded");
+    assert_eq!(last.worker, format!("{}-w1", env.prefix));
+
+    let flood = of("ev-flood");
+    let kinds: Vec<EventKind> = flood.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::JobStarted,
+            EventKind::LogFlood,
+            EventKind::JobFinished
+        ]
+    );
+    assert_eq!(flood[1].routing_key(), "warning.log_flood.acme");
+    assert!(
+        flood[1].at_ms + 1500 <= flood[2].at_ms,
+        "log_flood at {}, job_finished at {}: not while the job ran",
+        flood[1].at_ms,
+        flood[2].at_ms
+    );
+    assert_eq!(flood[2].details["alerts"], json!(["log_flood"]));
+    assert_eq!(flood[2].details["dropped"], json!({}));
+
+    let _ = conn.close(200, "".into()).await;
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_running_builds_and_requeues_the_rest() {
     let Some(mut env) = Env::new(false).await else {

@@ -112,6 +112,31 @@ fn replay(job: &str, extra: &[&str]) -> Replay {
     }
 }
 
+/// The `corral.event.v1` objects among `text`'s lines (other lines are the build's output).
+fn read_events(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|v| v["schema"] == "corral.event.v1")
+        .collect()
+}
+
+/// What is wrong with a run's lifecycle events: exactly one `job_started`, then exactly one
+/// `job_finished`, last, naming the same job.
+fn lifecycle_problems(events: &[Value]) -> Vec<String> {
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    let mut problems = Vec::new();
+    let started = kinds.iter().position(|k| *k == "job_started");
+    let finished = kinds.iter().position(|k| *k == "job_finished");
+    match (started, finished) {
+        (Some(s), Some(f)) if s < f && f + 1 == kinds.len() => {}
+        _ => problems.push(format!("lifecycle events out of order: {kinds:?}")),
+    }
+    if kinds.iter().filter(|k| **k == "job_finished").count() != 1 {
+        problems.push(format!("not one job_finished: {kinds:?}"));
+    }
+    problems
+}
+
 /// Names in the build layer of a result (the third layer).
 fn build_layer_names(result: &Value) -> Vec<String> {
     let digest = result["artifact"]["layers"][2]["digest"].as_str().unwrap();
@@ -187,9 +212,64 @@ fn every_fixture_job_gives_its_expected_result() {
             .trim_end_matches(".expect.json")
             .to_string();
         let job = format!("fixtures/jobs/{name}.json");
-        let run = replay(&job, &["--no-cache"]);
+        let events_file = data_dir().join(format!("{name}.events.jsonl"));
+        let run = replay(
+            &job,
+            &["--no-cache", "--events", events_file.to_str().unwrap()],
+        );
         let r = &run.result;
         let mut problems = Vec::new();
+        let events = read_events(&std::fs::read_to_string(&events_file).unwrap_or_default());
+        problems.extend(lifecycle_problems(&events));
+        // Alerts raised live, while the job still ran: the fixture does the bad thing, prints
+        // when (`<cause_marker><unix ms>` on stderr), then keeps running for seconds.
+        if let Some(kinds) = expect["live_events"].as_array() {
+            let finished = events.iter().find(|e| e["kind"] == "job_finished");
+            let cause_ms = expect["cause_marker"].as_str().and_then(|marker| {
+                let at = run.stderr.find(marker)? + marker.len();
+                let digits: String = run.stderr[at..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse::<u64>().ok()
+            });
+            if cause_ms.is_none() {
+                problems.push("the fixture did not print when it did the bad thing".into());
+            }
+            for kind in kinds {
+                let Some(alert) = events.iter().find(|e| &e["kind"] == kind) else {
+                    problems.push(format!("no {kind} event"));
+                    continue;
+                };
+                let at = alert["at_ms"].as_u64().unwrap_or(0);
+                let finished_at = finished.and_then(|f| f["at_ms"].as_u64()).unwrap_or(0);
+                if at + 1000 > finished_at {
+                    problems.push(format!(
+                        "{kind} at {at} is not a second before job_finished at {finished_at}"
+                    ));
+                }
+                if let Some(cause) = cause_ms
+                    && !(cause..=cause + 1000).contains(&at)
+                {
+                    problems.push(format!(
+                        "{kind} at {at}, not within 1 s of its cause at {cause}"
+                    ));
+                }
+                if !finished.is_some_and(|f| {
+                    f["details"]["alerts"]
+                        .as_array()
+                        .is_some_and(|a| a.contains(kind))
+                }) {
+                    problems.push(format!("job_finished does not list {kind}"));
+                }
+                if !run
+                    .stderr
+                    .contains(&format!(" {} ", kind.as_str().unwrap()))
+                {
+                    problems.push(format!("no human line of {kind} on stderr"));
+                }
+            }
+        }
         if r["status"] != expect["status"] {
             problems.push(format!(
                 "status {} (expected {})",
@@ -252,6 +332,55 @@ fn every_fixture_job_gives_its_expected_result() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn replay_writes_the_job_events_as_json_lines_on_stdout() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let data = data();
+    let out = corral(&[
+        "replay",
+        "fixtures/jobs/fail.json",
+        "--no-cache",
+        "--events",
+        "-",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    let events = read_events(&stdout);
+    assert!(lifecycle_problems(&events).is_empty(), "{stdout}");
+    let started = &events[0];
+    assert_eq!(started["kind"], "job_started");
+    assert_eq!(started["job_id"], "fail");
+    assert_eq!(started["project"], "demo");
+    assert_eq!(started["details"]["base"], "python-3.11");
+    assert_eq!(started["details"]["pool"], "default");
+    assert!(
+        started["details"]["limits"]["memory_bytes"].is_number(),
+        "{started}"
+    );
+    let finished = events.last().unwrap();
+    assert_eq!(finished["details"]["status"], "failed");
+    assert_eq!(finished["details"]["reason"], "nonzero_exit");
+    assert_eq!(finished["details"]["exit_code"], 3);
+    assert_eq!(finished["details"]["alerts"], serde_json::json!([]));
+    assert!(finished["at_ms"].as_u64() >= started["at_ms"].as_u64());
+    // A plain failure is no alert: no alert line on stderr.
+    assert!(
+        !text(&out.stderr).lines().any(|l| l.starts_with("! ")),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `corral work` in production shape: a config file, the sandboxed pipeline runner, the real
 //! broker, sources uploaded by `corral submit --source`, and the metrics endpoint scraped
-//! after the jobs: its counters match the jobs run.
+//! after the jobs: its counters match the jobs run. Operators following `corral events` see
+//! each job start before it finishes, and a flooding job's `log_flood` while it still runs.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -25,6 +26,52 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A child process killed when the test ends, however it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `corral events ARGS --config CONFIG`, its stdout and stderr in files under `dir`, once it
+/// says it is subscribed.
+fn follow_events(
+    dir: &std::path::Path,
+    name: &str,
+    config: &std::path::Path,
+    args: &[&str],
+) -> Reaped {
+    let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
+    let err_path = dir.join(format!("{name}.err"));
+    let err = std::fs::File::create(&err_path).unwrap();
+    let child = corral()
+        .arg("events")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let child = Reaped(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&err_path)
+        .unwrap_or_default()
+        .contains("corral: following")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "corral events never subscribed: {}",
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -196,6 +243,22 @@ listen = "127.0.0.1:{port}"
     }
     assert!(http_get(port, "/healthz").starts_with("HTTP/1.1 200"));
 
+    // An operator follows every event as JSON; another waits 20 s for job_finished lines.
+    let mut following = follow_events(scratch.path(), "follow", &config, &["--follow", "--json"]);
+    let mut waiting = follow_events(
+        scratch.path(),
+        "wait",
+        &config,
+        &[
+            "--kind",
+            "job_finished",
+            "--project",
+            "demo",
+            "--wait",
+            "20s",
+        ],
+    );
+
     let store = format!("oci-dir:{}", data.join("store").display());
     let submit = |job: &str, bundle: &str| -> Value {
         let out = corral()
@@ -234,10 +297,96 @@ listen = "127.0.0.1:{port}"
     assert_eq!(fail["status"], "failed", "{fail}");
     assert_eq!(fail["reason"], "nonzero_exit");
     assert_eq!(fail["exit_code"], 3);
+    let flood = submit("fixtures/jobs/log-flood.json", "abuse");
+    assert_eq!(flood["status"], "succeeded", "{flood}");
+
+    // What `corral events --follow --json` saw, once it is stopped as an operator would.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let text = std::fs::read_to_string(scratch.path().join("follow.out")).unwrap();
+        let events: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let finished = events
+            .iter()
+            .filter(|e| e["kind"] == "job_finished")
+            .count();
+        if finished == 3 || Instant::now() > deadline {
+            break events;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &following.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(following.0.wait().unwrap().success());
+    let of = |job: &str, kind: &str| -> Vec<&Value> {
+        events
+            .iter()
+            .filter(|e| e["job_id"] == job && e["kind"] == kind)
+            .collect()
+    };
+    let position = |job: &str, kind: &str| {
+        events
+            .iter()
+            .position(|e| e["job_id"] == job && e["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} of {job} in {events:#?}"))
+    };
+    for (job, alerts) in [
+        ("hello", serde_json::json!([])),
+        ("fail", serde_json::json!([])),
+        ("log-flood", serde_json::json!(["log_flood"])),
+    ] {
+        assert_eq!(of(job, "job_started").len(), 1, "{events:#?}");
+        assert_eq!(of(job, "job_finished").len(), 1, "{events:#?}");
+        assert!(position(job, "job_started") < position(job, "job_finished"));
+        let started = of(job, "job_started")[0];
+        let finished = of(job, "job_finished")[0];
+        assert!(started["at_ms"].as_u64() <= finished["at_ms"].as_u64());
+        assert_eq!(started["details"]["pool"], "default");
+        assert_eq!(started["details"]["base"], "python-3.11");
+        assert_eq!(finished["details"]["alerts"], alerts, "{job}: {finished}");
+        assert_eq!(finished["worker"], started["worker"]);
+    }
+    assert_eq!(of("fail", "job_finished")[0]["details"]["exit_code"], 3);
+    // The flood is seen while the job still runs (it sleeps 3 s after it), and routed as
+    // `<severity>.<kind>.<project>` says.
+    let flood_alert = of("log-flood", "log_flood");
+    assert_eq!(flood_alert.len(), 1, "{events:#?}");
+    assert_eq!(flood_alert[0]["severity"], "warning");
+    assert!(position("log-flood", "log_flood") < position("log-flood", "job_finished"));
+    let flood_at = flood_alert[0]["at_ms"].as_u64().unwrap();
+    let finished_at = of("log-flood", "job_finished")[0]["at_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        flood_at + 2000 <= finished_at,
+        "log_flood at {flood_at}, job_finished at {finished_at}"
+    );
+
+    // Without --follow: the job_finished lines of the wait, as human lines, then exit 0.
+    let status = waiting.0.wait().unwrap();
+    assert!(status.success(), "corral events --wait exited {status}");
+    let human = std::fs::read_to_string(scratch.path().join("wait.out")).unwrap();
+    let lines: Vec<&str> = human.lines().collect();
+    assert_eq!(lines.len(), 3, "{human}");
+    for (line, job) in lines.iter().zip(["hello", "fail", "log-flood"]) {
+        assert!(line.starts_with("- "), "{line}");
+        assert!(
+            line.contains(&format!(" info job_finished demo/{job} ")),
+            "{line}"
+        );
+    }
+    assert!(lines[2].contains("alerts=log_flood"), "{}", lines[2]);
 
     let metrics = http_get(port, "/metrics");
     assert!(
-        metrics.contains(r#"corral_jobs_total{status="succeeded",reason=""} 1"#),
+        metrics.contains(r#"corral_jobs_total{status="succeeded",reason=""} 2"#),
         "{metrics}"
     );
     assert!(
@@ -245,20 +394,30 @@ listen = "127.0.0.1:{port}"
         "{metrics}"
     );
     assert!(
-        metrics.contains("corral_build_seconds_count 2"),
+        metrics.contains("corral_build_seconds_count 3"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("corral_snapshot_seconds_count 1"),
+        metrics.contains("corral_snapshot_seconds_count 2"),
         "{metrics}"
     );
-    // The first job's filesystem is made on the spot; the second one's was ready.
+    // The first job's filesystem is made on the spot; the later ones' were ready.
     assert!(
         metrics.contains(r#"corral_job_dir_takes_total{outcome="made"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"corral_job_dir_takes_total{outcome="ready"} 1"#),
+        metrics.contains(r#"corral_job_dir_takes_total{outcome="ready"} 2"#),
+        "{metrics}"
+    );
+    for (kind, n) in [("job_started", 3), ("job_finished", 3), ("log_flood", 1)] {
+        assert!(
+            metrics.contains(&format!(r#"corral_events_total{{kind="{kind}"}} {n}"#)),
+            "{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains(r#"corral_alerts_total{kind="log_flood"} 1"#),
         "{metrics}"
     );
 
@@ -297,4 +456,31 @@ listen = "127.0.0.1:{port}"
         .map(|e| e.file_name())
         .collect();
     assert!(jobs.is_empty(), "left in the jobs dir: {jobs:?}");
+}
+
+#[test]
+fn events_refuses_an_exchange_no_worker_declared_and_leaves_none() {
+    let broker = TcpStream::connect("127.0.0.1:5672").is_ok();
+    if !require(broker, "RabbitMQ on 127.0.0.1:5672") {
+        return;
+    }
+    let prefix = format!("te{}", std::process::id());
+    let out = corral()
+        .args(["events", "--wait", "1s", "--prefix", &prefix])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the events exchange {prefix}.events is not on the broker"
+        )),
+        "{stderr}"
+    );
+    // Asking again gives the same answer: the first run declared nothing.
+    let again = corral()
+        .args(["events", "--wait", "1s", "--prefix", &prefix])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(75));
 }

@@ -11,8 +11,8 @@
 //! stopped and left to the broker to redeliver; invalid input and final platform failures are
 //! dead-lettered after their `rejected` / `error` result is published.
 
-mod alerts;
 mod control;
+mod events;
 mod logs;
 mod publisher;
 mod settings;
@@ -20,6 +20,7 @@ mod topology;
 mod worker;
 
 pub use control::Flights;
+pub use events::EventQueue;
 pub use logs::LogPump;
 pub use publisher::{PublishError, Publisher};
 pub use settings::{AmqpSettings, Names, parse_duration, redact};

@@ -23,13 +23,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::alerts;
 use super::control::Flights;
+use super::events::EventQueue;
 use super::logs::LogPump;
 use super::publisher::{PublishError, Publisher};
 use super::settings::{AmqpSettings, Names, redact};
 use super::{AmqpError, now_ms};
 use crate::backoff::Backoff;
+use crate::events::{EventSink, JobEvents, alerts};
 use crate::job::{self, Action, Ending, Facts, RunContext, Runner, Stop, Verdict};
 
 /// Log output buffered between a build and its log pump before the build waits.
@@ -53,6 +54,8 @@ pub struct Worker<R: Runner> {
     tracker: TaskTracker,
     draining: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Events on their way to the events exchange, off every job's critical path.
+    events: EventQueue,
     /// The drain deadline passed or a second signal came: stop waiting to publish results
     /// and hand the jobs back.
     abandon: CancellationToken,
@@ -115,6 +118,7 @@ impl<R: Runner> Worker<R> {
             flights: Flights::default(),
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
+            events: EventQueue::new(metrics.clone()),
             metrics,
             abandon: CancellationToken::new(),
             settings,
@@ -135,6 +139,8 @@ impl<R: Runner> Worker<R> {
             worker = %self.info.id,
             "worker starting"
         );
+        self.events
+            .start(self.publisher.clone(), self.names.events.clone());
         let mut backoff = Backoff::new(Duration::from_millis(200), self.settings.backoff_max);
         let mut session = 0u64;
         loop {
@@ -185,7 +191,8 @@ impl<R: Runner> Worker<R> {
             &self.info.id,
             format!("worker {} stopped", self.info.id),
         );
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.publish_event(&stopped)).await;
+        self.emit(stopped);
+        self.events.flush(Duration::from_secs(5)).await;
         self.publisher.close().await;
         tracing::info!("worker stopped");
         Ok(WorkerExit::Drained)
@@ -427,6 +434,11 @@ impl<R: Runner> Worker<R> {
                 }
                 let facts = Facts::unreadable(job_id, project, err, self.info.clone(), now_ms());
                 let verdict = job::verdict(facts);
+                if let Some(result) = &verdict.result {
+                    for event in alerts::for_result(result, &self.info.id) {
+                        self.emit(event);
+                    }
+                }
                 return self
                     .execute(&d, None, verdict, prop_reply, prop_corr, &lost)
                     .await;
@@ -456,22 +468,25 @@ impl<R: Runner> Worker<R> {
             None
         };
         if let Some(verdict) = unstarted {
+            let events = JobEvents::new(
+                &job,
+                &self.info.id,
+                vec![Arc::new(self.events.clone())],
+                Some(self.metrics.clone()),
+            );
+            events.finished(&verdict);
             return self
                 .execute(&d, Some(&job), verdict, reply_to, corr, &lost)
                 .await;
         }
+        let events = JobEvents::new(
+            &job,
+            &self.info.id,
+            vec![Arc::new(self.events.clone())],
+            Some(self.metrics.clone()),
+        );
         if d.redelivered || delivery.count > 0 {
-            self.emit(alerts::event(
-                EventKind::JobRedelivered,
-                Severity::Info,
-                Some(job.project.clone()),
-                Some(job.job_id.clone()),
-                &self.info.id,
-                format!(
-                    "job {} delivered again (earlier deliveries: {})",
-                    job.job_id, delivery.count
-                ),
-            ));
+            events.redelivered(delivery.count);
         }
         let (flight_id, flight) = self.flights.start(job.job_id.clone(), session);
         self.metrics.in_flight.inc();
@@ -493,6 +508,7 @@ impl<R: Runner> Worker<R> {
             redelivered: d.redelivered,
             delivery,
             worker: self.info.clone(),
+            events,
         };
         let verdict = job::run(&*self.runner, &job, ctx).await;
         let tally = pump.await.unwrap_or_default();
@@ -560,7 +576,6 @@ impl<R: Runner> Worker<R> {
             if result.status == Status::Error {
                 tracing::error!(job = %result.job_id, message = ?result.message, "platform failure is final: dead-lettering");
             }
-            self.emit_for(&result);
         }
         match action {
             Action::DeadLetter => {
@@ -648,43 +663,11 @@ impl<R: Runner> Worker<R> {
         true
     }
 
-    fn emit_for(&self, result: &JobResult) {
-        for event in alerts::for_result(result, &self.info.id) {
-            self.metrics.alert(event.kind.as_str());
-            self.emit(event);
-        }
-    }
-
-    /// Events are published in the background: an alert must not delay a job's ack.
+    /// A worker-level event (no job of its own): queued for the publisher, never awaited.
     fn emit(&self, event: corral_protocol::Event) {
-        let publisher = self.publisher.clone();
-        let exchange = self.names.events.clone();
-        tokio::spawn(async move { publish_event(&publisher, &exchange, &event).await });
-    }
-
-    async fn publish_event(&self, event: &corral_protocol::Event) {
-        publish_event(&self.publisher, &self.names.events, event).await;
-    }
-}
-
-async fn publish_event(publisher: &Publisher, exchange: &str, event: &corral_protocol::Event) {
-    let body = serde_json::to_vec(event).unwrap_or_default();
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_type("corral.event.v1".into());
-    let key = event.routing_key();
-    for attempt in 0..3u32 {
-        match publisher
-            .publish(exchange, &key, &body, props.clone())
-            .await
-        {
-            // No operator subscribed to this kind of event: fine.
-            Ok(()) | Err(PublishError::Unroutable { .. }) => return,
-            Err(err) => {
-                tracing::warn!(key, attempt, error = %err, "event not published");
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-            }
-        }
+        self.metrics
+            .event_sent(event.kind.as_str(), !event.kind.is_lifecycle());
+        self.events.send(&event);
     }
 }
 

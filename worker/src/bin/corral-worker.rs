@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Sandbox(args) => cmd::sandbox::run(*args),
         Command::Work(args) => cmd::work::run(*args, &cli.global),
         Command::Submit(args) => cmd::submit::run(args),
+        Command::Events(args) => cmd::events::run(args),
     };
     ExitCode::from(corral_worker::exit::code(outcome))
 }

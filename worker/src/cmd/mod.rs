@@ -4,6 +4,7 @@
 pub mod base;
 pub mod check_config;
 pub mod doctor;
+pub mod events;
 pub mod replay;
 pub mod sandbox;
 pub mod schema;

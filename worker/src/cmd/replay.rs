@@ -12,6 +12,7 @@ use crate::base::Catalogue;
 use crate::base::prerequisites::Install;
 use crate::cli::ReplayArgs;
 use crate::config::{Config, Sources};
+use crate::events::{EventSink, HumanLines, JobEvents, JsonLines};
 use crate::exit;
 use crate::job::{
     self, Delivery, RunContext, Sandboxed, Settings, Stop, Stopper, error_chain, open_store,
@@ -99,15 +100,18 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         }
     });
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let worker = WorkerInfo {
+        id: format!("replay@{}", host.trim()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let events = JobEvents::new(&job, &worker.id, event_sinks(args)?, None);
     let ctx = RunContext {
         stop,
         logs,
         redelivered: false,
         delivery: Delivery::ONCE,
-        worker: WorkerInfo {
-            id: format!("replay@{}", host.trim()),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        },
+        worker,
+        events,
     };
     say(format!(
         "running job {} of project {} on base {}",
@@ -126,6 +130,24 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         summarise(&result)?;
     }
     Ok(exit::for_status(result.status))
+}
+
+/// Alerts as human lines on stderr, and with `--events` every event as JSON lines.
+fn event_sinks(args: &ReplayArgs) -> anyhow::Result<Vec<Arc<dyn EventSink>>> {
+    let mut sinks: Vec<Arc<dyn EventSink>> =
+        vec![Arc::new(HumanLines::new(std::io::stderr(), true))];
+    match &args.events {
+        Some(path) if path == std::path::Path::new("-") => {
+            sinks.push(Arc::new(JsonLines::new(std::io::stdout())));
+        }
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating the events file {}", path.display()))?;
+            sinks.push(Arc::new(JsonLines::new(file)));
+        }
+        None => {}
+    }
+    Ok(sinks)
 }
 
 fn summarise(result: &JobResult) -> anyhow::Result<()> {

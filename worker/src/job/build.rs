@@ -6,16 +6,19 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use corral_protocol::{Artifact, BuildInputs, Job, LogRef, NetworkPolicy, Stream};
+use corral_protocol::{
+    Artifact, BuildInputs, ByteSize, EventKind, Job, LogRef, NetworkPolicy, Severity, Stream,
+};
 use corral_sandbox::{
-    Identity, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
+    Identity, LiveEventKind, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
 };
 
 use super::error::JobError;
 use super::{LogSink, RunContext, Settings, blocking};
+use crate::events::{Fact, JobEvents};
 
 /// A build that ran to its end, and what became of its output.
 #[derive(Debug, Clone)]
@@ -43,26 +46,108 @@ pub enum Output {
     Refused(String),
 }
 
+/// Output faster than this within one second raises `log_flood`. A chatty `pip install`
+/// writes tens of KiB a second; a build writing a MiB a second for long reaches any log
+/// limit within minutes and is more likely spamming the log pipeline than building.
+pub const LOG_FLOOD_BYTES_PER_SECOND: u64 = 1 << 20;
+
+/// Output bytes per one-second window, against a threshold: says when a window passes it
+/// (once per window). The clock is a parameter, so this is a pure state machine.
+#[derive(Debug, Clone)]
+pub struct FloodMeter {
+    threshold: u64,
+    window_start: Option<Instant>,
+    bytes: u64,
+    flagged: bool,
+}
+
+impl FloodMeter {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    pub fn new(threshold: u64) -> Self {
+        FloodMeter {
+            threshold,
+            window_start: None,
+            bytes: 0,
+            flagged: false,
+        }
+    }
+
+    /// Counts `n` bytes read at `now`; `Some(bytes in this window)` when this read passes
+    /// the threshold.
+    pub fn add(&mut self, n: u64, now: Instant) -> Option<u64> {
+        match self.window_start {
+            Some(start) if now.saturating_duration_since(start) < Self::WINDOW => {}
+            _ => {
+                self.window_start = Some(now);
+                self.bytes = 0;
+                self.flagged = false;
+            }
+        }
+        self.bytes += n;
+        if self.bytes > self.threshold && !self.flagged {
+            self.flagged = true;
+            return Some(self.bytes);
+        }
+        None
+    }
+}
+
 /// A build's output on its way to the log file and the live log, capped at `limit` bytes:
 /// past it, the notice goes to the live log, `on_limit` stops the build, and the rest of the
-/// output is read and dropped so the build never blocks on a full pipe while it dies.
+/// output is read and dropped so the build never blocks on a full pipe while it dies. Output
+/// past [`LOG_FLOOD_BYTES_PER_SECOND`] raises `log_flood` on the job's events while it runs.
 pub struct BuildLog {
     file: Option<Mutex<std::fs::File>>,
     sink: LogSink,
     limit: u64,
     written: AtomicU64,
     truncated: AtomicBool,
+    flood: Mutex<FloodMeter>,
+    events: JobEvents,
 }
 
 impl BuildLog {
-    pub fn new(limit: u64, file: Option<std::fs::File>, sink: LogSink) -> Arc<Self> {
+    pub fn new(
+        limit: u64,
+        file: Option<std::fs::File>,
+        sink: LogSink,
+        events: JobEvents,
+    ) -> Arc<Self> {
         Arc::new(BuildLog {
             file: file.map(Mutex::new),
             sink,
             limit,
             written: AtomicU64::new(0),
             truncated: AtomicBool::new(false),
+            flood: Mutex::new(FloodMeter::new(LOG_FLOOD_BYTES_PER_SECOND)),
+            events,
         })
+    }
+
+    /// Raises `log_flood` when `n` more bytes of `stream` pass the rate threshold.
+    fn meter(&self, stream: Stream, n: usize) {
+        let passed = self
+            .flood
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .add(n as u64, Instant::now());
+        if let Some(bytes) = passed {
+            self.events.raise(
+                Fact::new(
+                    EventKind::LogFlood,
+                    Severity::Warning,
+                    format!(
+                        "the build wrote {} of output within a second (threshold {}/s)",
+                        ByteSize(bytes),
+                        ByteSize(LOG_FLOOD_BYTES_PER_SECOND)
+                    ),
+                )
+                .with("bytes_per_second", bytes)
+                .with("threshold_bytes_per_second", LOG_FLOOD_BYTES_PER_SECOND)
+                .with("stream", stream),
+            );
+        }
     }
 
     /// Whether the build passed its limit.
@@ -94,6 +179,7 @@ impl BuildLog {
 
     /// Takes what fits of `chunk`; true when this chunk passed the limit.
     fn append(&self, stream: Stream, chunk: &[u8]) -> bool {
+        self.meter(stream, chunk.len());
         let before = self.written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
         let room = self.limit.saturating_sub(before);
         let take = usize::try_from(room.min(chunk.len() as u64)).unwrap_or(chunk.len());
@@ -174,13 +260,19 @@ pub async fn sandbox(
     let mut running = blocking(move || Sandbox::spawn(&spec, &config))
         .await?
         .map_err(JobError::Sandbox)?;
+    ctx.events.started();
     let cancel = running.cancel_handle();
     let grace = settings.kill_grace;
     let log_file = std::fs::File::create(log_path).map_err(|source| JobError::Log {
         path: log_path.to_path_buf(),
         source,
     })?;
-    let log = BuildLog::new(log_limit, Some(log_file), ctx.logs.clone());
+    let log = BuildLog::new(
+        log_limit,
+        Some(log_file),
+        ctx.logs.clone(),
+        ctx.events.clone(),
+    );
     let mut readers = Vec::new();
     let stop_on_limit = || {
         let cancel = cancel.clone();
@@ -191,6 +283,16 @@ pub async fn sandbox(
     }
     if let Some(pipe) = running.stderr.take() {
         readers.push(log.read(pipe, Stream::Stderr, stop_on_limit()));
+    }
+    // The sandbox's live events (the kernel's OOM kills and refused forks, seccomp's
+    // refusals) join the job's one event path as they come; the channel closes with the job.
+    if let Some(live) = running.events() {
+        let events = ctx.events.clone();
+        readers.push(std::thread::spawn(move || {
+            for event in live {
+                events.raise(live_fact(&event.kind));
+            }
+        }));
     }
     let watcher = {
         let (stop, cancel) = (ctx.stop.clone(), cancel.clone());
@@ -210,6 +312,70 @@ pub async fn sandbox(
     let outcome = outcome?.map_err(JobError::Sandbox)?;
     readers_done?;
     Ok((outcome, log.truncated()))
+}
+
+/// The job event of what the sandbox saw. Counts are the job's totals so far.
+pub fn live_fact(kind: &LiveEventKind) -> Fact {
+    match kind {
+        LiveEventKind::Oom {
+            oom_kills,
+            host_pid,
+            comm,
+        } => {
+            let who = match (host_pid, comm) {
+                (Some(pid), Some(comm)) => format!("host pid {pid} ({comm})"),
+                (Some(pid), None) => format!("host pid {pid}"),
+                (None, Some(comm)) => format!("a process ({comm})"),
+                (None, None) => "a process".to_owned(),
+            };
+            let mut fact = Fact::new(
+                EventKind::Oom,
+                Severity::Warning,
+                format!("{who} of the job was killed out of memory ({oom_kills} so far)"),
+            )
+            .with("oom_kills", oom_kills);
+            if let Some(pid) = host_pid {
+                fact = fact.with("host_pid", pid);
+            }
+            if let Some(comm) = comm {
+                fact = fact.with("command", comm);
+            }
+            fact
+        }
+        LiveEventKind::PidsLimit { refused, limit } => {
+            let at = limit.map_or_else(String::new, |limit| format!(" of {limit}"));
+            Fact::new(
+                EventKind::PidsLimit,
+                Severity::Warning,
+                format!("a fork was refused at the pids limit{at} ({refused} refused so far)"),
+            )
+            .with("refused", refused)
+            .with("limit", limit)
+        }
+        LiveEventKind::SeccompDenied { syscall, count } => Fact::new(
+            EventKind::SeccompDenied,
+            Severity::Critical,
+            format!("denied system call {syscall} ({count} so far)"),
+        )
+        .with(
+            "syscalls",
+            std::collections::BTreeMap::from([(syscall, count)]),
+        ),
+        LiveEventKind::NetworkAttempt {
+            syscall,
+            family,
+            count,
+        } => Fact::new(
+            EventKind::NetworkAttempt,
+            Severity::Warning,
+            format!(
+                "{syscall} of a {family} socket refused: the job has no network ({count} so far)"
+            ),
+        )
+        .with("syscall", syscall)
+        .with("family", family)
+        .with("attempts", count),
+    }
 }
 
 /// Bytes of regular files under `dir`, without following links (best effort).
@@ -236,14 +402,118 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
+    use corral_protocol::Event;
+
     use super::*;
+    use crate::events::JsonLines;
+
+    fn job() -> Job {
+        corral_protocol::decode_job(
+            br#"{"schema":"corral.job.v1","job_id":"j1","project":"acme","base":"python-3.11",
+                 "source":{"digest":"sha256:0b187dbd8b9a2750aa5edad3dd9dbf6df0f5f3dc8a90cfb5254c2634236942ae"},
+                 "command":["true"]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn live_sandbox_events_read_as_job_alerts() {
+        let oom = live_fact(&LiveEventKind::Oom {
+            oom_kills: 1,
+            host_pid: Some(4242),
+            comm: Some("python3".into()),
+        });
+        assert_eq!(oom.kind, EventKind::Oom);
+        assert_eq!(
+            oom.message,
+            "host pid 4242 (python3) of the job was killed out of memory (1 so far)"
+        );
+        assert_eq!(oom.details["command"], "python3");
+        let denied = live_fact(&LiveEventKind::SeccompDenied {
+            syscall: "keyctl".into(),
+            count: 7,
+        });
+        assert_eq!(denied.severity, Severity::Critical);
+        assert_eq!(denied.details["syscalls"], serde_json::json!({"keyctl": 7}));
+        let pids = live_fact(&LiveEventKind::PidsLimit {
+            refused: 3,
+            limit: Some(64),
+        });
+        assert_eq!(
+            pids.message,
+            "a fork was refused at the pids limit of 64 (3 refused so far)"
+        );
+        let net = live_fact(&LiveEventKind::NetworkAttempt {
+            syscall: "socket".into(),
+            family: "inet".into(),
+            count: 1,
+        });
+        assert_eq!(net.kind, EventKind::NetworkAttempt);
+        assert_eq!(net.details["family"], "inet");
+    }
+
+    #[test]
+    fn the_flood_meter_flags_a_window_once_past_its_threshold() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut meter = FloodMeter::new(1000);
+        assert_eq!(meter.add(600, t0), None);
+        assert_eq!(meter.add(600, t0 + ms(500)), Some(1200));
+        assert_eq!(meter.add(5000, t0 + ms(900)), None, "once per window");
+        // A new window starts from zero.
+        assert_eq!(meter.add(900, t0 + ms(1000)), None);
+        assert_eq!(meter.add(200, t0 + ms(1999)), Some(1100));
+        // Slow output never passes.
+        let mut slow = FloodMeter::new(1000);
+        for i in 0..100u32 {
+            assert_eq!(slow.add(500, t0 + ms(600) * i), None);
+        }
+    }
+
+    #[test]
+    fn a_flooding_build_raises_log_flood_while_it_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let sink = Arc::new(JsonLines::new(std::fs::File::create(&path).unwrap()));
+        let events = JobEvents::new(&job(), "w1", vec![sink], None);
+        let (live, mut rx) = tokio::sync::mpsc::channel(1024);
+        let drain = std::thread::spawn(move || while rx.blocking_recv().is_some() {});
+        let log = BuildLog::new(64 << 20, None, live, events.clone());
+        // 4 MiB at once: past the threshold within the first second.
+        log.read(
+            std::io::Cursor::new(vec![b'y'; 4 << 20]),
+            Stream::Stdout,
+            || panic!("within the log limit"),
+        )
+        .join()
+        .unwrap();
+        drop(log);
+        drain.join().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let flood: Vec<Event> = text
+            .lines()
+            .map(|l| corral_protocol::decode::<Event>(l.as_bytes()).unwrap())
+            .collect();
+        assert_eq!(flood.len(), 1, "{text}");
+        assert_eq!(flood[0].kind, EventKind::LogFlood);
+        assert_eq!(flood[0].details["stream"], "stdout");
+        assert!(
+            flood[0].details["bytes_per_second"].as_u64().unwrap() > LOG_FLOOD_BYTES_PER_SECOND
+        );
+        assert!(events.raised().contains(&EventKind::LogFlood));
+    }
 
     #[test]
     fn the_log_stops_at_its_limit_once_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("build.log");
         let (sink, mut live) = tokio::sync::mpsc::channel(64);
-        let log = BuildLog::new(10, Some(std::fs::File::create(&path).unwrap()), sink);
+        let log = BuildLog::new(
+            10,
+            Some(std::fs::File::create(&path).unwrap()),
+            sink,
+            JobEvents::unwatched(&job()),
+        );
         let stops = Arc::new(AtomicUsize::new(0));
         let counted = stops.clone();
         // The limit falls inside the first read; a later read on another stream adds nothing.
@@ -287,7 +557,7 @@ mod tests {
     #[test]
     fn output_within_the_limit_is_kept_whole() {
         let (sink, mut live) = tokio::sync::mpsc::channel(64);
-        let log = BuildLog::new(100, None, sink);
+        let log = BuildLog::new(100, None, sink, JobEvents::unwatched(&job()));
         log.read(
             std::io::Cursor::new(b"hello\n".to_vec()),
             Stream::Stderr,

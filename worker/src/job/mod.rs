@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::base::Catalogue;
 use crate::cache::{ActionCache, ActionKey};
+use crate::events::JobEvents;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use publish::Publish;
@@ -111,6 +112,9 @@ pub struct RunContext {
     pub delivery: Delivery,
     /// Who is running it, for the result's `worker` field.
     pub worker: WorkerInfo,
+    /// The job's one event path: every alert and lifecycle event of the run goes through it
+    /// (rate-limited per kind) to the run's sinks.
+    pub events: JobEvents,
 }
 
 /// How far a run took a job: its ending and the time each stage took.
@@ -132,6 +136,7 @@ pub async fn run(runner: &impl Runner, job: &Job, ctx: RunContext) -> Verdict {
     let started = Instant::now();
     let queued_ms = job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
     let (stop, worker, delivery) = (ctx.stop.clone(), ctx.worker.clone(), ctx.delivery);
+    let events = ctx.events.clone();
     // Every log line about this job carries its job and project ids.
     let span = tracing::info_span!("job", job = %job.job_id, project = %job.project);
     let ran = tracing::Instrument::instrument(runner.run(job, ctx), span).await;
@@ -151,12 +156,14 @@ pub async fn run(runner: &impl Runner, job: &Job, ctx: RunContext) -> Verdict {
         total_ms: ms(started.elapsed()),
         ..ran.timings
     };
-    verdict(Facts {
+    let decided = verdict(Facts {
         stop: stop.cause().cloned(),
         delivery,
         timings,
         ..Facts::new(job, ran.ending, worker, now_ms())
-    })
+    });
+    events.finished(&decided);
+    decided
 }
 
 /// The production [`Runner`]: every job goes through the sandbox, over this worker's data

@@ -114,7 +114,12 @@ impl ProcessRunner {
                 path: std::env::temp_dir(),
                 source,
             })?;
-        let log = BuildLog::new(job.limits.log_bytes.bytes(), None, ctx.logs.clone());
+        let log = BuildLog::new(
+            job.limits.log_bytes.bytes(),
+            None,
+            ctx.logs.clone(),
+            ctx.events.clone(),
+        );
         let started = Instant::now();
         let mut cmd = Command::new(&job.command[0]);
         cmd.args(&job.command[1..])
@@ -142,6 +147,7 @@ impl ProcessRunner {
                 ));
             }
         };
+        ctx.events.started();
         let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
         let over_limit = CancellationToken::new();
         let mut readers = Vec::new();

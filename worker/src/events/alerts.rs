@@ -1,5 +1,6 @@
-//! Alerts: every unusual outcome of a job becomes an [`Event`] on `<prefix>.events` under
-//! `<severity>.<kind>.<project>`, so operators can route on severity and kind.
+//! Alerts from a job's final result: every unusual outcome becomes an [`Event`], sent through
+//! the job's [`super::JobEvents`] like the live ones, so a kind already raised while the job
+//! ran is not raised twice.
 
 use std::collections::BTreeMap;
 
@@ -7,7 +8,7 @@ use corral_protocol::{
     Event, EventKind, EventSchema, JobId, JobResult, ProjectId, Reason, Severity, Status,
 };
 
-use super::now_ms;
+use crate::job::now_ms;
 
 /// An event with the worker's id and the current time.
 pub fn event(
