@@ -55,3 +55,26 @@ pub enum AmqpError {
 }
 
 pub use crate::job::now_ms;
+
+/// Consumes `queue` without acks (an exclusive, auto-delete queue whose messages are only
+/// looked at: cancels, events), naming the queue when the broker refuses.
+pub async fn consume_unacked(
+    channel: &lapin::Channel,
+    queue: &lapin::Queue,
+) -> Result<lapin::Consumer, AmqpError> {
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..lapin::options::BasicConsumeOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Consume {
+            queue: queue.name().to_string(),
+            source,
+        })
+}

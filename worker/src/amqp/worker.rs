@@ -267,21 +267,7 @@ impl<R: Runner> Worker<R> {
             what: "the control binding".into(),
             source,
         })?;
-        let mut cancels = ctl
-            .basic_consume(
-                ctl_queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|source| AmqpError::Consume {
-                queue: ctl_queue.name().to_string(),
-                source,
-            })?;
+        let mut cancels = super::consume_unacked(&ctl, &ctl_queue).await?;
         backoff.reset();
         tracing::info!(session, queue = %self.names.jobs_queue, "consuming");
         self.metrics.set_connected(true);

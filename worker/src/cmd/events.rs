@@ -6,9 +6,7 @@
 use anyhow::Context;
 use corral_protocol::{Event, EventKind};
 use futures_lite::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
@@ -102,21 +100,7 @@ async fn follow(args: EventsArgs, url: String, exchange: String) -> anyhow::Resu
             source,
         })?;
     }
-    let mut deliveries = ch
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|source| AmqpError::Consume {
-            queue: queue.name().to_string(),
-            source,
-        })?;
+    let mut deliveries = crate::amqp::consume_unacked(&ch, &queue).await?;
     eprintln!(
         "corral: following {exchange} at {}{}",
         redact(&url),
