@@ -148,7 +148,7 @@ fn overlayfs() -> Check {
         upper.display(),
         work.display()
     );
-    let details = json!({ "options": OVERLAY_OPTIONS });
+    let details = json!({ "options": OVERLAY_OPTIONS, "mount_point": merged });
     if prerequisites::find_command("mount", None).is_none() {
         return Check::fail(
             id,
