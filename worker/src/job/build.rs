@@ -357,6 +357,7 @@ pub fn live_fact(kind: &LiveEventKind) -> Fact {
             Severity::Critical,
             format!("denied system call {syscall} ({count} so far)"),
         )
+        .about(syscall)
         .with(
             "syscalls",
             std::collections::BTreeMap::from([(syscall, count)]),
