@@ -92,6 +92,17 @@ pub struct SandboxLimits {
     pub tmp_bytes: u64,
     /// `RLIMIT_FSIZE`: the largest file the job may write.
     pub file_size_bytes: Option<u64>,
+    /// How long the job must use all of its `cpu_quota` on end to raise `cpu_saturated`
+    /// (never without a quota).
+    #[serde(default = "default_cpu_saturated_after")]
+    pub cpu_saturated_after: Duration,
+}
+
+/// A build compiling flat out for a minute is common; a miner does it for hours.
+pub const CPU_SATURATED_AFTER: Duration = Duration::from_secs(60);
+
+fn default_cpu_saturated_after() -> Duration {
+    CPU_SATURATED_AFTER
 }
 
 impl Default for SandboxLimits {
@@ -105,6 +116,7 @@ impl Default for SandboxLimits {
             open_files: 4096,
             tmp_bytes: 256 << 20,
             file_size_bytes: None,
+            cpu_saturated_after: CPU_SATURATED_AFTER,
         }
     }
 }

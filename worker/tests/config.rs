@@ -435,6 +435,12 @@ fn every_key(secret: &Path) -> Vec<(&'static str, String, String, String)> {
             none.clone(),
         ),
         ("sandbox.cpus_per_build", s("1.5"), s("1.5"), none.clone()),
+        (
+            "sandbox.cpu_saturated_seconds",
+            s("5"),
+            s("5"),
+            none.clone(),
+        ),
         ("sandbox.kill_grace_seconds", s("20"), s("20"), none.clone()),
         ("limits.wall_seconds", s("600"), s("600"), none.clone()),
         ("limits.cpu_seconds", s("600"), s("600"), none.clone()),

@@ -126,6 +126,8 @@ pub struct RawSandbox {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus_per_build: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_saturated_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kill_grace_seconds: Option<u64>,
 }
 

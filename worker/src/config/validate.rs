@@ -385,6 +385,13 @@ pub(super) fn validate(
             format!("{cpus_per_build} is outside 0.01..=1024 CPUs"),
         );
     }
+    let cpu_saturated_after = Duration::from_secs(c.range(
+        "sandbox.cpu_saturated_seconds",
+        sb.cpu_saturated_seconds,
+        corral_sandbox::CPU_SATURATED_AFTER.as_secs(),
+        1,
+        86_400,
+    ));
     let kill_grace = Duration::from_secs(c.range(
         "sandbox.kill_grace_seconds",
         sb.kill_grace_seconds,
@@ -542,6 +549,7 @@ pub(super) fn validate(
             cgroup_parent,
             helper,
             cpus_per_build,
+            cpu_saturated_after,
             kill_grace,
         },
         limits,
@@ -635,6 +643,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
                 SandboxHelper::Path(p) => p.display().to_string(),
             }),
             cpus_per_build: Some(c.sandbox.cpus_per_build),
+            cpu_saturated_seconds: Some(c.sandbox.cpu_saturated_after.as_secs()),
             kill_grace_seconds: secs(c.sandbox.kill_grace),
         }),
         limits: Some(RawLimits {

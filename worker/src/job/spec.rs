@@ -27,6 +27,8 @@ pub struct Settings {
     pub gid_start: u32,
     pub sandbox: SandboxConfig,
     pub cpus_per_build: f64,
+    /// Full use of `cpus_per_build` for this long raises `cpu_saturated`.
+    pub cpu_saturated_after: Duration,
     pub kill_grace: Duration,
     pub compression: Compression,
     pub compression_threads: usize,
@@ -67,6 +69,7 @@ impl Settings {
             gid_start: sandbox.gid_start,
             sandbox: sandbox_config,
             cpus_per_build: sandbox.cpus_per_build,
+            cpu_saturated_after: sandbox.cpu_saturated_after,
             kill_grace: sandbox.kill_grace,
             compression: match config.snapshot.compression {
                 Codec::Gzip => Compression::Gzip { level },
