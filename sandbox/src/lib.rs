@@ -70,7 +70,7 @@ mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, REQUIRE_ENV as REQUIRE_CGROUP_ENV,
-    check_required as check_required_cgroup, discover as discover_cgroups,
+    block_device_of, check_required as check_required_cgroup, discover as discover_cgroups,
     host_layout as host_cgroup_layout,
 };
 pub use event::{LiveEvent, LiveEventKind};

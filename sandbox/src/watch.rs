@@ -565,6 +565,7 @@ mod tests {
             pids: dir("pids"),
             cpu: dir("cpu"),
             cpuacct: dir("cpuacct"),
+            blkio: None,
         };
         std::fs::write(cg.memory.join("memory.oom_control"), "oom_kill 0\n").unwrap();
         std::fs::write(cg.pids.join("pids.events"), "max 0\n").unwrap();

@@ -467,6 +467,10 @@ pub struct SandboxArgs {
     /// CPU-seconds limit of the whole job.
     #[arg(long)]
     pub cpu_seconds: Option<u64>,
+    /// Disk bandwidth of the job on its `--disk` filesystem, bytes per second for reads and
+    /// writes each (e.g. "8MiB"): cgroup v2 io.max, v1 blkio throttling.
+    #[arg(long)]
+    pub disk_bandwidth: Option<corral_protocol::ByteSize>,
     /// Seconds the job must use its whole CPU quota on end to raise `cpu_saturated`.
     #[arg(long, default_value_t = corral_sandbox::CPU_SATURATED_AFTER.as_secs())]
     pub cpu_saturated_after: u64,
@@ -523,6 +527,7 @@ impl SandboxArgs {
             wall: SANDBOX_WALL,
             cpu_seconds: None,
             cpu_saturated_after: corral_sandbox::CPU_SATURATED_AFTER.as_secs(),
+            disk_bandwidth: None,
             tmp: SANDBOX_TMP.parse().ok()?,
             network: SandboxNetwork::None,
             uid: SANDBOX_UID,
@@ -578,6 +583,7 @@ impl SandboxArgs {
                 "wall" => parsed.wall = value.parse().ok()?,
                 "cpu-seconds" => parsed.cpu_seconds = Some(value.parse().ok()?),
                 "cpu-saturated-after" => parsed.cpu_saturated_after = value.parse().ok()?,
+                "disk-bandwidth" => parsed.disk_bandwidth = Some(value.parse().ok()?),
                 "tmp" => parsed.tmp = value.parse().ok()?,
                 "network" => {
                     parsed.network = match value {

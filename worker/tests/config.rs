@@ -445,6 +445,12 @@ fn every_key(secret: &Path) -> Vec<(&'static str, String, String, String)> {
         ("limits.wall_seconds", s("600"), s("600"), none.clone()),
         ("limits.cpu_seconds", s("600"), s("600"), none.clone()),
         ("limits.memory_bytes", s("1GiB"), q("1 GiB"), none.clone()),
+        (
+            "limits.disk_bytes_per_second",
+            s("8MiB"),
+            q("8 MiB"),
+            none.clone(),
+        ),
         ("limits.pids", s("64"), s("64"), none.clone()),
         ("limits.disk_bytes", s("2 GiB"), q("2 GiB"), none.clone()),
         ("limits.open_files", s("1024"), s("1024"), none.clone()),

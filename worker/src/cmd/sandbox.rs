@@ -116,6 +116,8 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
             tmp_bytes: args.tmp.0,
             file_size_bytes: None,
             cpu_saturated_after: Duration::from_secs(args.cpu_saturated_after),
+            disk_bytes_per_second: args.disk_bandwidth.map(|b| b.0),
+            disk_device: None,
         },
         network: match args.network {
             SandboxNetwork::None => Network::None,

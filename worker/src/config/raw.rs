@@ -148,6 +148,8 @@ pub struct RawLimits {
     pub open_files: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<RawBytes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_per_second: Option<RawBytes>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -415,6 +415,7 @@ pub(super) fn validate(
         disk_bytes: bytes(l.disk_bytes, max.disk_bytes),
         open_files: l.open_files.unwrap_or(max.open_files),
         log_bytes: bytes(l.log_bytes, max.log_bytes),
+        disk_bytes_per_second: bytes(l.disk_bytes_per_second, max.disk_bytes_per_second),
     };
     let limits_ok = match limits.within(&max) {
         Ok(()) => true,
@@ -654,6 +655,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             disk_bytes: Some(RawBytes(c.limits.disk_bytes)),
             open_files: Some(c.limits.open_files),
             log_bytes: Some(RawBytes(c.limits.log_bytes)),
+            disk_bytes_per_second: Some(RawBytes(c.limits.disk_bytes_per_second)),
         }),
         snapshot: Some(RawSnapshot {
             compression: Some(c.snapshot.compression.as_str().to_string()),

@@ -236,6 +236,8 @@ pub fn spec(
             tmp_bytes: (disk / 4).max(16 << 20),
             file_size_bytes: Some(disk),
             cpu_saturated_after: settings.cpu_saturated_after,
+            disk_bytes_per_second: Some(job.limits.disk_bytes_per_second.bytes()),
+            disk_device: None,
         },
         network: match job.network {
             NetworkPolicy::None => Network::None,
