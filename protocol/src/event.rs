@@ -42,6 +42,7 @@ pub enum CancelSchema {
 /// | `seccomp_denied` | `syscalls` (name → count) |
 /// | `network_attempt`, `egress_denied` | `attempts`, `destination` (when known) |
 /// | `cpu_saturated` | `cpus`, `seconds` |
+/// | `disk_limit` (live) | `mount`, `bytes_total`, `bytes_available` |
 /// | `log_flood` | `bytes_per_second`, `threshold_bytes_per_second`, `stream` |
 /// | `unexpected_listen` | `port`, `protocol` |
 /// | `job_started` | `pool`, `base`, `limits` |

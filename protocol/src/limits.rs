@@ -10,6 +10,7 @@
 //! | `disk_bytes` | 4 GiB | 64 GiB | 1 MiB |
 //! | `open_files` | 1024 | 65536 | 64 |
 //! | `log_bytes` | 4 MiB | 64 MiB | 4 KiB |
+//! | `disk_bytes_per_second` | 256 MiB | 4 GiB | 1 MiB |
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,11 @@ pub struct Limits {
     /// Bytes of build output (stdout + stderr) kept and streamed.
     #[schemars(range(min = 4096, max = 67108864))]
     pub log_bytes: ByteSize,
+    /// Disk bandwidth of the build, in bytes per second, for reads and for writes each, on
+    /// its filesystem's device (cgroup `io.max`; on cgroup v1, `blkio` throttles the I/O the
+    /// build issues itself, not the kernel's buffered writeback).
+    #[schemars(range(min = 1048576, max = 4294967296_u64))]
+    pub disk_bytes_per_second: ByteSize,
 }
 
 impl Default for Limits {
@@ -59,6 +65,7 @@ impl Limits {
         disk_bytes: ByteSize(4 * GIB),
         open_files: 1024,
         log_bytes: ByteSize(4 * MIB),
+        disk_bytes_per_second: ByteSize(256 * MIB),
     };
 
     /// The hard maxima: no worker accepts more, whatever its config says.
@@ -70,6 +77,7 @@ impl Limits {
         disk_bytes: ByteSize(64 * GIB),
         open_files: 65536,
         log_bytes: ByteSize(64 * MIB),
+        disk_bytes_per_second: ByteSize(4 * GIB),
     };
 
     pub const MIN: Limits = Limits {
@@ -80,9 +88,10 @@ impl Limits {
         disk_bytes: ByteSize(MIB),
         open_files: 64,
         log_bytes: ByteSize(4 * KIB),
+        disk_bytes_per_second: ByteSize(MIB),
     };
 
-    fn fields(&self) -> [(&'static str, u64, bool); 7] {
+    fn fields(&self) -> [(&'static str, u64, bool); 8] {
         [
             ("wall_seconds", self.wall_seconds, false),
             ("cpu_seconds", self.cpu_seconds, false),
@@ -91,6 +100,7 @@ impl Limits {
             ("disk_bytes", self.disk_bytes.0, true),
             ("open_files", self.open_files, false),
             ("log_bytes", self.log_bytes.0, true),
+            ("disk_bytes_per_second", self.disk_bytes_per_second.0, true),
         ]
     }
 
@@ -189,5 +199,14 @@ mod tests {
             ..Limits::DEFAULT
         };
         assert_eq!(tiny.within(&Limits::MAX).unwrap_err().rule, Rule::Minimum);
+
+        let fast = Limits {
+            disk_bytes_per_second: ByteSize(8 * GIB),
+            ..Limits::DEFAULT
+        };
+        assert_eq!(
+            fast.within(&Limits::MAX).unwrap_err().to_string(),
+            "limits.disk_bytes_per_second: 8 GiB exceeds the maximum of 4 GiB"
+        );
     }
 }

@@ -21,7 +21,7 @@ pub struct LiveEvent {
 /// kind supersedes an earlier one and a lost one loses no count. The first of each kind
 /// (and of each syscall name or address family) is sent at once, later ones at most once
 /// a second each, so a job looping on a refused call costs a second's worth of events.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum LiveEventKind {
     /// The memory controller killed a process of the job: the last one killed, as the
@@ -44,6 +44,16 @@ pub enum LiveEventKind {
         family: String,
         count: u64,
     },
+    /// The job used all the CPU its quota gives (`cpus`) for `seconds` on end, as a miner
+    /// does. Once per job.
+    CpuSaturated { cpus: f64, seconds: u64 },
+    /// A filesystem the job writes to (`/`, its overlay's upper, or `/tmp`) is full: its
+    /// writes fail with ENOSPC from now on. Once per filesystem.
+    DiskLimit {
+        mount: String,
+        bytes_total: u64,
+        bytes_available: u64,
+    },
 }
 
 impl LiveEventKind {
@@ -54,13 +64,18 @@ impl LiveEventKind {
             LiveEventKind::PidsLimit { .. } => "pids_limit",
             LiveEventKind::SeccompDenied { .. } => "seccomp_denied",
             LiveEventKind::NetworkAttempt { .. } => "network_attempt",
+            LiveEventKind::CpuSaturated { .. } => "cpu_saturated",
+            LiveEventKind::DiskLimit { .. } => "disk_limit",
         }
     }
 
     /// Events of one key are rate-limited together.
     pub(crate) fn key(&self) -> String {
         match self {
-            LiveEventKind::Oom { .. } | LiveEventKind::PidsLimit { .. } => self.name().to_owned(),
+            LiveEventKind::Oom { .. }
+            | LiveEventKind::PidsLimit { .. }
+            | LiveEventKind::CpuSaturated { .. } => self.name().to_owned(),
+            LiveEventKind::DiskLimit { mount, .. } => format!("disk_limit/{mount}"),
             LiveEventKind::SeccompDenied { syscall, .. } => format!("seccomp_denied/{syscall}"),
             LiveEventKind::NetworkAttempt { family, .. } => format!("network_attempt/{family}"),
         }

@@ -70,7 +70,7 @@ mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, REQUIRE_ENV as REQUIRE_CGROUP_ENV,
-    check_required as check_required_cgroup, discover as discover_cgroups,
+    block_device_of, check_required as check_required_cgroup, discover as discover_cgroups,
     host_layout as host_cgroup_layout,
 };
 pub use event::{LiveEvent, LiveEventKind};
@@ -85,8 +85,8 @@ pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use shim::{SHIM_ARG, main as shim_main};
 pub use spec::{
-    Identity, JOB_GID, JOB_UID, JOB_UMASK, Network, SandboxConfig, SandboxLimits, SandboxSpec,
-    Scratch,
+    CPU_SATURATED_AFTER, Identity, JOB_GID, JOB_UID, JOB_UMASK, Network, SandboxConfig,
+    SandboxLimits, SandboxSpec, Scratch,
 };
 pub use sys::c_main_start;
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};

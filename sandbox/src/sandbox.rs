@@ -254,7 +254,7 @@ impl Sandbox {
             let mut create = || {
                 let made_now = Self::job_cgroup(config).and_then(|cg| {
                     made = Some(cg.clone());
-                    cg.version().apply(&spec.limits)?;
+                    cg.version().apply(&crate::cgroup::limits_for(spec))?;
                     Ok(cg)
                 });
                 made_now.map_err(|err| {
@@ -340,7 +340,7 @@ impl Sandbox {
         root: &std::path::Path,
         cg: &JobCgroup,
     ) -> Result<Running, Error> {
-        cg.version().apply(&spec.limits)?;
+        cg.version().apply(&crate::cgroup::limits_for(spec))?;
         let (ours, theirs) =
             UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
         let spawn_err = |source| Error::SpawnShim {

@@ -23,7 +23,7 @@ use crate::handshake::{
 use crate::outcome::Exit;
 use crate::spec::SandboxSpec;
 use crate::sys::{self, Forked};
-use crate::watch::{Throttle, Watch, enforced_event};
+use crate::watch::{Gauges, Throttle, Watch, enforced_event};
 
 /// The first argument that selects the shim in the `corral-worker` binary.
 pub const SHIM_ARG: &str = "__sandbox-shim";
@@ -335,6 +335,7 @@ fn run_job(
     let mut report = Report::default();
     // The job starts only after `Mapped`, so no counter can have moved yet.
     let mut watch = Watch::start(cgroup.version());
+    let mut gauges = Gauges::start(&spec.limits, pid, Instant::now());
     let mut throttle = Throttle::default();
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
@@ -378,9 +379,13 @@ fn run_job(
         if cpu_limit.is_some() {
             next = next.min(now + tick);
         }
-        for due in [watch.deadline(), throttle.deadline()]
-            .into_iter()
-            .flatten()
+        for due in [
+            watch.deadline(),
+            throttle.deadline(),
+            Some(gauges.deadline()),
+        ]
+        .into_iter()
+        .flatten()
         {
             next = next.min(due);
         }
@@ -419,6 +424,9 @@ fn run_job(
                 &mut throttle,
                 enforced_event(grew, spec.limits.pids),
             );
+        }
+        for sampled in gauges.wake(cgroup.version(), now) {
+            emit(events, &mut throttle, sampled);
         }
         for held in throttle.due(Some(now)) {
             events(held);
@@ -642,7 +650,12 @@ pub(crate) fn is_full(path: &Path) -> bool {
     }
 }
 
-fn full(bytes_total: u64, bytes_available: u64, files_total: u64, files_available: u64) -> bool {
+pub(crate) fn full(
+    bytes_total: u64,
+    bytes_available: u64,
+    files_total: u64,
+    files_available: u64,
+) -> bool {
     bytes_available < (bytes_total / 100).max(1 << 20) || (files_total > 0 && files_available == 0)
 }
 

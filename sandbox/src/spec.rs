@@ -92,6 +92,27 @@ pub struct SandboxLimits {
     pub tmp_bytes: u64,
     /// `RLIMIT_FSIZE`: the largest file the job may write.
     pub file_size_bytes: Option<u64>,
+    /// How long the job must use all of its `cpu_quota` on end to raise `cpu_saturated`
+    /// (never without a quota).
+    #[serde(default = "default_cpu_saturated_after")]
+    pub cpu_saturated_after: Duration,
+    /// Disk bandwidth of the whole job, bytes per second, for reads and for writes each
+    /// (cgroup v2 `io.max`, v1 `blkio.throttle.*_bps_device`) on the block device holding
+    /// `upper` (the job filesystem's loop device). None where `upper` is on no block
+    /// device (a tmpfs scratch).
+    #[serde(default)]
+    pub disk_bytes_per_second: Option<u64>,
+    /// The block device (major, minor) the bandwidth limit applies to; the sandbox finds
+    /// it from `upper` when it makes the cgroup.
+    #[serde(default)]
+    pub disk_device: Option<(u32, u32)>,
+}
+
+/// A build compiling flat out for a minute is common; a miner does it for hours.
+pub const CPU_SATURATED_AFTER: Duration = Duration::from_secs(60);
+
+fn default_cpu_saturated_after() -> Duration {
+    CPU_SATURATED_AFTER
 }
 
 impl Default for SandboxLimits {
@@ -105,6 +126,9 @@ impl Default for SandboxLimits {
             open_files: 4096,
             tmp_bytes: 256 << 20,
             file_size_bytes: None,
+            cpu_saturated_after: CPU_SATURATED_AFTER,
+            disk_bytes_per_second: None,
+            disk_device: None,
         }
     }
 }

@@ -2,7 +2,9 @@
 //! (inotify on v2 event files, an eventfd on v1 `memory.oom_control`), and the rate limit
 //! that keeps a hostile job's events to a trickle. The supervisor polls the fds here with
 //! its own; nothing is read until the kernel says something changed, except counters the
-//! kernel does not notify on, read at most every [`UNNOTIFIED_EVERY`].
+//! kernel does not notify on, read at most every [`UNNOTIFIED_EVERY`]. What the kernel
+//! has no notification for at all is sampled ([`Gauges`]): the job's CPU use against its
+//! quota, and the free space of the filesystems it writes to.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -14,8 +16,10 @@ use crate::cgroup::{CgroupVersion, EnforcedLimit, EventCounter, Notice, keyed};
 use crate::event::{LiveEvent, LiveEventKind};
 use crate::sys;
 
-/// How often a counter without kernel notification is read while the job runs.
-pub(crate) const UNNOTIFIED_EVERY: Duration = Duration::from_millis(250);
+/// How often a counter without kernel notification (v1 `pids.events`: measured, none on
+/// Linux 6.18) is read while the job runs: one small file, well within the aim of an event
+/// 100 ms after its cause.
+pub(crate) const UNNOTIFIED_EVERY: Duration = Duration::from_millis(100);
 
 /// After the v1 OOM eventfd fires (when the cgroup runs out of memory, before the kill is
 /// counted), how often and for how long the counter is reread until the kill shows.
@@ -248,6 +252,182 @@ fn register_event_control(
     Ok(efd)
 }
 
+/// How often the job's filesystems' free space is read: two `fstatvfs` calls.
+pub(crate) const DISK_EVERY: Duration = Duration::from_millis(100);
+
+/// How often the job's CPU time is read: one cgroup file. Longer than a bandwidth period,
+/// so that one sample interval can tell a job at its quota from one that is not.
+pub(crate) const CPU_EVERY: Duration = Duration::from_millis(250);
+
+/// A job counts as saturated when it used this share of its quota since the saturation
+/// began, and no sample interval fell short of it by more than one bandwidth period's
+/// quota (the kernel hands out quota per [`CPU_PERIOD`], so a sample that does not line up
+/// with the periods sees one more or one fewer).
+const SATURATED_SHARE: f64 = 0.9;
+const CPU_PERIOD: Duration = Duration::from_millis(100);
+
+/// Whether a job has used all of its CPU quota for a window on end: fed the cgroup's
+/// total CPU time at each sample, says once when the window is reached. The clock is a
+/// parameter, so this is a pure state machine.
+#[derive(Debug)]
+pub(crate) struct Saturation {
+    cpus: f64,
+    window: Duration,
+    last: Option<(Instant, Duration)>,
+    /// The end of the first saturated interval of the current run of them, and the CPU
+    /// time used by then.
+    since: Option<(Instant, Duration)>,
+    raised: bool,
+}
+
+impl Saturation {
+    pub fn new(cpus: f64, window: Duration) -> Self {
+        Saturation {
+            cpus,
+            window,
+            last: None,
+            since: None,
+            raised: false,
+        }
+    }
+
+    /// The job had used `used` CPU time in all at `now`; the saturated time so far when
+    /// it reaches the window for the first time.
+    pub fn sample(&mut self, now: Instant, used: Duration) -> Option<Duration> {
+        let (then, before) = self.last.replace((now, used))?;
+        let wall = now.saturating_duration_since(then);
+        if wall.is_zero() {
+            return None;
+        }
+        let busy = used.saturating_sub(before).as_secs_f64();
+        let slack = CPU_PERIOD.as_secs_f64();
+        if busy < self.cpus * (SATURATED_SHARE * wall.as_secs_f64() - slack) {
+            self.since = None;
+            return None;
+        }
+        // Counted from the end of the first saturated interval: never early.
+        let (since, used_then) = *self.since.get_or_insert((now, used));
+        let saturated = now.saturating_duration_since(since);
+        if self.raised || saturated < self.window {
+            return None;
+        }
+        let busy = used.saturating_sub(used_then).as_secs_f64();
+        if busy < SATURATED_SHARE * self.cpus * saturated.as_secs_f64() {
+            return None;
+        }
+        self.raised = true;
+        Some(saturated)
+    }
+}
+
+/// The filesystems a job writes to, by the name the job sees them under, open from the
+/// job's own root (`/proc/<pid 1>/root`): the overlay (whose free space is its upper's)
+/// and `/tmp`. Full means what [`crate::shim::is_full`] says at the end of the job.
+pub(crate) struct Disks {
+    mounts: Vec<(String, std::fs::File, bool)>,
+}
+
+impl Disks {
+    /// Opens the job's `/` and `/tmp` through pid 1's root, which it entered before asking
+    /// for its id maps; a filesystem that cannot be opened is not watched.
+    pub fn open(pid1: libc::pid_t) -> Disks {
+        let root = std::path::PathBuf::from(format!("/proc/{pid1}/root"));
+        let mounts = [("/", root.clone()), ("/tmp", root.join("tmp"))]
+            .into_iter()
+            .filter_map(|(name, path)| {
+                let dir = std::fs::File::open(path).ok()?;
+                Some((name.to_owned(), dir, false))
+            })
+            .collect();
+        Disks { mounts }
+    }
+
+    /// Filesystems that are full now and were not before (each once per job).
+    pub fn sample(&mut self) -> Vec<LiveEventKind> {
+        let mut full = Vec::new();
+        for (name, dir, raised) in &mut self.mounts {
+            if *raised {
+                continue;
+            }
+            let Ok(space) = sys::fstatvfs(dir) else {
+                continue;
+            };
+            if crate::shim::full(
+                space.bytes_total,
+                space.bytes_available,
+                space.files_total,
+                space.files_available,
+            ) {
+                *raised = true;
+                full.push(LiveEventKind::DiskLimit {
+                    mount: name.clone(),
+                    bytes_total: space.bytes_total,
+                    bytes_available: space.bytes_available,
+                });
+            }
+        }
+        full
+    }
+}
+
+/// What is sampled while a job runs, every [`DISK_EVERY`] and [`CPU_EVERY`].
+pub(crate) struct Gauges {
+    saturation: Option<Saturation>,
+    disks: Disks,
+    next_disk: Instant,
+    next_cpu: Instant,
+}
+
+impl Gauges {
+    pub fn start(limits: &crate::SandboxLimits, pid1: libc::pid_t, now: Instant) -> Gauges {
+        Gauges {
+            saturation: limits
+                .cpu_quota
+                .map(|cpus| Saturation::new(cpus, limits.cpu_saturated_after)),
+            disks: Disks::open(pid1),
+            next_disk: now,
+            next_cpu: now,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        if self.saturation.is_some() {
+            self.next_disk.min(self.next_cpu)
+        } else {
+            self.next_disk
+        }
+    }
+
+    /// The events the samples due at `now` give.
+    pub fn wake(&mut self, cg: &dyn CgroupVersion, now: Instant) -> Vec<LiveEvent> {
+        let mut kinds = Vec::new();
+        if now >= self.next_disk {
+            self.next_disk = now + DISK_EVERY;
+            kinds = self.disks.sample();
+        }
+        if now >= self.next_cpu
+            && let Some(saturation) = &mut self.saturation
+        {
+            self.next_cpu = now + CPU_EVERY;
+            if let Ok(used) = cg.cpu_usage()
+                && let Some(saturated) = saturation.sample(now, used)
+            {
+                kinds.push(LiveEventKind::CpuSaturated {
+                    cpus: saturation.cpus,
+                    seconds: saturated.as_secs(),
+                });
+            }
+        }
+        kinds
+            .into_iter()
+            .map(|kind| LiveEvent {
+                at: SystemTime::now(),
+                kind,
+            })
+            .collect()
+    }
+}
+
 /// Sends the first event of each key at once and at most one more per [`SUMMARY_EVERY`]
 /// after, holding back the latest (whose counts are totals, so nothing is lost by
 /// skipping the ones in between).
@@ -401,6 +581,7 @@ mod tests {
             pids: dir("pids"),
             cpu: dir("cpu"),
             cpuacct: dir("cpuacct"),
+            blkio: None,
         };
         std::fs::write(cg.memory.join("memory.oom_control"), "oom_kill 0\n").unwrap();
         std::fs::write(cg.pids.join("pids.events"), "max 0\n").unwrap();
@@ -426,6 +607,68 @@ mod tests {
             }]
         );
         assert!(watch.deadline().unwrap() > later);
+    }
+
+    #[test]
+    fn saturation_is_said_once_after_a_window_of_full_use() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Saturation::new(0.5, Duration::from_secs(3));
+        assert_eq!(s.sample(t0, ms(0)), None, "the first sample is a baseline");
+        // Idle, then half a CPU used per second (the quota) from t0 + 1 s on.
+        assert_eq!(s.sample(t0 + ms(1000), ms(10)), None);
+        let mut used = ms(10);
+        let mut said = Vec::new();
+        for i in 1..=40u32 {
+            used += ms(125);
+            if let Some(d) = s.sample(t0 + ms(1000) + ms(250) * i, used) {
+                said.push((i, d));
+            }
+        }
+        // Saturated from the first interval's end (1.25 s), said 3 s later, once.
+        assert_eq!(said, [(13, Duration::from_secs(3))]);
+
+        // The quota handed out per 100 ms period, sampled every 250 ms: 40 and 60 ms.
+        let mut periods = Saturation::new(0.2, Duration::from_secs(2));
+        let mut used = Duration::ZERO;
+        let mut said = None;
+        for i in 0..20u32 {
+            used += if i % 2 == 0 { ms(40) } else { ms(60) };
+            if let Some(d) = periods.sample(t0 + ms(250) * i, used) {
+                said.get_or_insert((i, d));
+            }
+        }
+        assert_eq!(said, Some((9, Duration::from_secs(2))));
+        // A build busy in bursts never is: at times idle for most of an interval, or at
+        // 80 % of its quota over the whole run.
+        let mut bursty = Saturation::new(1.0, Duration::from_secs(1));
+        let mut used = Duration::ZERO;
+        for i in 0..100u32 {
+            used += if i % 4 == 0 { ms(100) } else { ms(240) };
+            assert_eq!(bursty.sample(t0 + ms(250) * i, used), None);
+        }
+        let mut steady = Saturation::new(1.0, Duration::from_secs(1));
+        let mut used = Duration::ZERO;
+        for i in 0..100u32 {
+            used += ms(200);
+            assert_eq!(steady.sample(t0 + ms(250) * i, used), None);
+        }
+        // A pause restarts the count.
+        let mut paused = Saturation::new(1.0, Duration::from_secs(2));
+        let mut used = Duration::ZERO;
+        let mut said = None;
+        for i in 0..20u32 {
+            used += if i == 6 { ms(0) } else { ms(250) };
+            if let Some(d) = paused.sample(t0 + ms(250) * i, used) {
+                said.get_or_insert(i);
+                assert_eq!(d, Duration::from_secs(2));
+            }
+        }
+        assert_eq!(
+            said,
+            Some(15),
+            "2 s after the interval ending at 7 × 250 ms"
+        );
     }
 
     #[test]

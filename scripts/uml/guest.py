@@ -6,6 +6,7 @@ the same job on its own (v1) hierarchy. Everything is written below /tmp, /run o
 which the guest's init mounted as tmpfs: the rest of / is the host's own tree.
 """
 
+import io
 import json
 import os
 import pathlib
@@ -202,6 +203,19 @@ def job_cgroups():
     return sorted(p.name for p in SERVICE.glob("job-*"))
 
 
+class Finished:
+    """A submit that ended at once, with what it printed, as the callers read a Popen."""
+
+    def __init__(self, code, out, err):
+        self.returncode, self.stdout, self.stderr = code, io.StringIO(out), io.StringIO(err)
+
+    def poll(self):
+        return self.returncode
+
+    def communicate(self, timeout=None):
+        return self.stdout.read(), self.stderr.read()
+
+
 def work():
     prefix = PLAN["prefix"]
     # The worker checks for room for a base before it starts: the replay data goes first.
@@ -244,7 +258,27 @@ def work():
     )
     store = f"oci-dir:{data}/store"
 
+    seen = set()
+
     def submit(job, bundle):
+        # The worker moves into its leaf before it declares its queue, and a submit to a pool
+        # without one is refused at once: tried again until the queue is there.
+        deadline = time.monotonic() + 60
+        while True:
+            proc = start_submit(job, bundle)
+            # Build cgroups that come and go meanwhile are seen too.
+            until = time.monotonic() + 3
+            while proc.poll() is None and time.monotonic() < until:
+                seen.update(job_cgroups())
+                time.sleep(0.02)
+            if proc.poll() is None:
+                return proc
+            out, err = proc.communicate()
+            if "no queue is bound" not in err or time.monotonic() > deadline:
+                return Finished(proc.returncode, out, err)
+            time.sleep(0.2)
+
+    def start_submit(job, bundle):
         return subprocess.Popen(
             [CORRAL, "submit", job, "--wait", "--timeout", "5m", "--amqp-url", PLAN["amqp_url"],
              "--prefix", prefix, "--store", store, "--source", f"fixtures/bundles/{bundle}"],
@@ -266,7 +300,6 @@ def work():
             return f"the worker ({worker.pid}) is not in its leaf: {leaf}\n{worker_log()}"
         if (SERVICE / "cgroup.procs").read_text().strip():
             return "processes left in the delegated cgroup itself (no internal processes)"
-        seen = set()
         hello = submit("fixtures/jobs/hello.json", "hello")
         while hello.poll() is None:
             seen.update(job_cgroups())

@@ -31,4 +31,13 @@ plan=$CORRAL_V2_PLAN
 unset CORRAL_V2_PLAN CORRAL_V2_NET
 python3 "$(dirname "$0")/guest.py" "$plan"
 echo "@@ guest exit $?"
+# Then systemd as pid 1 (it replaces this script) for the shipped unit's check; it needs
+# the broker and the base the worker run above imported.
+if [ -n "$(ip -o addr show dev eth0 2>/dev/null)" ]; then
+    if "$(dirname "$0")/boot-systemd.sh" "$plan"; then
+        cd /run/sd/root && pivot_root . oldroot &&
+            exec chroot . /lib/systemd/systemd --system --unit=corral-v2-check.target
+    fi
+    echo "@@ FAIL systemd:boot: preparing systemd's root failed"
+fi
 poweroff -f

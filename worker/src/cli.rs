@@ -467,6 +467,13 @@ pub struct SandboxArgs {
     /// CPU-seconds limit of the whole job.
     #[arg(long)]
     pub cpu_seconds: Option<u64>,
+    /// Disk bandwidth of the job on its `--disk` filesystem, bytes per second for reads and
+    /// writes each (e.g. "8MiB"): cgroup v2 io.max, v1 blkio throttling.
+    #[arg(long)]
+    pub disk_bandwidth: Option<corral_protocol::ByteSize>,
+    /// Seconds the job must use its whole CPU quota on end to raise `cpu_saturated`.
+    #[arg(long, default_value_t = corral_sandbox::CPU_SATURATED_AFTER.as_secs())]
+    pub cpu_saturated_after: u64,
     /// Size of the private /tmp.
     #[arg(long, default_value = SANDBOX_TMP)]
     pub tmp: corral_protocol::ByteSize,
@@ -519,6 +526,8 @@ impl SandboxArgs {
             cpus: SANDBOX_CPUS,
             wall: SANDBOX_WALL,
             cpu_seconds: None,
+            cpu_saturated_after: corral_sandbox::CPU_SATURATED_AFTER.as_secs(),
+            disk_bandwidth: None,
             tmp: SANDBOX_TMP.parse().ok()?,
             network: SandboxNetwork::None,
             uid: SANDBOX_UID,
@@ -573,6 +582,8 @@ impl SandboxArgs {
                 "cpus" => parsed.cpus = value.parse().ok()?,
                 "wall" => parsed.wall = value.parse().ok()?,
                 "cpu-seconds" => parsed.cpu_seconds = Some(value.parse().ok()?),
+                "cpu-saturated-after" => parsed.cpu_saturated_after = value.parse().ok()?,
+                "disk-bandwidth" => parsed.disk_bandwidth = Some(value.parse().ok()?),
                 "tmp" => parsed.tmp = value.parse().ok()?,
                 "network" => {
                     parsed.network = match value {

@@ -68,6 +68,8 @@ struct CaseLimits {
     wall_secs: Option<u64>,
     tmp: Option<String>,
     disk: Option<String>,
+    /// Seconds at the CPU quota that raise `cpu_saturated`.
+    cpu_saturated_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +94,10 @@ struct Expect {
     /// `done=<time>` line and within a second of its `cause=<time>` line.
     #[serde(default)]
     live: Vec<String>,
+    /// Seconds after the cause a live event of a kind is due, when not at once (a window
+    /// the cause must last): the one-second bound counts from then.
+    #[serde(default)]
+    live_after: BTreeMap<String, f64>,
     /// At most this many live events of a kind (the rate limit).
     #[serde(default)]
     live_at_most: BTreeMap<String, usize>,
@@ -289,6 +295,11 @@ fn abuse_suite() {
                 open_files: 1024,
                 tmp_bytes: l.tmp.as_deref().map_or(64 << 20, bytes),
                 file_size_bytes: None,
+                cpu_saturated_after: l
+                    .cpu_saturated_secs
+                    .map_or(corral_sandbox::CPU_SATURATED_AFTER, Duration::from_secs),
+                disk_bytes_per_second: None,
+                disk_device: None,
             },
             network: case.network.unwrap_or_default(),
             read_only_binds: vec![(
@@ -474,9 +485,12 @@ fn check_live(expect: &Expect, ran: &Ran) -> Vec<String> {
                 ));
             }
         }
-        let seen = secs_between(cause, event.at);
-        let heard = secs_between(cause, *received);
-        eprintln!("  live {kind}: seen {seen:.3} s after the cause, received after {heard:.3} s");
+        let due = expect.live_after.get(kind).copied().unwrap_or(0.0);
+        let seen = secs_between(cause, event.at) - due;
+        let heard = secs_between(cause, *received) - due;
+        eprintln!(
+            "  live {kind}: seen {seen:.3} s after the cause (+{due} s), received after {heard:.3} s"
+        );
         // A little slack before the cause: the probe stamps just before acting.
         if !(-0.05..=1.0).contains(&seen) || heard > 1.0 {
             problems.push(format!(
@@ -529,6 +543,96 @@ fn start_ready(
     stdout.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"ready\n");
     (running, stdout)
+}
+
+/// The disk bandwidth limit, on whichever cgroup version this host has: the kernel's files
+/// hold it for the job filesystem's loop device, and a job writing with direct I/O moves
+/// no faster than it (a lower bound on its time, which load can only lengthen), with all
+/// its bytes accounted.
+#[test]
+fn disk_bandwidth_is_enforced_on_the_job_filesystems_device() {
+    if !prerequisites() {
+        return;
+    }
+    let _dirs = leaves_nothing("disk-bw");
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let job = JobDir::create(jobs.path(), "disk-bw", 64 << 20).unwrap();
+    let device = corral_sandbox::block_device_of(&job.upper(), Path::new("/sys/dev/block"))
+        .expect("the job filesystem is on a block device");
+    let loop_name = std::fs::read_link(format!("/sys/dev/block/{}:{}", device.0, device.1))
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(loop_name.starts_with("loop"), "{loop_name}");
+    let bps: u64 = 4 << 20;
+    let limits = SandboxLimits {
+        disk_bytes_per_second: Some(bps),
+        disk_device: Some(device),
+        ..SandboxLimits::default()
+    };
+
+    // The files, on a cgroup of the job's kind.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let layout = discover_cgroups(&mountinfo).unwrap();
+    let cg = JobCgroup::create(&layout, "corral-test-disk-bw", "files").unwrap();
+    cg.version().apply(&limits).unwrap();
+    let (major, minor) = device;
+    match &cg {
+        JobCgroup::V2(v2) => {
+            let max = std::fs::read_to_string(v2.dir.join("io.max")).unwrap();
+            assert!(
+                max.lines()
+                    .any(|l| l
+                        == format!("{major}:{minor} rbps={bps} wbps={bps} riops=max wiops=max")),
+                "io.max: {max:?}"
+            );
+        }
+        JobCgroup::V1(v1) => {
+            let blkio = v1.blkio.as_ref().expect("blkio mounted");
+            for file in [
+                "blkio.throttle.read_bps_device",
+                "blkio.throttle.write_bps_device",
+            ] {
+                let text = std::fs::read_to_string(blkio.join(file)).unwrap();
+                assert_eq!(text.trim(), format!("{major}:{minor} {bps}"), "{file}");
+            }
+        }
+    }
+    cg.destroy().unwrap();
+
+    // A job writing 12 MiB with direct I/O at 4 MiB/s.
+    let written: u64 = 12 << 20;
+    let mut spec = simple_spec(
+        &job,
+        211_020,
+        &[
+            "dd",
+            "if=/dev/zero",
+            "of=f",
+            "bs=1M",
+            "count=12",
+            "oflag=direct",
+        ],
+    );
+    spec.limits.disk_bytes_per_second = Some(bps);
+    spec.cwd = PathBuf::from("/work");
+    let ran = spawn_and_wait(&spec, &config("disk-bw"));
+    assert_eq!(ran.outcome.reason, DeathReason::Completed, "{}", ran.stderr);
+    assert!(ran.stderr.contains("12582912 bytes"), "{}", ran.stderr);
+    let usage = &ran.outcome.usage;
+    assert!(usage.io_write >= written, "{usage:?}");
+    // The first 4 MiB may pass at once (the kernel's budget for a new group); the rest
+    // waits for its share.
+    let floor = Duration::from_secs_f64((written - bps) as f64 / bps as f64 * 0.9);
+    assert!(
+        usage.wall >= floor,
+        "12 MiB at 4 MiB/s took {:?}, under {floor:?}: not throttled",
+        usage.wall
+    );
+    assert_nothing_left("disk-bw", 211_020, "disk bandwidth");
+    job.remove().unwrap();
 }
 
 #[test]

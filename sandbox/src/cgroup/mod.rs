@@ -206,6 +206,8 @@ pub fn discover_required(mountinfo: &str) -> Result<Layout, CgroupError> {
 
 /// Controllers the sandbox needs.
 const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
+/// Used where mounted (the disk bandwidth limit), not required.
+const V1_OPTIONAL: [&str; 1] = ["blkio"];
 const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 /// Enabled for jobs where delegated: per-build I/O accounting (`io.stat`).
 const V2_OPTIONAL: [&str; 1] = ["io"];
@@ -222,7 +224,7 @@ pub fn discover(mountinfo: &str) -> Result<Layout, CgroupError> {
             "cgroup2" => v2_root = Some(mount_point),
             "cgroup" => {
                 for opt in entry.super_options.split(',') {
-                    if V1_CONTROLLERS.contains(&opt) {
+                    if V1_CONTROLLERS.contains(&opt) || V1_OPTIONAL.contains(&opt) {
                         v1.entry(opt.to_owned())
                             .or_insert_with(|| mount_point.clone());
                     }
@@ -264,6 +266,41 @@ pub fn discover(mountinfo: &str) -> Result<Layout, CgroupError> {
         v2: v2_verdict,
         v1_missing,
     })
+}
+
+/// The limits `spec` asks of its cgroup: its own, with the block device under its upper dir
+/// for a disk bandwidth limit (none for a scratch upper, which lives on a tmpfs).
+pub fn limits_for(spec: &crate::SandboxSpec) -> SandboxLimits {
+    let mut limits = spec.limits.clone();
+    if limits.disk_bytes_per_second.is_some() && limits.disk_device.is_none() {
+        limits.disk_device = spec
+            .scratch
+            .is_none()
+            .then(|| block_device_of(&spec.upper, Path::new("/sys/dev/block")))
+            .flatten();
+    }
+    limits
+}
+
+/// The whole disk (major, minor) holding `path`, from `sys_dev_block` (`/sys/dev/block`):
+/// the kernel throttles whole disks only, so a partition gives its disk. None for a
+/// filesystem on no block device (tmpfs, overlay: major 0).
+pub fn block_device_of(path: &Path, sys_dev_block: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    if major == 0 {
+        return None;
+    }
+    let entry = sys_dev_block.join(format!("{major}:{minor}"));
+    if !entry.join("partition").exists() {
+        return Some((major, minor));
+    }
+    // A partition's sysfs dir sits in its disk's, whose `dev` says `major:minor`.
+    let disk = std::fs::canonicalize(&entry).ok()?.parent()?.join("dev");
+    let text = std::fs::read_to_string(disk).ok()?;
+    let (ma, mi) = text.trim().split_once(':')?;
+    Some((ma.parse().ok()?, mi.parse().ok()?))
 }
 
 /// One job's cgroup, of whichever version the host offers.

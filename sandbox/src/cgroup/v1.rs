@@ -1,4 +1,5 @@
-//! cgroup v1: one directory per controller hierarchy (memory, pids, cpu, cpuacct).
+//! cgroup v1: one directory per controller hierarchy (memory, pids, cpu, cpuacct, and
+//! blkio where mounted).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,9 @@ pub struct V1 {
     pub pids: PathBuf,
     pub cpu: PathBuf,
     pub cpuacct: PathBuf,
+    /// Where the blkio hierarchy is mounted (the disk bandwidth limit).
+    #[serde(default)]
+    pub blkio: Option<PathBuf>,
 }
 
 /// CFS period for the CPU quota.
@@ -36,6 +40,7 @@ impl V1 {
             pids: dir("pids"),
             cpu: dir("cpu"),
             cpuacct: dir("cpuacct"),
+            blkio: mounts.contains_key("blkio").then(|| dir("blkio")),
         };
         for d in cg.dirs() {
             // The parent exists but on a hierarchy's first job: try the job's dir first.
@@ -56,6 +61,7 @@ impl V1 {
 
     fn dirs(&self) -> Vec<&Path> {
         let mut dirs: Vec<&Path> = vec![&self.memory, &self.pids, &self.cpu, &self.cpuacct];
+        dirs.extend(self.blkio.as_deref());
         dirs.sort();
         dirs.dedup();
         dirs
@@ -88,6 +94,22 @@ impl CgroupVersion for V1 {
             write(&self.cpu.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
             let quota = ((cores * PERIOD_US as f64) as u64).max(1000);
             write(&self.cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+        }
+        // v1 throttles the I/O a job's processes issue themselves (direct and synchronous);
+        // buffered writeback is done by the kernel's flushers, charged to the root cgroup,
+        // so the job's page cache (its memory limit) bounds that. A host without blkio
+        // mounted has no bandwidth limit (`corral doctor` says which layout it found).
+        if let (Some(bps), Some((major, minor)), Some(blkio)) = (
+            limits.disk_bytes_per_second,
+            limits.disk_device,
+            self.blkio.as_ref(),
+        ) {
+            for file in [
+                "blkio.throttle.read_bps_device",
+                "blkio.throttle.write_bps_device",
+            ] {
+                write(&blkio.join(file), &format!("{major}:{minor} {bps}"))?;
+            }
         }
         Ok(())
     }

@@ -148,6 +148,17 @@ impl CgroupVersion for V2 {
             let quota = ((cores * PERIOD_US as f64) as u64).max(1000);
             write(&self.file("cpu.max"), &format!("{quota} {PERIOD_US}"))?;
         }
+        // io.max exists where the io controller is enabled for us (it is when the host
+        // has it; without it there is no bandwidth limit).
+        if let (Some(bps), Some((major, minor))) =
+            (limits.disk_bytes_per_second, limits.disk_device)
+            && self.file("io.max").exists()
+        {
+            write(
+                &self.file("io.max"),
+                &format!("{major}:{minor} rbps={bps} wbps={bps}"),
+            )?;
+        }
         Ok(())
     }
 

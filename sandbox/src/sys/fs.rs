@@ -21,13 +21,25 @@ pub fn statvfs(path: &Path) -> io::Result<FsSpace> {
     // SAFETY: valid path and out-pointer.
     check(unsafe { libc::statvfs(p.as_ptr(), st.as_mut_ptr()) })?;
     // SAFETY: filled by the kernel.
-    let st = unsafe { st.assume_init() };
-    Ok(FsSpace {
+    Ok(space(unsafe { st.assume_init() }))
+}
+
+/// Free space of the filesystem of the open file or directory `file`.
+pub fn fstatvfs(file: &impl AsRawFd) -> io::Result<FsSpace> {
+    let mut st = MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: an open fd (borrowed for the call) and a valid out-pointer.
+    check(unsafe { libc::fstatvfs(file.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: filled by the kernel.
+    Ok(space(unsafe { st.assume_init() }))
+}
+
+fn space(st: libc::statvfs) -> FsSpace {
+    FsSpace {
         bytes_total: st.f_blocks.saturating_mul(st.f_frsize),
         bytes_available: st.f_bavail.saturating_mul(st.f_frsize),
         files_available: st.f_favail,
         files_total: st.f_files,
-    })
+    }
 }
 
 /// Bytes the names of `path`'s extended attributes take (0: it has none). Does not follow

@@ -115,6 +115,9 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
             open_files: 4096,
             tmp_bytes: args.tmp.0,
             file_size_bytes: None,
+            cpu_saturated_after: Duration::from_secs(args.cpu_saturated_after),
+            disk_bytes_per_second: args.disk_bandwidth.map(|b| b.0),
+            disk_device: None,
         },
         network: match args.network {
             SandboxNetwork::None => Network::None,

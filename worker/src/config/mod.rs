@@ -161,6 +161,8 @@ pub struct SandboxConfig {
     pub helper: SandboxHelper,
     /// CPU quota of one build, in CPUs (1.5 = 150 ms per 100 ms period).
     pub cpus_per_build: f64,
+    /// A build using all of `cpus_per_build` this long on end raises `cpu_saturated`.
+    pub cpu_saturated_after: Duration,
     /// Between SIGTERM and SIGKILL when a build is cancelled.
     pub kill_grace: Duration,
 }

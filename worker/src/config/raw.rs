@@ -126,6 +126,8 @@ pub struct RawSandbox {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus_per_build: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_saturated_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub kill_grace_seconds: Option<u64>,
 }
 
@@ -146,6 +148,8 @@ pub struct RawLimits {
     pub open_files: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<RawBytes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_per_second: Option<RawBytes>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -385,6 +385,13 @@ pub(super) fn validate(
             format!("{cpus_per_build} is outside 0.01..=1024 CPUs"),
         );
     }
+    let cpu_saturated_after = Duration::from_secs(c.range(
+        "sandbox.cpu_saturated_seconds",
+        sb.cpu_saturated_seconds,
+        corral_sandbox::CPU_SATURATED_AFTER.as_secs(),
+        1,
+        86_400,
+    ));
     let kill_grace = Duration::from_secs(c.range(
         "sandbox.kill_grace_seconds",
         sb.kill_grace_seconds,
@@ -408,6 +415,7 @@ pub(super) fn validate(
         disk_bytes: bytes(l.disk_bytes, max.disk_bytes),
         open_files: l.open_files.unwrap_or(max.open_files),
         log_bytes: bytes(l.log_bytes, max.log_bytes),
+        disk_bytes_per_second: bytes(l.disk_bytes_per_second, max.disk_bytes_per_second),
     };
     let limits_ok = match limits.within(&max) {
         Ok(()) => true,
@@ -542,6 +550,7 @@ pub(super) fn validate(
             cgroup_parent,
             helper,
             cpus_per_build,
+            cpu_saturated_after,
             kill_grace,
         },
         limits,
@@ -635,6 +644,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
                 SandboxHelper::Path(p) => p.display().to_string(),
             }),
             cpus_per_build: Some(c.sandbox.cpus_per_build),
+            cpu_saturated_seconds: Some(c.sandbox.cpu_saturated_after.as_secs()),
             kill_grace_seconds: secs(c.sandbox.kill_grace),
         }),
         limits: Some(RawLimits {
@@ -645,6 +655,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             disk_bytes: Some(RawBytes(c.limits.disk_bytes)),
             open_files: Some(c.limits.open_files),
             log_bytes: Some(RawBytes(c.limits.log_bytes)),
+            disk_bytes_per_second: Some(RawBytes(c.limits.disk_bytes_per_second)),
         }),
         snapshot: Some(RawSnapshot {
             compression: Some(c.snapshot.compression.as_str().to_string()),

@@ -86,6 +86,9 @@ impl EventSink for HumanLines {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fact {
     pub kind: EventKind,
+    /// What within the kind this is about, when the rate limit should keep it apart from
+    /// the kind's other subjects (a denied system call's name).
+    pub subject: Option<String>,
     pub severity: Severity,
     pub message: String,
     pub details: BTreeMap<String, Value>,
@@ -95,10 +98,17 @@ impl Fact {
     pub fn new(kind: EventKind, severity: Severity, message: impl Into<String>) -> Self {
         Fact {
             kind,
+            subject: None,
             severity,
             message: message.into(),
             details: BTreeMap::new(),
         }
+    }
+
+    /// Rate-limited apart from the kind's other subjects (see [`limit::MAX_SUBJECTS`]).
+    pub fn about(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
     }
 
     pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
@@ -192,7 +202,9 @@ impl JobEvents {
     fn raise_at(&self, mut fact: Fact, now: Instant) -> bool {
         let admit = {
             let mut state = self.state();
-            let admit = state.limiter.admit(fact.kind, now);
+            let admit = state
+                .limiter
+                .admit_about(fact.kind, fact.subject.as_deref(), now);
             if admit != Admit::Hold && !fact.kind.is_lifecycle() {
                 state.raised.insert(fact.kind);
             }
@@ -425,6 +437,34 @@ mod tests {
         assert!(
             text.contains(r#"corral_alerts_total{kind="seccomp_denied"} 1"#),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_denied_call_is_seen_while_another_floods() {
+        let (events, kept, _) = watched();
+        let t0 = Instant::now();
+        let denied = |syscall: &str, count: u64| {
+            crate::job::build::live_fact(&corral_sandbox::LiveEventKind::SeccompDenied {
+                syscall: syscall.into(),
+                count,
+            })
+        };
+        for i in 0..10_000u64 {
+            events.raise_at(
+                denied("keyctl", i + 1),
+                t0 + std::time::Duration::from_micros(i),
+            );
+        }
+        // Within the same 10 s window as the flood: a different call goes out at once.
+        assert!(events.raise_at(denied("bpf", 1), t0 + std::time::Duration::from_secs(1)));
+        assert!(!events.raise_at(denied("bpf", 2), t0 + std::time::Duration::from_secs(2)));
+        let kept = kept.0.lock().unwrap();
+        let calls: Vec<&serde_json::Value> = kept.iter().map(|e| &e.details["syscalls"]).collect();
+        assert_eq!(calls, [&json!({"keyctl": 1}), &json!({"bpf": 1})]);
+        assert_eq!(
+            events.dropped(),
+            BTreeMap::from([(EventKind::SeccompDenied, 9999 + 1)])
         );
     }
 

@@ -235,6 +235,9 @@ pub fn spec(
             open_files: job.limits.open_files,
             tmp_bytes: (disk / 4).max(16 << 20),
             file_size_bytes: Some(disk),
+            cpu_saturated_after: settings.cpu_saturated_after,
+            disk_bytes_per_second: Some(job.limits.disk_bytes_per_second.bytes()),
+            disk_device: None,
         },
         network: match job.network {
             NetworkPolicy::None => Network::None,
@@ -357,6 +360,7 @@ pub fn live_fact(kind: &LiveEventKind) -> Fact {
             Severity::Critical,
             format!("denied system call {syscall} ({count} so far)"),
         )
+        .about(syscall)
         .with(
             "syscalls",
             std::collections::BTreeMap::from([(syscall, count)]),
@@ -375,6 +379,26 @@ pub fn live_fact(kind: &LiveEventKind) -> Fact {
         .with("syscall", syscall)
         .with("family", family)
         .with("attempts", count),
+        LiveEventKind::CpuSaturated { cpus, seconds } => Fact::new(
+            EventKind::CpuSaturated,
+            Severity::Warning,
+            format!("the job has used all of its {cpus} CPUs for {seconds} s on end"),
+        )
+        .with("cpus", cpus)
+        .with("seconds", seconds),
+        LiveEventKind::DiskLimit {
+            mount,
+            bytes_total,
+            bytes_available,
+        } => Fact::new(
+            EventKind::DiskLimit,
+            Severity::Warning,
+            format!("the job's {mount} is full: its writes there fail from now on"),
+        )
+        .about(mount)
+        .with("mount", mount)
+        .with("bytes_total", bytes_total)
+        .with("bytes_available", bytes_available),
     }
 }
 
@@ -450,6 +474,24 @@ mod tests {
         });
         assert_eq!(net.kind, EventKind::NetworkAttempt);
         assert_eq!(net.details["family"], "inet");
+        let cpu = live_fact(&LiveEventKind::CpuSaturated {
+            cpus: 0.5,
+            seconds: 60,
+        });
+        assert_eq!(cpu.kind, EventKind::CpuSaturated);
+        assert_eq!(cpu.details["cpus"], 0.5);
+        assert_eq!(cpu.details["seconds"], 60);
+        let disk = live_fact(&LiveEventKind::DiskLimit {
+            mount: "/tmp".into(),
+            bytes_total: 1 << 30,
+            bytes_available: 0,
+        });
+        assert_eq!(disk.kind, EventKind::DiskLimit);
+        assert_eq!(disk.subject.as_deref(), Some("/tmp"));
+        assert_eq!(
+            disk.message,
+            "the job's /tmp is full: its writes there fail from now on"
+        );
     }
 
     #[test]

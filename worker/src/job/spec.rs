@@ -27,6 +27,8 @@ pub struct Settings {
     pub gid_start: u32,
     pub sandbox: SandboxConfig,
     pub cpus_per_build: f64,
+    /// Full use of `cpus_per_build` for this long raises `cpu_saturated`.
+    pub cpu_saturated_after: Duration,
     pub kill_grace: Duration,
     pub compression: Compression,
     pub compression_threads: usize,
@@ -47,6 +49,11 @@ impl Settings {
         // CORRAL_REQUIRE_CGROUP fails the start here, naming the hierarchy found.
         let layout = corral_sandbox::host_cgroup_layout().map_err(std::io::Error::other)?;
         let mut sandbox_config = SandboxConfig::new()?;
+        // Under systemd the unit's RuntimeDirectory= is its one writable place in /run
+        // (ProtectSystem=strict); systemd names it in RUNTIME_DIRECTORY.
+        if let Some(dir) = runtime_directory(std::env::var_os("RUNTIME_DIRECTORY")) {
+            sandbox_config.run_dir = dir;
+        }
         if let SandboxHelper::Path(path) = &sandbox.helper {
             sandbox_config.helper_exe.clone_from(path);
         }
@@ -67,6 +74,7 @@ impl Settings {
             gid_start: sandbox.gid_start,
             sandbox: sandbox_config,
             cpus_per_build: sandbox.cpus_per_build,
+            cpu_saturated_after: sandbox.cpu_saturated_after,
             kill_grace: sandbox.kill_grace,
             compression: match config.snapshot.compression {
                 Codec::Gzip => Compression::Gzip { level },
@@ -122,4 +130,25 @@ pub fn build_env(job: &Job) -> Vec<(String, String)> {
     ]);
     env.extend(job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.into_iter().collect()
+}
+
+/// The first of systemd's `RUNTIME_DIRECTORY` (a `:`-separated list of absolute paths).
+fn runtime_directory(value: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let value = value?.into_string().ok()?;
+    let first = PathBuf::from(value.split(':').next()?);
+    first.is_absolute().then_some(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_dir_is_the_units_runtime_directory() {
+        let dir = |v: &str| runtime_directory(Some(v.into()));
+        assert_eq!(dir("/run/corral/1"), Some(PathBuf::from("/run/corral/1")));
+        assert_eq!(dir("/run/a:/run/b"), Some(PathBuf::from("/run/a")));
+        assert_eq!(dir("relative"), None);
+        assert_eq!(runtime_directory(None), None);
+    }
 }

@@ -343,43 +343,32 @@ impl Extraction {
     /// Opens the directory `comps` beneath the root, one component at a time, never
     /// following a symlink; missing directories are created when `create`.
     fn walk(&self, comps: &[Vec<u8>], shown: &str, create: bool) -> Result<OwnedFd, SourceError> {
-        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let resolve =
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        let mut dir = rustix::fs::openat2(&self.root, ".", flags, Mode::empty(), resolve)
-            .map_err(|e| self.write_err(shown, e))?;
+        let mut dir = open_beneath(&self.root, b".").map_err(|e| self.write_err(shown, e))?;
         for comp in comps {
-            let next =
-                match rustix::fs::openat2(&dir, comp.as_slice(), flags, Mode::empty(), resolve) {
-                    Err(Errno::NOENT) if create => {
-                        let made = match rustix::fs::mkdirat(
-                            &dir,
-                            comp.as_slice(),
-                            Mode::from_raw_mode(IMPLIED_DIR_MODE),
-                        ) {
-                            Ok(()) => {
-                                self.own_at(&dir, comp, shown)?;
-                                true
-                            }
-                            Err(Errno::EXIST) => false,
-                            Err(e) => return Err(self.write_err(shown, e)),
-                        };
-                        let opened = rustix::fs::openat2(
-                            &dir,
-                            comp.as_slice(),
-                            flags,
-                            Mode::empty(),
-                            resolve,
-                        );
-                        // mkdir's mode went through the umask; the policy's mode must not.
-                        if made && let Ok(fd) = &opened {
-                            rustix::fs::fchmod(fd, Mode::from_raw_mode(IMPLIED_DIR_MODE))
-                                .map_err(|e| self.write_err(shown, e))?;
+            let next = match open_beneath(&dir, comp.as_slice()) {
+                Err(Errno::NOENT) if create => {
+                    let made = match rustix::fs::mkdirat(
+                        &dir,
+                        comp.as_slice(),
+                        Mode::from_raw_mode(IMPLIED_DIR_MODE),
+                    ) {
+                        Ok(()) => {
+                            self.own_at(&dir, comp, shown)?;
+                            true
                         }
-                        opened
+                        Err(Errno::EXIST) => false,
+                        Err(e) => return Err(self.write_err(shown, e)),
+                    };
+                    let opened = open_beneath(&dir, comp.as_slice());
+                    // mkdir's mode went through the umask; the policy's mode must not.
+                    if made && let Ok(fd) = &opened {
+                        rustix::fs::fchmod(fd, Mode::from_raw_mode(IMPLIED_DIR_MODE))
+                            .map_err(|e| self.write_err(shown, e))?;
                     }
-                    other => other,
-                };
+                    opened
+                }
+                other => other,
+            };
             dir = match next {
                 Ok(fd) => fd,
                 // A symlink (ELOOP, EXDEV from RESOLVE_BENEATH) or a file (ENOTDIR) where a
@@ -626,9 +615,48 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
+/// Opens the directory `name` (one path component, never `..`: the caller checked) in
+/// `dir`, never through a symlink: `openat2` beneath `dir` without symlinks, or where the
+/// kernel or a seccomp filter refuses `openat2` with ENOSYS (Linux before 5.6, and systemd's
+/// `RestrictSUIDSGID=`, which cannot inspect its flags), `openat` with `O_NOFOLLOW`, which
+/// for one component that is not `..` resolves the same.
+fn open_beneath(dir: &OwnedFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve) {
+        Err(Errno::NOSYS) => open_component(dir, name, flags),
+        other => other,
+    }
+}
+
+fn open_component(dir: &OwnedFd, name: &[u8], flags: OFlags) -> rustix::io::Result<OwnedFd> {
+    debug_assert!(name != b".." && !name.contains(&b'/'));
+    rustix::fs::openat(dir, name, flags, Mode::empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_openat_fallback_opens_directories_and_never_a_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("dir")).unwrap();
+        std::fs::write(t.path().join("file"), "").unwrap();
+        std::os::unix::fs::symlink("/etc", t.path().join("link")).unwrap();
+        let root: OwnedFd = std::fs::File::open(t.path()).unwrap().into();
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        // The errors `walk` reads as "a symlink or a file where a directory should be".
+        let refused = |r: rustix::io::Result<OwnedFd>| {
+            matches!(r, Err(Errno::LOOP | Errno::XDEV | Errno::NOTDIR))
+        };
+        assert!(open_component(&root, b"dir", flags).is_ok());
+        assert!(open_beneath(&root, b"dir").is_ok());
+        for name in [&b"link"[..], b"file"] {
+            assert!(refused(open_component(&root, name, flags)));
+            assert!(refused(open_beneath(&root, name)));
+        }
+    }
 
     #[test]
     fn components_refuse_escapes() {
