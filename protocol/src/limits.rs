@@ -10,6 +10,7 @@
 //! | `disk_bytes` | 4 GiB | 64 GiB | 1 MiB |
 //! | `open_files` | 1024 | 65536 | 64 |
 //! | `log_bytes` | 4 MiB | 64 MiB | 4 KiB |
+//! | `network_bytes` | 1 GiB | 16 GiB | 1 MiB |
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,10 @@ pub struct Limits {
     /// Bytes of build output (stdout + stderr) kept and streamed.
     #[schemars(range(min = 4096, max = 67108864))]
     pub log_bytes: ByteSize,
+    /// Bytes (in plus out) the build may move through its egress proxy; past it the
+    /// build's connections are cut and it ends as `network_limit`. Only egress jobs use it.
+    #[schemars(range(min = 1048576, max = 17179869184_u64))]
+    pub network_bytes: ByteSize,
 }
 
 impl Default for Limits {
@@ -59,6 +64,7 @@ impl Limits {
         disk_bytes: ByteSize(4 * GIB),
         open_files: 1024,
         log_bytes: ByteSize(4 * MIB),
+        network_bytes: ByteSize(GIB),
     };
 
     /// The hard maxima: no worker accepts more, whatever its config says.
@@ -70,6 +76,7 @@ impl Limits {
         disk_bytes: ByteSize(64 * GIB),
         open_files: 65536,
         log_bytes: ByteSize(64 * MIB),
+        network_bytes: ByteSize(16 * GIB),
     };
 
     pub const MIN: Limits = Limits {
@@ -80,9 +87,10 @@ impl Limits {
         disk_bytes: ByteSize(MIB),
         open_files: 64,
         log_bytes: ByteSize(4 * KIB),
+        network_bytes: ByteSize(MIB),
     };
 
-    fn fields(&self) -> [(&'static str, u64, bool); 7] {
+    fn fields(&self) -> [(&'static str, u64, bool); 8] {
         [
             ("wall_seconds", self.wall_seconds, false),
             ("cpu_seconds", self.cpu_seconds, false),
@@ -91,6 +99,7 @@ impl Limits {
             ("disk_bytes", self.disk_bytes.0, true),
             ("open_files", self.open_files, false),
             ("log_bytes", self.log_bytes.0, true),
+            ("network_bytes", self.network_bytes.0, true),
         ]
     }
 

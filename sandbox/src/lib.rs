@@ -85,8 +85,8 @@ pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use shim::{SHIM_ARG, main as shim_main};
 pub use spec::{
-    Identity, JOB_GID, JOB_UID, JOB_UMASK, Network, SandboxConfig, SandboxLimits, SandboxSpec,
-    Scratch,
+    EGRESS_PORT, Identity, JOB_GID, JOB_UID, JOB_UMASK, Network, SandboxConfig, SandboxLimits,
+    SandboxSpec, Scratch,
 };
 pub use sys::c_main_start;
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};

@@ -408,6 +408,7 @@ pub(super) fn validate(
         disk_bytes: bytes(l.disk_bytes, max.disk_bytes),
         open_files: l.open_files.unwrap_or(max.open_files),
         log_bytes: bytes(l.log_bytes, max.log_bytes),
+        network_bytes: bytes(l.network_bytes, max.network_bytes),
     };
     let limits_ok = match limits.within(&max) {
         Ok(()) => true,
@@ -495,6 +496,23 @@ pub(super) fn validate(
         }
     };
 
+    let raw_egress = raw.egress.unwrap_or_default();
+    let allow =
+        match crate::egress::AllowList::parse(raw_egress.allow.as_deref().unwrap_or_default()) {
+            Ok(list) => list,
+            Err(e) => {
+                c.fail("egress.allow", e.to_string());
+                crate::egress::AllowList::default()
+            }
+        };
+    let egress_connections = c.range(
+        "egress.connections",
+        raw_egress.connections,
+        crate::egress::ProxyLimits::default().connections as u64,
+        1,
+        4096,
+    ) as usize;
+
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
@@ -553,6 +571,10 @@ pub(super) fn validate(
         },
         metrics: MetricsConfig { listen },
         log: LogConfig { format },
+        egress: super::EgressConfig {
+            allow,
+            connections: egress_connections,
+        },
     })
 }
 
@@ -645,6 +667,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             disk_bytes: Some(RawBytes(c.limits.disk_bytes)),
             open_files: Some(c.limits.open_files),
             log_bytes: Some(RawBytes(c.limits.log_bytes)),
+            network_bytes: Some(RawBytes(c.limits.network_bytes)),
         }),
         snapshot: Some(RawSnapshot {
             compression: Some(c.snapshot.compression.as_str().to_string()),
@@ -663,6 +686,10 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
                 }
                 .to_string(),
             ),
+        }),
+        egress: Some(super::raw::RawEgress {
+            allow: Some(c.egress.allow.entries().map(ToString::to_string).collect()),
+            connections: Some(c.egress.connections as u64),
         }),
     }
 }
