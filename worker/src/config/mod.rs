@@ -90,6 +90,10 @@ pub struct EgressConfig {
     pub allow: crate::egress::AllowList,
     /// A job's proxy connections at once; more are refused (503).
     pub connections: usize,
+    /// CA certificates (PEM) that egress builds trust for the allowed destinations (a
+    /// private package mirror's), bound read-only at [`crate::egress::BUILD_CA`] with
+    /// `PIP_CERT` pointing at it.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -513,6 +513,15 @@ pub(super) fn validate(
         4096,
     ) as usize;
 
+    let egress_ca = match raw_egress.ca.as_deref() {
+        None | Some("") => None,
+        Some(p) if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+        Some(p) => {
+            c.fail("egress.ca", format!("{p:?} is not an absolute path"));
+            None
+        }
+    };
+
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
@@ -574,6 +583,7 @@ pub(super) fn validate(
         egress: super::EgressConfig {
             allow,
             connections: egress_connections,
+            ca: egress_ca,
         },
     })
 }
@@ -690,6 +700,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
         egress: Some(super::raw::RawEgress {
             allow: Some(c.egress.allow.entries().map(ToString::to_string).collect()),
             connections: Some(c.egress.connections as u64),
+            ca: Some(c.egress.ca.as_deref().and_then(path).unwrap_or_default()),
         }),
     }
 }

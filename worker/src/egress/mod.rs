@@ -14,5 +14,9 @@ pub mod ledger;
 pub mod proxy;
 
 pub use allow::{AllowList, Destination, EgressError};
+
+/// Where an egress build finds the CA certificates of `[egress] ca`: on the job's private
+/// `/tmp` (a tmpfs), so neither the mount point nor the file reaches the build's layer.
+pub const BUILD_CA: &str = "/tmp/.corral/egress-ca.pem";
 pub use ledger::Ledger;
 pub use proxy::{Proxy, ProxyLimits};

@@ -180,7 +180,8 @@ impl Proxy {
             Ok(u) => u,
             Err((reason, detail, code)) => {
                 self.deny(Some(&dest), reason, detail);
-                let _ = client.write_all(&status(code, "Forbidden")).await;
+                let text = if code == 403 { "Forbidden" } else { "Bad Gateway" };
+                let _ = client.write_all(&status(code, text)).await;
                 return;
             }
         };

@@ -272,7 +272,15 @@ pub fn spec(
         work: job_dir.work(),
         identity,
         argv: job.command.clone(),
-        env: super::spec::build_env(job),
+        env: {
+            let mut env = super::spec::build_env(job);
+            let ca = settings.egress.ca.is_some();
+            for (k, v) in super::spec::proxy_env(job, ca) {
+                env.retain(|(key, _)| *key != k);
+                env.push((k, v));
+            }
+            env
+        },
         cwd: PathBuf::from(job.workdir.as_str()),
         limits: SandboxLimits {
             memory_bytes: Some(job.limits.memory_bytes.bytes()),
@@ -291,7 +299,12 @@ pub fn spec(
                 port: corral_sandbox::EGRESS_PORT,
             },
         },
-        read_only_binds: Vec::new(),
+        read_only_binds: match &settings.egress.ca {
+            Some(ca) if !job.network.egress().is_empty() => {
+                vec![(ca.clone(), PathBuf::from(crate::egress::BUILD_CA))]
+            }
+            _ => Vec::new(),
+        },
         hostname: "corral".to_string(),
         scratch: None,
     }

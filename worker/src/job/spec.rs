@@ -120,8 +120,10 @@ pub fn pinned(job: &Job) -> bool {
 }
 
 /// The proxy the build's `HTTP_PROXY` and `HTTPS_PROXY` (both cases) point at, on the job's
-/// own loopback; `NO_PROXY` keeps the job's own servers direct.
-pub fn proxy_env(job: &Job) -> Vec<(String, String)> {
+/// own loopback; `NO_PROXY` keeps the job's own servers direct; `PIP_CERT` names the
+/// operator's CA file when there is one. The build's only: the image's config keeps the
+/// job's own env ([`build_env`]), since the proxy does not exist where the image runs.
+pub fn proxy_env(job: &Job, ca: bool) -> Vec<(String, String)> {
     if job.network.egress().is_empty() {
         return Vec::new();
     }
@@ -133,6 +135,9 @@ pub fn proxy_env(job: &Job) -> Vec<(String, String)> {
     }
     for name in ["NO_PROXY", "no_proxy"] {
         env.push((name.to_owned(), "localhost,127.0.0.1".to_owned()));
+    }
+    if ca {
+        env.push(("PIP_CERT".to_owned(), crate::egress::BUILD_CA.to_owned()));
     }
     env
 }
@@ -170,6 +175,5 @@ pub fn build_env(job: &Job) -> Vec<(String, String)> {
         ("SOURCE_DATE_EPOCH".to_string(), job.epoch().to_string()),
     ]);
     env.extend(job.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env.extend(proxy_env(job));
     env.into_iter().collect()
 }
