@@ -180,7 +180,11 @@ impl Proxy {
             Ok(u) => u,
             Err((reason, detail, code)) => {
                 self.deny(Some(&dest), reason, detail);
-                let text = if code == 403 { "Forbidden" } else { "Bad Gateway" };
+                let text = if code == 403 {
+                    "Forbidden"
+                } else {
+                    "Bad Gateway"
+                };
                 let _ = client.write_all(&status(code, text)).await;
                 return;
             }
