@@ -288,6 +288,48 @@ mod tests {
     }
 
     #[test]
+    fn stream_frames_carry_the_egress_listener_in_order() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        let (mut shim, worker) = UnixStream::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // As the shim sends it: the frame and its descriptor in one sendmsg.
+        sys::send_fds(
+            shim.as_raw_fd(),
+            &encode(&FromShim::Egress),
+            &[listener.as_raw_fd()],
+        )
+        .unwrap();
+        drop(listener);
+        write(&mut shim, &FromShim::Report(Box::default())).unwrap();
+        drop(shim);
+        let mut frames = Frames::default();
+        let first = frames
+            .read_with_fds::<FromShim>(worker.as_raw_fd())
+            .unwrap();
+        assert!(matches!(first, Some(FromShim::Egress)));
+        let fd = frames.take_fd().expect("the listener came with its frame");
+        assert_eq!(
+            std::net::TcpListener::from(fd).local_addr().unwrap().port(),
+            port
+        );
+        assert!(matches!(
+            frames
+                .read_with_fds::<FromShim>(worker.as_raw_fd())
+                .unwrap(),
+            Some(FromShim::Report(_))
+        ));
+        assert!(
+            frames
+                .read_with_fds::<FromShim>(worker.as_raw_fd())
+                .unwrap()
+                .is_none()
+        );
+        assert!(frames.take_fd().is_none());
+    }
+
+    #[test]
     fn seqpacket_frames_carry_fds() {
         let (a, b) = sys::seqpacket_pair().unwrap();
         let (mut r, w) = std::io::pipe().unwrap();
