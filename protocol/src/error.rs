@@ -39,6 +39,9 @@ pub enum Rule {
     /// A referenced object that is missing or not what its reference says (a source bundle
     /// whose bytes do not match its digest, say).
     Content,
+    /// A well-formed value this worker's config does not permit (an egress destination
+    /// outside its allow-list, say).
+    NotAllowed,
 }
 
 impl Rule {
@@ -58,6 +61,7 @@ impl Rule {
             Rule::Size => "size",
             Rule::Unknown => "unknown",
             Rule::Content => "content",
+            Rule::NotAllowed => "not_allowed",
         }
     }
 

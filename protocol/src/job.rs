@@ -72,6 +72,11 @@ pub struct Job {
     /// May the worker answer from its action cache when the same inputs were built before.
     #[serde(default = "yes")]
     pub cache: bool,
+    /// An egress job (`network: {"egress": [...]}`) is answered from the action cache only
+    /// when this is true: the producer vouches that what it downloads is pinned (e.g. pip's
+    /// `--require-hashes`), so the same inputs give the same bytes. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cacheable: bool,
     /// Queue to which the result is also sent (AMQP `reply_to`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 255))]
@@ -100,7 +105,7 @@ pub struct SourceRef {
 }
 
 /// What the build may reach over the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkPolicy {
     /// A fresh network namespace with no interface up: the build reaches nothing, not even
@@ -110,6 +115,91 @@ pub enum NetworkPolicy {
     /// A fresh network namespace with its own loopback up (for test servers the build
     /// starts itself); the host stays unreachable.
     Loopback,
+    /// Loopback only, plus an HTTP proxy the worker serves on the job's own loopback
+    /// (`HTTP_PROXY`/`HTTPS_PROXY` point at it) that reaches exactly these `HOST:PORT`
+    /// destinations: a subset of the worker's `[egress] allow` list. The namespace still has
+    /// no route out.
+    Egress(
+        #[schemars(
+            length(min = 1, max = 64),
+            inner(regex(pattern = r"^[A-Za-z0-9.:\[\]_-]{1,260}:[0-9]{1,5}$"))
+        )]
+        Vec<String>,
+    ),
+}
+
+/// Most destinations one job may ask for.
+pub const MAX_EGRESS: usize = 64;
+
+impl NetworkPolicy {
+    /// The egress destinations, empty for the other policies.
+    pub fn egress(&self) -> &[String] {
+        match self {
+            NetworkPolicy::Egress(list) => list,
+            NetworkPolicy::None | NetworkPolicy::Loopback => &[],
+        }
+    }
+
+    /// Checks the egress list's shape: 1 to [`MAX_EGRESS`] entries, each `HOST:PORT` with a
+    /// port in 1..=65535 (an IPv6 address in brackets).
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let NetworkPolicy::Egress(list) = self else {
+            return Ok(());
+        };
+        if list.is_empty() || list.len() > MAX_EGRESS {
+            return Err(ProtocolError::new(
+                "network.egress",
+                Rule::Length,
+                format!("must have 1 to {MAX_EGRESS} destinations"),
+            ));
+        }
+        for (i, entry) in list.iter().enumerate() {
+            if let Err(why) = split_host_port(entry) {
+                return Err(ProtocolError::new(
+                    format!("network.egress[{i}]"),
+                    Rule::Charset,
+                    format!("{entry:?}: {why}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `HOST:PORT` (`[v6]:PORT` for IPv6) into its host (lower-cased, without brackets) and
+/// port. The host is a DNS name or an IP address.
+pub fn split_host_port(entry: &str) -> Result<(String, u16), String> {
+    let (host, port) = entry
+        .rsplit_once(':')
+        .ok_or_else(|| "expected HOST:PORT".to_owned())?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {port:?} is not in 1..=65535"))?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => {
+            let v6 = v6
+                .strip_suffix(']')
+                .ok_or_else(|| "an unclosed '['".to_owned())?;
+            v6.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
+            v6.to_owned()
+        }
+        None => host.to_owned(),
+    };
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !name_ok && host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!("{host:?} is neither a host name nor an IP address"));
+    }
+    Ok((host.to_ascii_lowercase(), port))
 }
 
 impl Job {
@@ -179,6 +269,7 @@ impl Job {
             ));
         }
         self.limits.within(max)?;
+        self.network.validate()?;
         for (field, value) in [
             ("reply_to", &self.reply_to),
             ("correlation_id", &self.correlation_id),

@@ -38,12 +38,13 @@ pub use event::{
 };
 pub use ids::{BaseName, JobId, PoolName, ProjectId};
 pub use job::{
-    Job, JobSchema, MAX_ARG_BYTES, MAX_ARGS, MAX_ENV_BYTES, MAX_ENV_VARS, NetworkPolicy, SourceRef,
+    Job, JobSchema, MAX_ARG_BYTES, MAX_ARGS, MAX_EGRESS, MAX_ENV_BYTES, MAX_ENV_VARS,
+    NetworkPolicy, SourceRef, split_host_port,
 };
 pub use limits::Limits;
 pub use result::{
-    Artifact, BuildInputs, JobResult, Layer, LogRef, Reason, ResultSchema, Status, Timings, Usage,
-    WorkerInfo,
+    Artifact, BuildInputs, DestinationUsage, JobResult, Layer, LogRef, NetworkUsage, Reason,
+    ResultSchema, Status, Timings, Usage, WorkerInfo,
 };
 pub use workdir::WorkDir;
 

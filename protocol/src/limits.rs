@@ -11,6 +11,7 @@
 //! | `open_files` | 1024 | 65536 | 64 |
 //! | `log_bytes` | 4 MiB | 64 MiB | 4 KiB |
 //! | `disk_bytes_per_second` | 256 MiB | 4 GiB | 1 MiB |
+//! | `network_bytes` | 1 GiB | 16 GiB | 1 MiB |
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,10 @@ pub struct Limits {
     /// build issues itself, not the kernel's buffered writeback).
     #[schemars(range(min = 1048576, max = 4294967296_u64))]
     pub disk_bytes_per_second: ByteSize,
+    /// Bytes (in plus out) the build may move through its egress proxy; past it the
+    /// build's connections are cut and it ends as `network_limit`. Only egress jobs use it.
+    #[schemars(range(min = 1048576, max = 17179869184_u64))]
+    pub network_bytes: ByteSize,
 }
 
 impl Default for Limits {
@@ -66,6 +71,7 @@ impl Limits {
         open_files: 1024,
         log_bytes: ByteSize(4 * MIB),
         disk_bytes_per_second: ByteSize(256 * MIB),
+        network_bytes: ByteSize(GIB),
     };
 
     /// The hard maxima: no worker accepts more, whatever its config says.
@@ -78,6 +84,7 @@ impl Limits {
         open_files: 65536,
         log_bytes: ByteSize(64 * MIB),
         disk_bytes_per_second: ByteSize(4 * GIB),
+        network_bytes: ByteSize(16 * GIB),
     };
 
     pub const MIN: Limits = Limits {
@@ -89,9 +96,10 @@ impl Limits {
         open_files: 64,
         log_bytes: ByteSize(4 * KIB),
         disk_bytes_per_second: ByteSize(MIB),
+        network_bytes: ByteSize(MIB),
     };
 
-    fn fields(&self) -> [(&'static str, u64, bool); 8] {
+    fn fields(&self) -> [(&'static str, u64, bool); 9] {
         [
             ("wall_seconds", self.wall_seconds, false),
             ("cpu_seconds", self.cpu_seconds, false),
@@ -101,6 +109,7 @@ impl Limits {
             ("open_files", self.open_files, false),
             ("log_bytes", self.log_bytes.0, true),
             ("disk_bytes_per_second", self.disk_bytes_per_second.0, true),
+            ("network_bytes", self.network_bytes.0, true),
         ]
     }
 

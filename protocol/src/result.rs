@@ -64,6 +64,8 @@ pub enum Reason {
     OutputLimit,
     /// A denied system call ended the build.
     Seccomp,
+    /// The build moved more than `limits.network_bytes` through its egress proxy.
+    NetworkLimit,
     Cancelled,
     InvalidJob,
     PlatformError,
@@ -126,6 +128,40 @@ pub struct Usage {
     /// Attempts to open a network socket that the job's network policy forbids.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub network_attempts: u64,
+    /// What went through the egress proxy (egress jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkUsage>,
+}
+
+/// The traffic of an egress job through its proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkUsage {
+    /// Bytes from the destinations to the build.
+    pub bytes_in: u64,
+    /// Bytes from the build to the destinations.
+    pub bytes_out: u64,
+    /// Connections made to allowed destinations.
+    pub connections: u64,
+    /// Requests refused (destination not allowed, bad request, connection cap).
+    pub denied: u64,
+    /// One row per destination tried, allowed or not, sorted by `host:port`.
+    pub destinations: Vec<DestinationUsage>,
+}
+
+/// One destination's row of [`NetworkUsage`] (squid's access-log fields, summed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationUsage {
+    /// `HOST:PORT` as the build asked for it.
+    pub destination: String,
+    /// The address connected to (empty when refused before resolving or none resolved).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connections: u64,
+    pub denied: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

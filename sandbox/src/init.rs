@@ -126,8 +126,21 @@ fn setup(
         .map_err(|e| SetupError::io_on(Step::Workdir, spec.cwd.display(), &e))?;
     sys::sethostname(&spec.hostname).map_err(io(Step::Hostname))?;
     sys::loopback_up().map_err(io(Step::Loopback))?;
+    // The proxy's socket is made here, in the job's network namespace and still outside its
+    // user namespace: it listens before the job starts, so the job's first connection
+    // waits in its backlog until the worker serves it, and the job can neither close nor
+    // take over a socket it never holds (only the shim gets the descriptor).
+    let egress = match spec.network {
+        crate::spec::Network::Egress { port } => Some(
+            std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
+                .map_err(|e| SetupError::io_on(Step::Egress, format!("127.0.0.1:{port}"), &e))?,
+        ),
+        crate::spec::Network::None | crate::spec::Network::Loopback => None,
+    };
     sys::unshare(libc::CLONE_NEWUSER).map_err(io(Step::UserNamespace))?;
-    handshake::send(link, &FromInit::Unshared, &[]).map_err(io(Step::Link))?;
+    let handed: Vec<RawFd> = egress.iter().map(|l| l.as_raw_fd()).collect();
+    handshake::send(link, &FromInit::Unshared, &handed).map_err(io(Step::Link))?;
+    drop(egress);
     // While the shim writes our id maps: everything the job inherits and we can do
     // without them (a new user namespace grants its creator every capability at once).
     // We already sit in the job's cgroup: root the cgroup namespace there.

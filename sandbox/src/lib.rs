@@ -85,8 +85,8 @@ pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use shim::{SHIM_ARG, main as shim_main};
 pub use spec::{
-    CPU_SATURATED_AFTER, Identity, JOB_GID, JOB_UID, JOB_UMASK, Network, SandboxConfig,
-    SandboxLimits, SandboxSpec, Scratch,
+    CPU_SATURATED_AFTER, EGRESS_PORT, Identity, JOB_GID, JOB_UID, JOB_UMASK, Network,
+    SandboxConfig, SandboxLimits, SandboxSpec, Scratch,
 };
 pub use sys::c_main_start;
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};

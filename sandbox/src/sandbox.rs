@@ -101,6 +101,8 @@ pub struct Running {
     cgroup: JobCgroup,
     waited: bool,
     events: Option<Receiver<LiveEvent>>,
+    /// The egress proxy's listening socket, once the shim has handed it over.
+    egress: Option<Receiver<OwnedFd>>,
     /// Reads the shim's link: events into the channel as they come, then the report.
     reader: Option<JoinHandle<ShimWords>>,
 }
@@ -117,11 +119,20 @@ struct ShimWords {
 
 /// Reads frames from the shim until its report, passing events on without ever waiting
 /// for their consumer, so the shim's socket never fills while the job runs.
-fn read_shim(mut ctl: UnixStream, events: SyncSender<LiveEvent>) -> ShimWords {
+fn read_shim(
+    ctl: UnixStream,
+    events: SyncSender<LiveEvent>,
+    egress: SyncSender<OwnedFd>,
+) -> ShimWords {
     let mut frames = Frames::default();
     let mut dropped = 0;
     loop {
-        match frames.read::<FromShim>(&mut ctl) {
+        match frames.read_with_fds::<FromShim>(ctl.as_raw_fd()) {
+            Ok(Some(FromShim::Egress)) => {
+                if let Some(listener) = frames.take_fd() {
+                    let _ = egress.try_send(listener);
+                }
+            }
             Ok(Some(FromShim::Event(event))) => match events.try_send(event) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => dropped += 1,
@@ -213,6 +224,19 @@ impl Sandbox {
         Self::run_with_events(spec, config, output, &mut |_| {})
     }
 
+    /// [`Sandbox::run_with_events`], handing the egress proxy's listening socket
+    /// (`Network::Egress`) to `on_egress` before the job starts. The caller serves it from
+    /// another thread (started in `on_egress`: the job's pid 1 has been cloned by then).
+    pub fn run_with_egress(
+        spec: &SandboxSpec,
+        config: &SandboxConfig,
+        output: Output,
+        on_event: &mut dyn FnMut(LiveEvent),
+        on_egress: &mut dyn FnMut(OwnedFd),
+    ) -> Result<Ended, Error> {
+        Self::run_supervised(spec, config, output, on_event, on_egress)
+    }
+
     /// [`Sandbox::run`], handing each [`LiveEvent`] to `on_event` as it happens, on the
     /// supervising thread: it must return quickly (the job's seccomp notifications wait
     /// meanwhile).
@@ -221,6 +245,16 @@ impl Sandbox {
         config: &SandboxConfig,
         output: Output,
         on_event: &mut dyn FnMut(LiveEvent),
+    ) -> Result<Ended, Error> {
+        Self::run_supervised(spec, config, output, on_event, &mut |_| {})
+    }
+
+    fn run_supervised(
+        spec: &SandboxSpec,
+        config: &SandboxConfig,
+        output: Output,
+        on_event: &mut dyn FnMut(LiveEvent),
+        on_egress: &mut dyn FnMut(OwnedFd),
     ) -> Result<Ended, Error> {
         if !single_threaded() {
             return Err(Error::NotSingleThreaded);
@@ -272,6 +306,7 @@ impl Sandbox {
                     signals: Some(signals),
                     job_output,
                     events: on_event,
+                    egress: on_egress,
                 },
             );
             let _ = crate::sys::mask_signals(&CANCEL_SIGNALS, false);
@@ -390,6 +425,7 @@ impl Sandbox {
             .try_clone()
             .map_err(|source| Error::ControlSocket { source })?;
         let (events_tx, events_rx) = std::sync::mpsc::sync_channel(EVENTS_QUEUED);
+        let (egress_tx, egress_rx) = std::sync::mpsc::sync_channel(1);
         let mut running = Running {
             stdout: Some(stdout),
             stderr: Some(stderr),
@@ -401,6 +437,7 @@ impl Sandbox {
             cgroup: cg.clone(),
             waited: false,
             events: Some(events_rx),
+            egress: Some(egress_rx),
             reader: None,
         };
         let request = ToShim::Request(Box::new(Request {
@@ -417,7 +454,7 @@ impl Sandbox {
         }
         let reader = std::thread::Builder::new()
             .name("corral-shim-link".to_owned())
-            .spawn(move || read_shim(reader_side, events_tx));
+            .spawn(move || read_shim(reader_side, events_tx, egress_tx));
         match reader {
             Ok(handle) => running.reader = Some(handle),
             Err(source) => return Err(Error::ControlSocket { source }),
@@ -443,6 +480,14 @@ impl Running {
     /// in [`Outcome::events_dropped`].
     pub fn events(&mut self) -> Option<Receiver<LiveEvent>> {
         self.events.take()
+    }
+
+    /// The egress proxy's listening socket on the job's loopback (`Network::Egress`), once:
+    /// the first call takes the receiver. It yields the socket before the job starts (the
+    /// job's connections wait in its backlog meanwhile) and closes without one for other
+    /// networks or when the sandbox could not be built.
+    pub fn egress_listener(&mut self) -> Option<Receiver<OwnedFd>> {
+        self.egress.take()
     }
 
     /// Waits for the job to end. When this returns (even with an error) every process of

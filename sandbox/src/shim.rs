@@ -51,6 +51,12 @@ pub fn main() -> ! {
                 signals: None,
                 job_output: JobOutput::OwnPipes,
                 events: &mut |event| outbox.push(&FromShim::Event(event)),
+                // Sent before the job starts, so before any event: nothing is pending in
+                // the outbox and the frame goes out whole, with its descriptor.
+                egress: &mut |listener| {
+                    let frame = handshake::encode(&FromShim::Egress);
+                    let _ = sys::send_fds(ctl.as_raw_fd(), &frame, &[listener.as_raw_fd()]);
+                },
             },
         )
         .finish(),
@@ -153,6 +159,9 @@ pub(crate) struct Supervisor<'a> {
     /// Receives what the job does as it happens ([`LiveEvent`]s, already rate-limited).
     /// Called on the supervisor's thread: it must not block.
     pub events: &'a mut dyn FnMut(LiveEvent),
+    /// Receives the egress proxy's listening socket (egress jobs only), before the job
+    /// starts.
+    pub egress: &'a mut dyn FnMut(OwnedFd),
 }
 
 /// How long a job gets between TERM and KILL when the supervising CLI is interrupted.
@@ -237,6 +246,7 @@ fn run_job(
         signals,
         job_output,
         events,
+        egress,
     } = sup;
     // One link to init for the whole setup and its status; it carries the seccomp
     // listener too.
@@ -301,8 +311,8 @@ fn run_job(
         .and_then(|cg| place(cg.version(), pid, link.as_raw_fd()).map(|()| cg))
         .and_then(|cg| {
             // Pid 1 builds the root, then asks for its identity mapping.
-            match handshake::recv::<FromInit>(link.as_raw_fd(), 0) {
-                Ok(Some((FromInit::Unshared, _))) => {}
+            match handshake::recv::<FromInit>(link.as_raw_fd(), 1) {
+                Ok(Some((FromInit::Unshared, fds))) => fds.into_iter().for_each(&mut *egress),
                 Ok(Some((FromInit::Failed(e), _))) => return Err(e),
                 Ok(None) => return Err(SetupError::new(SetupStep::InitDied, "")),
                 Ok(Some((other, _))) => {

@@ -144,7 +144,15 @@ pub enum Network {
     None,
     /// IP sockets allowed, but only the namespace's own loopback exists.
     Loopback,
+    /// As `Loopback`, and pid 1 opens a TCP socket listening on `127.0.0.1:port` inside the
+    /// job's namespace before the job starts, and hands it to the caller (see
+    /// [`crate::Running::egress_listener`]), who serves the job's egress proxy on it from
+    /// outside. The namespace still has no route out.
+    Egress { port: u16 },
 }
+
+/// The port of the egress proxy's socket on the job's loopback (squid's customary one).
+pub const EGRESS_PORT: u16 = 3128;
 
 /// How the worker launches sandboxes on this host.
 #[derive(Debug, Clone)]

@@ -58,7 +58,7 @@ impl ActionKey {
             env_digest: &env_digest,
             workdir: job.workdir.as_str(),
             source_date_epoch: job.epoch(),
-            network: job.network,
+            network: job.network.clone(),
             layer_encoding,
             umask: &umask,
         };
@@ -72,7 +72,7 @@ impl ActionKey {
             env_digest,
             workdir: job.workdir.as_str().to_string(),
             source_date_epoch: job.epoch(),
-            network: job.network,
+            network: job.network.clone(),
             layer_encoding: layer_encoding.to_string(),
             umask,
         })

@@ -491,6 +491,10 @@ pub struct SandboxArgs {
     /// Read-only bind `HOST:SANDBOX` (repeatable).
     #[arg(long = "bind", value_name = "HOST:SANDBOX")]
     pub binds: Vec<String>,
+    /// Let the command reach HOST:PORT through an egress proxy served from outside on its
+    /// loopback (repeatable; implies a loopback network; `HTTP_PROXY`/`HTTPS_PROXY` set).
+    #[arg(long = "egress", value_name = "HOST:PORT")]
+    pub egress: Vec<String>,
     /// Do not copy the command's stdout/stderr to ours.
     #[arg(long)]
     pub quiet: bool,
@@ -534,6 +538,7 @@ impl SandboxArgs {
             cwd: PathBuf::from(SANDBOX_CWD),
             env: Vec::new(),
             binds: Vec::new(),
+            egress: Vec::new(),
             quiet: false,
             events: None,
             command: Vec::new(),

@@ -25,6 +25,8 @@ pub mod config;
 pub mod datadisk;
 /// `corral doctor`: whether this host can run builds.
 pub mod doctor;
+/// The egress proxy of builds that may download: allow-list, accounting, limits.
+pub mod egress;
 /// A job's events: the per-kind rate limit, the sinks, the human line.
 pub mod events;
 /// Exit codes that say whose fault a failure is.

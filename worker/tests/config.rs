@@ -470,7 +470,21 @@ fn every_key(secret: &Path) -> Vec<(&'static str, String, String, String)> {
             q("127.0.0.1:9999"),
             none.clone(),
         ),
-        ("log.format", s("json"), q("json"), none),
+        ("log.format", s("json"), q("json"), none.clone()),
+        ("limits.network_bytes", s("2 GiB"), q("2 GiB"), none.clone()),
+        (
+            "egress.allow",
+            s("pypi.test:443, files.test:443"),
+            s(r#"["files.test:443", "pypi.test:443"]"#),
+            none.clone(),
+        ),
+        ("egress.connections", s("8"), s("8"), none.clone()),
+        (
+            "egress.ca",
+            s("/etc/corral/mirror-ca.pem"),
+            q("/etc/corral/mirror-ca.pem"),
+            none,
+        ),
     ]
 }
 

@@ -46,6 +46,9 @@ pub(crate) enum ToShim {
 /// Shim → worker.
 #[derive(Debug)]
 pub(crate) enum FromShim {
+    /// The egress proxy's listening socket (attached), made by init in the job's network
+    /// namespace; once, before the job starts, for `Network::Egress` only.
+    Egress,
     /// Something the job did while it runs; any number, before the report.
     Event(LiveEvent),
     /// How the run ended; the last message, sent once init is gone.
@@ -211,6 +214,7 @@ const REQUEST: u8 = b'R';
 const CANCEL: u8 = b'C';
 const REPORT: u8 = b'O';
 const EVENT: u8 = b'V';
+const EGRESS: u8 = b'N';
 const CGROUP: u8 = b'G';
 const MAPPED: u8 = b'M';
 const UNSHARED: u8 = b'U';
@@ -315,6 +319,7 @@ impl Message for FromShim {
 
     fn kind(&self) -> u8 {
         match self {
+            FromShim::Egress => EGRESS,
             FromShim::Event(_) => EVENT,
             FromShim::Report(_) => REPORT,
         }
@@ -322,6 +327,7 @@ impl Message for FromShim {
 
     fn put_body(&self, out: &mut Vec<u8>) {
         match self {
+            FromShim::Egress => {}
             FromShim::Event(event) => put_json(out, event),
             FromShim::Report(report) => put_json(out, report),
         }
@@ -329,6 +335,7 @@ impl Message for FromShim {
 
     fn parse(kind: u8, bytes: &[u8]) -> Result<Self, HandshakeError> {
         match kind {
+            EGRESS => body(Self::LINK, bytes).end().map(|()| FromShim::Egress),
             EVENT => Ok(FromShim::Event(body(Self::LINK, bytes).json()?)),
             REPORT => Ok(FromShim::Report(Box::new(body(Self::LINK, bytes).json()?))),
             kind => Err(HandshakeError::Kind {

@@ -16,9 +16,9 @@
 //! | worker → zygote | seqpacket, the zygote's fd 0 | [`ToZygote::Fork`] with 3 fds: control socket, stdout, stderr |
 //! | zygote → worker | the same | [`FromZygote`]: the forked shim's pid, or why the fork failed |
 //! | worker → shim | stream, the shim's fd 0 | [`ToShim::Request`] once, then [`ToShim::Cancel`]; end of stream cancels at once |
-//! | shim → worker | the same | [`FromShim::Event`] while the job runs (never blocking the shim: dropped and counted when the worker does not read), then [`FromShim::Report`] once, then the shim exits |
+//! | shim → worker | the same | [`FromShim::Egress`] with the egress proxy's listening socket (egress jobs, before the job starts), [`FromShim::Event`] while the job runs (never blocking the shim: dropped and counted when the worker does not read), then [`FromShim::Report`] once, then the shim exits |
 //! | shim → init | seqpacket | [`ToInit::Cgroup`], then [`ToInit::Mapped`] |
-//! | init → shim | the same | [`FromInit::Unshared`], [`FromInit::Listener`] with the seccomp listener, then [`FromInit::Status`] or [`FromInit::Failed`] |
+//! | init → shim | the same | [`FromInit::Unshared`] (with the egress listener for egress jobs), [`FromInit::Listener`] with the seccomp listener, then [`FromInit::Status`] or [`FromInit::Failed`] |
 //!
 //! Small messages have fixed binary bodies (init speaks under the job's seccomp filter and
 //! writes its status in one go once the job is dead); the request and the report, whose
@@ -36,7 +36,7 @@ pub(crate) use messages::*;
 pub use setup::{SetupError, SetupStep};
 
 /// Version of the frames this build speaks; bumped whenever a message changes.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Length field, version and kind.
 const HEADER: usize = 4 + 1 + 1;
@@ -141,6 +141,8 @@ pub(crate) fn write<M: Message>(stream: &mut impl Write, message: &M) -> io::Res
 #[derive(Debug, Default)]
 pub(crate) struct Frames {
     buf: Vec<u8>,
+    /// Descriptors received with the bytes ([`Frames::read_with_fds`]), oldest first.
+    fds: std::collections::VecDeque<OwnedFd>,
 }
 
 impl Frames {
@@ -158,6 +160,37 @@ impl Frames {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// [`Frames::read`] on a unix stream whose frames may carry descriptors (each sent
+    /// with its frame in one `sendmsg`, see [`send`]): they are kept in order for
+    /// [`Frames::take_fd`].
+    pub fn read_with_fds<M: Message>(&mut self, sock: RawFd) -> Result<Option<M>, HandshakeError> {
+        loop {
+            if let Some(message) = self.next()? {
+                return Ok(Some(message));
+            }
+            let mut chunk = [0u8; 8192];
+            match sys::recv_fds(sock, &mut chunk, 4) {
+                Ok(Some((n, fds))) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.fds.extend(fds);
+                }
+                Ok(None) => {
+                    return match self.buf.is_empty() {
+                        true => Ok(None),
+                        false => Err(HandshakeError::Truncated),
+                    };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The oldest descriptor received and not yet taken.
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fds.pop_front()
     }
 
     /// The next whole message already read, if any.
@@ -252,6 +285,48 @@ mod tests {
             self.0 = rest;
             Ok(1)
         }
+    }
+
+    #[test]
+    fn stream_frames_carry_the_egress_listener_in_order() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixStream;
+        let (mut shim, worker) = UnixStream::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // As the shim sends it: the frame and its descriptor in one sendmsg.
+        sys::send_fds(
+            shim.as_raw_fd(),
+            &encode(&FromShim::Egress),
+            &[listener.as_raw_fd()],
+        )
+        .unwrap();
+        drop(listener);
+        write(&mut shim, &FromShim::Report(Box::default())).unwrap();
+        drop(shim);
+        let mut frames = Frames::default();
+        let first = frames
+            .read_with_fds::<FromShim>(worker.as_raw_fd())
+            .unwrap();
+        assert!(matches!(first, Some(FromShim::Egress)));
+        let fd = frames.take_fd().expect("the listener came with its frame");
+        assert_eq!(
+            std::net::TcpListener::from(fd).local_addr().unwrap().port(),
+            port
+        );
+        assert!(matches!(
+            frames
+                .read_with_fds::<FromShim>(worker.as_raw_fd())
+                .unwrap(),
+            Some(FromShim::Report(_))
+        ));
+        assert!(
+            frames
+                .read_with_fds::<FromShim>(worker.as_raw_fd())
+                .unwrap()
+                .is_none()
+        );
+        assert!(frames.take_fd().is_none());
     }
 
     #[test]

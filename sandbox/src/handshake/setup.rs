@@ -60,10 +60,12 @@ pub enum SetupStep {
     Start,
     /// Init died before saying why (killed, or it crashed).
     InitDied,
+    /// Opening the egress proxy's listening socket on the job's loopback.
+    Egress,
 }
 
 impl SetupStep {
-    pub(super) const ALL: [SetupStep; 26] = [
+    pub(super) const ALL: [SetupStep; 27] = [
         SetupStep::Request,
         SetupStep::Command,
         SetupStep::Output,
@@ -90,6 +92,7 @@ impl SetupStep {
         SetupStep::Seccomp,
         SetupStep::Start,
         SetupStep::InitDied,
+        SetupStep::Egress,
     ];
 
     /// What the step does, for messages.
@@ -121,6 +124,7 @@ impl SetupStep {
             SetupStep::Seccomp => "seccomp",
             SetupStep::Start => "start of the job",
             SetupStep::InitDied => "the job's pid 1 died during setup",
+            SetupStep::Egress => "the egress proxy's listening socket",
         }
     }
 

@@ -3,7 +3,9 @@
 //! straight to ours (or nowhere with `--quiet`); Ctrl-C cancels the job and still prints
 //! the outcome. `--events` writes what the job does while it runs as JSON lines.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +15,8 @@ use corral_sandbox::{
 };
 
 use crate::cli::{SandboxArgs, SandboxNetwork};
+use crate::egress::proxy::Denial;
+use crate::egress::{Ledger, Proxy, ProxyLimits};
 use crate::exit;
 
 /// Where the upper dir lives for this run, and how it goes away.
@@ -88,6 +92,19 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
         env.retain(|(key, _)| key != k);
         env.push((k.to_owned(), v.to_owned()));
     }
+    let allow = match args.egress.is_empty() {
+        true => None,
+        false => Some(crate::egress::AllowList::parse(&args.egress).context("--egress")?),
+    };
+    if allow.is_some() {
+        let url = format!("http://127.0.0.1:{}", corral_sandbox::EGRESS_PORT);
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            env.push((name.to_owned(), url.clone()));
+        }
+        for name in ["NO_PROXY", "no_proxy"] {
+            env.push((name.to_owned(), "localhost,127.0.0.1".to_owned()));
+        }
+    }
     let mut read_only_binds = Vec::new();
     for b in &args.binds {
         let (h, s) = b
@@ -120,6 +137,9 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
             disk_device: None,
         },
         network: match args.network {
+            _ if allow.is_some() => Network::Egress {
+                port: corral_sandbox::EGRESS_PORT,
+            },
             SandboxNetwork::None => Network::None,
             SandboxNetwork::Loopback => Network::Loopback,
         },
@@ -139,32 +159,95 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
     } else {
         Output::Inherit
     };
-    let mut events = match &args.events {
+    let events = match &args.events {
         None => None,
         Some(path) if path.as_os_str() == "-" => {
-            Some(Box::new(std::io::stderr()) as Box<dyn std::io::Write>)
+            Some(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>)
         }
         Some(path) => Some(Box::new(
             std::fs::File::create(path)
                 .with_context(|| format!("creating the events file {}", path.display()))?,
-        ) as Box<dyn std::io::Write>),
+        ) as Box<dyn std::io::Write + Send>),
     };
-    let mut on_event = |event: LiveEvent| {
-        if let Some(out) = events.as_mut()
-            && let Ok(mut line) = serde_json::to_vec(&event)
-        {
-            line.push(b'\n');
-            // One write per event, so lines stay whole beside the job's own stderr; a
-            // failed write loses the live copy only (the outcome still counts it).
-            let _ = out.write_all(&line);
+    let events = Arc::new(Mutex::new(events));
+    // One write per event, so lines stay whole beside the job's own stderr; a failed
+    // write loses the live copy only (the outcome still counts it).
+    let write_line = {
+        let events = events.clone();
+        move |value: &dyn erased::Json| {
+            let mut out = events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(out) = out.as_mut()
+                && let Some(mut line) = value.line()
+            {
+                line.push(b'\n');
+                let _ = out.write_all(&line);
+            }
         }
     };
-    Ok(Sandbox::run_with_events(
-        &spec,
-        config,
-        output,
-        &mut on_event,
-    )?)
+    let write_event = write_line.clone();
+    let mut on_event = move |event: LiveEvent| write_event(&event);
+    let ledger = Arc::new(Ledger::new(
+        corral_protocol::Limits::MAX.network_bytes.bytes(),
+    ));
+    let mut on_egress = |fd: OwnedFd| {
+        let Some(allow) = allow.clone() else { return };
+        let write_denial = write_line.clone();
+        let proxy = Proxy::new(
+            allow,
+            crate::egress::allow::own_addresses(),
+            ProxyLimits::default(),
+            ledger.clone(),
+            Arc::new(move |denial: &Denial| {
+                write_denial(&serde_json::json!({
+                    "kind": "egress_denied",
+                    "host": denial.destination.as_ref().map(|d| d.host.clone()),
+                    "port": denial.destination.as_ref().map(|d| d.port),
+                    "reason": denial.reason,
+                    "message": denial.detail,
+                }));
+            }),
+        );
+        // The job's pid 1 is cloned by now: a thread of ours no longer matters to it.
+        let _ = std::thread::Builder::new()
+            .name("corral-egress".to_owned())
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    let listener = std::net::TcpListener::from(fd);
+                    if listener.set_nonblocking(true).is_ok()
+                        && let Ok(listener) = tokio::net::TcpListener::from_std(listener)
+                    {
+                        proxy.serve(listener).await;
+                    }
+                });
+            });
+    };
+    let ended = Sandbox::run_with_egress(&spec, config, output, &mut on_event, &mut on_egress)?;
+    if args.egress.is_empty() {
+        return Ok(ended);
+    }
+    write_line(&serde_json::json!({"kind": "egress_usage", "usage": ledger.usage()}));
+    Ok(ended)
+}
+
+/// A value that can be written as one JSON line.
+mod erased {
+    pub trait Json {
+        fn line(&self) -> Option<Vec<u8>>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn line(&self) -> Option<Vec<u8>> {
+            serde_json::to_vec(self).ok()
+        }
+    }
 }
 
 /// Prints the outcome as one JSON line; the exit code says whether the job succeeded.

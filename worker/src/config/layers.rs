@@ -64,6 +64,11 @@ impl Key {
         {
             return Value::Boolean(b);
         }
+        // A list from one variable: comma-separated (`CORRAL_EGRESS_ALLOW=a:443,b:443`).
+        if accepts("array") {
+            let items = text.split(',').map(str::trim).filter(|i| !i.is_empty());
+            return Value::Array(items.map(|i| Value::String(i.to_owned())).collect());
+        }
         Value::String(text.to_string())
     }
 }

@@ -79,6 +79,21 @@ pub struct Config {
     pub snapshot: SnapshotConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub egress: EgressConfig,
+}
+
+/// What builds with an egress network may reach through their proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EgressConfig {
+    /// The ceiling of every job's `network.egress` list (this worker serves one pool, so
+    /// this is the pool's). Empty: no job of this worker may have egress.
+    pub allow: crate::egress::AllowList,
+    /// A job's proxy connections at once; more are refused (503).
+    pub connections: usize,
+    /// CA certificates (PEM) that egress builds trust for the allowed destinations (a
+    /// private package mirror's), bound read-only at [`crate::egress::BUILD_CA`] with
+    /// `PIP_CERT` pointing at it.
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

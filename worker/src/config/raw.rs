@@ -35,6 +35,19 @@ pub struct RawConfig {
     pub metrics: Option<RawMetrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<RawLog>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<RawEgress>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -150,6 +163,7 @@ pub struct RawLimits {
     pub log_bytes: Option<RawBytes>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_bytes_per_second: Option<RawBytes>,
+    pub network_bytes: Option<RawBytes>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -416,6 +416,7 @@ pub(super) fn validate(
         open_files: l.open_files.unwrap_or(max.open_files),
         log_bytes: bytes(l.log_bytes, max.log_bytes),
         disk_bytes_per_second: bytes(l.disk_bytes_per_second, max.disk_bytes_per_second),
+        network_bytes: bytes(l.network_bytes, max.network_bytes),
     };
     let limits_ok = match limits.within(&max) {
         Ok(()) => true,
@@ -503,6 +504,32 @@ pub(super) fn validate(
         }
     };
 
+    let raw_egress = raw.egress.unwrap_or_default();
+    let allow =
+        match crate::egress::AllowList::parse(raw_egress.allow.as_deref().unwrap_or_default()) {
+            Ok(list) => list,
+            Err(e) => {
+                c.fail("egress.allow", e.to_string());
+                crate::egress::AllowList::default()
+            }
+        };
+    let egress_connections = c.range(
+        "egress.connections",
+        raw_egress.connections,
+        crate::egress::ProxyLimits::default().connections as u64,
+        1,
+        4096,
+    ) as usize;
+
+    let egress_ca = match raw_egress.ca.as_deref() {
+        None | Some("") => None,
+        Some(p) if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+        Some(p) => {
+            c.fail("egress.ca", format!("{p:?} is not an absolute path"));
+            None
+        }
+    };
+
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
@@ -562,6 +589,11 @@ pub(super) fn validate(
         },
         metrics: MetricsConfig { listen },
         log: LogConfig { format },
+        egress: super::EgressConfig {
+            allow,
+            connections: egress_connections,
+            ca: egress_ca,
+        },
     })
 }
 
@@ -656,6 +688,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             open_files: Some(c.limits.open_files),
             log_bytes: Some(RawBytes(c.limits.log_bytes)),
             disk_bytes_per_second: Some(RawBytes(c.limits.disk_bytes_per_second)),
+            network_bytes: Some(RawBytes(c.limits.network_bytes)),
         }),
         snapshot: Some(RawSnapshot {
             compression: Some(c.snapshot.compression.as_str().to_string()),
@@ -674,6 +707,11 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
                 }
                 .to_string(),
             ),
+        }),
+        egress: Some(super::raw::RawEgress {
+            allow: Some(c.egress.allow.entries().map(ToString::to_string).collect()),
+            connections: Some(c.egress.connections as u64),
+            ca: Some(c.egress.ca.as_deref().and_then(path).unwrap_or_default()),
         }),
     }
 }

@@ -45,6 +45,8 @@ pub fn for_result(result: &JobResult, worker: &str) -> Vec<Event> {
         Some(Reason::LogLimit) => Some((EventKind::LogLimit, Severity::Warning)),
         Some(Reason::OutputLimit) => Some((EventKind::OutputLimit, Severity::Warning)),
         Some(Reason::Seccomp) => Some((EventKind::SeccompDenied, Severity::Critical)),
+        // The proxy refused the rest of the job's traffic.
+        Some(Reason::NetworkLimit) => Some((EventKind::EgressDenied, Severity::Warning)),
         Some(Reason::Cancelled) => Some((EventKind::Cancelled, Severity::Info)),
         Some(Reason::InvalidJob) => Some((EventKind::InvalidJob, Severity::Warning)),
         Some(Reason::PlatformError) => Some((EventKind::PlatformError, Severity::Critical)),

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corral_protocol::{
-    Artifact, BuildInputs, ByteSize, EventKind, Job, LogRef, NetworkPolicy, Severity, Stream,
+    Artifact, BuildInputs, ByteSize, EventKind, Job, LogRef, NetworkPolicy, NetworkUsage, Severity,
+    Stream,
 };
 use corral_sandbox::{
     Identity, LiveEventKind, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
@@ -18,6 +19,8 @@ use corral_sandbox::{
 
 use super::error::JobError;
 use super::{LogSink, RunContext, Settings, blocking};
+use crate::egress::proxy::Denial;
+use crate::egress::{AllowList, Ledger, Proxy, ProxyLimits};
 use crate::events::{Fact, JobEvents};
 
 /// A build that ran to its end, and what became of its output.
@@ -33,6 +36,51 @@ pub struct Built {
     pub output: Output,
     /// What the output's digest depends on (the action key's inputs).
     pub inputs: Option<Box<BuildInputs>>,
+    /// What went through the egress proxy (egress jobs).
+    pub network: Option<NetworkUsage>,
+    /// The build passed its `network_bytes` (and was stopped for it).
+    pub network_cut: bool,
+}
+
+/// What the proxy saw of a build, once the build is over.
+#[derive(Debug, Clone)]
+pub struct NetworkEnd {
+    pub usage: NetworkUsage,
+    /// The build passed its `network_bytes`: its connections were cut and it was stopped.
+    pub cut: bool,
+}
+
+/// The job's proxy: its allow-list, the worker's own addresses (read now), its byte limit,
+/// and refusals raised on the job's events as `egress_denied`.
+pub fn proxy(job: &Job, allow: AllowList, settings: &Settings, ctx: &RunContext) -> Arc<Proxy> {
+    let events = ctx.events.clone();
+    let limits = ProxyLimits {
+        connections: settings.egress.connections,
+        ..ProxyLimits::default()
+    };
+    Proxy::new(
+        allow,
+        crate::egress::allow::own_addresses(),
+        limits,
+        Arc::new(Ledger::new(job.limits.network_bytes.bytes())),
+        Arc::new(move |denial: &Denial| {
+            events.raise(denial_fact(denial));
+        }),
+    )
+}
+
+/// The `egress_denied` event of a refusal.
+pub fn denial_fact(denial: &Denial) -> Fact {
+    let mut fact = Fact::new(
+        EventKind::EgressDenied,
+        Severity::Warning,
+        format!("egress refused ({}): {}", denial.reason, denial.detail),
+    )
+    .with("reason", denial.reason);
+    if let Some(dest) = &denial.destination {
+        fact = fact.with("host", &dest.host).with("port", dest.port);
+    }
+    fact
 }
 
 /// What became of a build's output.
@@ -224,7 +272,15 @@ pub fn spec(
         work: job_dir.work(),
         identity,
         argv: job.command.clone(),
-        env: super::spec::build_env(job),
+        env: {
+            let mut env = super::spec::build_env(job);
+            let ca = settings.egress.ca.is_some();
+            for (k, v) in super::spec::proxy_env(job, ca) {
+                env.retain(|(key, _)| *key != k);
+                env.push((k, v));
+            }
+            env
+        },
         cwd: PathBuf::from(job.workdir.as_str()),
         limits: SandboxLimits {
             memory_bytes: Some(job.limits.memory_bytes.bytes()),
@@ -242,8 +298,16 @@ pub fn spec(
         network: match job.network {
             NetworkPolicy::None => Network::None,
             NetworkPolicy::Loopback => Network::Loopback,
+            NetworkPolicy::Egress(_) => Network::Egress {
+                port: corral_sandbox::EGRESS_PORT,
+            },
         },
-        read_only_binds: Vec::new(),
+        read_only_binds: match &settings.egress.ca {
+            Some(ca) if !job.network.egress().is_empty() => {
+                vec![(ca.clone(), PathBuf::from(crate::egress::BUILD_CA))]
+            }
+            _ => Vec::new(),
+        },
         hostname: "corral".to_string(),
         scratch: None,
     }
@@ -251,14 +315,17 @@ pub fn spec(
 
 /// Runs the sandbox on a blocking thread, its output through a [`BuildLog`] into `log_path`
 /// and `ctx.logs`, stopping it when `ctx.stop` fires or the log limit is passed. Returns the
-/// outcome and whether the log limit was passed.
+/// outcome, whether the log limit was passed, and with a `proxy` (egress jobs) what went
+/// through it: the proxy serves the socket the sandbox hands over, and passing the byte
+/// limit stops the build.
 pub async fn sandbox(
     spec: SandboxSpec,
     settings: &Settings,
     log_limit: u64,
     log_path: &Path,
     ctx: &RunContext,
-) -> Result<(Outcome, bool), JobError> {
+    proxy: Option<Arc<Proxy>>,
+) -> Result<(Outcome, bool, Option<NetworkEnd>), JobError> {
     let config = settings.sandbox.clone();
     let mut running = blocking(move || Sandbox::spawn(&spec, &config))
         .await?
@@ -266,6 +333,32 @@ pub async fn sandbox(
     ctx.events.started();
     let cancel = running.cancel_handle();
     let grace = settings.kill_grace;
+    let serving = match (&proxy, running.egress_listener()) {
+        (Some(proxy), Some(handed)) => {
+            let (proxy, cancel) = (proxy.clone(), cancel.clone());
+            Some(tokio::spawn(async move {
+                // The receiver yields the socket before the job starts, or closes when the
+                // sandbox could not be built.
+                let Ok(Ok(fd)) = tokio::task::spawn_blocking(move || handed.recv()).await else {
+                    return;
+                };
+                let listener = std::net::TcpListener::from(fd);
+                let Ok(listener) = listener
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                else {
+                    return;
+                };
+                // Serving ends only when the job passes its byte limit (or is aborted
+                // when the job is over): then the build stops too.
+                proxy.clone().serve(listener).await;
+                if proxy.ledger().limit_passed() {
+                    cancel.cancel(Duration::ZERO);
+                }
+            }))
+        }
+        _ => None,
+    };
     let log_file = std::fs::File::create(log_path).map_err(|source| JobError::Log {
         path: log_path.to_path_buf(),
         source,
@@ -306,6 +399,13 @@ pub async fn sandbox(
     };
     let outcome = blocking(move || running.wait()).await;
     watcher.abort();
+    if let Some(serving) = serving {
+        serving.abort();
+    }
+    let network = proxy.map(|p| NetworkEnd {
+        usage: p.ledger().usage(),
+        cut: p.ledger().limit_passed(),
+    });
     let readers_done = blocking(move || {
         for reader in readers {
             let _ = reader.join();
@@ -314,7 +414,7 @@ pub async fn sandbox(
     .await;
     let outcome = outcome?.map_err(JobError::Sandbox)?;
     readers_done?;
-    Ok((outcome, log.truncated()))
+    Ok((outcome, log.truncated(), network))
 }
 
 /// The job event of what the sandbox saw. Counts are the job's totals so far.

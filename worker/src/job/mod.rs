@@ -250,6 +250,7 @@ impl Sandboxed {
         timings: &mut Timings,
     ) -> Result<Ending, JobError> {
         spec::check(job, &self.settings.max_limits)?;
+        let egress = spec::egress(job, &self.settings.egress.allow)?;
         let base = stage::base(&self.bases, job)?;
         let publish = Publish {
             store: &self.store,
@@ -258,7 +259,7 @@ impl Sandboxed {
         };
         let key = ActionKey::new(job, &base.layer.digest, &self.settings.compression.label());
         if self.settings.use_cache
-            && job.cache
+            && spec::cacheable(job)
             && let Some(hit) = publish
                 .cache_hit(&self.cache, &key, job, &ctx.worker)
                 .await?
@@ -296,12 +297,14 @@ impl Sandboxed {
             &job_dir,
             identity,
         );
-        let (outcome, log_truncated) = build::sandbox(
+        let proxy = egress.map(|allow| build::proxy(job, allow, &self.settings, ctx));
+        let (outcome, log_truncated, network) = build::sandbox(
             spec,
             &self.settings,
             job.limits.log_bytes.bytes(),
             &scratch.log(),
             ctx,
+            proxy,
         )
         .await?;
         // The sandbox reported every job process dead and the overlay gone.
@@ -320,6 +323,8 @@ impl Sandboxed {
             log: Some(log),
             output: Output::NotTaken,
             inputs: Some(Box::new(key.inputs().clone())),
+            network_cut: network.as_ref().is_some_and(|n| n.cut),
+            network: network.map(|n| n.usage),
         };
         if !built.outcome.success() {
             return Ok(Ending::Built(Box::new(built)));
@@ -375,6 +380,7 @@ impl Sandboxed {
         });
         if let Some(result) = &decided.result
             && result.status == Status::Succeeded
+            && spec::pinned(job)
         {
             publish.cache_put(&self.cache, &key, result);
         }

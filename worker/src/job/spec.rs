@@ -12,6 +12,7 @@ use corral_protocol::{Job, Limits, ProtocolError, Rule};
 use corral_sandbox::SandboxConfig;
 
 use super::error::JobError;
+use crate::egress::{AllowList, EgressError};
 use crate::layer::Compression;
 use crate::source::ExtractLimits;
 
@@ -39,6 +40,8 @@ pub struct Settings {
     /// Job filesystems kept per disk size, in use or formatted and mounted ready for the
     /// next job: the worker's concurrency (0 keeps none).
     pub job_dir_pool: usize,
+    /// The egress ceiling and the proxy's connection cap (`[egress]`).
+    pub egress: crate::config::EgressConfig,
 }
 
 impl Settings {
@@ -87,6 +90,7 @@ impl Settings {
             extract_limits: ExtractLimits::default(),
             use_cache: true,
             job_dir_pool: usize::from(config.concurrency),
+            egress: config.egress.clone(),
         })
     }
 }
@@ -94,6 +98,56 @@ impl Settings {
 /// The job within this worker's maxima.
 pub fn check(job: &Job, maxima: &Limits) -> Result<(), JobError> {
     job.validate(maxima).map_err(JobError::Spec)
+}
+
+/// The job's egress list, when it has one, within this worker's `[egress] allow`.
+pub fn egress(job: &Job, ceiling: &AllowList) -> Result<Option<AllowList>, JobError> {
+    let asked = job.network.egress();
+    if asked.is_empty() {
+        return Ok(None);
+    }
+    ceiling.subset(asked).map(Some).map_err(|e| {
+        let rule = match e {
+            EgressError::NotAllowed { .. } => Rule::NotAllowed,
+            EgressError::Entry { .. } => Rule::Charset,
+        };
+        JobError::Spec(ProtocolError::new("network.egress", rule, e.to_string()))
+    })
+}
+
+/// Whether the action cache may answer this job or keep its result: an egress job's bytes
+/// depend on what it downloaded, so only when the producer says the downloads are pinned.
+pub fn cacheable(job: &Job) -> bool {
+    job.cache && pinned(job)
+}
+
+/// Whether the job's bytes follow from its inputs alone: no egress, or the producer's
+/// `cacheable` word that its downloads are pinned. Only such results are cached.
+pub fn pinned(job: &Job) -> bool {
+    job.network.egress().is_empty() || job.cacheable
+}
+
+/// The proxy the build's `HTTP_PROXY` and `HTTPS_PROXY` (both cases) point at, on the job's
+/// own loopback; `NO_PROXY` keeps the job's own servers direct; `PIP_CERT` names the
+/// operator's CA file when there is one. The build's only: the image's config keeps the
+/// job's own env ([`build_env`]), since the proxy does not exist where the image runs.
+pub fn proxy_env(job: &Job, ca: bool) -> Vec<(String, String)> {
+    if job.network.egress().is_empty() {
+        return Vec::new();
+    }
+    let url = format!("http://127.0.0.1:{}", corral_sandbox::EGRESS_PORT);
+    let mut env = Vec::new();
+    for name in ["HTTP_PROXY", "HTTPS_PROXY"] {
+        env.push((name.to_owned(), url.clone()));
+        env.push((name.to_ascii_lowercase(), url.clone()));
+    }
+    for name in ["NO_PROXY", "no_proxy"] {
+        env.push((name.to_owned(), "localhost,127.0.0.1".to_owned()));
+    }
+    if ca {
+        env.push(("PIP_CERT".to_owned(), crate::egress::BUILD_CA.to_owned()));
+    }
+    env
 }
 
 /// The job's wall limit plus `margin`, the time it needs besides its build (fetch, snapshot,

@@ -365,6 +365,14 @@ fn describe_build(result: &mut JobResult, built: &Built, limits: &Limits, stoppe
             Reason::Seccomp,
             "the build used a forbidden system call ABI".into(),
         ),
+        DeathReason::Cancelled if built.network_cut && !stopped => (
+            Status::Killed,
+            Reason::NetworkLimit,
+            format!(
+                "the build moved more than its network limit of {} through its egress proxy",
+                limits.network_bytes
+            ),
+        ),
         DeathReason::Cancelled if built.log_truncated && !stopped => (
             Status::Killed,
             Reason::LogLimit,
@@ -422,6 +430,7 @@ fn usage(built: &Built) -> Usage {
         wall_ms: ms(u.wall),
         denied_syscalls: outcome.denied_syscalls.clone(),
         network_attempts: outcome.network_attempts,
+        network: built.network.clone(),
     }
 }
 
@@ -430,8 +439,8 @@ mod tests {
     use std::path::PathBuf;
 
     use corral_protocol::Reason::{
-        CpuLimit, DiskLimit, InvalidJob, LogLimit, NonzeroExit, Oom, OutputLimit, PidsLimit,
-        PlatformError, Seccomp, Signal, WallTimeout,
+        CpuLimit, DiskLimit, InvalidJob, LogLimit, NetworkLimit, NonzeroExit, Oom, OutputLimit,
+        PidsLimit, PlatformError, Seccomp, Signal, WallTimeout,
     };
     use corral_protocol::Status::{
         Cancelled, Error, Failed, Killed, Rejected, Succeeded, TimedOut,
@@ -502,7 +511,22 @@ mod tests {
             log: Some(log()),
             output,
             inputs: None,
+            network: None,
+            network_cut: false,
         }))
+    }
+
+    /// A build the proxy stopped at its byte limit.
+    fn network_cut() -> Ending {
+        let Ending::Built(mut built) = ended(DeathReason::Cancelled) else {
+            unreachable!()
+        };
+        built.network_cut = true;
+        built.network = Some(corral_protocol::NetworkUsage {
+            bytes_in: 1 << 20,
+            ..Default::default()
+        });
+        Ending::Built(built)
     }
 
     fn ended(reason: DeathReason) -> Ending {
@@ -603,6 +627,8 @@ mod tests {
             ("cpu", ended(DeathReason::CpuLimit), None, tries(0), Some((TimedOut, Some(CpuLimit), None, Some(9), false, "1800 CPU seconds")), Action::Ack),
             ("seccomp", ended(DeathReason::Seccomp), None, tries(0), Some((Killed, Some(Seccomp), None, Some(9), false, "forbidden system call")), Action::Ack),
             ("log limit", truncated, None, tries(0), Some((Killed, Some(LogLimit), None, Some(15), false, "log limit of 4 MiB")), Action::Ack),
+            ("network limit", network_cut(), None, tries(0), Some((Killed, Some(NetworkLimit), None, Some(9), false, "network limit of 1 GiB")), Action::Ack),
+            ("user cancel past the network limit is a cancel", network_cut(), cancel(None), tries(0), Some((Cancelled, Some(Reason::Cancelled), None, Some(9), false, "cancelled")), Action::Ack),
             ("stopped by the sandbox's own cancel", ended(DeathReason::Cancelled), None, tries(0), Some((Cancelled, Some(Reason::Cancelled), None, Some(9), false, "was cancelled")), Action::Ack),
             // Stopped from outside.
             ("user cancel, with a reason", ended(DeathReason::Cancelled), cancel(Some("superseded")), tries(0), Some((Cancelled, Some(Reason::Cancelled), None, Some(9), false, "cancelled: superseded")), Action::Ack),

@@ -252,6 +252,8 @@ fn built(exit: Exit, reason: DeathReason, started: Instant, log: &BuildLog) -> B
         log: None,
         output: Output::NotTaken,
         inputs: None,
+        network: None,
+        network_cut: false,
     }
 }
 
