@@ -172,6 +172,38 @@ impl JobEvents {
         }
     }
 
+    /// The events of an app (`corral run`): `app_id` stands where a job's id does.
+    pub fn for_app(
+        app_id: JobId,
+        project: ProjectId,
+        worker: &str,
+        sinks: Vec<Arc<dyn EventSink>>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        JobEvents {
+            inner: Arc::new(Inner {
+                job_id: app_id,
+                project,
+                worker: worker.to_owned(),
+                started_details: BTreeMap::new(),
+                sinks,
+                metrics,
+                state: Mutex::new(State {
+                    limiter: RateLimiter::default(),
+                    raised: BTreeSet::new(),
+                    started: false,
+                    finished: false,
+                }),
+            }),
+        }
+    }
+
+    /// Sends a lifecycle `fact` at once, past the rate limit: an app's starts, readiness
+    /// and end are few, and each one matters.
+    pub fn lifecycle(&self, fact: Fact) {
+        self.deliver(fact, 0);
+    }
+
     /// Events that go nowhere (but are still limited and counted): for runs nobody watches.
     pub fn unwatched(job: &Job) -> Self {
         JobEvents::new(job, "unwatched", Vec::new(), None)
@@ -189,7 +221,7 @@ impl JobEvents {
         self.raise_at(fact, Instant::now())
     }
 
-    fn raise_at(&self, mut fact: Fact, now: Instant) -> bool {
+    fn raise_at(&self, fact: Fact, now: Instant) -> bool {
         let admit = {
             let mut state = self.state();
             let admit = state.limiter.admit(fact.kind, now);
@@ -204,6 +236,11 @@ impl JobEvents {
             }
             return false;
         };
+        self.deliver(fact, suppressed);
+        true
+    }
+
+    fn deliver(&self, mut fact: Fact, suppressed: u64) {
         if suppressed > 0 {
             fact.details.insert("suppressed".into(), json!(suppressed));
         }
@@ -225,7 +262,6 @@ impl JobEvents {
         for sink in &self.inner.sinks {
             sink.send(&event);
         }
-        true
     }
 
     /// `job_started`: the build's process tree exists.
