@@ -375,10 +375,13 @@ fn finish(
         format!("the app {} ended: {}", spec.app_id, ending.wire_name()),
     )
     .with("outcome", ending.wire_name())
-    .with("reason", crash.map(|c| c.reason))
-    .with("exit_code", crash.and_then(|c| c.exit_code))
-    .with("signal", crash.and_then(|c| c.signal))
-    .with("restarts", restarts);
+    .with("reason", crash.map(|c| c.reason));
+    // How the last process tree ended, stopped or not (a SIGKILL after the grace shows).
+    let exit = last.as_ref().map(Crash::from_outcome);
+    fact = fact
+        .with("exit_code", exit.and_then(|c| c.exit_code))
+        .with("signal", exit.and_then(|c| c.signal))
+        .with("restarts", restarts);
     if let Some(outcome) = &last {
         fact = fact.with("usage", &outcome.usage);
     }
