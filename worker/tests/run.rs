@@ -472,3 +472,135 @@ fn every_abuse_app_gives_its_expected_outcome() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+fn amqp_url() -> String {
+    std::env::var("CORRAL_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// With a broker configured, the app's events also reach `<prefix>.events`, routed
+/// `<severity>.<kind>.<project>`.
+#[test]
+fn the_events_reach_the_broker_when_one_is_configured() {
+    use lapin::options::{
+        BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{Connection, ConnectionProperties, ExchangeKind};
+    if !prerequisites() {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = amqp_url();
+    let Some(conn) = runtime
+        .block_on(Connection::connect(&url, ConnectionProperties::default()))
+        .ok()
+    else {
+        require(false, "a RabbitMQ broker at $CORRAL_TEST_AMQP_URL");
+        return;
+    };
+    let _serial = serial();
+    let prefix = format!("corral-test-run-{}", std::process::id());
+    let exchange = format!("{prefix}.events");
+    let ch = runtime.block_on(conn.create_channel()).unwrap();
+    let queue = runtime.block_on(async {
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let queue = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.queue_bind(
+            queue.name().as_str().into(),
+            exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        queue.name().as_str().to_owned()
+    });
+    let name = "broker";
+    let data = data();
+    let out = common::corral()
+        .args(["run", "python-app", "--data-dir"])
+        .arg(&data)
+        .args([
+            "--publish",
+            &format!("127.0.0.1:{}", free_port()),
+            "--app-id",
+            "broker-events",
+            "--boot-timeout",
+            "2",
+            "--grace",
+            "1",
+            "--",
+            "/bin/sleep",
+            "60",
+        ])
+        .env("CORRAL_AMQP_URL", &url)
+        .env("CORRAL_AMQP_PREFIX", &prefix)
+        .env(
+            "CORRAL_SANDBOX_CGROUP_PARENT",
+            format!("/{}", cgroup_parent(name)),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let mut got = Vec::new();
+    runtime.block_on(async {
+        let until = Instant::now() + Duration::from_secs(30);
+        while !got
+            .iter()
+            .any(|(_, e): &(String, Value)| e["kind"] == "app_stopped")
+        {
+            assert!(Instant::now() < until, "events so far: {got:?}");
+            match ch
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+            {
+                Some(message) => got.push((
+                    message.delivery.routing_key.as_str().to_owned(),
+                    serde_json::from_slice(&message.delivery.data).unwrap(),
+                )),
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let _ = ch
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+        let _ = conn.close(200, "".into()).await;
+    });
+    let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "info.app_started.demo",
+            "warning.boot_timeout.demo",
+            "warning.app_stopped.demo"
+        ],
+        "{got:?}"
+    );
+    assert_eq!(got[2].1["job_id"], "broker-events");
+    assert_eq!(got[2].1["details"]["outcome"], "boot_timeout");
+    assert!(cgroups_left(name).is_empty());
+    remove_parents(name);
+}

@@ -19,15 +19,19 @@ use crate::job::{Settings, error_chain, open_store};
 
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let sources = Sources::from_process(args.config.clone(), args.config_flags());
-    let config = match super::check_config::load(&sources) {
-        Ok(loaded) => loaded.config,
+    let (config, broker) = match super::check_config::load(&sources) {
+        // Events go to the broker too when one is configured (not the default URL alone).
+        Ok(loaded) => {
+            let broker = loaded.origin("amqp.url") != crate::config::Origin::Default;
+            (loaded.config, broker)
+        }
         Err(code) => return Ok(code),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args, config))
+    runtime.block_on(serve(args, config, broker))
 }
 
 fn say(text: impl std::fmt::Display) {
@@ -38,7 +42,7 @@ fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value).map_err(|_| format!("{flag} {value}: not a duration"))
 }
 
-async fn serve(args: RunArgs, config: Config) -> anyhow::Result<u8> {
+async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8> {
     let project = match ProjectId::new(args.project.clone()) {
         Ok(id) => id,
         Err(err) => {
@@ -181,7 +185,22 @@ async fn serve(args: RunArgs, config: Config) -> anyhow::Result<u8> {
         identity,
         worker_id: format!("run@{}", host_name.trim()),
     };
-    let events = JobEvents::for_app(app_id, project, &host.worker_id, sinks(&args)?, None);
+    let mut sinks = sinks(&args)?;
+    let queue = if broker {
+        match broker_events(&config, &host.worker_id).await {
+            Ok(queue) => {
+                sinks.push(Arc::new(queue.clone()));
+                Some(queue)
+            }
+            Err(err) => {
+                say(format!("error: the broker's events exchange: {err:#}"));
+                return Ok(exit::PLATFORM_ERROR);
+            }
+        }
+    } else {
+        None
+    };
+    let events = JobEvents::for_app(app_id, project, &host.worker_id, sinks, None);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {
@@ -210,6 +229,9 @@ async fn serve(args: RunArgs, config: Config) -> anyhow::Result<u8> {
     ));
     let outcome = app::run(&spec, &host, &events, &target_tx, stop_rx).await;
     forwarder.abort();
+    if let Some(queue) = queue {
+        queue.flush(Duration::from_secs(10)).await;
+    }
     match outcome {
         Ok(outcome) => Ok(match outcome.ending {
             Ending::Stopped => exit::SUCCESS,
@@ -224,6 +246,41 @@ async fn serve(args: RunArgs, config: Config) -> anyhow::Result<u8> {
             })
         }
     }
+}
+
+/// The broker sink: `corral.events` (declared when missing, as `corral work` does) and a
+/// queue that publishes to it with confirms, never holding the app up.
+async fn broker_events(config: &Config, worker: &str) -> anyhow::Result<crate::amqp::EventQueue> {
+    use lapin::options::ExchangeDeclareOptions;
+    use lapin::types::FieldTable;
+    use lapin::{Connection, ConnectionProperties, ExchangeKind};
+    let settings = crate::amqp::AmqpSettings::from_config(config);
+    let names = settings.names();
+    let uri = settings.uri()?;
+    let conn = Connection::connect_uri(uri.clone(), ConnectionProperties::default())
+        .await
+        .context("connecting to the broker")?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    ch.exchange_declare(
+        names.events.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .with_context(|| format!("declaring {}", names.events))?;
+    let _ = conn.close(200, "declared".into()).await;
+    let publisher = crate::amqp::Publisher::new(
+        uri,
+        format!("corral {worker} events"),
+        Duration::from_secs(30),
+    );
+    let queue = crate::amqp::EventQueue::new(Arc::new(crate::metrics::Metrics::new()));
+    queue.start(Arc::new(publisher), names.events);
+    Ok(queue)
 }
 
 /// Every event as a human line on stderr, and with `--events` as JSON lines.
