@@ -1,5 +1,6 @@
 //! `corral run` end to end, as root, on a real base: the python-app fixture is built with
-//! `corral replay`, run with `corral run python-app --publish 127.0.0.1:PORT`, and a page is
+//! `corral replay`, run with `corral run python-app --publish 127.0.0.1:PORT` (its Procfile
+//! names the command), and a page is
 //! fetched through the published port; stopping it leaves nothing behind (cgroups, mounts,
 //! unpacked temporaries), and a second run finds every layer in the layer cache. Then every
 //! abuse app in `fixtures/apps/` gives what its `expect` says.
@@ -166,7 +167,11 @@ fn start(name: &str, args: &[String], command: &[String]) -> App {
         .arg("--app-id")
         .arg(name.replace('_', "-"))
         .args(args)
-        .arg("--")
+        .args(if command.is_empty() {
+            &[][..]
+        } else {
+            &["--"][..]
+        })
         .args(command)
         .env(
             "CORRAL_SANDBOX_CGROUP_PARENT",
@@ -263,7 +268,8 @@ fn the_python_app_serves_through_the_published_port_and_leaves_nothing() {
     let _serial = serial();
     let name = "python_app";
     let data = data();
-    let mut app = start(name, &["--grace".into(), "5".into()], &python_app_command());
+    // No command: the image's Procfile says what serves it.
+    let mut app = start(name, &["--grace".into(), "5".into()], &[]);
     let ready = app.wait_for("app_ready", Duration::from_secs(60));
     assert!(ready.is_some(), "never ready: {:?}", app.events());
     let page = app.get("/?name=corral");

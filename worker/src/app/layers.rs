@@ -257,3 +257,86 @@ impl LayerCache {
         Ok((dirs, unpacked))
     }
 }
+
+/// The `web:` command of a Heroku-style `Procfile` in `workdir`, as `sh -c` argv: what an
+/// image whose config has no command runs. Looked up in the lower dirs top first, each
+/// opened beneath its layer without following any symlink (a layer's links point into the
+/// app's root, never the host's); a whiteout or anything but a regular file hides it.
+pub fn procfile_command(lower_dirs: &[PathBuf], workdir: &str) -> Option<Vec<String>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::io::Read;
+    let relative = Path::new(workdir.trim_start_matches('/')).join("Procfile");
+    for dir in lower_dirs {
+        let root = rustix::fs::open(
+            dir,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let fd = match rustix::fs::openat2(
+            &root,
+            &relative,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(_) => return None,
+        };
+        let file = std::fs::File::from(fd);
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut text = String::new();
+        file.take(64 * 1024).read_to_string(&mut text).ok()?;
+        return web_command(&text);
+    }
+    None
+}
+
+/// The `web:` line of a Procfile.
+fn web_command(procfile: &str) -> Option<Vec<String>> {
+    procfile.lines().find_map(|line| {
+        let command = line.trim().strip_prefix("web:")?.trim();
+        (!command.is_empty()).then(|| vec!["/bin/sh".into(), "-c".into(), command.to_owned()])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_web_line_of_a_procfile_is_the_command() {
+        assert_eq!(
+            web_command("worker: python w.py\nweb: gunicorn app:app --bind 127.0.0.1:$PORT\n"),
+            Some(vec![
+                "/bin/sh".to_owned(),
+                "-c".to_owned(),
+                "gunicorn app:app --bind 127.0.0.1:$PORT".to_owned()
+            ])
+        );
+        assert_eq!(web_command("worker: x\n"), None);
+        assert_eq!(web_command("web:   \n"), None);
+    }
+
+    #[test]
+    fn a_procfile_is_found_top_first_and_never_through_a_link() {
+        let top = tempfile::tempdir().unwrap();
+        let low = tempfile::tempdir().unwrap();
+        std::fs::create_dir(low.path().join("app")).unwrap();
+        std::fs::write(low.path().join("app/Procfile"), "web: ./serve\n").unwrap();
+        let dirs = vec![top.path().to_path_buf(), low.path().to_path_buf()];
+        assert_eq!(
+            procfile_command(&dirs, "/app").unwrap()[2],
+            "./serve",
+            "found in the lower layer"
+        );
+        // A link in a layer that points out of it is not followed.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("Procfile"), "web: evil\n").unwrap();
+        std::os::unix::fs::symlink(outside.path(), top.path().join("app")).unwrap();
+        assert_eq!(procfile_command(&dirs, "/app"), None);
+    }
+}

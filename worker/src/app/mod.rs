@@ -72,7 +72,10 @@ pub enum AppError {
     },
     #[error("the sandbox")]
     Sandbox(#[source] Box<corral_sandbox::Error>),
-    #[error("the image has no command (no Entrypoint or Cmd): give one after `--`")]
+    #[error(
+        "the image has no command (no Entrypoint or Cmd, no `web:` line in a Procfile in its \
+         workdir): give one after `--`"
+    )]
     NoCommand,
 }
 
@@ -397,7 +400,8 @@ fn finish(
 /// The sandbox spec of the app: its image's command and env unless given.
 fn sandbox_spec(spec: &AppSpec, host: &Host) -> Result<SandboxSpec, AppError> {
     let config = &spec.image.config;
-    let argv = if spec.command.is_empty() {
+    let workdir = config.working_dir.as_deref().unwrap_or("/");
+    let mut argv: Vec<String> = if spec.command.is_empty() {
         config
             .entrypoint
             .iter()
@@ -407,6 +411,9 @@ fn sandbox_spec(spec: &AppSpec, host: &Host) -> Result<SandboxSpec, AppError> {
     } else {
         spec.command.clone()
     };
+    if argv.is_empty() {
+        argv = layers::procfile_command(&spec.lower_dirs, workdir).unwrap_or_default();
+    }
     if argv.is_empty() {
         return Err(AppError::NoCommand);
     }
@@ -442,7 +449,7 @@ fn sandbox_spec(spec: &AppSpec, host: &Host) -> Result<SandboxSpec, AppError> {
         identity: host.identity,
         argv,
         env,
-        cwd: PathBuf::from(config.working_dir.as_deref().unwrap_or("/")),
+        cwd: PathBuf::from(workdir),
         limits: SandboxLimits {
             memory_bytes: Some(spec.memory_bytes),
             pids: Some(spec.pids),
