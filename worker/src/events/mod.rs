@@ -412,6 +412,33 @@ mod tests {
         .unwrap()
     }
 
+    #[test]
+    fn an_apps_lifecycle_passes_the_limit_and_its_alerts_do_not() {
+        let kept = Arc::new(Kept::default());
+        let events = JobEvents::for_app(
+            JobId::new("app-1").unwrap(),
+            ProjectId::new("acme").unwrap(),
+            "run@h",
+            vec![kept.clone()],
+            None,
+        );
+        for _ in 0..3 {
+            events.lifecycle(Fact::new(EventKind::AppStarted, Severity::Info, "started"));
+            events.raise(Fact::new(
+                EventKind::AppCrashed,
+                Severity::Warning,
+                "crashed",
+            ));
+        }
+        let sent = kept.0.lock().unwrap();
+        let count = |kind| sent.iter().filter(|e| e.kind == kind).count();
+        assert_eq!(count(EventKind::AppStarted), 3);
+        assert_eq!(count(EventKind::AppCrashed), 1, "one per 10 s");
+        assert_eq!(sent[0].job_id.as_ref().unwrap().as_str(), "app-1");
+        assert_eq!(sent[0].project.as_ref().unwrap().as_str(), "acme");
+        assert_eq!(events.raised(), BTreeSet::from([EventKind::AppCrashed]));
+    }
+
     fn watched() -> (JobEvents, Arc<Kept>, Arc<Metrics>) {
         let kept = Arc::new(Kept::default());
         let metrics = Arc::new(Metrics::new());
