@@ -610,3 +610,157 @@ fn the_events_reach_the_broker_when_one_is_configured() {
     assert!(cgroups_left(name).is_empty());
     remove_parents(name);
 }
+
+/// One hostile layer from `fixtures/layers/` as a gzipped tar, its names written raw (a tar
+/// library refuses to write them).
+fn hostile_layer(entries: &[Value]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut header = tar::Header::new_gnu();
+        let path = e["path"].as_str().unwrap().as_bytes();
+        header.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path);
+        if let Some(target) = e["target"].as_str() {
+            header.as_gnu_mut().unwrap().linkname[..target.len()]
+                .copy_from_slice(target.as_bytes());
+        }
+        let content = e["content"].as_str().unwrap_or("").as_bytes();
+        let kind = match e["type"].as_str().unwrap() {
+            "file" => tar::EntryType::Regular,
+            "dir" => tar::EntryType::Directory,
+            "symlink" => tar::EntryType::Symlink,
+            "hardlink" => tar::EntryType::Link,
+            "char" => tar::EntryType::Char,
+            other => panic!("unknown entry type {other}"),
+        };
+        header.set_entry_type(kind);
+        header.set_size(if kind == tar::EntryType::Regular {
+            content.len() as u64
+        } else {
+            0
+        });
+        if kind == tar::EntryType::Char {
+            header
+                .set_device_major(e["major"].as_u64().unwrap() as u32)
+                .unwrap();
+            header
+                .set_device_minor(e["minor"].as_u64().unwrap() as u32)
+                .unwrap();
+        }
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_cksum();
+        let data: &[u8] = if kind == tar::EntryType::Regular {
+            content
+        } else {
+            &[]
+        };
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn every_hostile_layer_is_refused_and_nothing_escapes() {
+    use corral_worker::image::{ImageSettings, build, publish};
+    use corral_worker::store::{MEDIA_TYPE_LAYER_GZIP, Store, sha256_bytes};
+    if !require(is_root(), "root (the layer cache's owner)") {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = common::scratch();
+    let store_url = format!("oci-dir:{}", dir.path().join("store").display());
+    let data = dir.path().join("data");
+    let mut names: Vec<_> = std::fs::read_dir(repo().join("fixtures/layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5, "{names:?}");
+    let mut failures = Vec::new();
+    for path in names {
+        let name = path
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace('_', "-");
+        let fixture: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let tar = hostile_layer(fixture["entries"].as_array().unwrap());
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let layer = corral_protocol::Layer {
+            digest: sha256_bytes(&gz),
+            diff_id: sha256_bytes(&tar),
+            size: gz.len() as u64,
+            media_type: MEDIA_TYPE_LAYER_GZIP.to_owned(),
+        };
+        runtime.block_on(async {
+            let store = Store::open(&store_url, None).await.unwrap();
+            store.put_blob_bytes(&gz).await.unwrap();
+            let image = build(std::slice::from_ref(&layer), &ImageSettings::default());
+            publish(&store, &name, std::slice::from_ref(&layer), &image)
+                .await
+                .unwrap();
+        });
+        let out = corral(&[
+            "run",
+            &name,
+            "--store",
+            &store_url,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--",
+            "/bin/true",
+        ]);
+        let stderr = text(&out.stderr);
+        let expect = &fixture["expect"];
+        let mut problems = Vec::new();
+        if out.status.code() != Some(65) {
+            problems.push(format!("exit {:?}, expected 65", out.status.code()));
+        }
+        let want = expect["stderr_contains"].as_str().unwrap();
+        if !stderr.contains(want) {
+            problems.push(format!("stderr without {want:?}"));
+        }
+        if let Some(escape) = expect["escape"].as_str() {
+            // Relative: from the directory a layer is unpacked in, <data>/layers/tmp/<x>/tree.
+            let target = if escape.starts_with('/') {
+                PathBuf::from(escape)
+            } else {
+                data.join("layers/tmp/x/tree").join(escape)
+            };
+            let target = std::path::absolute(&target).unwrap();
+            let normal: PathBuf = target.components().fold(PathBuf::new(), |mut p, c| {
+                match c {
+                    std::path::Component::ParentDir => {
+                        p.pop();
+                    }
+                    other => p.push(other),
+                }
+                p
+            });
+            if normal.exists() {
+                let _ = std::fs::remove_file(&normal);
+                problems.push(format!("{} was written", normal.display()));
+            }
+        }
+        let cached = std::fs::read_dir(data.join("layers/sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let tmp = std::fs::read_dir(data.join("layers/tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if cached + tmp > 0 {
+            problems.push(format!(
+                "left in the layer cache: {cached} layers, {tmp} temporaries"
+            ));
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{name}: {}\n  {stderr}", problems.join("; ")));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
