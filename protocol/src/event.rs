@@ -44,7 +44,13 @@ pub enum CancelSchema {
 /// | `cpu_saturated` | `cpus`, `seconds` |
 /// | `disk_limit` (live) | `mount`, `bytes_total`, `bytes_available` |
 /// | `log_flood` | `bytes_per_second`, `threshold_bytes_per_second`, `stream` |
-/// | `unexpected_listen` | `port`, `protocol` |
+/// | `unexpected_listen` | `port`, `protocol`, `address` |
+/// | `boot_timeout` | `port`, `boot_timeout_seconds` |
+/// | `app_crashed` | `reason` (`oom`, `pids_limit`, `exit_code`, `signal`), `exit_code`, `signal`, `restarts`, `restart_in_ms` |
+/// | `crash_loop` | `crashes`, `within_seconds` |
+/// | `app_started` | `image`, `port`, `publish`, `attempt` |
+/// | `app_ready` | `port`, `publish`, `boot_ms`, `attempt` |
+/// | `app_stopped` | `outcome` (`stopped`, `boot_timeout`, `crashed`, `crash_loop`), `reason`, `exit_code`, `signal`, `usage`, `restarts` |
 /// | `job_started` | `pool`, `base`, `limits` |
 /// | `job_finished` | `status`, `reason`, `exit_code`, `usage`, `alerts`, `dropped` |
 /// | any alert summarising repeats | `repeated`: occurrences since the last one sent |
@@ -74,6 +80,12 @@ pub enum EventKind {
     UnexpectedListen,
     /// The egress proxy refused a destination.
     EgressDenied,
+    /// An app did not listen on its port within its boot timeout (it is stopped).
+    BootTimeout,
+    /// An app's process tree ended without being asked to.
+    AppCrashed,
+    /// An app crashed too often in too short a time; it is not restarted again.
+    CrashLoop,
     // Lifecycle.
     JobStarted,
     JobFinished,
@@ -82,11 +94,17 @@ pub enum EventKind {
     WorkerDraining,
     WorkerStopped,
     BrokerReconnected,
+    /// An app's process started (again, after a crash, with `attempt` > 1).
+    AppStarted,
+    /// An app accepts connections on its port (and answered its health check).
+    AppReady,
+    /// An app ended for good: its outcome and why.
+    AppStopped,
 }
 
 impl EventKind {
     /// Every kind, in declaration order.
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 29] = [
         EventKind::Oom,
         EventKind::PidsLimit,
         EventKind::WallTimeout,
@@ -103,6 +121,9 @@ impl EventKind {
         EventKind::LogFlood,
         EventKind::UnexpectedListen,
         EventKind::EgressDenied,
+        EventKind::BootTimeout,
+        EventKind::AppCrashed,
+        EventKind::CrashLoop,
         EventKind::JobStarted,
         EventKind::JobFinished,
         EventKind::JobRedelivered,
@@ -110,6 +131,9 @@ impl EventKind {
         EventKind::WorkerDraining,
         EventKind::WorkerStopped,
         EventKind::BrokerReconnected,
+        EventKind::AppStarted,
+        EventKind::AppReady,
+        EventKind::AppStopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -130,6 +154,9 @@ impl EventKind {
             EventKind::LogFlood => "log_flood",
             EventKind::UnexpectedListen => "unexpected_listen",
             EventKind::EgressDenied => "egress_denied",
+            EventKind::BootTimeout => "boot_timeout",
+            EventKind::AppCrashed => "app_crashed",
+            EventKind::CrashLoop => "crash_loop",
             EventKind::JobStarted => "job_started",
             EventKind::JobFinished => "job_finished",
             EventKind::JobRedelivered => "job_redelivered",
@@ -137,6 +164,9 @@ impl EventKind {
             EventKind::WorkerDraining => "worker_draining",
             EventKind::WorkerStopped => "worker_stopped",
             EventKind::BrokerReconnected => "broker_reconnected",
+            EventKind::AppStarted => "app_started",
+            EventKind::AppReady => "app_ready",
+            EventKind::AppStopped => "app_stopped",
         }
     }
 
@@ -151,6 +181,9 @@ impl EventKind {
                 | EventKind::WorkerDraining
                 | EventKind::WorkerStopped
                 | EventKind::BrokerReconnected
+                | EventKind::AppStarted
+                | EventKind::AppReady
+                | EventKind::AppStopped
         )
     }
 }

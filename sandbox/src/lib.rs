@@ -56,6 +56,7 @@ mod init; // the job's pid 1: builds and enters the root, starts and reaps the j
 mod jobdir; // size-limited job filesystems (upper/ + work/) and their pool
 pub mod mountinfo; // parsing /proc/self/mountinfo
 mod namespaces; // the namespaces a job gets and its id maps
+mod netns; // a running job's network namespace from outside: sockets in it, its listeners
 mod outcome; // how a run ended, why, and what it used
 mod rlimits; // the job's resource limits
 mod rootfs; // the overlay root, its mounts and pivot_root, behind a recordable trait
@@ -79,6 +80,7 @@ pub use identity::{IdentityError, IdentityMap};
 pub use jobdir::{
     JobDir, JobDirError, JobDirPool, PoolOptions, PoolRecovery, PoolStats, PooledJobDir,
 };
+pub use netns::{JobNetwork, Listener, Transport};
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
 pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox};

@@ -473,6 +473,25 @@ impl Running {
         self.cancel.clone()
     }
 
+    /// The job's network namespace, entered by a thread of its own (see
+    /// [`crate::JobNetwork`]). `NotFound` until the job's first process has joined its
+    /// cgroup; callers retry.
+    pub fn network(&self) -> std::io::Result<crate::JobNetwork> {
+        let pids = self
+            .cgroup
+            .version()
+            .pids()
+            .map_err(std::io::Error::other)?;
+        let mut last = std::io::Error::from(std::io::ErrorKind::NotFound);
+        for pid in pids {
+            match crate::JobNetwork::of_pid(pid.unsigned_abs()) {
+                Ok(network) => return Ok(network),
+                Err(err) => last = err,
+            }
+        }
+        Err(last)
+    }
+
     /// What the job does while it runs, as it happens (within milliseconds of the kernel's
     /// notification), once: the first call takes the receiver. It ends after the last
     /// event, before [`Running::wait`] returns. Events are kept for the consumer up to

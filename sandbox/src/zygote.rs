@@ -30,6 +30,9 @@ pub fn main() -> ! {
     let _ = sys::close_range(3, u32::MAX);
     // The worker's death ends us (end of stream does too; this covers a stuck send).
     let _ = sys::set_parent_death_signal(libc::SIGKILL);
+    // Out of the worker's process group: a terminal's Ctrl-C is the worker's to handle (it
+    // stops its jobs with their grace period); it must not kill the shims outright.
+    let _ = sys::setsid();
     // The kernel reaps our shims: nobody here waits for them.
     if sys::auto_reap_children(true).is_err() {
         sys::exit_now(70);

@@ -121,6 +121,9 @@ pub enum Command {
     Submit(SubmitArgs),
     /// Show the workers' events (alerts and lifecycle) from the broker's events exchange.
     Events(EventsArgs),
+    /// Run an image from the store as an app server in the sandbox, with one published
+    /// port, until SIGINT/SIGTERM (or it ends for good).
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,6 +181,94 @@ pub struct DoctorArgs {
 }
 
 impl ReplayArgs {
+    /// The config keys these flags set.
+    pub fn config_flags(&self) -> Vec<crate::config::FlagValue> {
+        use crate::config::FlagValue;
+        let mut out = Vec::new();
+        if let Some(dir) = &self.data_dir {
+            let dir = dir.display().to_string();
+            out.push(FlagValue::new("data_dir", dir, "--data-dir"));
+        }
+        if let Some(store) = &self.store {
+            out.push(FlagValue::new("store.url", store.as_str(), "--store"));
+        }
+        out
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// An image in the store: a tag (e.g. `python-app`, what a replay stored) or a
+    /// `sha256:` manifest digest.
+    pub image: String,
+    /// The host address the app is reached on; connections are forwarded to `$PORT` inside.
+    #[arg(
+        long,
+        value_name = "HOST_ADDR:HOST_PORT",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub publish: std::net::SocketAddr,
+    /// The port the app listens on inside (its `$PORT`).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Environment variable `KEY=VALUE` (repeatable), over the image's.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Memory limit (RAM, no swap).
+    #[arg(long, default_value = "512MiB")]
+    pub memory: corral_protocol::ByteSize,
+    /// Maximum processes and threads.
+    #[arg(long, default_value_t = 256)]
+    pub pids: u64,
+    /// CPU quota in cores.
+    #[arg(long, default_value_t = 1.0)]
+    pub cpus: f64,
+    /// Size of the app's writable layer and of its /tmp (tmpfs, charged to its memory).
+    #[arg(long, default_value = "64MiB")]
+    pub disk: corral_protocol::ByteSize,
+    /// Seconds the app has to listen on `$PORT` before it is stopped (`boot_timeout`).
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub boot_timeout: f64,
+    /// Seconds between SIGTERM and SIGKILL when the app is stopped.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub grace: f64,
+    /// Restart the app when it crashes, with exponential backoff (`crash_loop` ends it).
+    #[arg(long, value_enum, default_value_t = RestartPolicy::No)]
+    pub restart: RestartPolicy,
+    /// Ready means this path answers HTTP 2xx on `$PORT` (e.g. `/healthz`).
+    #[arg(long, value_name = "/PATH")]
+    pub health_path: Option<String>,
+    /// The project the app belongs to: it runs as that project's uid.
+    #[arg(long, default_value = "demo")]
+    pub project: String,
+    /// The app's id in events (default: `app-<project>`).
+    #[arg(long)]
+    pub app_id: Option<String>,
+    /// Write every lifecycle and alert event (`corral.event.v1`) as JSON lines to FILE as it
+    /// happens; `-` writes them to stdout. Human lines always go to stderr.
+    #[arg(long, value_name = "FILE|-")]
+    pub events: Option<PathBuf>,
+    /// Store URL (`store.url`; default: the config's, i.e. `oci-dir:<data dir>/store`).
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// The worker's data dir (the layer cache is `<data dir>/layers`).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A worker config file (TOML) to take sandbox and store settings from.
+    #[arg(long, env = "CORRAL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The command and its arguments, instead of the image's Entrypoint and Cmd.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RestartPolicy {
+    No,
+    OnFailure,
+}
+
+impl RunArgs {
     /// The config keys these flags set.
     pub fn config_flags(&self) -> Vec<crate::config::FlagValue> {
         use crate::config::FlagValue;

@@ -9,6 +9,8 @@
 
 /// The AMQP worker: topology, consumer, confirming publisher, cancels, drain.
 pub mod amqp;
+/// App servers from built images: layer cache, published port, lifecycle (`corral run`).
+pub mod app;
 /// Capped exponential backoff with jitter, for reconnects and retries.
 pub mod backoff;
 /// Base rootfs catalogue: debootstrap, import, each base's layer.

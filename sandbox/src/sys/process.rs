@@ -48,6 +48,12 @@ pub fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) }).map(drop)
 }
 
+/// Starts a new session (and process group) led by the caller.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: plain syscall without arguments.
+    check(unsafe { libc::setsid() }).map(drop)
+}
+
 pub fn set_dumpable(on: bool) -> io::Result<()> {
     // SAFETY: prctl with integer arguments.
     check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, on as libc::c_ulong, 0, 0, 0) }).map(drop)

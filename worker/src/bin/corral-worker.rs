@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         Command::Work(args) => cmd::work::run(*args, &cli.global),
         Command::Submit(args) => cmd::submit::run(args),
         Command::Events(args) => cmd::events::run(args),
+        Command::Run(args) => cmd::run::run(*args),
     };
     ExitCode::from(corral_worker::exit::code(outcome))
 }

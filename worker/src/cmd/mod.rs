@@ -6,6 +6,7 @@ pub mod check_config;
 pub mod doctor;
 pub mod events;
 pub mod replay;
+pub mod run;
 pub mod sandbox;
 pub mod schema;
 pub mod snapshot;

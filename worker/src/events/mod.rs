@@ -182,6 +182,38 @@ impl JobEvents {
         }
     }
 
+    /// The events of an app (`corral run`): `app_id` stands where a job's id does.
+    pub fn for_app(
+        app_id: JobId,
+        project: ProjectId,
+        worker: &str,
+        sinks: Vec<Arc<dyn EventSink>>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        JobEvents {
+            inner: Arc::new(Inner {
+                job_id: app_id,
+                project,
+                worker: worker.to_owned(),
+                started_details: BTreeMap::new(),
+                sinks,
+                metrics,
+                state: Mutex::new(State {
+                    limiter: RateLimiter::default(),
+                    raised: BTreeSet::new(),
+                    started: false,
+                    finished: false,
+                }),
+            }),
+        }
+    }
+
+    /// Sends a lifecycle `fact` at once, past the rate limit: an app's starts, readiness
+    /// and end are few, and each one matters.
+    pub fn lifecycle(&self, fact: Fact) {
+        self.deliver(fact, 0);
+    }
+
     /// Events that go nowhere (but are still limited and counted): for runs nobody watches.
     pub fn unwatched(job: &Job) -> Self {
         JobEvents::new(job, "unwatched", Vec::new(), None)
@@ -199,7 +231,7 @@ impl JobEvents {
         self.raise_at(fact, Instant::now())
     }
 
-    fn raise_at(&self, mut fact: Fact, now: Instant) -> bool {
+    fn raise_at(&self, fact: Fact, now: Instant) -> bool {
         let admit = {
             let mut state = self.state();
             let admit = state
@@ -216,6 +248,11 @@ impl JobEvents {
             }
             return false;
         };
+        self.deliver(fact, suppressed);
+        true
+    }
+
+    fn deliver(&self, mut fact: Fact, suppressed: u64) {
         if suppressed > 0 {
             fact.details.insert("suppressed".into(), json!(suppressed));
         }
@@ -237,7 +274,6 @@ impl JobEvents {
         for sink in &self.inner.sinks {
             sink.send(&event);
         }
-        true
     }
 
     /// `job_started`: the build's process tree exists.
@@ -386,6 +422,33 @@ mod tests {
                  "command":["true"]}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn an_apps_lifecycle_passes_the_limit_and_its_alerts_do_not() {
+        let kept = Arc::new(Kept::default());
+        let events = JobEvents::for_app(
+            JobId::new("app-1").unwrap(),
+            ProjectId::new("acme").unwrap(),
+            "run@h",
+            vec![kept.clone()],
+            None,
+        );
+        for _ in 0..3 {
+            events.lifecycle(Fact::new(EventKind::AppStarted, Severity::Info, "started"));
+            events.raise(Fact::new(
+                EventKind::AppCrashed,
+                Severity::Warning,
+                "crashed",
+            ));
+        }
+        let sent = kept.0.lock().unwrap();
+        let count = |kind| sent.iter().filter(|e| e.kind == kind).count();
+        assert_eq!(count(EventKind::AppStarted), 3);
+        assert_eq!(count(EventKind::AppCrashed), 1, "one per 10 s");
+        assert_eq!(sent[0].job_id.as_ref().unwrap().as_str(), "app-1");
+        assert_eq!(sent[0].project.as_ref().unwrap().as_str(), "acme");
+        assert_eq!(events.raised(), BTreeSet::from([EventKind::AppCrashed]));
     }
 
     fn watched() -> (JobEvents, Arc<Kept>, Arc<Metrics>) {

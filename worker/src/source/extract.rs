@@ -71,6 +71,30 @@ pub fn extract(
     owner: Option<Owner>,
     limits: &ExtractLimits,
 ) -> Result<ExtractStats, SourceError> {
+    extract_with(bundle, dest, owner, limits, false)
+}
+
+/// Extracts an OCI image layer into the existing directory `dest`, to be an overlay lower
+/// dir: the same hostile-input rules as a bundle, except that setuid and setgid bits are
+/// dropped rather than refused (a base has such programs; `no_new_privs` makes them plain
+/// anyway), and OCI whiteouts become overlayfs ones: `.wh.NAME` a 0/0 character device
+/// `NAME`, `.wh..wh..opq` the `trusted.overlay.opaque` mark on its directory. Entries keep
+/// the extracting process's owner (root): a layer cache is shared by every project.
+pub fn extract_layer(
+    blob: &Path,
+    dest: &Path,
+    limits: &ExtractLimits,
+) -> Result<ExtractStats, SourceError> {
+    extract_with(blob, dest, None, limits, true)
+}
+
+fn extract_with(
+    bundle: &Path,
+    dest: &Path,
+    owner: Option<Owner>,
+    limits: &ExtractLimits,
+    layer: bool,
+) -> Result<ExtractStats, SourceError> {
     let open = |source| SourceError::Open {
         path: bundle.to_path_buf(),
         source,
@@ -124,6 +148,7 @@ pub fn extract(
         stats: ExtractStats::default(),
         file_bytes,
         dirs: Vec::new(),
+        layer,
     };
     let mut archive = tar::Archive::new(stream);
     let entries = archive.entries().map_err(|e| corrupt("", &e))?;
@@ -143,6 +168,10 @@ pub fn extract(
     Ok(x.stats)
 }
 
+/// The prefix of an OCI whiteout's name, and the name of an opaque-directory marker.
+const WHITEOUT: &[u8] = b".wh.";
+const OPAQUE: &[u8] = b".wh..wh..opq";
+
 struct Extraction {
     root: OwnedFd,
     dest: PathBuf,
@@ -156,6 +185,8 @@ struct Extraction {
     file_bytes: Rc<Cell<u64>>,
     /// Directories whose mode and mtime are applied last: (components, mode, mtime).
     dirs: Vec<(Vec<Vec<u8>>, u32, u64)>,
+    /// An image layer rather than a source bundle (see [`extract_layer`]).
+    layer: bool,
 }
 
 impl Extraction {
@@ -177,9 +208,15 @@ impl Extraction {
             // `./` itself: the destination exists already; its mode is the caller's.
             return Ok(());
         };
+        if self.layer
+            && matches!(kind, EntryType::Regular | EntryType::Continuous)
+            && name.starts_with(WHITEOUT)
+        {
+            return self.whiteout(parents, name, &shown);
+        }
         match kind {
             EntryType::Regular | EntryType::Continuous => {
-                if mode & 0o6000 != 0 {
+                if mode & 0o6000 != 0 && !self.layer {
                     return Err(SourceError::SetId { path: shown, mode });
                 }
                 let size = entry.size();
@@ -382,6 +419,41 @@ impl Extraction {
             };
         }
         Ok(dir)
+    }
+
+    /// An OCI whiteout as overlayfs reads it in a lower dir.
+    fn whiteout(
+        &mut self,
+        parents: &[Vec<u8>],
+        name: &[u8],
+        shown: &str,
+    ) -> Result<(), SourceError> {
+        let parent = self.walk(parents, shown, true)?;
+        if name == OPAQUE {
+            return rustix::fs::fsetxattr(
+                &parent,
+                "trusted.overlay.opaque",
+                b"y",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(|e| self.write_err(shown, e));
+        }
+        let hidden = &name[WHITEOUT.len()..];
+        if hidden.is_empty() || hidden == b"." || hidden == b".." {
+            return Err(SourceError::Corrupt {
+                entry: shown.to_owned(),
+                reason: "a whiteout that names nothing".into(),
+            });
+        }
+        self.make_room(&parent, hidden, shown)?;
+        rustix::fs::mknodat(
+            &parent,
+            hidden,
+            FileType::CharacterDevice,
+            Mode::empty(),
+            rustix::fs::makedev(0, 0),
+        )
+        .map_err(|e| self.write_err(shown, e))
     }
 
     /// Removes an earlier file or symlink of the same name; refuses to replace a directory.

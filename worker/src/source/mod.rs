@@ -15,7 +15,7 @@ use corral_protocol::{Digest, ProtocolError, Rule, SourceRef};
 
 use crate::store::{Store, StoreError};
 
-pub use extract::{ExtractStats, extract, validate};
+pub use extract::{ExtractStats, extract, extract_layer, validate};
 
 /// Caps on what one bundle may unpack to. A bundle over any of them is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
