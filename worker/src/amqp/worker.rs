@@ -246,14 +246,14 @@ impl<R: Runner> Worker<R> {
                 url: broker.name.clone(),
                 source,
             })?;
-        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
         super::topology::declare(
-            &ch,
+            &conn,
             &self.names,
             self.settings.pool.as_str(),
             self.settings.delivery_limit,
         )
         .await?;
+        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
         // Prefetch before consuming: the broker must never push more jobs than free slots.
         ch.basic_qos(self.settings.concurrency, BasicQosOptions::default())
             .await
