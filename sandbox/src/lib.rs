@@ -76,7 +76,7 @@ pub use cgroup::{
 };
 pub use event::{LiveEvent, LiveEventKind};
 pub use handshake::{HandshakeError, SetupError, SetupStep, VERSION as HANDSHAKE_VERSION};
-pub use identity::{IdentityError, IdentityMap};
+pub use identity::{Allocation, IdentityError, IdentityMap};
 pub use jobdir::{
     JobDir, JobDirError, JobDirPool, PoolOptions, PoolRecovery, PoolStats, PooledJobDir,
 };

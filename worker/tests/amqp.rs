@@ -119,7 +119,7 @@ impl Env {
             cleaned: false,
         };
         let (conn, ch) = connect().await.unwrap();
-        declare(&ch, &env.names, "default", DELIVERY_LIMIT)
+        declare(&conn, &env.names, "default", DELIVERY_LIMIT)
             .await
             .unwrap();
         // Durable collector queues: they must outlive connection faults and broker restarts.

@@ -852,11 +852,22 @@ fn a_build_runs_as_uid_start_and_gid_start_plus_its_offset() {
         corral_sandbox::JOB_UID.to_string(),
         corral_sandbox::JOB_GID.to_string(),
     );
+    // The project's uid is derived from its id (the same on every worker with this range);
+    // its gid sits at the same offset from gid_start.
+    let ids = tempfile::tempdir().unwrap();
+    let offset = corral_sandbox::IdentityMap::open(ids.path(), 230_000..=230_099)
+        .unwrap()
+        .slot("demo")
+        - 230_000;
+    let (host_uid, host_gid) = (
+        (230_000 + offset).to_string(),
+        (330_000 + offset).to_string(),
+    );
     assert_eq!(
         maps,
         vec![
-            vec![uid.as_str(), "230000", "1"],
-            vec![gid.as_str(), "330000", "1"]
+            vec![uid.as_str(), host_uid.as_str(), "1"],
+            vec![gid.as_str(), host_gid.as_str(), "1"]
         ],
         "{err}"
     );

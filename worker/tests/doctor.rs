@@ -280,6 +280,49 @@ fn doctor_with_a_config_reaches_the_broker_and_names_refused_credentials() {
     );
 }
 
+/// With a broker cluster's URLs, doctor checks the other nodes too and names the one that
+/// does not answer.
+#[test]
+fn doctor_names_a_broker_node_that_does_not_answer() {
+    if !require(is_root(), "root")
+        || !require(
+            std::net::TcpStream::connect("127.0.0.1:5672").is_ok(),
+            "a RabbitMQ broker on 127.0.0.1:5672",
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = dir.path().join("cluster.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{data}\"\n\n[store]\nurl = \"oci-dir:{data}/store\"\n\n\
+             [amqp]\nurl = [\"amqp://guest@127.0.0.1:5672/%2f\", \"amqp://guest@127.0.0.1:{down}/%2f\"]\n\
+             password = \"guest\"\n",
+            data = dir.path().join("data").display(),
+        ),
+    )
+    .unwrap();
+    let out = corral(&["doctor", "--json", "--config", path.to_str().unwrap()]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", text(&out.stderr)));
+    let nodes = check(&report, "broker_nodes");
+    assert_eq!(nodes["status"], "warn", "{nodes:#}");
+    assert!(
+        nodes["summary"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("127.0.0.1:{down}")),
+        "{nodes:#}"
+    );
+}
+
 #[test]
 fn work_refuses_to_start_naming_the_failed_check() {
     if !require(is_root(), "root") {

@@ -484,3 +484,34 @@ fn events_refuses_an_exchange_no_worker_declared_and_leaves_none() {
         .unwrap();
     assert_eq!(again.status.code(), Some(75));
 }
+
+/// A one-shot command given a broker cluster's URLs goes on to the next node when the first
+/// does not answer, and says which node it used.
+#[test]
+fn events_reaches_the_next_broker_node_when_the_first_is_down() {
+    let broker = TcpStream::connect("127.0.0.1:5672").is_ok();
+    if !require(broker, "RabbitMQ on 127.0.0.1:5672") {
+        return;
+    }
+    // A port nothing listens on: bound, then released.
+    let down = free_port();
+    let prefix = format!("tn{}", std::process::id());
+    let out = corral()
+        .env(
+            "CORRAL_AMQP_URL",
+            format!(
+                "amqp://guest:guest@127.0.0.1:{down}/%2f amqp://guest:guest@127.0.0.1:5672/%2f"
+            ),
+        )
+        .args(["events", "--wait", "1s", "--prefix", &prefix])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The second node answered: the command got as far as looking for the exchange there.
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains("is not on the broker at amqp://guest:***@127.0.0.1:5672"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("127.0.0.1:{down}")), "{stderr}");
+}

@@ -23,7 +23,7 @@ pub use control::Flights;
 pub use events::EventQueue;
 pub use logs::LogPump;
 pub use publisher::{PublishError, Publisher};
-pub use settings::{AmqpSettings, Names, parse_duration, redact};
+pub use settings::{AmqpSettings, Names, Nodes, parse_duration, redact};
 pub use topology::declare;
 pub use worker::{Worker, WorkerExit};
 
@@ -55,6 +55,33 @@ pub enum AmqpError {
 }
 
 pub use crate::job::now_ms;
+
+/// Connects to the first node of `uris` (a broker cluster's, in order) that answers: what a
+/// one-shot command (`corral submit`, `corral events`) needs to work while a node is down.
+/// Fails with the last node's error when none answers. Returns the connection and the
+/// node's URL without its password.
+pub async fn connect_any(
+    uris: &[String],
+    props: &lapin::ConnectionProperties,
+) -> Result<(lapin::Connection, String), AmqpError> {
+    let mut last = None;
+    for uri in uris {
+        match lapin::Connection::connect(uri, props.clone()).await {
+            Ok(conn) => return Ok((conn, redact(uri))),
+            Err(source) => {
+                tracing::warn!(node = %redact(uri), error = %source, "broker node unreachable; trying the next");
+                last = Some(AmqpError::Connect {
+                    url: redact(uri),
+                    source,
+                });
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| AmqpError::Url {
+        url: String::new(),
+        reason: "no broker URL".into(),
+    }))
+}
 
 /// Consumes `queue` without acks (an exclusive, auto-delete queue whose messages are only
 /// looked at: cancels, events), naming the queue when the broker refuses.

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
+
+use super::settings::Nodes;
 
 /// Why one publish did not count.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +53,10 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 
 pub struct Publisher {
-    uri: AMQPUri,
+    /// The broker cluster's nodes, shared with the consumer so both move on together.
+    nodes: Arc<Nodes>,
+    /// The node of the current connection.
+    node: std::sync::atomic::AtomicUsize,
     name: String,
     blocked_wait: Duration,
     link: Mutex<Option<(Arc<Connection>, Channel)>>,
@@ -62,9 +66,10 @@ pub struct Publisher {
 
 impl Publisher {
     /// Lazy: connects on the first publish and after every failure.
-    pub fn new(uri: AMQPUri, name: String, blocked_wait: Duration) -> Self {
+    pub fn new(nodes: Arc<Nodes>, name: String, blocked_wait: Duration) -> Self {
         Publisher {
-            uri,
+            nodes,
+            node: std::sync::atomic::AtomicUsize::new(0),
             name,
             blocked_wait,
             link: Mutex::new(None),
@@ -84,9 +89,17 @@ impl Publisher {
             let _ = conn.close(320, "replaced".into()).await;
         }
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        let conn = Connection::connect_uri(self.uri.clone(), props)
-            .await
-            .map_err(PublishError::Connect)?;
+        let (i, node) = self.nodes.current();
+        let conn = match Connection::connect_uri(node.uri.clone(), props).await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(node = %node.name, error = %err, "publisher cannot reach this broker node; trying the next one");
+                self.nodes.failed(i);
+                return Err(PublishError::Connect(err));
+            }
+        };
+        tracing::info!(node = %node.name, "publisher connected");
+        self.node.store(i, std::sync::atomic::Ordering::Relaxed);
         let conn = Arc::new(conn);
         let ch = conn.create_channel().await.map_err(PublishError::Connect)?;
         ch.confirm_select(ConfirmSelectOptions::default())
@@ -96,9 +109,12 @@ impl Publisher {
         Ok((conn, ch))
     }
 
-    /// Drops the current connection so the next publish opens a fresh one.
+    /// Drops the current connection so the next publish opens a fresh one, on the next
+    /// node: a publish that failed on its connection most likely lost the node.
     async fn reset(&self) {
         if let Some((conn, _)) = self.link.lock().await.take() {
+            self.nodes
+                .failed(self.node.load(std::sync::atomic::Ordering::Relaxed));
             let _ = conn.close(320, "reset after a failed publish".into()).await;
         }
     }

@@ -11,8 +11,12 @@ use crate::config::Config;
 /// Broker and capacity settings of a worker.
 #[derive(Debug, Clone)]
 pub struct AmqpSettings {
-    /// Broker URI, password included: never log it (see [`redact`]).
+    /// Broker URI, password included: never log it (see [`redact`]). The first of
+    /// `amqp_urls`.
     pub amqp_url: String,
+    /// Every node of the broker cluster, the first one first: a worker rotates through them
+    /// when it cannot connect or loses its connection.
+    pub amqp_urls: Vec<String>,
     pub pool: PoolName,
     /// Builds run at once; also the prefetch count, so the broker never hands this worker
     /// more jobs than it has free slots.
@@ -41,6 +45,7 @@ impl AmqpSettings {
         let a = &config.amqp;
         AmqpSettings {
             amqp_url: a.connection_uri(),
+            amqp_urls: a.connection_uris(),
             pool: a.pool.clone(),
             concurrency: a.prefetch,
             drain_deadline: config.drain_deadline,
@@ -76,18 +81,95 @@ impl AmqpSettings {
 
     /// The broker URI with the heartbeat and a connection timeout set.
     pub fn uri(&self) -> Result<lapin::uri::AMQPUri, super::AmqpError> {
-        let mut uri: lapin::uri::AMQPUri =
-            self.amqp_url
-                .parse()
-                .map_err(|reason| super::AmqpError::Url {
-                    url: redact(&self.amqp_url),
-                    reason,
-                })?;
+        self.uri_of(&self.amqp_url)
+    }
+
+    /// The URI of every broker node, in the configured order, each with the heartbeat and a
+    /// connection timeout set.
+    pub fn uris(&self) -> Result<Vec<Node>, super::AmqpError> {
+        let urls = if self.amqp_urls.is_empty() {
+            std::slice::from_ref(&self.amqp_url)
+        } else {
+            &self.amqp_urls[..]
+        };
+        urls.iter()
+            .map(|url| {
+                Ok(Node {
+                    uri: self.uri_of(url)?,
+                    name: redact(url),
+                })
+            })
+            .collect()
+    }
+
+    fn uri_of(&self, url: &str) -> Result<lapin::uri::AMQPUri, super::AmqpError> {
+        let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|reason| super::AmqpError::Url {
+            url: redact(url),
+            reason,
+        })?;
         uri.query.heartbeat = Some(self.heartbeat);
         if uri.query.connection_timeout.is_none() {
             uri.query.connection_timeout = Some(10_000);
         }
         Ok(uri)
+    }
+}
+
+/// One node of the broker cluster: its URI (password included) and its redacted URL for
+/// logs.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub uri: lapin::uri::AMQPUri,
+    pub name: String,
+}
+
+/// The nodes of a broker cluster and the one in use: a connection goes to the current node;
+/// a failure to connect, or a lost connection, moves to the next one, so a worker whose
+/// node died reaches a live one at its next attempt instead of retrying the dead one.
+#[derive(Debug)]
+pub struct Nodes {
+    nodes: Vec<Node>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Nodes {
+    /// `nodes` must not be empty.
+    pub fn new(nodes: Vec<Node>) -> Self {
+        assert!(!nodes.is_empty(), "at least one broker node");
+        Nodes {
+            nodes,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The node to connect to now, and its position in the list.
+    pub fn current(&self) -> (usize, &Node) {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed) % self.nodes.len();
+        (i, &self.nodes[i])
+    }
+
+    /// Gives up on node `failed` (if it is still the current one) and moves to the next.
+    pub fn failed(&self, failed: usize) {
+        let next = (failed + 1) % self.nodes.len();
+        let _ = self.current.compare_exchange(
+            failed,
+            next,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Node `i` of the list (wrapping).
+    pub fn get(&self, i: usize) -> &Node {
+        &self.nodes[i % self.nodes.len()]
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
     }
 }
 
@@ -159,6 +241,28 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert!(parse_duration("5 weeks").is_err());
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            uri: format!("amqp://{name}").parse().unwrap(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn nodes_rotate_past_the_one_that_failed() {
+        let nodes = Nodes::new(vec![node("a"), node("b"), node("c")]);
+        assert_eq!(nodes.current().1.name, "a");
+        nodes.failed(0);
+        assert_eq!(nodes.current().1.name, "b");
+        // A second report of the same failure (publisher and consumer both saw node a go)
+        // does not skip node b.
+        nodes.failed(0);
+        assert_eq!(nodes.current().1.name, "b");
+        nodes.failed(1);
+        nodes.failed(2);
+        assert_eq!(nodes.current().1.name, "a");
     }
 
     #[test]

@@ -17,7 +17,6 @@ use lapin::options::{
     BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,7 @@ use super::control::Flights;
 use super::events::EventQueue;
 use super::logs::LogPump;
 use super::publisher::{PublishError, Publisher};
-use super::settings::{AmqpSettings, Names, redact};
+use super::settings::{AmqpSettings, Names, Nodes};
 use super::{AmqpError, now_ms};
 use crate::backoff::Backoff;
 use crate::events::{EventSink, JobEvents, alerts};
@@ -46,7 +45,8 @@ pub enum WorkerExit {
 pub struct Worker<R: Runner> {
     settings: AmqpSettings,
     names: Names,
-    uri: AMQPUri,
+    /// The broker cluster's nodes: each session connects to the current one.
+    nodes: Arc<Nodes>,
     info: WorkerInfo,
     runner: Arc<R>,
     publisher: Arc<Publisher>,
@@ -59,6 +59,31 @@ pub struct Worker<R: Runner> {
     /// The drain deadline passed or a second signal came: stop waiting to publish results
     /// and hand the jobs back.
     abandon: CancellationToken,
+}
+
+/// Whether the job's delivery was a redelivery: the broker's flag and the quorum queue's
+/// `x-delivery-count`, repeated on the result as headers (`corral-redelivered`,
+/// `corral-delivery-count`) so a consumer can tell a duplicate result of a job whose ack
+/// was lost (identical to the first, by determinism) from a second job.
+#[derive(Debug, Clone, Copy)]
+struct Redelivery {
+    redelivered: bool,
+    count: u32,
+}
+
+impl Redelivery {
+    fn headers(self) -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "corral-redelivered".into(),
+            AMQPValue::Boolean(self.redelivered || self.count > 0),
+        );
+        headers.insert(
+            "corral-delivery-count".into(),
+            AMQPValue::LongLongInt(i64::from(self.count)),
+        );
+        headers
+    }
 }
 
 enum SessionEnd {
@@ -99,16 +124,16 @@ impl<R: Runner> Worker<R> {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Arc<Self>, AmqpError> {
         metrics.free_slots.set(i64::from(settings.concurrency));
-        let uri = settings.uri()?;
+        let nodes = Arc::new(Nodes::new(settings.uris()?));
         let id = settings.worker_id();
         let publisher = Publisher::new(
-            uri.clone(),
+            nodes.clone(),
             format!("corral {id} publisher"),
             settings.blocked_wait,
         );
         Ok(Arc::new(Worker {
             names: settings.names(),
-            uri,
+            nodes,
             info: WorkerInfo {
                 id,
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -133,7 +158,7 @@ impl<R: Runner> Worker<R> {
         kill: CancellationToken,
     ) -> Result<WorkerExit, AmqpError> {
         tracing::info!(
-            url = %redact(&self.settings.amqp_url),
+            brokers = self.nodes.len(),
             queue = %self.names.jobs_queue,
             concurrency = self.settings.concurrency,
             worker = %self.info.id,
@@ -149,9 +174,10 @@ impl<R: Runner> Worker<R> {
             }
             session += 1;
             let lost = CancellationToken::new();
+            let (node, _) = self.nodes.current();
             let end = self
                 .clone()
-                .session(session, &drain, &kill, &lost, &mut backoff)
+                .session(session, node, &drain, &kill, &lost, &mut backoff)
                 .await;
             lost.cancel();
             self.metrics.set_consuming(false);
@@ -163,6 +189,9 @@ impl<R: Runner> Worker<R> {
                 }
                 Err(err) => tracing::warn!(session, error = %err, "broker session failed"),
             }
+            // The next attempt goes to the next node of the cluster: the one just lost may
+            // be down, partitioned away or restarting.
+            self.nodes.failed(node);
             // Their deliveries died with the session: the broker hands them out again.
             self.flights.stop_all(Some(session), Stop::Lost);
             let delay = backoff.next_delay();
@@ -201,6 +230,7 @@ impl<R: Runner> Worker<R> {
     async fn session(
         self: Arc<Self>,
         session: u64,
+        node: usize,
         drain: &CancellationToken,
         kill: &CancellationToken,
         lost: &CancellationToken,
@@ -208,20 +238,22 @@ impl<R: Runner> Worker<R> {
     ) -> Result<SessionEnd, AmqpError> {
         let props = ConnectionProperties::default()
             .with_connection_name(format!("corral {} consumer", self.info.id).into());
-        let conn = Connection::connect_uri(self.uri.clone(), props)
+        let broker = self.nodes.get(node).clone();
+        tracing::info!(session, node = %broker.name, "connecting to the broker");
+        let conn = Connection::connect_uri(broker.uri.clone(), props)
             .await
             .map_err(|source| AmqpError::Connect {
-                url: redact(&self.settings.amqp_url),
+                url: broker.name.clone(),
                 source,
             })?;
-        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
         super::topology::declare(
-            &ch,
+            &conn,
             &self.names,
             self.settings.pool.as_str(),
             self.settings.delivery_limit,
         )
         .await?;
+        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
         // Prefetch before consuming: the broker must never push more jobs than free slots.
         ch.basic_qos(self.settings.concurrency, BasicQosOptions::default())
             .await
@@ -269,7 +301,7 @@ impl<R: Runner> Worker<R> {
         })?;
         let mut cancels = super::consume_unacked(&ctl, &ctl_queue).await?;
         backoff.reset();
-        tracing::info!(session, queue = %self.names.jobs_queue, "consuming");
+        tracing::info!(session, node = %broker.name, queue = %self.names.jobs_queue, "consuming");
         self.metrics.set_connected(true);
         self.metrics.set_consuming(true);
         if session == 1 {
@@ -546,8 +578,12 @@ impl<R: Runner> Worker<R> {
                 result.timings.queued_ms =
                     job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
             }
+            let redelivery = Redelivery {
+                redelivered: d.redelivered,
+                count: delivery_count(&d.properties),
+            };
             if !self
-                .publish_result(&result, reply_to.as_deref(), corr, lost)
+                .publish_result(&result, reply_to.as_deref(), corr, redelivery, lost)
                 .await
             {
                 if !lost.is_cancelled() {
@@ -594,6 +630,7 @@ impl<R: Runner> Worker<R> {
         result: &JobResult,
         reply_to: Option<&str>,
         corr: Option<String>,
+        redelivery: Redelivery,
         lost: &CancellationToken,
     ) -> bool {
         let mut result = result.clone();
@@ -608,7 +645,8 @@ impl<R: Runner> Worker<R> {
             .with_type("corral.result.v1".into())
             .with_message_id(id.into())
             .with_correlation_id(id.into())
-            .with_timestamp(now_ms() / 1000);
+            .with_timestamp(now_ms() / 1000)
+            .with_headers(redelivery.headers());
         let project = result.project.as_ref().map_or("-", ProjectId::as_str);
         let key = format!("{project}.{id}");
         let mut backoff = Backoff::new(Duration::from_millis(100), self.settings.backoff_max);

@@ -8,9 +8,9 @@ use corral_protocol::{Event, EventKind};
 use futures_lite::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{ConnectionProperties, ExchangeKind};
 
-use crate::amqp::{AmqpError, redact};
+use crate::amqp::AmqpError;
 use crate::cli::EventsArgs;
 use crate::config::Sources;
 use crate::events::human;
@@ -38,24 +38,19 @@ pub fn run(args: EventsArgs) -> anyhow::Result<u8> {
         Ok(loaded) => loaded.config,
         Err(code) => return Ok(code),
     };
-    let (url, exchange) = (
-        config.amqp.connection_uri(),
+    let (urls, exchange) = (
+        config.amqp.connection_uris(),
         config.amqp.events_exchange.clone(),
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(follow(args, url, exchange))
+    runtime.block_on(follow(args, urls, exchange))
 }
 
-async fn follow(args: EventsArgs, url: String, exchange: String) -> anyhow::Result<u8> {
-    let conn = Connection::connect(&url, ConnectionProperties::default())
-        .await
-        .map_err(|source| AmqpError::Connect {
-            url: redact(&url),
-            source,
-        })?;
+async fn follow(args: EventsArgs, urls: Vec<String>, exchange: String) -> anyhow::Result<u8> {
+    let (conn, node) = crate::amqp::connect_any(&urls, &ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
     // Passive: a mistyped prefix or config must not leave a durable exchange behind.
     if let Err(err) = ch
@@ -73,7 +68,7 @@ async fn follow(args: EventsArgs, url: String, exchange: String) -> anyhow::Resu
         eprintln!(
             "corral: the events exchange {exchange} is not on the broker at {} ({err}): \
              no worker with this prefix or config has started there yet",
-            redact(&url)
+            node
         );
         return Ok(exit::PLATFORM_ERROR);
     }
@@ -103,7 +98,7 @@ async fn follow(args: EventsArgs, url: String, exchange: String) -> anyhow::Resu
     let mut deliveries = crate::amqp::consume_unacked(&ch, &queue).await?;
     eprintln!(
         "corral: following {exchange} at {}{}",
-        redact(&url),
+        node,
         if args.follow {
             String::new()
         } else {

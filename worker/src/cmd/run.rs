@@ -256,10 +256,30 @@ async fn broker_events(config: &Config, worker: &str) -> anyhow::Result<crate::a
     use lapin::{Connection, ConnectionProperties, ExchangeKind};
     let settings = crate::amqp::AmqpSettings::from_config(config);
     let names = settings.names();
-    let uri = settings.uri()?;
-    let conn = Connection::connect_uri(uri.clone(), ConnectionProperties::default())
-        .await
-        .context("connecting to the broker")?;
+    let nodes = settings.uris()?;
+    // The first node of the broker cluster that answers declares the exchange; the
+    // publisher rotates through all of them.
+    let mut conn = None;
+    let mut last = None;
+    for node in &nodes {
+        match Connection::connect_uri(node.uri.clone(), ConnectionProperties::default()).await {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(e) => {
+                last = Some(anyhow::Error::new(e).context(format!("connecting to {}", node.name)))
+            }
+        }
+    }
+    let conn = match conn {
+        Some(conn) => conn,
+        None => {
+            return Err(last
+                .unwrap_or_else(|| anyhow::anyhow!("no broker URL"))
+                .context("connecting to the broker"));
+        }
+    };
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.exchange_declare(
         names.events.as_str().into(),
@@ -274,7 +294,7 @@ async fn broker_events(config: &Config, worker: &str) -> anyhow::Result<crate::a
     .with_context(|| format!("declaring {}", names.events))?;
     let _ = conn.close(200, "declared".into()).await;
     let publisher = crate::amqp::Publisher::new(
-        uri,
+        Arc::new(crate::amqp::Nodes::new(nodes)),
         format!("corral {worker} events"),
         Duration::from_secs(30),
     );

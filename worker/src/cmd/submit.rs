@@ -9,7 +9,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, ConnectionProperties};
 
 use crate::amqp::AmqpError;
 use crate::cli::SubmitArgs;
@@ -47,11 +47,11 @@ pub fn run(args: SubmitArgs) -> anyhow::Result<u8> {
             eprintln!("corral: source {} uploaded as {digest}", dir.display());
             job.source = corral_protocol::SourceRef { digest, size: Some(size) };
         }
-        let uri = config.amqp.connection_uri();
-        let url = config.amqp.url.to_string();
-        let conn = Connection::connect(&uri, ConnectionProperties::default())
-            .await
-            .map_err(|source| AmqpError::Connect { url, source })?;
+        let (conn, _) = crate::amqp::connect_any(
+            &config.amqp.connection_uris(),
+            &ConnectionProperties::default(),
+        )
+        .await?;
         let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
         ch.confirm_select(ConfirmSelectOptions::default())
             .await

@@ -121,7 +121,10 @@ pub enum RegistryAuth {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpConfig {
+    /// The first broker, where a worker connects first.
     pub url: AmqpUrl,
+    /// The other nodes of the broker's cluster, tried in turn when the one in use fails.
+    pub more_urls: Vec<AmqpUrl>,
     /// The default exchange and queue names are `<prefix>.jobs`, `<prefix>.dead`, ….
     pub prefix: String,
     pub password: Option<Secret>,
@@ -157,6 +160,17 @@ impl AmqpConfig {
     pub fn connection_uri(&self) -> String {
         self.url
             .with_password(self.password.as_ref().map(Secret::expose))
+    }
+
+    /// Every broker URL, the first one first.
+    pub fn urls(&self) -> impl Iterator<Item = &AmqpUrl> {
+        std::iter::once(&self.url).chain(&self.more_urls)
+    }
+
+    /// The URIs of every broker in order, passwords included. Never log them.
+    pub fn connection_uris(&self) -> Vec<String> {
+        let password = self.password.as_ref().map(Secret::expose);
+        self.urls().map(|url| url.with_password(password)).collect()
     }
 
     /// The longest wall limit a job may ask for and still be acked within the lease.

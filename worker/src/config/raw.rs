@@ -82,7 +82,7 @@ pub struct RawStore {
 #[serde(deny_unknown_fields)]
 pub struct RawAmqp {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
+    pub url: Option<RawUrls>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -248,5 +248,75 @@ impl JsonSchema for RawBytes {
     }
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({ "type": ["integer", "string"] })
+    }
+}
+
+/// `amqp.url` as an operator writes it: one URL, or the brokers of a cluster as a list
+/// (`["amqp://corral@mq1/corral", "amqp://corral@mq2/corral"]`). A string from the
+/// environment or a flag may name several, separated by whitespace (which no URL contains).
+/// Prints back as a string when there is one URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RawUrls {
+    /// Every URL, in the order given.
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            RawUrls::One(s) => s.split_whitespace().map(str::to_owned).collect(),
+            RawUrls::Many(v) => v.clone(),
+        }
+    }
+}
+
+impl From<String> for RawUrls {
+    fn from(s: String) -> Self {
+        RawUrls::One(s)
+    }
+}
+
+impl Serialize for RawUrls {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RawUrls::One(url) => s.serialize_str(url),
+            RawUrls::Many(urls) => urls.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawUrls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Urls;
+        impl<'de> Visitor<'de> for Urls {
+            type Value = RawUrls;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a broker URL or a list of broker URLs")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawUrls, E> {
+                Ok(RawUrls::One(v.to_owned()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawUrls, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    urls.push(url);
+                }
+                Ok(RawUrls::Many(urls))
+            }
+        }
+        d.deserialize_any(Urls)
+    }
+}
+
+impl JsonSchema for RawUrls {
+    fn schema_name() -> Cow<'static, str> {
+        "RawUrls".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({ "type": ["string", "array"], "items": { "type": "string" } })
     }
 }

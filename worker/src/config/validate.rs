@@ -235,20 +235,48 @@ pub(super) fn validate(
 
     // amqp
     let a = raw.amqp.unwrap_or_default();
-    let url_text = a.url.unwrap_or_else(|| defaults::AMQP_URL.to_string());
+    let url_texts = a
+        .url
+        .map(|u| u.urls())
+        .unwrap_or_else(|| vec![defaults::AMQP_URL.to_string()]);
     // A file is copied, diffed and printed, so it names the password's file instead; a
     // flag or variable may carry it in the URL, as every AMQP client's does.
     let url_in_file = matches!(layers.origin("amqp.url"), super::Origin::File(_));
-    let parsed = if url_in_file {
-        AmqpUrl::parse(&url_text).map(|url| (url, None))
-    } else {
-        AmqpUrl::parse_with_password(&url_text)
-    };
-    let (url, url_password) = parsed.unwrap_or_else(|reason| {
-        c.fail("amqp.url", reason);
-        let url = AmqpUrl::parse(defaults::AMQP_URL).expect("default AMQP URL parses");
-        (url, None)
-    });
+    let mut urls = Vec::new();
+    let mut url_password: Option<String> = None;
+    if url_texts.is_empty() {
+        c.fail("amqp.url", "is an empty list; name at least one broker");
+    }
+    for url_text in &url_texts {
+        let parsed = if url_in_file {
+            AmqpUrl::parse(url_text).map(|url| (url, None))
+        } else {
+            AmqpUrl::parse_with_password(url_text)
+        };
+        match parsed {
+            Ok((url, password)) => {
+                if let Some(password) = password {
+                    if url_password.as_ref().is_some_and(|p| *p != password) {
+                        c.fail(
+                            "amqp.url",
+                            "the brokers' URLs carry different passwords; a cluster's nodes share one user",
+                        );
+                    }
+                    url_password = Some(password);
+                }
+                if urls.contains(&url) {
+                    c.fail("amqp.url", format!("names {url} twice"));
+                }
+                urls.push(url);
+            }
+            Err(reason) => c.fail("amqp.url", reason),
+        }
+    }
+    if urls.is_empty() {
+        urls.push(AmqpUrl::parse(defaults::AMQP_URL).expect("default AMQP URL parses"));
+    }
+    let url = urls.remove(0);
+    let more_urls = urls;
     let mut amqp_password = c.secret("amqp", "password", a.password, a.password_file, warnings);
     if let Some(value) = url_password {
         if amqp_password.is_some() {
@@ -259,10 +287,12 @@ pub(super) fn validate(
         }
         amqp_password = Some(Secret { value, file: None });
     }
-    if !url.tls && !url.is_loopback() && amqp_password.is_some() {
-        warnings.push(format!(
-            "amqp.url: {url} is plain AMQP to another host; the password crosses the network in clear (use amqps://)"
-        ));
+    for url in std::iter::once(&url).chain(&more_urls) {
+        if !url.tls && !url.is_loopback() && amqp_password.is_some() {
+            warnings.push(format!(
+                "amqp.url: {url} is plain AMQP to another host; the password crosses the network in clear (use amqps://)"
+            ));
+        }
     }
     let pool_text = a.pool.unwrap_or_else(|| defaults::POOL.to_string());
     let pool = PoolName::new(pool_text.clone()).unwrap_or_else(|e| {
@@ -550,6 +580,7 @@ pub(super) fn validate(
         },
         amqp: AmqpConfig {
             url,
+            more_urls,
             prefix,
             password: amqp_password,
             pool,
@@ -642,7 +673,11 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             token_file: store_token_file,
         }),
         amqp: Some(RawAmqp {
-            url: Some(c.amqp.url.to_string()),
+            url: Some(if c.amqp.more_urls.is_empty() {
+                RawUrls::One(c.amqp.url.to_string())
+            } else {
+                RawUrls::Many(c.amqp.urls().map(ToString::to_string).collect())
+            }),
             prefix: Some(c.amqp.prefix.clone()),
             password: amqp_password,
             password_file: amqp_password_file,
@@ -779,5 +814,66 @@ mod tests {
             .unwrap();
         assert_eq!(c.snapshot.level, defaults::ZSTD_LEVEL);
         assert_eq!(load(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn a_broker_cluster_is_a_list_of_urls() {
+        let c = load(
+            "[amqp]\nurl = [\"amqp://corral@10.0.0.1/corral\", \"amqp://corral@10.0.0.2/corral\"]\npassword = \"p\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.amqp.url.to_string(), "amqp://corral@10.0.0.1:5672/corral");
+        assert_eq!(c.amqp.more_urls.len(), 1);
+        assert_eq!(
+            c.amqp.connection_uris(),
+            vec![
+                "amqp://corral:p@10.0.0.1:5672/corral".to_string(),
+                "amqp://corral:p@10.0.0.2:5672/corral".to_string()
+            ]
+        );
+        // Printed as a list, it reads back the same; one URL stays a plain string.
+        let c = load(
+            "[amqp]\nurl = [\"amqp://corral@10.0.0.1/corral\", \"amqp://corral@10.0.0.2/corral\"]\n",
+        )
+        .unwrap();
+        assert!(
+            c.to_toml()
+                .contains("url = [\"amqp://corral@10.0.0.1:5672/corral\"")
+        );
+        assert_eq!(load(&c.to_toml()).unwrap(), c);
+        let one = load("[amqp]\nurl = \"amqp://corral@10.0.0.1/corral\"\n").unwrap();
+        assert!(one.amqp.more_urls.is_empty());
+        assert!(
+            one.to_toml()
+                .contains("url = \"amqp://corral@10.0.0.1:5672/corral\"")
+        );
+        for bad in [
+            "[amqp]\nurl = []\n",
+            "[amqp]\nurl = [\"amqp://a/\", \"amqp://a/\"]\n",
+            "[amqp]\nurl = [\"amqp://a/\", \"http://b/\"]\n",
+        ] {
+            assert_eq!(load(bad).unwrap_err(), vec!["amqp.url"], "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_broker_list_from_the_environment_is_separated_by_spaces() {
+        let sources = Sources {
+            file: None,
+            env: vec![(
+                "CORRAL_AMQP_URL".into(),
+                "amqp://u:p@127.0.0.1:5701/%2f amqp://u:p@127.0.0.1:5702/%2f".into(),
+            )],
+            flags: Vec::new(),
+            hostname: "h".into(),
+        };
+        let c = Config::load(&sources).unwrap().config;
+        assert_eq!(
+            c.amqp.connection_uris(),
+            vec![
+                "amqp://u:p@127.0.0.1:5701/%2F".to_string(),
+                "amqp://u:p@127.0.0.1:5702/%2F".to_string()
+            ]
+        );
     }
 }

@@ -169,6 +169,9 @@ pub async fn run(config: &Config, scope: Scope) -> Report {
         });
     if scope.services {
         checks.push(services::broker(config).await);
+        if !config.amqp.more_urls.is_empty() {
+            checks.push(services::broker_nodes(config).await);
+        }
         checks.push(services::store(config).await);
     }
     Report::new(checks)

@@ -126,6 +126,46 @@ pub(super) async fn broker(config: &Config) -> Check {
     }
 }
 
+/// The other nodes of a broker cluster (`amqp.url` as a list): each must answer, or the
+/// workers' failover has nowhere to go when the first node fails.
+pub(super) async fn broker_nodes(config: &Config) -> Check {
+    let id = "broker_nodes";
+    let amqp = &config.amqp;
+    let uris = amqp.connection_uris();
+    let mut answering = Vec::new();
+    let mut silent = Vec::new();
+    for (url, uri) in amqp.urls().zip(&uris).skip(1) {
+        let props = ConnectionProperties::default().with_connection_name("corral doctor".into());
+        match tokio::time::timeout(TIMEOUT, Connection::connect(uri, props)).await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close(200, "doctor done".into()).await;
+                answering.push(url.to_string());
+            }
+            Ok(Err(err)) => silent.push(format!("{url} ({err})")),
+            Err(_) => silent.push(format!("{url} (no answer within {}s)", TIMEOUT.as_secs())),
+        }
+    }
+    let details = json!({ "answering": answering, "silent": silent });
+    if silent.is_empty() {
+        Check::ok(
+            id,
+            format!(
+                "the other {} node(s) of the broker cluster answer",
+                answering.len()
+            ),
+        )
+        .with_details(details)
+    } else {
+        Check::warn(
+            id,
+            format!("broker nodes not answering: {}", silent.join(", ")),
+            "the worker fails over past them, but a cluster short of nodes may lose its \
+             quorum: check that every node in amqp.url is up and reachable from this host",
+        )
+        .with_details(details)
+    }
+}
+
 pub(super) async fn store(config: &Config) -> Check {
     let id = "store";
     let url = config.store.url.to_string();

@@ -37,11 +37,22 @@ pub fn base(bases: &Catalogue, job: &Job) -> Result<StagedBase, JobError> {
     Ok(StagedBase { base, layer, blob })
 }
 
-/// The project's host identity (stable per project).
+/// The project's host identity: derived from the project id, so the same on every worker
+/// with the same uid range, unless its uid was taken here (then logged).
 pub fn identity(identities: &IdentityMap, job: &Job) -> Result<Identity, JobError> {
-    identities
-        .identity(job.project.as_str())
-        .map_err(JobError::Identity)
+    let allocation = identities
+        .allocate(job.project.as_str())
+        .map_err(JobError::Identity)?;
+    if let Some(holder) = &allocation.collided_with {
+        tracing::warn!(
+            project = %job.project,
+            holder = %holder,
+            uid = allocation.identity.host_uid,
+            "the project's derived uid is held by another project here; it runs as the next \
+             free uid, which other workers may not share (widen sandbox.id_count)"
+        );
+    }
+    Ok(allocation.identity)
 }
 
 /// The job's scratch space on the data disk (source, bundle, log, spooled layers), removed
