@@ -64,9 +64,13 @@ impl Key {
         {
             return Value::Boolean(b);
         }
-        // A list from one variable: comma-separated (`CORRAL_EGRESS_ALLOW=a:443,b:443`).
+        // A list from one variable: separated by commas or spaces
+        // (`CORRAL_EGRESS_ALLOW=a:443,b:443`, `CORRAL_AMQP_URL="amqp://n1 amqp://n2"`); no
+        // item of a list key (URLs, HOST:PORT) holds either.
         if accepts("array") {
-            let items = text.split(',').map(str::trim).filter(|i| !i.is_empty());
+            let items = text
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|i| !i.is_empty());
             return Value::Array(items.map(|i| Value::String(i.to_owned())).collect());
         }
         Value::String(text.to_string())
