@@ -28,3 +28,28 @@ pub(crate) fn read_input(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     }
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
+
+/// The event sinks of a command run by hand (`replay`, `run`): human lines on stderr (only
+/// the alerts with `alerts_only`), and with `--events FILE|-` every event as JSON lines.
+pub(crate) fn event_sinks(
+    events: Option<&std::path::Path>,
+    alerts_only: bool,
+) -> anyhow::Result<Vec<std::sync::Arc<dyn crate::events::EventSink>>> {
+    use crate::events::{EventSink, HumanLines, JsonLines};
+    use anyhow::Context;
+    use std::sync::Arc;
+    let mut sinks: Vec<Arc<dyn EventSink>> =
+        vec![Arc::new(HumanLines::new(std::io::stderr(), alerts_only))];
+    match events {
+        Some(path) if path == std::path::Path::new("-") => {
+            sinks.push(Arc::new(JsonLines::new(std::io::stdout())));
+        }
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating the events file {}", path.display()))?;
+            sinks.push(Arc::new(JsonLines::new(file)));
+        }
+        None => {}
+    }
+    Ok(sinks)
+}

@@ -12,7 +12,7 @@ use crate::base::Catalogue;
 use crate::base::prerequisites::Install;
 use crate::cli::ReplayArgs;
 use crate::config::{Config, Sources};
-use crate::events::{EventSink, HumanLines, JobEvents, JsonLines};
+use crate::events::JobEvents;
 use crate::exit;
 use crate::job::{
     self, Delivery, RunContext, Sandboxed, Settings, Stop, Stopper, error_chain, open_store,
@@ -104,7 +104,12 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         id: format!("replay@{}", host.trim()),
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let events = JobEvents::new(&job, &worker.id, event_sinks(args)?, None);
+    let events = JobEvents::new(
+        &job,
+        &worker.id,
+        super::event_sinks(args.events.as_deref(), true)?,
+        None,
+    );
     let ctx = RunContext {
         stop,
         logs,
@@ -130,24 +135,6 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         summarise(&result)?;
     }
     Ok(exit::for_status(result.status))
-}
-
-/// Alerts as human lines on stderr, and with `--events` every event as JSON lines.
-fn event_sinks(args: &ReplayArgs) -> anyhow::Result<Vec<Arc<dyn EventSink>>> {
-    let mut sinks: Vec<Arc<dyn EventSink>> =
-        vec![Arc::new(HumanLines::new(std::io::stderr(), true))];
-    match &args.events {
-        Some(path) if path == std::path::Path::new("-") => {
-            sinks.push(Arc::new(JsonLines::new(std::io::stdout())));
-        }
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("creating the events file {}", path.display()))?;
-            sinks.push(Arc::new(JsonLines::new(file)));
-        }
-        None => {}
-    }
-    Ok(sinks)
 }
 
 fn summarise(result: &JobResult) -> anyhow::Result<()> {

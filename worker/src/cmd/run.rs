@@ -13,7 +13,7 @@ use corral_sandbox::IdentityMap;
 use crate::app::{self, AppError, AppSpec, Ending, Host, Restart, layers::LayerCache};
 use crate::cli::{RestartPolicy, RunArgs};
 use crate::config::{Config, Sources};
-use crate::events::{EventSink, HumanLines, JobEvents, JsonLines};
+use crate::events::JobEvents;
 use crate::exit;
 use crate::job::{Settings, error_chain, open_store};
 
@@ -185,7 +185,7 @@ async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8
         identity,
         worker_id: format!("run@{}", host_name.trim()),
     };
-    let mut sinks = sinks(&args)?;
+    let mut sinks = super::event_sinks(args.events.as_deref(), false)?;
     let queue = if broker {
         match broker_events(&config, &host.worker_id).await {
             Ok(queue) => {
@@ -301,22 +301,4 @@ async fn broker_events(config: &Config, worker: &str) -> anyhow::Result<crate::a
     let queue = crate::amqp::EventQueue::new(Arc::new(crate::metrics::Metrics::new()));
     queue.start(Arc::new(publisher), names.events);
     Ok(queue)
-}
-
-/// Every event as a human line on stderr, and with `--events` as JSON lines.
-fn sinks(args: &RunArgs) -> anyhow::Result<Vec<Arc<dyn EventSink>>> {
-    let mut sinks: Vec<Arc<dyn EventSink>> =
-        vec![Arc::new(HumanLines::new(std::io::stderr(), false))];
-    match &args.events {
-        Some(path) if path == std::path::Path::new("-") => {
-            sinks.push(Arc::new(JsonLines::new(std::io::stdout())));
-        }
-        Some(path) => {
-            let file = std::fs::File::create(path)
-                .with_context(|| format!("creating the events file {}", path.display()))?;
-            sinks.push(Arc::new(JsonLines::new(file)));
-        }
-        None => {}
-    }
-    Ok(sinks)
 }
