@@ -71,8 +71,9 @@ mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
     CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, REQUIRE_ENV as REQUIRE_CGROUP_ENV,
-    block_device_of, check_required as check_required_cgroup, discover as discover_cgroups,
-    host_layout as host_cgroup_layout,
+    StaleCgroups, block_device_of, check_required as check_required_cgroup,
+    discover as discover_cgroups, host_layout as host_cgroup_layout,
+    remove_stale as remove_stale_cgroups,
 };
 pub use event::{LiveEvent, LiveEventKind};
 pub use handshake::{HandshakeError, SetupError, SetupStep, VERSION as HANDSHAKE_VERSION};

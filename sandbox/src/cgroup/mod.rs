@@ -347,6 +347,68 @@ impl JobCgroup {
     }
 }
 
+/// What [`remove_stale`] did.
+#[derive(Debug, Default)]
+pub struct StaleCgroups {
+    /// Job cgroups removed (by name under the parent).
+    pub removed: Vec<String>,
+    /// Those that could not be removed, with why.
+    pub errors: Vec<CgroupError>,
+}
+
+/// The process that made a job cgroup: its names are `job-<pid>-<sequence>`
+/// ([`crate::Sandbox`] names them so).
+fn job_cgroup_owner(name: &str) -> Option<i32> {
+    let (pid, seq) = name.strip_prefix("job-")?.split_once('-')?;
+    seq.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Removes the job cgroups under `parent` whose maker is gone: a worker killed with SIGKILL
+/// (or a crashed host service) never removes its jobs' cgroups, and a cgroup outlives its
+/// processes. What is still inside one is killed first. A cgroup whose maker still runs
+/// (another worker sharing the parent) is left alone.
+pub fn remove_stale(layout: &Layout, parent: &str) -> StaleCgroups {
+    let parent = parent.trim_matches('/');
+    let dirs: Vec<PathBuf> = match layout {
+        Layout::V2 { root } => vec![root.join(parent)],
+        Layout::V1 { mounts } => {
+            let mut d: Vec<PathBuf> = mounts.values().map(|m| m.join(parent)).collect();
+            d.sort();
+            d.dedup();
+            d
+        }
+    };
+    let own = std::process::id() as i32;
+    let mut names: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| {
+            job_cgroup_owner(name)
+                .is_some_and(|pid| pid != own && !Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut out = StaleCgroups::default();
+    for name in names {
+        let cg = match layout {
+            Layout::V2 { root } => JobCgroup::V2(V2 {
+                dir: root.join(parent).join(&name),
+            }),
+            Layout::V1 { mounts } => JobCgroup::V1(V1::at(mounts, parent, &name)),
+        };
+        match cg.destroy() {
+            Ok(()) => out.removed.push(name),
+            Err(err) => out.errors.push(err),
+        }
+    }
+    out
+}
+
 pub fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(path, value).map_err(|source| CgroupError::Write {
         path: path.to_owned(),
@@ -450,6 +512,55 @@ mod tests {
         std::fs::write(dir.path().join("unified/cgroup.controllers"), controllers).unwrap();
         let info = THIS_HOST.replace("CG", dir.path().to_str().unwrap());
         (dir, info)
+    }
+
+    #[test]
+    fn job_cgroups_of_a_dead_maker_are_removed_and_others_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let mounts: BTreeMap<String, PathBuf> = ["memory", "pids", "cpu", "cpuacct"]
+            .iter()
+            .map(|c| ((*c).to_owned(), t.path().join(c)))
+            .collect();
+        let layout = Layout::V1 { mounts };
+        // Above the kernel's largest pid_max: never a live process.
+        let dead = 4_194_305;
+        let own = std::process::id();
+        let names = [
+            format!("job-{dead}-1"),
+            format!("job-{dead}-22"),
+            format!("job-{own}-3"),
+            "job-1-4".to_owned(),
+            "job-x-1".to_owned(),
+            "worker".to_owned(),
+        ];
+        for ctl in ["memory", "pids", "cpu", "cpuacct"] {
+            for name in &names {
+                std::fs::create_dir_all(t.path().join(ctl).join("corral").join(name)).unwrap();
+            }
+        }
+        let stale = remove_stale(&layout, "/corral");
+        assert_eq!(
+            stale.removed,
+            vec![format!("job-{dead}-1"), format!("job-{dead}-22")]
+        );
+        assert!(stale.errors.is_empty(), "{:?}", stale.errors);
+        for ctl in ["memory", "pids", "cpu", "cpuacct"] {
+            let mut left: Vec<String> = std::fs::read_dir(t.path().join(ctl).join("corral"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            let mut kept = vec![
+                format!("job-{own}-3"),
+                "job-1-4".to_owned(),
+                "job-x-1".to_owned(),
+                "worker".to_owned(),
+            ];
+            kept.sort();
+            assert_eq!(left, kept);
+        }
+        // No parent yet (a first start): nothing to do.
+        assert!(remove_stale(&layout, "absent").removed.is_empty());
     }
 
     #[test]

@@ -34,14 +34,7 @@ impl V1 {
         parent: &str,
         name: &str,
     ) -> Result<Self, CgroupError> {
-        let dir = |ctl: &str| mounts[ctl].join(parent).join(name);
-        let cg = V1 {
-            memory: dir("memory"),
-            pids: dir("pids"),
-            cpu: dir("cpu"),
-            cpuacct: dir("cpuacct"),
-            blkio: mounts.contains_key("blkio").then(|| dir("blkio")),
-        };
+        let cg = Self::at(mounts, parent, name);
         for d in cg.dirs() {
             // The parent exists but on a hierarchy's first job: try the job's dir first.
             match mkdir(d) {
@@ -57,6 +50,18 @@ impl V1 {
             }
         }
         Ok(cg)
+    }
+
+    /// The job cgroup `<parent>/<name>` in each hierarchy, without making it.
+    pub(super) fn at(mounts: &BTreeMap<String, PathBuf>, parent: &str, name: &str) -> Self {
+        let dir = |ctl: &str| mounts[ctl].join(parent).join(name);
+        V1 {
+            memory: dir("memory"),
+            pids: dir("pids"),
+            cpu: dir("cpu"),
+            cpuacct: dir("cpuacct"),
+            blkio: mounts.contains_key("blkio").then(|| dir("blkio")),
+        }
     }
 
     fn dirs(&self) -> Vec<&Path> {

@@ -219,6 +219,22 @@ impl Sandboxed {
         for err in &recovered.errors {
             tracing::warn!(error = %error_chain(err), "could not clean up a previous worker's job dir");
         }
+        // A worker killed with SIGKILL leaves its jobs' cgroups behind (empty: their
+        // processes died with the job's pid namespace, or are killed here).
+        if let Ok(layout) = corral_sandbox::host_cgroup_layout() {
+            let stale =
+                corral_sandbox::remove_stale_cgroups(&layout, &settings.sandbox.cgroup_parent);
+            if !stale.removed.is_empty() {
+                tracing::info!(
+                    removed = stale.removed.len(),
+                    parent = %settings.sandbox.cgroup_parent,
+                    "removed the job cgroups a previous worker left"
+                );
+            }
+            for err in &stale.errors {
+                tracing::warn!(error = %error_chain(err), "could not remove a previous worker's job cgroup");
+            }
+        }
         Ok(Sandboxed {
             settings,
             store,
