@@ -90,27 +90,8 @@ fn world() -> &'static World {
         )
         .unwrap();
 
-        let tarball = dir.path().join("rootfs.tar");
-        let tar = Command::new("tar")
-            .arg("-C")
-            .arg(rootfs())
-            .args(["--numeric-owner", "-cf"])
-            .arg(&tarball)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(tar.success());
         let data = dir.path().join("data");
-        let out = corral(&[
-            "base",
-            "import",
-            "python-3.11",
-            tarball.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        std::fs::remove_file(&tarball).unwrap();
+        common::import_test_base(&data);
         let offline = corral(&[
             "replay",
             "fixtures/jobs/python-app.json",

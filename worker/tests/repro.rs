@@ -321,16 +321,7 @@ fn every_succeeding_fixture_job_builds_the_same_image_whatever_the_host() {
         .prefix("corral-repro-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let tarball = tmp.path().join("rootfs.tar");
-    let tar = Command::new("tar")
-        .arg("-C")
-        .arg(rootfs())
-        .args(["--numeric-owner", "-cf"])
-        .arg(&tarball)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(tar.success());
+    let tarball = common::rootfs_tarball(tmp.path());
     let reference_host = Host::reference();
     let a = data_dir(tmp.path(), "a/data", &tarball, &reference_host);
     // A second worker: another path, its base imported from the same tarball under the

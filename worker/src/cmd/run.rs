@@ -251,35 +251,20 @@ async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8
 /// The broker sink: `corral.events` (declared when missing, as `corral work` does) and a
 /// queue that publishes to it with confirms, never holding the app up.
 async fn broker_events(config: &Config, worker: &str) -> anyhow::Result<crate::amqp::EventQueue> {
+    use lapin::ExchangeKind;
     use lapin::options::ExchangeDeclareOptions;
     use lapin::types::FieldTable;
-    use lapin::{Connection, ConnectionProperties, ExchangeKind};
     let settings = crate::amqp::AmqpSettings::from_config(config);
     let names = settings.names();
     let nodes = settings.uris()?;
     // The first node of the broker cluster that answers declares the exchange; the
     // publisher rotates through all of them.
-    let mut conn = None;
-    let mut last = None;
-    for node in &nodes {
-        match Connection::connect_uri(node.uri.clone(), ConnectionProperties::default()).await {
-            Ok(c) => {
-                conn = Some(c);
-                break;
-            }
-            Err(e) => {
-                last = Some(anyhow::Error::new(e).context(format!("connecting to {}", node.name)))
-            }
-        }
-    }
-    let conn = match conn {
-        Some(conn) => conn,
-        None => {
-            return Err(last
-                .unwrap_or_else(|| anyhow::anyhow!("no broker URL"))
-                .context("connecting to the broker"));
-        }
-    };
+    let (conn, _) = crate::amqp::connect_any(
+        &config.amqp.connection_uris(),
+        &lapin::ConnectionProperties::default(),
+    )
+    .await
+    .context("connecting to the broker")?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.exchange_declare(
         names.events.as_str().into(),

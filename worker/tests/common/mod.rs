@@ -212,3 +212,39 @@ pub fn spawn_and_wait(
         events: events.join().unwrap(),
     }
 }
+
+/// A tarball of the test rootfs, written into `dir`: what `corral base import` takes.
+pub fn rootfs_tarball(dir: &Path) -> PathBuf {
+    let tarball = dir.join("rootfs.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(rootfs())
+        .args(["--numeric-owner", "-cf"])
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .expect("running tar");
+    assert!(status.success(), "tar of the test rootfs failed");
+    tarball
+}
+
+/// Imports the test rootfs (a debootstrap of the base recipe; `corral base build` itself is
+/// covered by `tests/base.rs`) as the `python-3.11` base into the data dir `data`.
+pub fn import_test_base(data: &Path) {
+    let scratch = data.parent().expect("a data dir has a parent");
+    std::fs::create_dir_all(scratch).unwrap();
+    let tarball = rootfs_tarball(scratch);
+    let out = corral()
+        .args(["base", "import", "python-3.11"])
+        .arg(&tarball)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .expect("running corral base import");
+    assert!(
+        out.status.success(),
+        "corral base import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&tarball).unwrap();
+}
