@@ -786,24 +786,7 @@ fn a_build_runs_as_uid_start_and_gid_start_plus_its_offset() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let data = scratch.path().join("data");
-    let tarball = scratch.path().join("rootfs.tar");
-    let tar = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(common::rootfs())
-        .args(["--numeric-owner", "-cf"])
-        .arg(&tarball)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(tar.success());
-    let out = corral()
-        .args(["base", "import", "python-3.11"])
-        .arg(&tarball)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    common::import_test_base(&data);
 
     // A fixtures tree of one job: the hello bundle, a command that shows the id maps.
     let fixtures = scratch.path().join("fixtures");

@@ -149,31 +149,7 @@ fn work_runs_jobs_through_the_sandboxed_pipeline_and_counts_them() {
         prefix: prefix.clone(),
     };
 
-    // The base, imported from the test rootfs.
-    let tarball = scratch.path().join("rootfs.tar");
-    assert!(
-        Command::new("tar")
-            .arg("-C")
-            .arg(rootfs())
-            .args(["--numeric-owner", "-cf"])
-            .arg(&tarball)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = corral()
-        .args(["base", "import", "python-3.11"])
-        .arg(&tarball)
-        .arg("--data-dir")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::import_test_base(&data);
 
     let port = free_port();
     let config = scratch.path().join("worker.toml");
