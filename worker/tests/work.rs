@@ -3,138 +3,26 @@
 //! after the jobs: its counters match the jobs run. Operators following `corral events` see
 //! each job start before it finishes, and a flooding job's `log_flood` while it still runs.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod common;
-use common::{repo, require, rootfs};
-
-/// The worker's log is read for readiness, so it logs at `info`.
-fn corral() -> Command {
-    let mut cmd = common::corral();
-    cmd.env("RUST_LOG", "info,lapin=error");
-    cmd
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `corral events ARGS --config CONFIG`, its stdout and stderr in files under `dir`, once it
-/// says it is subscribed.
-fn follow_events(
-    dir: &std::path::Path,
-    name: &str,
-    config: &std::path::Path,
-    args: &[&str],
-) -> Reaped {
-    let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
-    let err_path = dir.join(format!("{name}.err"));
-    let err = std::fs::File::create(&err_path).unwrap();
-    let child = corral()
-        .arg("events")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap();
-    let child = Reaped(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&err_path)
-        .unwrap_or_default()
-        .contains("corral: following")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "corral events never subscribed: {}",
-            std::fs::read_to_string(&err_path).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
-/// Stops the worker and removes the test's broker objects, even when the test fails.
-struct Cleanup {
-    worker: Option<Child>,
-    prefix: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &worker.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while worker.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = worker.kill();
-            let _ = worker.wait();
-        }
-        let p = &self.prefix;
-        let script = format!(
-            "import pika\nc = pika.BlockingConnection(pika.URLParameters('amqp://guest:guest@127.0.0.1:5672/%2f'))\n\
-             ch = c.channel()\n\
-             for q in ['{p}.jobs.default', '{p}.jobs.dead']:\n    ch.queue_delete(q)\n\
-             for e in ['jobs', 'dead', 'results', 'events', 'logs', 'control']:\n    ch.exchange_delete('{p}.' + e)\n\
-             c.close()\n"
-        );
-        let _ = Command::new("python3").arg("-c").arg(script).status();
-    }
-}
+#[path = "common/corral_work.rs"]
+mod corral_work;
+use common::{corral, is_root, repo, require, rootfs};
+use corral_work::{Worker, broker_up, follow_events, free_port, have_pika, http_get};
 
 #[test]
 fn work_runs_jobs_through_the_sandboxed_pipeline_and_counts_them() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n");
-    let broker = TcpStream::connect("127.0.0.1:5672").is_ok();
-    let pika = Command::new("python3")
-        .args(["-c", "import pika"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !(require(root, "root")
+    if !(require(is_root(), "root")
         && require(
             rootfs().join("usr/bin/python3").exists(),
             "the test rootfs at $CORRAL_TEST_ROOTFS",
         )
-        && require(broker, "RabbitMQ on 127.0.0.1:5672")
-        && require(pika, "python3 with pika"))
+        && require(broker_up(), "RabbitMQ on 127.0.0.1:5672")
+        && require(have_pika(), "python3 with pika"))
     {
         return;
     }
@@ -144,11 +32,6 @@ fn work_runs_jobs_through_the_sandboxed_pipeline_and_counts_them() {
         .unwrap();
     let data = scratch.path().join("data");
     let prefix = format!("tw{}", std::process::id());
-    let mut cleanup = Cleanup {
-        worker: None,
-        prefix: prefix.clone(),
-    };
-
     common::import_test_base(&data);
 
     let port = free_port();
@@ -196,27 +79,9 @@ listen = "127.0.0.1:{port}"
         String::from_utf8_lossy(&check.stdout)
     );
 
-    let log = std::fs::File::create(scratch.path().join("worker.log")).unwrap();
-    let worker = corral()
-        .arg("work")
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    cleanup.worker = Some(worker);
-    let worker_log =
-        || std::fs::read_to_string(scratch.path().join("worker.log")).unwrap_or_default();
-
     // Ready once consuming.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::net::TcpStream::connect(("127.0.0.1", port))
-        .is_ok_and(|_| http_get(port, "/readyz").starts_with("HTTP/1.1 200"))
-    {
-        assert!(Instant::now() < deadline, "never ready:\n{}", worker_log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut worker = Worker::start(&config, &prefix, scratch.path().join("worker.log"), port);
+    let worker_log = || worker.log();
     assert!(http_get(port, "/healthz").starts_with("HTTP/1.1 200"));
 
     // An operator follows every event as JSON; another waits 20 s for job_finished lines.
@@ -398,27 +263,8 @@ listen = "127.0.0.1:{port}"
     );
 
     // SIGTERM: the worker drains and exits cleanly.
-    let mut worker = cleanup.worker.take().unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &worker.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = worker.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "worker did not stop:\n{}",
-            worker_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "worker exit {status}:\n{}", worker_log());
+    let status = worker.stop();
+    assert!(status.success(), "worker exit {status}:\n{}", worker.log());
     // Its ready job filesystems went with it.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let data_text = data.to_str().unwrap();
@@ -436,8 +282,7 @@ listen = "127.0.0.1:{port}"
 
 #[test]
 fn events_refuses_an_exchange_no_worker_declared_and_leaves_none() {
-    let broker = TcpStream::connect("127.0.0.1:5672").is_ok();
-    if !require(broker, "RabbitMQ on 127.0.0.1:5672") {
+    if !require(broker_up(), "RabbitMQ on 127.0.0.1:5672") {
         return;
     }
     let prefix = format!("te{}", std::process::id());
@@ -465,8 +310,7 @@ fn events_refuses_an_exchange_no_worker_declared_and_leaves_none() {
 /// does not answer, and says which node it used.
 #[test]
 fn events_reaches_the_next_broker_node_when_the_first_is_down() {
-    let broker = TcpStream::connect("127.0.0.1:5672").is_ok();
-    if !require(broker, "RabbitMQ on 127.0.0.1:5672") {
+    if !require(broker_up(), "RabbitMQ on 127.0.0.1:5672") {
         return;
     }
     // A port nothing listens on: bound, then released.
