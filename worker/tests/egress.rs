@@ -4,7 +4,9 @@
 //! the offline fixture's image digest; the abuse fixtures in `fixtures/abuse/egress/` (direct
 //! connections, CONNECTs to the broker, to cloud metadata, to a name resolving to loopback,
 //! a download past `network_bytes`, a slow-loris client) end with the outcome and events
-//! each names; a job asking for more than the worker allows is rejected.
+//! each names; a job asking for more than the worker allows is rejected. Under `corral work`
+//! at concurrency 2, the online build succeeds through its proxy while another job keeps its
+//! own proxy at the connection cap, and the egress events reach the broker.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 mod common;
+#[path = "common/corral_work.rs"]
+mod corral_work;
 use common::{have, is_root, repo, require, rootfs};
 
 fn text(bytes: &[u8]) -> String {
@@ -376,3 +380,170 @@ fn a_job_asking_for_more_than_the_worker_allows_is_rejected() {
         "{r}"
     );
 }
+
+/// A slow-loris job under `corral work`: it keeps its proxy at the connection cap (idle
+/// connections, reopened as the proxy's head timeout cuts them, and one more each second,
+/// refused). Its proxy is its own: the online build beside it downloads through another and
+/// finishes while the attacker still holds every connection it may.
+#[test]
+fn under_corral_work_a_build_downloads_while_another_job_holds_its_proxy_at_the_cap() {
+    if !(prerequisites()
+        && require(corral_work::broker_up(), "RabbitMQ on 127.0.0.1:5672")
+        && require(corral_work::have_pika(), "python3 with pika"))
+    {
+        return;
+    }
+    let _serial = serial();
+    let world = world();
+    let scratch = tempfile::Builder::new()
+        .prefix("corral-egress-work-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let prefix = format!("teg{}", std::process::id());
+    let port = corral_work::free_port();
+    let config = scratch.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\nconcurrency = 2\n\n\
+             [amqp]\nurl = \"amqp://guest@127.0.0.1:5672/%2f\"\npassword = \"guest\"\nprefix = {prefix:?}\n\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n\n{egress}",
+            data = world.data().to_str().unwrap(),
+            egress = std::fs::read_to_string(world.config()).unwrap(),
+        ),
+    )
+    .unwrap();
+    let mut worker =
+        corral_work::Worker::start(&config, &prefix, scratch.path().join("worker.log"), port);
+    let denied = corral_work::follow_events(
+        scratch.path(),
+        "denied",
+        &config,
+        &["--follow", "--json", "--kind", "egress_denied"],
+    );
+
+    let online: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("fixtures/jobs/python-app-online.json")).unwrap(),
+    )
+    .unwrap();
+    let holder_id = format!("egress-holder-{}", std::process::id());
+    let holder = serde_json::json!({
+        "schema": "corral.job.v1",
+        "job_id": holder_id,
+        "project": "abuse",
+        "base": "python-3.11",
+        "source": online["source"],
+        "command": ["python3", "-c", SLOW_LORIS],
+        "limits": {"wall_seconds": 900},
+        "network": {"egress": ["127.0.0.2:8443"]},
+    });
+    let holder_file = scratch.path().join("holder.json");
+    std::fs::write(&holder_file, serde_json::to_vec(&holder).unwrap()).unwrap();
+    let submit = |file: &Path| {
+        common::corral()
+            .args(["submit", "--wait", "--timeout", "15m", "--config"])
+            .arg(&config)
+            .arg(file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut holding = corral_work::Reaped(submit(&holder_file));
+
+    // The attacker is at the cap once its proxy refuses a connection for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let capped =
+        |e: &Value| e["job_id"] == holder_id.as_str() && e["details"]["reason"] == "connection_cap";
+    while !events(scratch.path(), "denied").iter().any(capped) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never reached its proxy's cap:\n{}",
+            worker.log()
+        );
+        assert!(
+            holding.0.try_wait().unwrap().is_none(),
+            "the holder ended early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    let mut online_job = online.clone();
+    online_job["job_id"] = format!("egress-online-{}", std::process::id()).into();
+    let online_file = scratch.path().join("online.json");
+    std::fs::write(&online_file, serde_json::to_vec(&online_job).unwrap()).unwrap();
+    let out = submit(&online_file).wait_with_output().unwrap();
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "online: no result ({e}): {}\nworker:\n{}",
+            text(&out.stderr),
+            worker.log()
+        )
+    });
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["artifact"]["manifest_digest"], world.offline_digest);
+    assert_eq!(result["usage"]["network"]["denied"], 0, "{result}");
+    assert!(
+        holding.0.try_wait().unwrap().is_none(),
+        "the holder ended before the online build"
+    );
+    assert!(
+        !events(scratch.path(), "denied")
+            .iter()
+            .any(|e| e["job_id"] == online_job["job_id"]),
+        "the online build was refused a connection"
+    );
+
+    // The operator cancels the attacker: one final result, its refusals counted.
+    let cancel = format!(
+        "import json, pika\nc = pika.BlockingConnection(pika.URLParameters('amqp://guest:guest@127.0.0.1:5672/%2f'))\n\
+         c.channel().basic_publish('{prefix}.control', '', json.dumps({{'schema': 'corral.cancel.v1', 'job_id': '{holder_id}', 'reason': 'slow loris'}}))\n\
+         c.close()\n"
+    );
+    assert!(
+        Command::new("python3")
+            .arg("-c")
+            .arg(cancel)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(holding.0.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let held: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("holder: no result ({e}): {stdout}\n{}", worker.log()));
+    assert_eq!(held["status"], "cancelled", "{held}");
+    let net = &held["usage"]["network"];
+    assert!(net["denied"].as_u64().unwrap() >= 1, "{net}");
+    // Idle connections never reached a destination: nothing went out for it.
+    assert_eq!(net["connections"], 0, "{net}");
+    assert_eq!(net["bytes_out"], 0, "{net}");
+    drop(denied);
+    let status = worker.stop();
+    assert!(status.success(), "worker exit {status}:\n{}", worker.log());
+}
+
+/// The events a `corral events --json` follower printed so far.
+fn events(dir: &Path, name: &str) -> Vec<Value> {
+    std::fs::read_to_string(dir.join(format!("{name}.out")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Keeps the proxy's 8 connections open and idle (reopening those its head timeout cuts) and
+/// tries one more each second, until stopped.
+const SLOW_LORIS: &str = "\
+import select, socket, time
+held = []
+while True:
+    while len(held) < 9:
+        held.append(socket.create_connection(('127.0.0.1', 3128), timeout=10))
+    ready, _, _ = select.select(held, [], [], 1.0)
+    for s in ready:
+        s.recv(100)
+        held.remove(s)
+        s.close()
+    time.sleep(1)
+";

@@ -47,7 +47,7 @@ pub fn follow_events(dir: &Path, name: &str, config: &Path, args: &[&str]) -> Re
     let out = std::fs::File::create(dir.join(format!("{name}.out"))).unwrap();
     let err_path = dir.join(format!("{name}.err"));
     let err = std::fs::File::create(&err_path).unwrap();
-    let child = super::corral()
+    let child = crate::common::corral()
         .arg("events")
         .args(args)
         .arg("--config")
@@ -98,7 +98,7 @@ impl Worker {
     /// Starts the worker and waits until its metrics endpoint (`metrics_port`) says ready.
     pub fn start(config: &Path, prefix: &str, log: PathBuf, metrics_port: u16) -> Self {
         let file = std::fs::File::create(&log).unwrap();
-        let child = super::corral()
+        let child = crate::common::corral()
             .env("RUST_LOG", "info,lapin=error")
             .arg("work")
             .arg("--config")
