@@ -2,7 +2,9 @@
 //! workers, all started by `scripts/cluster`, run trivial jobs and real python-app builds
 //! while, in turn, the quorum leader node is killed (`kill -9`), a worker host is killed
 //! mid-build, every broker connection is cut (`rabbitmqctl close_all_connections`), the
-//! registry is stopped for 10 s, and a node leaves the cluster (`stop_app`) and returns.
+//! registry is stopped for 10 s, a node leaves the cluster (`stop_app`) and returns, and
+//! a new release rolls through the workers one at a time (each drained with SIGTERM, as
+//! `systemctl stop` under Ansible's `serial: 1` does, then started again).
 //!
 //! What a platform would observe, through an independent client (pika, in
 //! `fleet_traffic.py`): no job lost, exactly one final result per job (a duplicate, from a
@@ -264,10 +266,10 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
     let traffic = repo().join("worker/tests/fleet_traffic.py");
     let out = scratch_path.join("results.jsonl");
 
-    // The jobs go out in 7 batches: one before the faults, one as each fault begins (so the
+    // The jobs go out in 8 batches: one before the faults, one as each fault begins (so the
     // fault hits a fleet busy with it; publishing completes on a healthy cluster first, so
     // no job is published twice), one after. Each phase lasts until its batch has results.
-    let batches: Vec<&[Value]> = jobs.chunks(jobs.len().div_ceil(7)).collect();
+    let batches: Vec<&[Value]> = jobs.chunks(jobs.len().div_ceil(8)).collect();
     let mut published = 0;
     let mut publish_next = |batch: usize| -> usize {
         let file = scratch_path.join(format!("jobs-{batch}.jsonl"));
@@ -358,8 +360,20 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
         done_by(&out, until, "with node 3 out");
         cluster(&["node", dir_s, "3", "start_app"]);
     });
+    phase("rolling restart", &mut |until| {
+        // What a release does: each host drained (its running builds finish and are
+        // answered, its unstarted deliveries go back to the queue) and started again while
+        // the others take the traffic.
+        for n in 1..=workers {
+            let n = n.to_string();
+            cluster(&["worker", dir_s, &n, "drain"]);
+            cluster(&["worker", dir_s, &n, "start"]);
+        }
+        eprintln!("fleet: rolled {workers} workers one at a time");
+        done_by(&out, until, "after the rolling restart");
+    });
     let after_faults = now_ms();
-    publish_next(6);
+    publish_next(7);
 
     let status = fleet.collector.take().unwrap().wait().unwrap();
     let finished_ms = now_ms();
