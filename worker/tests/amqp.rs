@@ -19,7 +19,7 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::json;
 
@@ -223,6 +223,11 @@ impl Env {
     }
 
     async fn publish(&self, exchange: &str, key: &str, body: &[u8]) {
+        self.publish_with(exchange, key, body, BasicProperties::default())
+            .await;
+    }
+
+    async fn publish_with(&self, exchange: &str, key: &str, body: &[u8], props: BasicProperties) {
         let (conn, ch) = connect().await.unwrap();
         let confirm = ch
             .basic_publish(
@@ -233,7 +238,7 @@ impl Env {
                     ..BasicPublishOptions::default()
                 },
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                props.with_delivery_mode(2),
             )
             .await
             .unwrap()
@@ -380,7 +385,13 @@ async fn cleanup_names(names: Names, extra: [String; 2]) {
     let Ok((conn, ch)) = connect().await else {
         return;
     };
-    for q in [&names.jobs_queue, &names.dead_queue, &extra[0], &extra[1]] {
+    for q in [
+        &names.jobs_queue,
+        &names.dead_queue,
+        &names.dead_unanswered(),
+        &extra[0],
+        &extra[1],
+    ] {
         let _ = ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
@@ -802,6 +813,76 @@ async fn sigterm_drains_running_builds_and_requeues_the_rest() {
         "the stopped build is requeued"
     );
     assert!(env.drain_queue(&env.collect).await.is_empty());
+    env.cleanup().await;
+}
+
+/// The headers the broker gives a message it dead-letters from the job queue (`x-death`,
+/// latest first), with `rounds` of the worker's own count of trips through the dead letters.
+fn dead_lettered(names: &Names, reason: &str, rounds: Option<u32>) -> BasicProperties {
+    let mut death = FieldTable::default();
+    for (k, v) in [
+        ("reason", reason),
+        ("queue", names.jobs_queue.as_str()),
+        ("exchange", names.jobs_exchange.as_str()),
+    ] {
+        death.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    if let Some(n) = rounds {
+        headers.insert("corral-dead-letter-rounds".into(), AMQPValue::LongUInt(n));
+    }
+    BasicProperties::default().with_headers(headers)
+}
+
+/// A quorum queue also counts the deliveries that died with a worker or a connection, and
+/// past `x-delivery-limit` dead-letters the job with no worker having answered it. Workers
+/// read those from `<dead queue>.unanswered`: such a job goes round again (and is built), and
+/// after the last round is answered `error`; what a worker dead-lettered itself was answered
+/// already and gets nothing more. Operators' dead-letter queue keeps a copy of each.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_the_broker_dead_lettered_unanswered_goes_round_again_then_is_answered() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    let dead = env.names.dead_exchange.clone();
+    for (id, reason, rounds) in [
+        ("lost-once", "delivery_limit", None),
+        ("lost-every-round", "delivery_limit", Some(2)),
+        ("answered-before", "rejected", None),
+    ] {
+        let body = env.job(id, "echo built", json!({}));
+        env.publish_with(&dead, "", &body, dead_lettered(&env.names, reason, rounds))
+            .await;
+    }
+    assert_eq!(env.count(&env.names.dead_unanswered()).await, 3);
+    env.worker(&[], &[]);
+    let results = env
+        .results(&["lost-once".into(), "lost-every-round".into()])
+        .await;
+    one_outcome_each(&results);
+    assert_eq!(results["lost-once"][0].status, Status::Succeeded);
+    let given_up = &results["lost-every-round"][0];
+    assert_eq!(given_up.status, Status::Error, "{given_up:?}");
+    assert!(
+        given_up
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("dead-lettered the job (delivery_limit) in 3 rounds")),
+        "{given_up:?}"
+    );
+    assert!(
+        !results.contains_key("answered-before"),
+        "{:?}",
+        results.get("answered-before")
+    );
+    assert_eq!(env.count(&env.names.dead_unanswered()).await, 0);
+    assert_eq!(env.count(&env.names.dead_queue).await, 3);
+    env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
 

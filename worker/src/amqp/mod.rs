@@ -12,6 +12,7 @@
 //! dead-lettered after their `rejected` / `error` result is published.
 
 mod control;
+mod dead;
 mod events;
 mod logs;
 mod publisher;

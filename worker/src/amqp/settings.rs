@@ -205,6 +205,12 @@ pub struct Names {
 }
 
 impl Names {
+    /// The second queue on the dead-letter exchange: what the broker dead-lettered without
+    /// an answer, for the workers (`amqp/dead.rs`).
+    pub fn dead_unanswered(&self) -> String {
+        format!("{}.unanswered", self.dead_queue)
+    }
+
     pub fn new(prefix: &str, pool: &PoolName) -> Self {
         Names {
             jobs_exchange: format!("{prefix}.jobs"),

@@ -6,6 +6,7 @@
 //! | `<prefix>.jobs` | direct exchange, routing key = pool |
 //! | `<prefix>.jobs.<pool>` | durable quorum queue: `x-delivery-limit`, dead-letters to `<prefix>.dead` |
 //! | `<prefix>.dead` → `<prefix>.jobs.dead` | fanout exchange + durable quorum queue of poison and invalid jobs |
+//! | `<prefix>.dead` → `<prefix>.jobs.dead.unanswered` | the same messages, for the workers: those the broker dead-lettered get another round or an answer (`amqp/dead.rs`) |
 //! | `<prefix>.results` | topic exchange, key `<project>.<job_id>` |
 //! | `<prefix>.events` | topic exchange, key `<severity>.<kind>.<project>` |
 //! | `<prefix>.logs` | topic exchange, key `<project>.<job_id>` |
@@ -56,6 +57,12 @@ pub async fn declare(
     let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
     match declare_queue(&ch, &names.dead_queue, quorum(), &names.dead_exchange, "").await {
         Ok(()) => {
+            let unanswered = names.dead_unanswered();
+            if let Err(err) =
+                declare_queue(&ch, &unanswered, quorum(), &names.dead_exchange, "").await
+            {
+                tracing::warn!(error = %err, "the unanswered dead-letter queue could not be declared");
+            }
             let _ = ch.close(200, "declared".into()).await;
         }
         Err(err) => tracing::warn!(

@@ -72,6 +72,14 @@ struct Redelivery {
 }
 
 impl Redelivery {
+    /// A job that went round the dead-letter queue (`amqp/dead.rs`) is redelivered too.
+    fn of(d: &Delivery) -> Self {
+        Redelivery {
+            redelivered: d.redelivered || super::dead::rounds(d.properties.headers().as_ref()) > 0,
+            count: delivery_count(&d.properties),
+        }
+    }
+
     fn headers(self) -> FieldTable {
         let mut headers = FieldTable::default();
         headers.insert(
@@ -83,6 +91,16 @@ impl Redelivery {
             AMQPValue::LongLongInt(i64::from(self.count)),
         );
         headers
+    }
+}
+
+/// The next delivery of a consumer that may be absent (never, then).
+async fn next_of(
+    consumer: &mut Option<lapin::Consumer>,
+) -> Option<<lapin::Consumer as futures_lite::Stream>::Item> {
+    match consumer {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -300,6 +318,28 @@ impl<R: Runner> Worker<R> {
             source,
         })?;
         let mut cancels = super::consume_unacked(&ctl, &ctl_queue).await?;
+        // What the broker dead-lettered without an answer; one at a time, acked when done.
+        // A broker without the queue (its declaration warned) costs the worker nothing else.
+        let dead_ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
+        let mut unanswered = match dead_ch
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .map_err(AmqpError::Channel)
+        {
+            Ok(()) => dead_ch
+                .basic_consume(
+                    self.names.dead_unanswered().as_str().into(),
+                    format!("{}.{session}.dead", self.info.id).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .inspect_err(|err| {
+                    tracing::warn!(error = %err, "not consuming the unanswered dead-letter queue");
+                })
+                .ok(),
+            Err(_) => None,
+        };
         backoff.reset();
         tracing::info!(session, node = %broker.name, queue = %self.names.jobs_queue, "consuming");
         self.metrics.set_connected(true);
@@ -333,6 +373,15 @@ impl<R: Runner> Worker<R> {
             tokio::select! {
                 biased;
                 () = drain.cancelled() => break,
+                dead = next_of(&mut unanswered) => match dead {
+                    Some(Ok(d)) => {
+                        let this = self.clone();
+                        let lost = lost.clone();
+                        self.tracker.spawn(async move { this.handle_dead(d, lost).await });
+                    }
+                    Some(Err(err)) => return Ok(SessionEnd::Lost(format!("dead-letter channel: {err}"))),
+                    None => unanswered = None,
+                },
                 cancel = cancels.next() => match cancel {
                     Some(Ok(d)) => self.on_cancel(&d.data),
                     Some(Err(err)) => return Ok(SessionEnd::Lost(format!("control channel: {err}"))),
@@ -538,6 +587,66 @@ impl<R: Runner> Worker<R> {
             .await;
     }
 
+    /// A job the broker dead-lettered (see `amqp/dead.rs`): dropped when a worker answered
+    /// it, sent round again, or answered `error` after the last round.
+    async fn handle_dead(self: Arc<Self>, d: Delivery, lost: CancellationToken) {
+        use super::dead::{Decision, ROUNDS, ROUNDS_HEADER, decide};
+        let headers = d.properties.headers().as_ref();
+        let (job_id, _) = corral_protocol::recover_ids(&d.data);
+        match decide(headers, ROUNDS) {
+            Decision::Answered => {
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            }
+            Decision::Retry { queue, round } => {
+                tracing::warn!(job = ?job_id, queue, round, "the broker dead-lettered a job without an answer (its deliveries were lost with workers or connections): another round");
+                let mut headers = headers.cloned().unwrap_or_default();
+                headers.insert(ROUNDS_HEADER.into(), AMQPValue::LongUInt(round));
+                let props = d.properties.clone().with_headers(headers);
+                match self.publisher.publish("", &queue, &d.data, props).await {
+                    Ok(()) => {
+                        let _ = d.acker.ack(BasicAckOptions::default()).await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(job = ?job_id, error = %err, "could not send a dead-lettered job round again; it stays queued");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => self.requeue(&d, None).await,
+                            () = lost.cancelled() => {}
+                        }
+                    }
+                }
+            }
+            Decision::GiveUp { rounds, reason } => {
+                let Ok(job) = corral_protocol::decode_job_within(&d.data, &Limits::MAX) else {
+                    // Unreadable: it has no job to answer for (a worker would have said
+                    // `rejected` where it had ids).
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                    return;
+                };
+                let ending = Ending::Failed(job::JobError::GivenUp { rounds, reason });
+                let verdict = job::verdict(Facts::new(&job, ending, self.info.clone(), now_ms()));
+                if let Some(result) = &verdict.result {
+                    for event in alerts::for_result(result, &self.info.id) {
+                        self.emit(event);
+                    }
+                }
+                let reply_to = job
+                    .reply_to
+                    .clone()
+                    .or_else(|| d.properties.reply_to().as_ref().map(|s| s.to_string()));
+                let corr = job.correlation_id.clone().or_else(|| {
+                    d.properties
+                        .correlation_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                });
+                // Its action is to dead-letter, which on this queue (no dead-letter exchange
+                // of its own) drops it once the result is out.
+                self.execute(&d, Some(&job), verdict, reply_to, corr, &lost)
+                    .await;
+            }
+        }
+    }
+
     /// Carries out a verdict: publishes its result (retried until confirmed, or until the
     /// delivery dies), then acks, dead-letters or requeues the delivery.
     async fn execute(
@@ -578,10 +687,7 @@ impl<R: Runner> Worker<R> {
                 result.timings.queued_ms =
                     job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
             }
-            let redelivery = Redelivery {
-                redelivered: d.redelivered,
-                count: delivery_count(&d.properties),
-            };
+            let redelivery = Redelivery::of(d);
             if !self
                 .publish_result(&result, reply_to.as_deref(), corr, redelivery, lost)
                 .await

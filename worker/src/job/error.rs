@@ -68,6 +68,11 @@ pub enum JobError {
         #[source]
         source: StoreError,
     },
+    #[error(
+        "the broker dead-lettered the job ({reason}) in {rounds} rounds of deliveries, each \
+         lost with its worker or its broker connection"
+    )]
+    GivenUp { rounds: u32, reason: String },
     #[error("a blocking task died: {0}")]
     Join(String),
 }
@@ -106,6 +111,7 @@ impl JobError {
         match self {
             _ if self.job_fault().is_some() => false,
             JobError::Store { source, .. } => source.is_retryable(),
+            JobError::GivenUp { .. } => false,
             _ => true,
         }
     }

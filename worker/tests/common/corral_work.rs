@@ -169,7 +169,7 @@ impl Drop for Worker {
         let script = format!(
             "import pika\nc = pika.BlockingConnection(pika.URLParameters('amqp://guest:guest@127.0.0.1:5672/%2f'))\n\
              ch = c.channel()\n\
-             for q in ['{p}.jobs.default', '{p}.jobs.dead']:\n    ch.queue_delete(q)\n\
+             for q in ['{p}.jobs.default', '{p}.jobs.dead', '{p}.jobs.dead.unanswered']:\n    ch.queue_delete(q)\n\
              for e in ['jobs', 'dead', 'results', 'events', 'logs', 'control']:\n    ch.exchange_delete('{p}.' + e)\n\
              c.close()\n"
         );
