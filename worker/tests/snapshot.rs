@@ -701,7 +701,8 @@ fn same_content_gives_same_digest_whatever_its_history_or_threads() {
     }
 }
 
-/// Enough data for many gzip blocks and several zstd jobs, so the workers really split it.
+/// Enough data for many gzip blocks and several zstd jobs, so the workers really split one
+/// big file; the gzip blob is one valid member that `gzip -t` and `tar -tz` accept.
 #[test]
 fn large_layers_are_byte_identical_for_any_thread_count() {
     let scratch = Scratch::new();
@@ -732,7 +733,19 @@ fn large_layers_are_byte_identical_for_any_thread_count() {
                     "--threads",
                     threads,
                 ];
-                snapshot_ok(&tree, &out, &args)["digest"].clone()
+                let digest = snapshot_ok(&tree, &out, &args)["digest"].clone();
+                let bytes = fs::read(&out).unwrap();
+                assert_eq!(format!("sha256:{}", sha256_hex(&bytes)), digest);
+                if compression == "gzip" && require(have("gzip"), "gzip") {
+                    let test = Command::new("gzip").arg("-t").arg(&out).output().unwrap();
+                    assert!(test.status.success(), "gzip -t: {test:?}");
+                    let list = Command::new("tar").arg("-tzvf").arg(&out).output().unwrap();
+                    assert!(list.status.success(), "tar -tz: {list:?}");
+                    let listing = String::from_utf8_lossy(&list.stdout);
+                    assert!(listing.contains(&format!(" {} ", data.len())), "{listing}");
+                    assert!(listing.trim_end().ends_with(" big"), "{listing}");
+                }
+                digest
             })
             .collect();
         assert!(

@@ -455,6 +455,7 @@ struct Registry {
     pid: u32,
     auth: Option<String>,
     tls: bool,
+    access_log: bool,
 }
 
 fn registry_script() -> PathBuf {
@@ -467,6 +468,15 @@ impl Registry {
     }
 
     fn start_with(auth: Option<&str>, tls: bool) -> Option<Registry> {
+        Registry::start_full(auth, tls, false)
+    }
+
+    /// A registry that logs every request (see [`Registry::requests`]).
+    fn start_logged() -> Option<Registry> {
+        Registry::start_full(None, false, true)
+    }
+
+    fn start_full(auth: Option<&str>, tls: bool, access_log: bool) -> Option<Registry> {
         if !require(
             have("docker-registry"),
             "docker-registry (apt-get install docker-registry)",
@@ -483,9 +493,39 @@ impl Registry {
             pid: 0,
             auth: auth.map(str::to_string),
             tls,
+            access_log,
         };
         r.launch(None);
         Some(r)
+    }
+
+    /// The requests the registry logged so far, as `METHOD /path` (query dropped). Waits
+    /// until the log stops growing: the registry writes a line after its answer.
+    fn requests(&self) -> Vec<String> {
+        let log = self.dir.path().join("registry.log");
+        let read = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|line| {
+                    let quoted = line.split('"').nth(1)?;
+                    let mut words = quoted.split(' ');
+                    let (method, target) = (words.next()?, words.next()?);
+                    target
+                        .starts_with("/v2/")
+                        .then(|| format!("{method} {}", target.split('?').next().unwrap_or(target)))
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = read();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
     }
 
     fn launch(&mut self, port: Option<&str>) {
@@ -498,6 +538,9 @@ impl Registry {
         }
         if self.tls {
             cmd.arg("--tls");
+        }
+        if self.access_log {
+            cmd.arg("--access-log");
         }
         let out = run(cmd.arg(self.dir.path()));
         for line in out.lines() {
@@ -628,6 +671,146 @@ async fn registry_image_is_pulled_by_skopeo_and_unpacked_by_umoci() {
     assert!(other.has_blob(&layers[0].digest).await.unwrap());
     let missing = other.get_manifest("no-such-tag").await.unwrap_err();
     assert!(missing.is_not_found(), "{missing}");
+}
+
+/// The methods of the requests logged after the first `skip`, each with the last part of
+/// its path kind (`blobs`, `uploads`, `manifests`).
+fn methods_since(reg: &Registry, skip: usize) -> Vec<String> {
+    reg.requests()
+        .into_iter()
+        .skip(skip)
+        .map(|r| {
+            let (method, path) = r.split_once(' ').unwrap();
+            let kind = if path.contains("/blobs/uploads/") {
+                "uploads"
+            } else if path.contains("/blobs/") {
+                "blob"
+            } else {
+                "manifest"
+            };
+            format!("{method} {kind}")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pushes_cost_the_fewest_requests_against_a_real_registry() {
+    let Some(reg) = Registry::start_logged() else {
+        return;
+    };
+    let spool = tempfile::tempdir().unwrap();
+    let data = random_bytes(5 << 20, 21);
+    let digest = sha256(&data);
+    let path = spool.path().join("layer");
+    std::fs::write(&path, &data).unwrap();
+    let size = data.len() as u64;
+    let open = |repo: &str, options: StoreOptions| {
+        let url = reg.url(repo);
+        async move { Store::open_with(&url, options).await.unwrap() }
+    };
+
+    // A new layer: HEAD, POST, and one PUT that streams the file and commits it.
+    let store = open("corral/builds", StoreOptions::default()).await;
+    let seen = reg.requests().len();
+    let outcome = store.put_blob_file(&path, &digest, size).await.unwrap();
+    assert_eq!(outcome, PutOutcome::Uploaded);
+    assert_eq!(
+        methods_since(&reg, seen),
+        ["HEAD blob", "POST uploads", "PUT uploads"]
+    );
+    // Checking it right after (as publishing an image does) asks nothing.
+    let seen = reg.requests().len();
+    assert!(store.has_blob(&digest).await.unwrap());
+    assert_eq!(methods_since(&reg, seen), Vec::<String>::new());
+
+    // The same unchanged layer pushed again, by a fresh store (another worker): one HEAD.
+    let again = open("corral/builds", StoreOptions::default()).await;
+    let seen = reg.requests().len();
+    let outcome = again.put_blob_file(&path, &digest, size).await.unwrap();
+    assert_eq!(outcome, PutOutcome::AlreadyPresent);
+    assert_eq!(methods_since(&reg, seen), ["HEAD blob"]);
+
+    // Another repository mounts it: HEAD, then one POST that the registry answers 201.
+    let other = open(
+        "corral/other",
+        StoreOptions {
+            mount_from: vec!["corral/builds".into()],
+            ..StoreOptions::default()
+        },
+    )
+    .await;
+    let seen = reg.requests().len();
+    let outcome = other.put_blob_file(&path, &digest, size).await.unwrap();
+    assert_eq!(outcome, PutOutcome::Mounted);
+    assert_eq!(methods_since(&reg, seen), ["HEAD blob", "POST uploads"]);
+    assert!(
+        open("corral/other", StoreOptions::default())
+            .await
+            .has_blob(&digest)
+            .await
+            .unwrap()
+    );
+
+    // A mount the registry cannot do (the source lacks the blob) opens a plain session,
+    // which the upload uses: no extra POST.
+    let third = open(
+        "corral/third",
+        StoreOptions {
+            mount_from: vec!["corral/empty".into()],
+            ..StoreOptions::default()
+        },
+    )
+    .await;
+    let seen = reg.requests().len();
+    let outcome = third.put_blob_file(&path, &digest, size).await.unwrap();
+    assert_eq!(outcome, PutOutcome::Uploaded);
+    assert_eq!(
+        methods_since(&reg, seen),
+        ["HEAD blob", "POST uploads", "PUT uploads"]
+    );
+
+    // With a chunk size, the file goes up in streamed PATCHes and the PUT carries the rest.
+    let chunked = open(
+        "corral/chunked",
+        StoreOptions {
+            chunk_size: 2 << 20,
+            ..StoreOptions::default()
+        },
+    )
+    .await;
+    let seen = reg.requests().len();
+    let outcome = chunked.put_blob_file(&path, &digest, size).await.unwrap();
+    assert_eq!(outcome, PutOutcome::Uploaded);
+    assert_eq!(
+        methods_since(&reg, seen),
+        [
+            "HEAD blob",
+            "POST uploads",
+            "PATCH uploads",
+            "PATCH uploads",
+            "PUT uploads"
+        ]
+    );
+    for repo in ["corral/builds", "corral/third", "corral/chunked"] {
+        let got = spool.path().join("got");
+        let store = open(repo, StoreOptions::default()).await;
+        assert_eq!(store.get_blob_to_file(&digest, &got).await.unwrap(), size);
+        assert_eq!(std::fs::read(&got).unwrap(), data, "{repo}");
+    }
+
+    // A file that no longer matches its digest is refused by the registry, not stored.
+    let changed = spool.path().join("changed");
+    let mut bytes = data.clone();
+    bytes[size as usize / 2] ^= 1;
+    std::fs::write(&changed, &bytes).unwrap();
+    let wrong = sha256(&data[..data.len() - 1]);
+    let fresh = open("corral/fresh", StoreOptions::default()).await;
+    let err = fresh
+        .put_blob_file(&changed, &wrong, size)
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert!(!fresh.has_blob(&wrong).await.unwrap());
 }
 
 #[tokio::test]

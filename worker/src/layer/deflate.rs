@@ -26,6 +26,8 @@ struct Job {
     seq: u64,
     dictionary: Vec<u8>,
     data: Vec<u8>,
+    /// An output buffer to fill (recycled: steady state allocates nothing).
+    out: Vec<u8>,
 }
 
 struct Done {
@@ -33,6 +35,7 @@ struct Done {
     compressed: io::Result<Vec<u8>>,
     crc: Crc,
     data: Vec<u8>,
+    dictionary: Vec<u8>,
 }
 
 /// Compresses one block: raw deflate primed with `dictionary`, sync-flushed.
@@ -91,7 +94,10 @@ pub struct GzipWriter<W: Write> {
     jobs: Option<SyncSender<Job>>,
     results: Option<Receiver<Done>>,
     pending: BTreeMap<u64, Done>,
+    /// Emptied input blocks, output buffers and dictionaries, for reuse.
     spare: Vec<Vec<u8>>,
+    spare_out: Vec<Vec<u8>>,
+    spare_dict: Vec<Vec<u8>>,
     max_in_flight: u64,
 }
 
@@ -118,14 +124,18 @@ impl<W: Write> GzipWriter<W> {
             results: None,
             pending: BTreeMap::new(),
             spare: Vec::new(),
-            // Deep enough that workers keep busy while the walking thread waits for the CPU.
-            max_in_flight: 4 * threads as u64 + 2,
+            spare_out: Vec::new(),
+            spare_dict: Vec::new(),
+            // Deep enough that workers keep busy while the walking thread waits for the CPU,
+            // shallow enough to bound memory: each block in flight holds about 2.2 MiB
+            // (input, output), so 2 threads keep under 15 MiB.
+            max_in_flight: 2 * threads as u64 + 2,
         };
         if threads <= 1 {
             w.inline = Some(Vec::new());
             return Ok(w);
         }
-        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(4 * threads + 2);
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(2 * threads + 2);
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         for _ in 0..threads {
@@ -174,7 +184,10 @@ impl<W: Write> GzipWriter<W> {
             .unwrap_or_else(|| Vec::with_capacity(BLOCK_SIZE));
         let data = std::mem::replace(&mut self.block, fresh);
         let tail = &data[data.len().saturating_sub(WINDOW)..];
-        let dictionary = std::mem::replace(&mut self.dictionary, tail.to_vec());
+        let mut next_dict = self.spare_dict.pop().unwrap_or_default();
+        next_dict.clear();
+        next_dict.extend_from_slice(tail);
+        let dictionary = std::mem::replace(&mut self.dictionary, next_dict);
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some(buf) = &mut self.inline {
@@ -185,13 +198,16 @@ impl<W: Write> GzipWriter<W> {
             let mut data = data;
             data.clear();
             self.spare.push(data);
+            self.spare_dict.push(dictionary);
             return Ok(());
         }
         let jobs = self.jobs.as_ref().expect("parallel writer has a job queue");
+        let out = self.spare_out.pop().unwrap_or_default();
         jobs.send(Job {
             seq,
             dictionary,
             data,
+            out,
         })
         .map_err(|_| io::Error::other("deflate worker stopped"))?;
         while self.next_seq - self.written_seq >= self.max_in_flight {
@@ -225,9 +241,11 @@ impl<W: Write> GzipWriter<W> {
             self.out.write_all(&compressed)?;
             self.crc.combine(&done.crc);
             self.written_seq += 1;
+            self.spare_out.push(compressed);
             let mut data = done.data;
             data.clear();
             self.spare.push(data);
+            self.spare_dict.push(done.dictionary);
         }
         Ok(())
     }
@@ -248,13 +266,14 @@ fn worker(level: u32, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
         };
         let mut crc = Crc::new();
         crc.update(&job.data);
-        let mut out = Vec::new();
+        let mut out = job.out;
         let compressed = deflate_block(level, &job.dictionary, &job.data, &mut out).map(|()| out);
         let result = Done {
             seq: job.seq,
             compressed,
             crc,
             data: job.data,
+            dictionary: job.dictionary,
         };
         if done.send(result).is_err() {
             return;
@@ -281,7 +300,8 @@ mod tests {
     fn same_bytes_for_any_thread_count_and_round_trips() {
         let mut data = Vec::new();
         let mut x: u32 = 1;
-        for i in 0..(3 * BLOCK_SIZE + 12345) {
+        // More blocks than the writer keeps in flight, so buffers are recycled.
+        for i in 0..(12 * BLOCK_SIZE + 12345) {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
             data.push(if i % 3 == 0 {
                 (x >> 24) as u8

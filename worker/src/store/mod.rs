@@ -251,7 +251,10 @@ impl RetryPolicy {
 pub struct StoreOptions {
     pub credentials: Option<Credentials>,
     pub retry: RetryPolicy,
-    /// Blobs up to this size go up in one PUT; larger ones in PATCH chunks of this size.
+    /// The most bytes one request carries. A blob file streams from disk (read once, never
+    /// held in memory) in the request that commits it; a larger one first goes up in PATCH
+    /// requests of this size (for a proxy in front of the registry that caps bodies).
+    /// Default: no cap, one streamed request per blob.
     pub chunk_size: u64,
     /// Other repositories of the same registry to mount a missing blob from (the base
     /// images' repositories), tried before uploading.
@@ -266,7 +269,7 @@ impl Default for StoreOptions {
         StoreOptions {
             credentials: None,
             retry: RetryPolicy::default(),
-            chunk_size: 16 << 20,
+            chunk_size: u64::MAX,
             mount_from: Vec::new(),
             ca_certificates: Vec::new(),
         }

@@ -1,19 +1,25 @@
 //! The registry store: the OCI distribution API over HTTPS (rustls) or plain HTTP.
 //!
-//! Blob pushes HEAD first and skip what the registry has, try a cross-repository mount from
-//! the configured repositories, then upload: one POST and one PUT for small blobs, PATCH
-//! chunks for large ones. Manifests are PUT under a tag (the job id). Basic and bearer-token
-//! auth answer the registry's `WWW-Authenticate` challenge. Each operation is retried as a
-//! whole with capped exponential backoff on connection errors, 5xx and lost upload sessions
-//! (a registry restarted mid-upload forgets them), never on any other 4xx. Every
-//! `Docker-Content-Digest` and `Content-Type` that a response carries is checked, and every
-//! byte read is verified against its digest.
+//! Blob pushes HEAD first and skip what the registry has (an unchanged layer costs that one
+//! request), ask for a cross-repository mount from the configured repositories (one POST,
+//! which opens an ordinary session when the registry cannot mount), then upload: the file
+//! streams from disk in the PUT that commits it (PATCH chunks first only when a chunk size
+//! is configured), read once and never held in memory; the registry checks the digest.
+//! Manifests are PUT under a tag (the job id). Basic and bearer-token auth answer the
+//! registry's `WWW-Authenticate` challenge. Each operation is retried as a whole with capped
+//! exponential backoff on connection errors, 5xx and lost upload sessions (a registry
+//! restarted mid-upload forgets them), never on any other 4xx. Every `Docker-Content-Digest`
+//! and `Content-Type` that a response carries is checked, and every byte read is verified
+//! against its digest.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -24,7 +30,7 @@ use reqwest::header::{
 };
 use reqwest::{Method, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
 
 use super::{
@@ -56,7 +62,18 @@ struct Inner {
     options: StoreOptions,
     /// The `Authorization` value that the last challenge earned.
     auth: Mutex<Option<HeaderValue>>,
+    /// Blobs this store saw in the repository lately (pushed, found by a push's HEAD,
+    /// mounted) and when: [`RegistryStore::has_blob`] answers from it without a request, so
+    /// checking an image's layers right after pushing them costs nothing. A push always
+    /// asks the registry. Safe to trust: the registry refuses a manifest that names a
+    /// blob it lacks.
+    known: std::sync::Mutex<HashMap<Digest, Instant>>,
 }
+
+/// How long a blob seen in the repository counts as present without asking again.
+const KNOWN_FOR: Duration = Duration::from_secs(600);
+/// Entries kept in the known-blob table before it is emptied and refilled.
+const KNOWN_MAX: usize = 4096;
 
 impl fmt::Debug for RegistryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,6 +148,7 @@ impl RegistryStore {
                 client,
                 options,
                 auth: Mutex::new(None),
+                known: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -182,6 +200,26 @@ impl RegistryStore {
         headers: HeaderMap,
         body: Option<Bytes>,
     ) -> Result<Response, StoreError> {
+        match body {
+            Some(bytes) => {
+                let make = move || reqwest::Body::from(bytes.clone());
+                self.send_body(step, method, url, headers, Some(&make))
+                    .await
+            }
+            None => self.send_body(step, method, url, headers, None).await,
+        }
+    }
+
+    /// [`RegistryStore::send`] with a body made by `body` for each attempt (a streamed body
+    /// cannot be replayed after an auth challenge; its maker starts it again).
+    async fn send_body(
+        &self,
+        step: &'static str,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+        body: Option<&(dyn Fn() -> reqwest::Body + Send + Sync)>,
+    ) -> Result<Response, StoreError> {
         let mut challenged = false;
         loop {
             let mut req = self
@@ -197,8 +235,8 @@ impl RegistryStore {
             if same_origin && let Some(auth) = self.inner.auth.lock().await.clone() {
                 req = req.header(AUTHORIZATION, auth);
             }
-            if let Some(body) = &body {
-                req = req.body(body.clone());
+            if let Some(body) = body {
+                req = req.body(body());
             } else if method == Method::PUT || method == Method::POST || method == Method::PATCH {
                 req = req.header(CONTENT_LENGTH, 0);
             }
@@ -328,8 +366,32 @@ impl RegistryStore {
     }
 
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
-        self.with_retry("check a blob", || self.head_blob(digest))
-            .await
+        if self.known(digest) {
+            return Ok(true);
+        }
+        let present = self
+            .with_retry("check a blob", || self.head_blob(digest))
+            .await?;
+        if present {
+            self.remember(digest);
+        }
+        Ok(present)
+    }
+
+    /// Whether the blob was seen in the repository within [`KNOWN_FOR`].
+    fn known(&self, digest: &Digest) -> bool {
+        let known = self.inner.known.lock().unwrap_or_else(|e| e.into_inner());
+        known
+            .get(digest)
+            .is_some_and(|seen| seen.elapsed() < KNOWN_FOR)
+    }
+
+    fn remember(&self, digest: &Digest) {
+        let mut known = self.inner.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= KNOWN_MAX {
+            known.clear();
+        }
+        known.insert(digest.clone(), Instant::now());
     }
 
     async fn head_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
@@ -348,39 +410,19 @@ impl RegistryStore {
         }
     }
 
-    /// Whether repository `repo` of the same registry holds the blob. A repository that
-    /// we may not read counts as not having it.
-    async fn other_repo_has(&self, repo: &str, digest: &Digest) -> Result<bool, StoreError> {
-        let step = "look for a blob to mount";
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.inner.base);
-        let resp = match self
-            .send(step, Method::HEAD, &url, HeaderMap::new(), None)
-            .await
-        {
-            Ok(resp) => resp,
-            Err(StoreError::Unauthorized { .. }) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        match resp.status() {
-            StatusCode::OK => {
-                check_digest_header(step, &url, &resp, digest)?;
-                Ok(true)
-            }
-            s if s.is_server_error() => Err(status_error(step, &url, resp).await),
-            _ => Ok(false),
-        }
-    }
-
     pub async fn put_blob_file(
         &self,
         path: &Path,
         digest: &Digest,
         size: u64,
     ) -> Result<PutOutcome, StoreError> {
-        self.with_retry("upload a blob", || {
-            self.upload_file_once(path, digest, size)
-        })
-        .await
+        let outcome = self
+            .with_retry("upload a blob", || {
+                self.upload_file_once(path, digest, size)
+            })
+            .await?;
+        self.remember(digest);
+        Ok(outcome)
     }
 
     pub async fn put_blob_bytes(
@@ -389,19 +431,23 @@ impl RegistryStore {
         digest: &Digest,
     ) -> Result<PutOutcome, StoreError> {
         let body = Bytes::copy_from_slice(bytes);
-        self.with_retry("upload a blob", || async {
-            if self.head_blob(digest).await? {
-                return Ok(PutOutcome::AlreadyPresent);
-            }
-            let location = match self.start_upload(digest).await? {
-                Session::Mounted => return Ok(PutOutcome::Mounted),
-                Session::Open(location) => location,
-            };
-            self.finish_upload(&location, digest, Some(body.clone()))
-                .await?;
-            Ok(PutOutcome::Uploaded)
-        })
-        .await
+        let outcome = self
+            .with_retry("upload a blob", || async {
+                if self.head_blob(digest).await? {
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
+                let location = match self.start_upload(digest).await? {
+                    Session::Mounted => return Ok(PutOutcome::Mounted),
+                    Session::Open(location) => location,
+                };
+                let len = body.len() as u64;
+                self.finish_upload(&location, digest, len, || reqwest::Body::from(body.clone()))
+                    .await?;
+                Ok(PutOutcome::Uploaded)
+            })
+            .await?;
+        self.remember(digest);
+        Ok(outcome)
     }
 
     async fn upload_file_once(
@@ -414,8 +460,8 @@ impl RegistryStore {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = tokio::fs::File::open(path).await.map_err(read)?;
-        let actual_size = file.metadata().await.map_err(read)?.len();
+        let file = std::fs::File::open(path).map_err(read)?;
+        let actual_size = file.metadata().map_err(read)?.len();
         if actual_size != size {
             return Err(StoreError::SizeMismatch {
                 what: format!("blob file {}", path.display()),
@@ -430,67 +476,73 @@ impl RegistryStore {
             Session::Mounted => return Ok(PutOutcome::Mounted),
             Session::Open(location) => location,
         };
+        // The file is read once, streamed from disk into the request bodies; the digest
+        // that the snapshot computed while writing it is checked by the registry when the
+        // upload is committed (`PUT ?digest=` fails unless the bytes match), so the layer is
+        // never hashed or held in memory here.
+        let file = Arc::new(file);
         let chunk_size = self.inner.options.chunk_size;
-        if size <= chunk_size {
-            let mut body = Vec::with_capacity(size as usize);
-            file.read_to_end(&mut body).await.map_err(read)?;
-            check_local(path, digest, &body)?;
-            self.finish_upload(&location, digest, Some(Bytes::from(body)))
-                .await?;
-            return Ok(PutOutcome::Uploaded);
-        }
-        let mut hasher = Sha256::new();
         let mut offset = 0u64;
-        loop {
-            let chunk = read_chunk(&mut file, chunk_size as usize)
-                .await
-                .map_err(read)?;
-            if chunk.is_empty() {
-                break;
-            }
-            hasher.update(&chunk);
-            let end = offset + chunk.len() as u64 - 1;
-            location = self.patch_chunk(&location, offset, end, chunk).await?;
-            offset = end + 1;
+        while size - offset > chunk_size {
+            let end = offset + chunk_size;
+            location = self
+                .patch_chunk(&location, offset, end - 1, || {
+                    file_body(&file, path, offset, end)
+                })
+                .await?;
+            offset = end;
         }
-        let actual = Digest::from_sha256(hasher.finalize().into());
-        if &actual != digest || offset != size {
-            // The file changed under us; leave the session to expire rather than commit it.
-            return Err(StoreError::DigestMismatch {
-                what: format!("blob file {} while uploading", path.display()),
-                expected: digest.clone(),
-                actual,
-            });
-        }
-        self.finish_upload(&location, digest, None).await?;
+        self.finish_upload(&location, digest, size - offset, || {
+            file_body(&file, path, offset, size)
+        })
+        .await?;
         Ok(PutOutcome::Uploaded)
     }
 
     /// Opens an upload session, or mounts the blob from the first other repository that
-    /// has it.
+    /// has it. The mount is asked for directly (one POST per candidate, no probe): a
+    /// registry that mounts answers 201; one that cannot (the blob is not there, the
+    /// source may not be read, mounts are off) answers 202 with an ordinary session, which
+    /// the last candidate's attempt keeps and the others' give back.
     async fn start_upload(&self, digest: &Digest) -> Result<Session, StoreError> {
-        for from in &self.inner.options.mount_from {
-            if from == &self.inner.repo || !self.other_repo_has(from, digest).await? {
-                continue;
-            }
+        let candidates: Vec<&String> = self
+            .inner
+            .options
+            .mount_from
+            .iter()
+            .filter(|from| **from != self.inner.repo)
+            .collect();
+        for (i, from) in candidates.iter().enumerate() {
             let step = "mount a blob";
             let url = self.url(&format!(
                 "blobs/uploads/?mount={digest}&from={}",
                 encode_query(from)
             ));
-            let resp = self
+            let resp = match self
                 .send(step, Method::POST, &url, HeaderMap::new(), None)
-                .await?;
+                .await
+            {
+                Ok(resp) => resp,
+                // Credentials that may not read `from`: not a reason to fail the push.
+                Err(StoreError::Unauthorized { .. }) => continue,
+                Err(e) => return Err(e),
+            };
             match resp.status() {
                 StatusCode::CREATED => {
                     check_digest_header(step, &url, &resp, digest)?;
                     return Ok(Session::Mounted);
                 }
-                // The registry could not mount and opened an ordinary session instead.
+                // Not mounted: the registry opened an ordinary session instead.
                 StatusCode::ACCEPTED => {
-                    return Ok(Session::Open(self.location(step, &url, &resp)?));
+                    let location = self.location(step, &url, &resp)?;
+                    if i + 1 == candidates.len() {
+                        return Ok(Session::Open(location));
+                    }
+                    self.cancel_upload(&location).await;
                 }
-                _ => return Err(status_error(step, &url, resp).await),
+                s if s.is_server_error() => return Err(status_error(step, &url, resp).await),
+                // A registry without mounts may refuse the parameters: upload normally.
+                _ => {}
             }
         }
         let step = "start a blob upload";
@@ -504,12 +556,26 @@ impl RegistryStore {
         Ok(Session::Open(self.location(step, &url, &resp)?))
     }
 
+    /// Gives an unused upload session back (best effort: an abandoned one expires).
+    async fn cancel_upload(&self, location: &str) {
+        let _ = self
+            .send(
+                "cancel a blob upload",
+                Method::DELETE,
+                location,
+                HeaderMap::new(),
+                None,
+            )
+            .await;
+    }
+
+    /// Sends bytes `start..=end` of the blob in one PATCH, the body made by `body`.
     async fn patch_chunk(
         &self,
         location: &str,
         start: u64,
         end: u64,
-        chunk: Vec<u8>,
+        body: impl Fn() -> reqwest::Body + Send + Sync,
     ) -> Result<String, StoreError> {
         let step = "upload a blob chunk";
         let mut headers = HeaderMap::new();
@@ -518,14 +584,9 @@ impl RegistryStore {
             "content-range",
             HeaderValue::from_str(&format!("{start}-{end}")).expect("digits and a dash"),
         );
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(end + 1 - start));
         let resp = self
-            .send(
-                step,
-                Method::PATCH,
-                location,
-                headers,
-                Some(Bytes::from(chunk)),
-            )
+            .send_body(step, Method::PATCH, location, headers, Some(&body))
             .await?;
         if resp.status() != StatusCode::ACCEPTED {
             return Err(session_error(step, location, resp).await);
@@ -543,19 +604,27 @@ impl RegistryStore {
         self.location(step, location, &resp)
     }
 
-    /// Closes an upload session with `?digest=`, the registry checking the bytes.
+    /// Closes an upload session with `?digest=`, sending the last `len` bytes (made by
+    /// `body`) with it; the registry checks the whole blob against the digest.
     async fn finish_upload(
         &self,
         location: &str,
         digest: &Digest,
-        body: Option<Bytes>,
+        len: u64,
+        body: impl Fn() -> reqwest::Body + Send + Sync,
     ) -> Result<(), StoreError> {
         let step = "finish a blob upload";
         let sep = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{sep}digest={digest}");
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM));
-        let resp = self.send(step, Method::PUT, &url, headers, body).await?;
+        let resp = if len == 0 {
+            self.send(step, Method::PUT, &url, headers, None).await?
+        } else {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+            self.send_body(step, Method::PUT, &url, headers, Some(&body))
+                .await?
+        };
         if resp.status() != StatusCode::CREATED {
             return Err(session_error(step, location, resp).await);
         }
@@ -872,30 +941,89 @@ fn check_digest_header(
     }
 }
 
-fn check_local(path: &Path, digest: &Digest, body: &[u8]) -> Result<(), StoreError> {
-    let actual = sha256_bytes(body);
-    if &actual != digest {
-        return Err(StoreError::DigestMismatch {
-            what: format!("blob file {}", path.display()),
-            expected: digest.clone(),
-            actual,
-        });
-    }
-    Ok(())
+/// Bytes read from a blob file per body frame.
+const READ_CHUNK: usize = 1 << 20;
+/// Frames read ahead of the connection: the file is read while the previous bytes are sent.
+const READ_AHEAD: usize = 4;
+
+/// A request body streaming bytes `start..end` of `file`: a blocking reader fills a short
+/// queue ([`READ_AHEAD`] frames of [`READ_CHUNK`]), so memory stays bounded whatever the
+/// blob's size. A file shorter than `end` fails the request (the registry then never sees
+/// a complete blob).
+fn file_body(file: &Arc<std::fs::File>, path: &Path, start: u64, end: u64) -> reqwest::Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_AHEAD);
+    let (file, path) = (Arc::clone(file), path.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt as _;
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(READ_CHUNK);
+            let mut buf = vec![0u8; want];
+            let frame = match file.read_at(&mut buf, at) {
+                Ok(0) => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while it was uploaded", path.display()),
+                )),
+                Ok(n) => {
+                    buf.truncate(n);
+                    at += n as u64;
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            let failed = frame.is_err();
+            // The receiver is gone when the request failed: stop reading.
+            if tx.blocking_send(frame).is_err() || failed {
+                return;
+            }
+        }
+    });
+    reqwest::Body::wrap(FileBody {
+        frames: rx,
+        left: end - start,
+    })
 }
 
-async fn read_chunk(file: &mut tokio::fs::File, max: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; max];
-    let mut filled = 0;
-    while filled < max {
-        let n = file.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            break;
+/// The receiving end of [`file_body`], with its exact length (sent as `Content-Length`).
+struct FileBody {
+    frames: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    left: u64,
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
         }
-        filled += n;
+        match self.frames.poll_recv(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                self.left = self.left.saturating_sub(bytes.len() as u64);
+                Poll::Ready(Some(Ok(http_body::Frame::data(bytes))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => Poll::Ready(Some(Err(std::io::Error::other(
+                "the blob file reader stopped early",
+            )))),
+            Poll::Pending => Poll::Pending,
+        }
     }
-    buf.truncate(filled);
-    Ok(buf)
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
 }
 
 fn header_value(s: &str) -> Result<HeaderValue, String> {
