@@ -66,6 +66,7 @@ mod shim; // the per-job supervisor outside the job: clones init, limits, cancel
 mod spec; // what to run and how: SandboxSpec, limits, config
 #[allow(unsafe_code)]
 mod sys; // the only unsafe code: thin syscall wrappers, one file per kernel concept
+pub mod trace; // where a run's time goes: marks of caller, supervisor and pid 1
 mod watch; // the kernel's notifications of enforced limits, and the events' rate limit
 mod zygote; // one long-lived process per worker that forks the shims
 
@@ -92,6 +93,7 @@ pub use spec::{
     SandboxConfig, SandboxLimits, SandboxSpec, Scratch,
 };
 pub use sys::c_main_start;
+pub use trace::Timings;
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};
 
 /// Errors of [`Sandbox::spawn`] and [`Running::wait`].

@@ -22,6 +22,7 @@ use crate::handshake::{
 use crate::outcome::{DeathReason, Exit, Outcome, Usage};
 use crate::shim::{CgroupSetup, JobOutput, SHIM_ARG, Supervisor};
 use crate::spec::{SandboxConfig, SandboxSpec};
+use crate::trace::{self, Mark, Timings};
 
 /// Entry points: [`Sandbox::spawn`] (from any process, e.g. the tokio worker: the
 /// supervisor is a shim process) and [`Sandbox::run`] (a single-threaded caller, the
@@ -39,9 +40,15 @@ pub struct Sandbox;
 pub struct Ended {
     outcome: Option<Outcome>,
     exiting: Option<libc::pid_t>,
+    timings: Timings,
 }
 
 impl Ended {
+    /// The run's timing marks: empty unless [`crate::trace::enable`] was called first.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
     pub fn outcome(&self) -> &Outcome {
         self.outcome
             .as_ref()
@@ -105,6 +112,8 @@ pub struct Running {
     egress: Option<Receiver<OwnedFd>>,
     /// Reads the shim's link: events into the channel as they come, then the report.
     reader: Option<JoinHandle<ShimWords>>,
+    /// Our own timing marks, when the run is traced ([`Sandbox::spawn_traced`]).
+    timings: Option<Timings>,
 }
 
 /// How many live events wait for their consumer before new ones are dropped (and
@@ -204,8 +213,27 @@ impl Sandbox {
     /// Creates the job's cgroup with its limits and starts the shim. The job is running
     /// (or failing to start, which [`Running::wait`] reports) when this returns.
     pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
+        Self::spawn_with(spec, config, None)
+    }
+
+    /// [`Sandbox::spawn`], taking timing marks here, in the shim and in the job's pid 1:
+    /// [`Running::wait_timed`] returns them.
+    pub fn spawn_traced(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
+        let mut timings = Timings::default();
+        timings.mark(Mark::Start);
+        Self::spawn_with(spec, config, Some(timings))
+    }
+
+    fn spawn_with(
+        spec: &SandboxSpec,
+        config: &SandboxConfig,
+        mut timings: Option<Timings>,
+    ) -> Result<Running, Error> {
         let cg = Self::job_cgroup(config)?;
-        match Self::start(spec, config, &Self::root_mount_point(config), &cg) {
+        if let Some(t) = timings.as_mut() {
+            t.mark(Mark::CallerCgroupMade);
+        }
+        match Self::start(spec, config, &Self::root_mount_point(config), &cg, timings) {
             Ok(running) => Ok(running),
             Err(err) => {
                 let _ = cg.destroy();
@@ -288,7 +316,9 @@ impl Sandbox {
             let mut create = || {
                 let made_now = Self::job_cgroup(config).and_then(|cg| {
                     made = Some(cg.clone());
+                    trace::mark(Mark::CgroupMade);
                     cg.version().apply(&crate::cgroup::limits_for(spec))?;
+                    trace::mark(Mark::CgroupLimits);
                     Ok(cg)
                 });
                 made_now.map_err(|err| {
@@ -314,7 +344,13 @@ impl Sandbox {
         })();
         // The cgroup is read and removed while pid 1 may still be exiting (it has left the
         // cgroup then, and every process of the job is dead).
-        let ended = made.map(|cg| (cg.version().stats(), cg.destroy()));
+        let ended = made.map(|cg| {
+            let stats = cg.version().stats();
+            trace::mark(Mark::CountersRead);
+            let destroyed = cg.destroy();
+            trace::mark(Mark::CgroupRemoved);
+            (stats, destroyed)
+        });
         let (report, exiting) = match report {
             Ok(supervised) => {
                 let (report, exiting) = supervised.into_parts();
@@ -326,6 +362,7 @@ impl Sandbox {
         let mut done = Ended {
             outcome: None,
             exiting,
+            timings: trace::take(),
         };
         if let Some(err) = failed {
             return Err(err);
@@ -360,7 +397,9 @@ impl Sandbox {
             Some(m) => m.clone(),
             None => crate::mountinfo::read_own().map_err(|source| Error::Mountinfo { source })?,
         };
+        trace::mark(Mark::MountinfoRead);
         let layout = cgroup::discover_required(&mountinfo)?;
+        trace::mark(Mark::CgroupFound);
         let name = format!(
             "job-{}-{}",
             std::process::id(),
@@ -374,8 +413,12 @@ impl Sandbox {
         config: &SandboxConfig,
         root: &std::path::Path,
         cg: &JobCgroup,
+        mut timings: Option<Timings>,
     ) -> Result<Running, Error> {
         cg.version().apply(&crate::cgroup::limits_for(spec))?;
+        if let Some(t) = timings.as_mut() {
+            t.mark(Mark::CallerCgroupLimits);
+        }
         let (ours, theirs) =
             UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
         let spawn_err = |source| Error::SpawnShim {
@@ -418,6 +461,9 @@ impl Sandbox {
                 )
             }
         };
+        if let Some(t) = timings.as_mut() {
+            t.mark(Mark::ShimForked);
+        }
         let cancel_side = ours
             .try_clone()
             .map_err(|source| Error::ControlSocket { source })?;
@@ -439,11 +485,13 @@ impl Sandbox {
             events: Some(events_rx),
             egress: Some(egress_rx),
             reader: None,
+            timings: None,
         };
         let request = ToShim::Request(Box::new(Request {
             spec: spec.clone(),
             cgroup: cg.clone(),
             root: root.to_owned(),
+            trace: timings.is_some(),
         }));
         if let Err(source) = handshake::write(&mut running.ctl, &request) {
             // Dropping the control socket ends the shim; the caller removes the cgroup.
@@ -459,6 +507,10 @@ impl Sandbox {
             Ok(handle) => running.reader = Some(handle),
             Err(source) => return Err(Error::ControlSocket { source }),
         }
+        running.timings = timings.map(|mut t| {
+            t.mark(Mark::RequestSent);
+            t
+        });
         Ok(running)
     }
 }
@@ -511,17 +563,37 @@ impl Running {
 
     /// Waits for the job to end. When this returns (even with an error) every process of
     /// the job is dead and its cgroup has been removed.
-    pub fn wait(mut self) -> Result<Outcome, Error> {
+    pub fn wait(self) -> Result<Outcome, Error> {
+        self.wait_timed().map(|(outcome, _)| outcome)
+    }
+
+    /// [`Running::wait`], with the run's timing marks: the caller's, the shim's and pid 1's
+    /// for a run started with [`Sandbox::spawn_traced`], none otherwise.
+    pub fn wait_timed(mut self) -> Result<(Outcome, Timings), Error> {
         self.waited = true;
+        let mut timings = self.timings.take();
+        let mut at = |mark| {
+            if let Some(t) = timings.as_mut() {
+                t.mark(mark);
+            }
+        };
         let words = self.stop_reading();
+        at(Mark::ReportReceived);
         self.shim.wait(&mut self.ctl);
+        at(Mark::ShimGone);
         let stats = self.cgroup.version().stats();
+        at(Mark::CountersRead);
         self.cgroup.destroy()?;
+        at(Mark::CgroupRemoved);
+        let mut timings = timings.unwrap_or_default();
         match words.report {
-            Ok(Some(report)) => finish(report, stats).map(|mut outcome| {
-                outcome.events_dropped += words.dropped;
-                outcome
-            }),
+            Ok(Some(mut report)) => {
+                timings.extend(std::mem::take(&mut report.timings));
+                finish(report, stats).map(|mut outcome| {
+                    outcome.events_dropped += words.dropped;
+                    (outcome, timings)
+                })
+            }
             Ok(None) => Err(Error::ShimDied),
             Err(HandshakeError::Io(source)) => Err(Error::ControlSocket { source }),
             Err(err) => Err(Error::Handshake(err)),
