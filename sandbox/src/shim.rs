@@ -41,8 +41,11 @@ pub fn main() -> ! {
     };
     let mut frames = Frames::default();
     let mut outbox = Outbox::new(ctl.as_raw_fd());
-    // The worker hears only once pid 1 is gone, mounts and all: it reuses the job dir next.
-    let mut report = match frames.read::<ToShim>(&mut &ctl) {
+    // The report goes out as soon as every process of the job is dead and pid 1 is out of
+    // the job's cgroup; pid 1 may still be exiting then, its namespaces and the overlay
+    // going away with it. We exit once it is gone, and that end of the control stream is
+    // what tells the worker it may reuse the job dir (see `Teardown`).
+    let (mut report, exiting) = match frames.read::<ToShim>(&mut &ctl) {
         Ok(Some(ToShim::Request(req))) => {
             if req.trace && crate::trace::enable() {
                 crate::trace::mark(Mark::RequestRead);
@@ -64,20 +67,29 @@ pub fn main() -> ! {
                     },
                 },
             )
-            .finish()
+            .into_parts()
         }
         // The worker went away before asking anything.
         Ok(None) => sys::exit_now(0),
-        Ok(Some(ToShim::Cancel { .. })) => fail(SetupError::new(
-            SetupStep::Request,
-            "a cancel before the request",
-        )),
-        Err(err) => fail(SetupError::new(SetupStep::Request, err.to_string())),
+        Ok(Some(ToShim::Cancel { .. })) => (
+            fail(SetupError::new(
+                SetupStep::Request,
+                "a cancel before the request",
+            )),
+            None,
+        ),
+        Err(err) => (
+            fail(SetupError::new(SetupStep::Request, err.to_string())),
+            None,
+        ),
     };
     report.events_dropped = outbox.dropped;
     report.timings = crate::trace::take();
     let _ = outbox.flush(&ctl);
     let _ = handshake::write(&mut &ctl, &FromShim::Report(Box::new(report)));
+    if let Some(pid) = exiting {
+        let _ = sys::wait4(pid, 0);
+    }
     sys::exit_now(0)
 }
 
@@ -183,15 +195,6 @@ pub(crate) struct Supervised {
 }
 
 impl Supervised {
-    /// Waits until pid 1 is gone, its namespaces and mounts with it.
-    pub fn finish(self) -> Report {
-        let (report, exiting) = self.into_parts();
-        if let Some(pid) = exiting {
-            let _ = sys::wait4(pid, 0);
-        }
-        report
-    }
-
     /// The report, and pid 1 if it may still be exiting (the caller must wait for it).
     pub fn into_parts(self) -> (Report, Option<libc::pid_t>) {
         (self.report, self.exiting)

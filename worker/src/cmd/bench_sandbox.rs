@@ -8,6 +8,9 @@
 //!
 //! The job's upper dir is a tmpfs in its own mount namespace (as `corral sandbox` without
 //! `--upper`), its output is read after it ends: meant for commands that print little.
+//! A run is timed from the call to `Sandbox::spawn` to the outcome, as the worker gets it
+//! (`Running::wait_outcome`); the wait for the shim's exit that follows is not counted,
+//! as the worker leaves it to its job dir pool, but it is done before the next round.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -35,6 +38,10 @@ pub struct BenchSandboxArgs {
     /// Leave bwrap out (corral's figures only).
     #[arg(long)]
     pub no_peer: bool,
+    /// Make and remove each job's cgroup on the spot instead of through a pool (as
+    /// before the pool, for comparison).
+    #[arg(long)]
+    pub no_pool: bool,
     /// The command (default `/bin/true`).
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -52,6 +59,15 @@ pub fn run(args: BenchSandboxArgs) -> anyhow::Result<u8> {
     config.cgroup_parent = "corral-bench".to_owned();
     config.run_dir = PathBuf::from("/run/corral-bench");
     config.zygote = Some(Arc::new(Zygote::new(&config.helper_exe)));
+    if !args.no_pool {
+        // As `corral work` does: job cgroups made ahead, removed in the background.
+        let layout = corral_sandbox::host_cgroup_layout()?;
+        config.cgroup_pool = Some(Arc::new(corral_sandbox::CgroupPool::new(
+            layout,
+            &config.cgroup_parent,
+            2,
+        )?));
+    }
     let scratch = config.run_dir.join("scratch");
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let spec = SandboxSpec {
@@ -201,8 +217,19 @@ fn corral_once(
         pipe.read_to_end(&mut err)
             .context("reading the job's stderr")?;
     }
-    let (outcome, timings) = running.wait_timed()?;
+    // As the worker waits: the outcome once every process of the job is dead and its
+    // cgroup removed; pid 1's exit (its namespaces going away) is waited for off the clock,
+    // as the worker's job dir pool does before it reuses the dir.
+    let (ended, teardown) = running.wait_outcome_timed();
     let took = start.elapsed();
+    teardown.wait();
+    let (outcome, timings) = ended?;
+    // The pool's background work (removing this job's cgroup, making the next spare) is
+    // not counted either, but it is done before the next round, as on a worker between
+    // jobs.
+    if let Some(pool) = &config.cgroup_pool {
+        pool.settle();
+    }
     if !outcome.success() {
         bail!(
             "the sandboxed command failed: {outcome:?}: {}",
