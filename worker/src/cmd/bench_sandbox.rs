@@ -132,21 +132,21 @@ pub fn run(args: BenchSandboxArgs) -> anyhow::Result<u8> {
         v
     };
     let (c, b) = (ms(&corral), ms(&bwrap));
-    println!(
+    crate::outln!(
         "in-worker path: {} interleaved runs each, {} (load {load_before} → {load_after})",
         args.runs,
         command.join(" ")
-    );
-    print_line("corral", &c);
+    )?;
+    print_line("corral", &c)?;
     if !args.no_peer {
-        print_line("bwrap", &b);
-        println!("  corral/bwrap   = {:.2}", median(&c) / median(&b));
+        print_line("bwrap", &b)?;
+        crate::outln!("  corral/bwrap   = {:.2}", median(&c) / median(&b))?;
     }
     if args.trace_timings && !phases.is_empty() {
-        println!(
+        crate::outln!(
             "  medians per phase (ms): end since the first mark, duration since the previous \
              mark of its role"
-        );
+        )?;
         let mid = |mut v: Vec<u64>| {
             v.sort_unstable();
             v[v.len() / 2]
@@ -162,30 +162,31 @@ pub fn run(args: BenchSandboxArgs) -> anyhow::Result<u8> {
                 1 => "supervisor",
                 _ => "init",
             };
-            println!(
+            crate::outln!(
                 "    {:8.3}  {role:<10} {:8.3}  {label}",
                 end as f64 / 1e6,
                 duration as f64 / 1e6
-            );
+            )?;
         }
         spans.sort_unstable();
-        println!(
+        crate::outln!(
             "    {:<10} {:8.3}  first mark to last",
             "total",
             spans[spans.len() / 2] as f64 / 1e6
-        );
+        )?;
     }
     Ok(crate::exit::SUCCESS)
 }
 
-fn print_line(name: &str, sorted: &[f64]) {
+fn print_line(name: &str, sorted: &[f64]) -> anyhow::Result<()> {
     let pct = |p: f64| sorted[((sorted.len() - 1) as f64 * p).round() as usize];
-    println!(
+    crate::outln!(
         "  {name:8} median {:6.3} ms   p10 {:6.3}   p90 {:6.3}",
         median(sorted),
         pct(0.1),
         pct(0.9)
-    );
+    )?;
+    Ok(())
 }
 
 fn median(sorted: &[f64]) -> f64 {
