@@ -14,6 +14,7 @@
 mod control;
 mod events;
 mod logs;
+mod ordered;
 mod publisher;
 mod settings;
 mod topology;
@@ -22,7 +23,7 @@ mod worker;
 pub use control::Flights;
 pub use events::EventQueue;
 pub use logs::LogPump;
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{Pending, PublishError, Publisher};
 pub use settings::{AmqpSettings, Names, Nodes, parse_duration, redact};
 pub use topology::declare;
 pub use worker::{Worker, WorkerExit};
