@@ -126,10 +126,7 @@ impl<O: Outlet> Ordered<O> {
     /// pause) or gives it up. Returns the messages given up.
     pub async fn settle(&mut self) -> Vec<GaveUp> {
         let mut gave_up = Vec::new();
-        loop {
-            let Some(front) = self.slots.front_mut() else {
-                break;
-            };
+        while let Some(front) = self.slots.front_mut() {
             match &mut front.state {
                 State::Waiting(_) => break,
                 State::Done(Ok(())) => {
@@ -204,11 +201,14 @@ mod tests {
 
     use super::*;
 
+    /// A publish's key and the way to confirm it.
+    type Confirm = (String, oneshot::Sender<bool>);
+
     /// An outlet whose confirms the test gives, in any order: `true` acks, `false` nacks.
     #[derive(Default, Clone)]
     struct Fake {
         sent: Arc<Mutex<Vec<String>>>,
-        confirms: Arc<Mutex<Vec<(String, oneshot::Sender<bool>)>>>,
+        confirms: Arc<Mutex<Vec<Confirm>>>,
     }
 
     impl Fake {

@@ -340,6 +340,7 @@ async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {
 /// What the confirm of a mandatory publish on a channel of its own says. The channel had
 /// no other publish in flight, so a returned message is this one's (a return naming
 /// another exchange or key is not blamed on it).
+#[allow(clippy::result_large_err)] // the one error type of every publish, returned as is
 fn mandatory_outcome(
     confirmation: Confirmation,
     exchange: &str,
