@@ -139,8 +139,14 @@ impl ActionCache {
         }
     }
 
-    /// Records a succeeded result (others are ignored). Atomic: written to a temp file,
-    /// fsynced, renamed; concurrent writers of the same key write the same content.
+    /// Records a succeeded result (others are ignored). Atomic: written to a temp file and
+    /// renamed; concurrent writers of the same key write the same content.
+    ///
+    /// Not fsynced, on purpose: this write is on every job's path, and the cache is only
+    /// an optimisation. After a power loss an entry may be missing (a rebuild), empty or
+    /// torn (it no longer decodes: [`ActionCache::get`] treats it as a miss and removes it),
+    /// or name an image the store lost (the hit is checked against the store first). None
+    /// of these can hand out a wrong result, so a flush of the disk buys nothing here.
     pub fn put(&self, key: &ActionKey, result: &JobResult) -> Result<(), CacheError> {
         if result.status != Status::Succeeded || result.artifact.is_none() {
             return Ok(());
@@ -149,7 +155,6 @@ impl ActionCache {
         let write = |path: &Path| -> std::io::Result<()> {
             let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
             tmp.write_all(&serde_json::to_vec_pretty(result).map_err(std::io::Error::other)?)?;
-            tmp.as_file().sync_all()?;
             tmp.persist(path).map_err(|e| e.error)?;
             Ok(())
         };

@@ -1,7 +1,9 @@
 //! [`EventQueue`]: the broker sink of events. A job's events are queued, never awaited, and
 //! one task publishes them in order on `<prefix>.events` under
 //! `<severity>.<kind>.<project>`, so an event never delays a build or an ack, and a job's
-//! `job_started` reaches the broker before its `job_finished`.
+//! `job_started` reaches the broker before its `job_finished`. The task does not wait for
+//! each confirm before the next event: up to [`WINDOW`] are in flight, settled in order (see
+//! [`super::ordered`]; after a broker failure an event may come twice).
 //!
 //! The queue is bounded: past [`CAPACITY`] waiting events (a broker blocked for long), new
 //! ones are dropped and counted in `corral_events_dropped_total` rather than held in memory
@@ -14,12 +16,17 @@ use corral_protocol::Event;
 use lapin::BasicProperties;
 use tokio::sync::{mpsc, oneshot};
 
-use super::publisher::{PublishError, Publisher};
+use super::ordered::{Message, Ordered};
+use super::publisher::Publisher;
 use crate::events::EventSink;
 use crate::metrics::Metrics;
 
 /// Events waiting for the publisher before new ones are dropped.
 pub const CAPACITY: usize = 4096;
+/// Events published and not yet confirmed, at most.
+const WINDOW: usize = 64;
+/// Attempts per event before it is given up.
+const ATTEMPTS: u32 = 3;
 
 enum Item {
     Event(Box<Event>),
@@ -58,14 +65,25 @@ impl EventQueue {
             return;
         };
         tokio::spawn(async move {
-            while let Some(item) = rx.recv().await {
+            let mut out = Ordered::new(publisher, WINDOW, ATTEMPTS, Duration::from_millis(200));
+            loop {
+                let item = tokio::select! {
+                    item = rx.recv() => item,
+                    () = out.ready() => {
+                        gave_up(out.settle().await);
+                        continue;
+                    }
+                };
                 match item {
-                    Item::Event(event) => publish(&publisher, &exchange, &event).await,
-                    Item::Flush(done) => {
+                    Some(Item::Event(event)) => gave_up(out.push(message(&exchange, &event)).await),
+                    Some(Item::Flush(done)) => {
+                        gave_up(out.finish().await);
                         let _ = done.send(());
                     }
+                    None => break,
                 }
             }
+            gave_up(out.finish().await);
         });
     }
 
@@ -94,24 +112,20 @@ impl EventSink for EventQueue {
     }
 }
 
-async fn publish(publisher: &Publisher, exchange: &str, event: &Event) {
-    let body = serde_json::to_vec(event).unwrap_or_default();
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_type("corral.event.v1".into());
-    let key = event.routing_key();
-    for attempt in 0..3u32 {
-        match publisher
-            .publish(exchange, &key, &body, props.clone())
-            .await
-        {
-            // No operator subscribed to this kind of event: fine.
-            Ok(()) | Err(PublishError::Unroutable { .. }) => return,
-            Err(err) => {
-                tracing::warn!(key, attempt, error = %err, "event not published");
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-            }
-        }
+fn message(exchange: &str, event: &Event) -> Message {
+    Message {
+        exchange: exchange.to_owned(),
+        key: event.routing_key(),
+        body: serde_json::to_vec(event).unwrap_or_default(),
+        props: BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_type("corral.event.v1".into()),
+    }
+}
+
+fn gave_up(events: Vec<super::ordered::GaveUp>) {
+    for event in events {
+        tracing::warn!(key = event.message.key, error = %event.error, "event not published");
     }
 }
 

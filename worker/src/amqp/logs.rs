@@ -3,6 +3,12 @@
 //! [`CHUNK_BYTES`], flushed at most every [`FLUSH_EVERY`] unless a chunk is full, so the rate
 //! is bounded; the total is bounded by the job's `limits.log_bytes`, past which the build is
 //! stopped and ends `log_limit`. The last chunk has `eof: true`.
+//!
+//! Chunks do not wait for each other's confirms (up to [`WINDOW`] are in flight), and the
+//! job's result waits only until the last chunk is on its way, not confirmed. After a
+//! broker failure the pump publishes again from the first chunk that failed, so a reader
+//! may see a `seq` again; keeping each chunk whose `seq` is the next one expected gives the
+//! whole log, in order, once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +16,17 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use corral_protocol::{JobId, LogChunk, ProjectId, Stream};
 use lapin::BasicProperties;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::publisher::{PublishError, Publisher};
+use super::ordered::{Message, Ordered};
+use super::publisher::Publisher;
 
 pub const CHUNK_BYTES: usize = 64 * 1024;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// Attempts per chunk before the live log of this job is given up (the build goes on).
 const ATTEMPTS: u32 = 5;
+/// Chunks published and not yet confirmed, at most (a noisy build waits beyond that).
+const WINDOW: usize = 16;
 
 pub struct LogPump {
     pub publisher: Arc<Publisher>,
@@ -38,9 +47,11 @@ struct Out<'a> {
     key: String,
     seq: u64,
     broken: bool,
+    stream: Ordered<Arc<Publisher>>,
 }
 
 impl Out<'_> {
+    /// Publishes the next chunk; waits only while [`WINDOW`] chunks await their confirm.
     async fn send(&mut self, stream: Stream, data: &[u8], eof: bool) {
         if self.broken {
             return;
@@ -53,54 +64,70 @@ impl Out<'_> {
             data,
             eof,
         );
-        let body = serde_json::to_vec(&chunk).unwrap_or_default();
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(format!("{}.{}", self.pump.job_id, self.seq).into());
-        for attempt in 0..ATTEMPTS {
-            match self
-                .pump
-                .publisher
-                .publish(&self.pump.exchange, &self.key, &body, props.clone())
-                .await
-            {
-                // Nobody follows this job's log live: fine.
-                Ok(()) | Err(PublishError::Unroutable { .. }) => {
-                    self.seq += 1;
-                    return;
-                }
-                Err(err) => {
-                    tracing::warn!(job = %self.pump.job_id, attempt, error = %err, "log chunk not published");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-            }
+        let msg = Message {
+            exchange: self.pump.exchange.clone(),
+            key: self.key.clone(),
+            body: serde_json::to_vec(&chunk).unwrap_or_default(),
+            props,
+        };
+        self.seq += 1;
+        let gave_up = self.stream.push(msg).await;
+        self.check(gave_up.is_empty());
+    }
+
+    /// Settles the confirms that came in.
+    async fn settle(&mut self) {
+        let gave_up = self.stream.settle().await;
+        self.check(gave_up.is_empty());
+    }
+
+    fn check(&mut self, ok: bool) {
+        if !ok && !self.broken {
+            tracing::error!(job = %self.pump.job_id, "giving up the live log of this job");
+            self.broken = true;
+            self.stream.clear();
         }
-        tracing::error!(job = %self.pump.job_id, "giving up the live log of this job");
-        self.broken = true;
     }
 }
 
 impl LogPump {
     /// Runs until every sender of `rx` is dropped (the build ended), then publishes the
-    /// final chunk.
-    pub async fn run(self, mut rx: mpsc::Receiver<(Stream, Bytes)>) -> LogTally {
+    /// final chunk and says so on `sent` (the job's result may go out: the log is complete
+    /// on the wire before it), then waits for the outstanding confirms, going back to a
+    /// chunk that failed (see [`super::ordered`]).
+    pub async fn run(
+        self,
+        mut rx: mpsc::Receiver<(Stream, Bytes)>,
+        sent: oneshot::Sender<LogTally>,
+    ) -> LogTally {
         let mut out = Out {
             key: format!("{}.{}", self.project, self.job_id),
             pump: &self,
             seq: 0,
             broken: false,
+            stream: Ordered::new(
+                self.publisher.clone(),
+                WINDOW,
+                ATTEMPTS,
+                Duration::from_millis(200),
+            ),
         };
         let mut tally = LogTally::default();
         let mut pending = BytesMut::new();
         let mut pending_stream = Stream::Stdout;
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
-            let next = match deadline {
-                Some(at) => tokio::select! {
-                    item = rx.recv() => Some(item),
-                    () = tokio::time::sleep_until(at) => None,
-                },
-                None => Some(rx.recv().await),
+            let next = tokio::select! {
+                item = rx.recv() => Some(item),
+                () = sleep_until(deadline) => None,
+                // A confirm came in: settle it now, not at the next chunk.
+                () = out.stream.ready() => {
+                    out.settle().await;
+                    continue;
+                }
             };
             match next {
                 // The flush timer fired.
@@ -140,6 +167,17 @@ impl LogPump {
             out.send(pending_stream, &pending, true).await;
         }
         tally.chunks = out.seq;
+        let _ = sent.send(tally.clone());
+        let gave_up = out.stream.finish().await;
+        out.check(gave_up.is_empty());
         tally
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,21 +1,34 @@
-//! [`Publisher`]: results, events and log chunks go out on their OWN connection, on a
-//! confirm-mode channel, so a resource alarm that blocks publishing never freezes the
-//! consumer connection's acks. Every publish is persistent and mandatory and counts only
-//! once the broker confirmed it and did not return it as unroutable.
+//! [`Publisher`]: results, events and log chunks go out on their OWN connection, on
+//! confirm-mode channels, so a resource alarm that blocks publishing never freezes the
+//! consumer connection's acks. Every publish is persistent and counts only once the broker
+//! confirmed it.
 //!
-//! One publish is in flight at a time. A `basic.return` carries no delivery tag: with
-//! several publishes outstanding on a channel, the client can only pair a return with the
-//! next confirm, so an unroutable log chunk could fail a routable result, and an
-//! unroutable result could pass as delivered. With one outstanding publish the pairing is
-//! exact (and a return naming another exchange or key is ignored, never blamed on ours).
+//! Two kinds of publish, on separate channels of that connection:
+//!
+//! - [`Publisher::publish`] (results, replies): mandatory, and the caller waits for its
+//!   confirm. A `basic.return` carries no delivery tag, and the client pairs a return with
+//!   the next confirm of its channel, so each mandatory publish has a channel of its own
+//!   while it is in flight (a small pool): the pairing is exact, and results of concurrent
+//!   jobs are in flight together instead of queueing behind each other or behind logs.
+//! - [`Publisher::send`] (log chunks, events): not mandatory (nobody following a job's log
+//!   or subscribed to an event kind is fine, so a return would only be ignored), pipelined on
+//!   one channel: it returns once the message is on its way, with a [`Pending`] confirm to
+//!   wait for later, so many are in flight at once. Without `mandatory` the broker never
+//!   returns them, so no return can be paired with the wrong confirm. [`super::ordered`]
+//!   keeps such a stream in order across failures.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tokio::sync::Mutex;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
+};
+use tokio::sync::{Mutex, Semaphore};
 
 use super::settings::Nodes;
 
@@ -47,21 +60,41 @@ pub enum PublishError {
     ConfirmTimeout(Duration),
 }
 
+/// The broker's confirm of one [`Publisher::send`], to wait for when it matters.
+pub type Pending = Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>;
+
 /// How long a confirm may take while the connection is not blocked before the connection is
 /// presumed dead and replaced.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
+/// Mandatory publishes in flight at once, each on its own channel.
+const MANDATORY_CHANNELS: usize = 8;
+
+/// One connection of the publisher and its channels.
+#[derive(Clone)]
+struct Link {
+    /// Tells this connection from its successors: a publish that failed on an old one does
+    /// not close the new one.
+    generation: u64,
+    node: usize,
+    conn: Arc<Connection>,
+    /// The pipelined channel of [`Publisher::send`]. Its lock is held across each
+    /// `basic.publish` call: lapin numbers a publish before queueing its frames, so two
+    /// concurrent calls could be numbered in one order and sent in the other.
+    stream: Arc<Mutex<Channel>>,
+    /// Idle channels for mandatory publishes, one publish in flight on each.
+    idle: Arc<std::sync::Mutex<Vec<Channel>>>,
+}
 
 pub struct Publisher {
     /// The broker cluster's nodes, shared with the consumer so both move on together.
     nodes: Arc<Nodes>,
-    /// The node of the current connection.
-    node: std::sync::atomic::AtomicUsize,
     name: String,
     blocked_wait: Duration,
-    link: Mutex<Option<(Arc<Connection>, Channel)>>,
-    /// Held from `basic.publish` to its confirm.
-    in_flight: Mutex<()>,
+    link: Mutex<Option<Link>>,
+    generations: AtomicU64,
+    /// Channels taken for mandatory publishes.
+    mandatory: Semaphore,
 }
 
 impl Publisher {
@@ -69,24 +102,23 @@ impl Publisher {
     pub fn new(nodes: Arc<Nodes>, name: String, blocked_wait: Duration) -> Self {
         Publisher {
             nodes,
-            node: std::sync::atomic::AtomicUsize::new(0),
             name,
             blocked_wait,
             link: Mutex::new(None),
-            in_flight: Mutex::new(()),
+            generations: AtomicU64::new(0),
+            mandatory: Semaphore::new(MANDATORY_CHANNELS),
         }
     }
 
-    async fn channel(&self) -> Result<(Arc<Connection>, Channel), PublishError> {
+    async fn link(&self) -> Result<Link, PublishError> {
         let mut link = self.link.lock().await;
-        if let Some((conn, ch)) = link.as_ref()
-            && conn.status().connected()
-            && ch.status().connected()
+        if let Some(current) = link.as_ref()
+            && current.conn.status().connected()
         {
-            return Ok((conn.clone(), ch.clone()));
+            return Ok(current.clone());
         }
-        if let Some((conn, _)) = link.take() {
-            let _ = conn.close(320, "replaced".into()).await;
+        if let Some(old) = link.take() {
+            let _ = old.conn.close(320, "replaced".into()).await;
         }
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let (i, node) = self.nodes.current();
@@ -99,38 +131,40 @@ impl Publisher {
             }
         };
         tracing::info!(node = %node.name, "publisher connected");
-        self.node.store(i, std::sync::atomic::Ordering::Relaxed);
         let conn = Arc::new(conn);
-        let ch = conn.create_channel().await.map_err(PublishError::Connect)?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(PublishError::Connect)?;
-        *link = Some((conn.clone(), ch.clone()));
-        Ok((conn, ch))
+        let stream = confirm_channel(&conn).await?;
+        let current = Link {
+            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+            node: i,
+            conn,
+            stream: Arc::new(Mutex::new(stream)),
+            idle: Arc::default(),
+        };
+        *link = Some(current.clone());
+        Ok(current)
     }
 
-    /// Drops the current connection so the next publish opens a fresh one, on the next
-    /// node: a publish that failed on its connection most likely lost the node.
-    async fn reset(&self) {
-        if let Some((conn, _)) = self.link.lock().await.take() {
-            self.nodes
-                .failed(self.node.load(std::sync::atomic::Ordering::Relaxed));
-            let _ = conn.close(320, "reset after a failed publish".into()).await;
+    /// Drops the connection `failed` so the next publish opens a fresh one, on the next
+    /// node: a publish that failed on its connection most likely lost the node. A newer
+    /// connection is left alone.
+    async fn reset(&self, failed: &Link) {
+        let mut link = self.link.lock().await;
+        if link
+            .as_ref()
+            .is_some_and(|current| current.generation == failed.generation)
+        {
+            link.take();
+            self.nodes.failed(failed.node);
+            let _ = failed
+                .conn
+                .close(320, "reset after a failed publish".into())
+                .await;
         }
     }
 
-    /// Publishes once and waits for the broker's confirm. While the broker blocks the
-    /// connection (`connection.blocked`: memory or disk alarm) the wait is bounded by the
-    /// configured blocked wait.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        key: &str,
-        body: &[u8],
-        props: BasicProperties,
-    ) -> Result<(), PublishError> {
-        let _one_at_a_time = self.in_flight.lock().await;
-        let (conn, ch) = self.channel().await?;
+    /// Waits while the broker blocks the connection (`connection.blocked`: memory or disk
+    /// alarm), at most the configured blocked wait.
+    async fn unblocked(&self, conn: &Connection) -> Result<(), PublishError> {
         let blocked_since = Instant::now();
         while conn.status().blocked() {
             if blocked_since.elapsed() >= self.blocked_wait {
@@ -138,84 +172,202 @@ impl Publisher {
             }
             tokio::time::sleep(POLL).await;
         }
-        let fail = |source| PublishError::Send {
-            exchange: exchange.to_owned(),
-            key: key.to_owned(),
-            source,
-        };
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let props = props.with_delivery_mode(2);
-        let confirm = match ch
-            .basic_publish(exchange.into(), ShortString::from(key), opts, body, props)
-            .await
-        {
-            Ok(confirm) => confirm,
-            Err(err) => {
-                self.reset().await;
-                return Err(fail(err));
-            }
-        };
-        // Wait for the confirm; time spent blocked counts against the blocked wait, the rest
-        // against the confirm timeout.
+        Ok(())
+    }
+
+    /// Waits for the broker's confirm of a publish on `link`. Time spent blocked counts
+    /// against the blocked wait, the rest against the confirm timeout; a failure replaces
+    /// the connection.
+    async fn confirmed(
+        &self,
+        link: &Link,
+        confirm: PublisherConfirm,
+        exchange: &str,
+        key: &str,
+    ) -> Result<Confirmation, PublishError> {
         let mut confirm = std::pin::pin!(confirm);
         let mut unblocked_wait = Duration::ZERO;
         let mut blocked_wait = Duration::ZERO;
-        let confirmation = loop {
+        loop {
             match tokio::time::timeout(POLL * 4, &mut confirm).await {
-                Ok(Ok(c)) => break c,
-                Ok(Err(err)) => {
-                    self.reset().await;
-                    return Err(fail(err));
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(source)) => {
+                    self.reset(link).await;
+                    return Err(PublishError::Send {
+                        exchange: exchange.to_owned(),
+                        key: key.to_owned(),
+                        source,
+                    });
                 }
-                Err(_) if conn.status().blocked() => {
+                Err(_) if link.conn.status().blocked() => {
                     blocked_wait += POLL * 4;
                     if blocked_wait >= self.blocked_wait {
-                        self.reset().await;
+                        self.reset(link).await;
                         return Err(PublishError::Blocked(blocked_wait));
                     }
                 }
                 Err(_) => {
                     unblocked_wait += POLL * 4;
                     if unblocked_wait >= CONFIRM_TIMEOUT {
-                        self.reset().await;
+                        self.reset(link).await;
                         return Err(PublishError::ConfirmTimeout(CONFIRM_TIMEOUT));
                     }
                 }
             }
+        }
+    }
+
+    /// Publishes once, mandatory, and waits for the broker's confirm: `Ok` only when the
+    /// broker took the message and routed it to a queue.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let _channel = self
+            .mandatory
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let link = self.link().await?;
+        self.unblocked(&link.conn).await?;
+        let idle = link.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let ch = match idle {
+            Some(ch) if ch.status().connected() => ch,
+            _ => match confirm_channel(&link.conn).await {
+                Ok(ch) => ch,
+                Err(err) => {
+                    self.reset(&link).await;
+                    return Err(err);
+                }
+            },
         };
-        if confirmation.is_nack() {
-            return Err(PublishError::Nacked {
-                exchange: exchange.to_owned(),
-                key: key.to_owned(),
-            });
-        }
-        if let Some(returned) = confirmation.take_message() {
-            if returned.delivery.exchange.as_str() != exchange
-                || returned.delivery.routing_key.as_str() != key
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirmation = async {
+            let confirm = match ch
+                .basic_publish(
+                    exchange.into(),
+                    ShortString::from(key),
+                    opts,
+                    body,
+                    props.with_delivery_mode(2),
+                )
+                .await
             {
-                // A late return of an earlier, abandoned publish: not ours.
-                tracing::debug!(
-                    exchange = returned.delivery.exchange.as_str(),
-                    key = returned.delivery.routing_key.as_str(),
-                    "ignoring a returned message that belongs to another publish"
-                );
-                return Ok(());
-            }
-            return Err(PublishError::Unroutable {
-                exchange: exchange.to_owned(),
-                key: key.to_owned(),
-                reply: format!("{} {}", returned.reply_code, returned.reply_text),
-            });
+                Ok(confirm) => confirm,
+                Err(source) => {
+                    self.reset(&link).await;
+                    return Err(PublishError::Send {
+                        exchange: exchange.to_owned(),
+                        key: key.to_owned(),
+                        source,
+                    });
+                }
+            };
+            self.confirmed(&link, confirm, exchange, key).await
         }
-        Ok(())
+        .await?;
+        // Its one publish is settled: the channel can carry the next.
+        link.idle.lock().unwrap_or_else(|e| e.into_inner()).push(ch);
+        mandatory_outcome(confirmation, exchange, key)
+    }
+
+    /// Publishes once, not mandatory, on the pipelined channel: returns as soon as the
+    /// message is on its way, with its confirm to wait for. An unroutable message is
+    /// confirmed like any other (and dropped by the broker).
+    pub async fn send(
+        self: &Arc<Self>,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<Pending, PublishError> {
+        let link = self.link().await?;
+        self.unblocked(&link.conn).await?;
+        let published = {
+            let ch = link.stream.lock().await;
+            ch.basic_publish(
+                exchange.into(),
+                ShortString::from(key),
+                BasicPublishOptions::default(),
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+        };
+        let confirm = match published {
+            Ok(confirm) => confirm,
+            Err(source) => {
+                self.reset(&link).await;
+                return Err(PublishError::Send {
+                    exchange: exchange.to_owned(),
+                    key: key.to_owned(),
+                    source,
+                });
+            }
+        };
+        let this = self.clone();
+        let (exchange, key) = (exchange.to_owned(), key.to_owned());
+        Ok(Box::pin(async move {
+            let confirmation = this.confirmed(&link, confirm, &exchange, &key).await?;
+            if confirmation.is_nack() {
+                return Err(PublishError::Nacked { exchange, key });
+            }
+            Ok(())
+        }))
     }
 
     pub async fn close(&self) {
-        if let Some((conn, _)) = self.link.lock().await.take() {
-            let _ = conn.close(200, "worker stopping".into()).await;
+        if let Some(link) = self.link.lock().await.take() {
+            let _ = link.conn.close(200, "worker stopping".into()).await;
         }
     }
+}
+
+async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {
+    let ch = conn.create_channel().await.map_err(PublishError::Connect)?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(PublishError::Connect)?;
+    Ok(ch)
+}
+
+/// What the confirm of a mandatory publish on a channel of its own says. The channel had
+/// no other publish in flight, so a returned message is this one's (a return naming
+/// another exchange or key is not blamed on it).
+#[allow(clippy::result_large_err)] // the one error type of every publish, returned as is
+fn mandatory_outcome(
+    confirmation: Confirmation,
+    exchange: &str,
+    key: &str,
+) -> Result<(), PublishError> {
+    if confirmation.is_nack() {
+        return Err(PublishError::Nacked {
+            exchange: exchange.to_owned(),
+            key: key.to_owned(),
+        });
+    }
+    if let Some(returned) = confirmation.take_message() {
+        if returned.delivery.exchange.as_str() != exchange
+            || returned.delivery.routing_key.as_str() != key
+        {
+            tracing::debug!(
+                exchange = returned.delivery.exchange.as_str(),
+                key = returned.delivery.routing_key.as_str(),
+                "ignoring a returned message that belongs to another publish"
+            );
+            return Ok(());
+        }
+        return Err(PublishError::Unroutable {
+            exchange: exchange.to_owned(),
+            key: key.to_owned(),
+            reply: format!("{} {}", returned.reply_code, returned.reply_text),
+        });
+    }
+    Ok(())
 }

@@ -103,17 +103,33 @@ impl AmqpSettings {
     }
 
     fn uri_of(&self, url: &str) -> Result<lapin::uri::AMQPUri, super::AmqpError> {
-        let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|reason| super::AmqpError::Url {
-            url: redact(url),
-            reason,
-        })?;
-        uri.query.heartbeat = Some(self.heartbeat);
-        if uri.query.connection_timeout.is_none() {
-            uri.query.connection_timeout = Some(10_000);
-        }
-        Ok(uri)
+        node_uri(url, self.heartbeat)
     }
 }
+
+/// A node's URI as the worker connects to it: its heartbeat, a connect timeout and
+/// [`FRAME_MAX`] unless the URL sets them.
+fn node_uri(url: &str, heartbeat: u16) -> Result<lapin::uri::AMQPUri, super::AmqpError> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(|reason| super::AmqpError::Url {
+        url: redact(url),
+        reason,
+    })?;
+    uri.query.heartbeat = Some(heartbeat);
+    if uri.query.connection_timeout.is_none() {
+        uri.query.connection_timeout = Some(10_000);
+    }
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(FRAME_MAX);
+    }
+    Ok(uri)
+}
+
+/// The largest AMQP frame a worker's connections negotiate, unless the URL says
+/// `frame_max`. lapin keeps a receive and a send buffer of 32 frames per connection, all of
+/// it touched over time: at RabbitMQ's default of 128 KiB that is 16 MiB resident for the
+/// worker's two connections, idle or not. Messages larger than a frame (a 64 KiB log chunk
+/// as JSON) simply go in several frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
 
 /// One node of the broker cluster: its URI (password included) and its redacted URL for
 /// logs.
@@ -269,6 +285,15 @@ mod tests {
         nodes.failed(1);
         nodes.failed(2);
         assert_eq!(nodes.current().1.name, "a");
+    }
+
+    #[test]
+    fn frames_are_small_unless_the_url_says_otherwise() {
+        let uri = node_uri("amqp://guest:guest@host/%2f", 15).unwrap();
+        assert_eq!(uri.query.frame_max, Some(FRAME_MAX));
+        assert_eq!(uri.query.heartbeat, Some(15));
+        let uri = node_uri("amqp://host/%2f?frame_max=131072", 15).unwrap();
+        assert_eq!(uri.query.frame_max, Some(131_072));
     }
 
     #[test]

@@ -568,7 +568,10 @@ impl<R: Runner> Worker<R> {
             job_id: job.job_id.clone(),
             project: job.project.clone(),
         };
-        let pump = tokio::spawn(pump.run(log_rx));
+        // The pump outlives the build: it says when the log's last chunk is on its way
+        // (the result may follow it), then waits for the broker's confirms on its own.
+        let (log_sent, log_out) = tokio::sync::oneshot::channel();
+        let pump = self.tracker.spawn(pump.run(log_rx, log_sent));
         let ctx = RunContext {
             stop: flight.stop.clone(),
             logs: log_tx,
@@ -578,13 +581,16 @@ impl<R: Runner> Worker<R> {
             events,
         };
         let verdict = job::run(&*self.runner, &job, ctx).await;
-        let tally = pump.await.unwrap_or_default();
+        let tally = log_out.await.unwrap_or_default();
         self.flights.finish(flight_id);
         self.metrics.in_flight.dec();
         self.metrics.free_slots.inc();
         tracing::debug!(job = %job.job_id, ?tally, "build ended");
         self.execute(&d, Some(&job), verdict, reply_to, corr, &lost)
             .await;
+        // The ack is out (or the delivery handed back); the live log's confirms may still be
+        // coming. Drain waits for them through the tracker.
+        drop(pump);
     }
 
     /// A job the broker dead-lettered (see `amqp/dead.rs`): dropped when a worker answered
@@ -758,23 +764,27 @@ impl<R: Runner> Worker<R> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.settings.backoff_max);
         let mut replied = false;
         loop {
-            let to_results = self
-                .publisher
-                .publish(&self.names.results, &key, &body, props.clone())
-                .await;
+            // The result and the reply are in flight together, each on a channel of its own.
+            let to_results =
+                self.publisher
+                    .publish(&self.names.results, &key, &body, props.clone());
+            let to_reply = async {
+                match reply_to {
+                    Some(queue) if !replied => Some(
+                        self.publisher
+                            .publish("", queue, &body, props.clone())
+                            .await,
+                    ),
+                    _ => None,
+                }
+            };
+            let (to_results, to_reply) = tokio::join!(to_results, to_reply);
             // The reply queue counts as a route: a request/reply producer needs no binding
             // on the results exchange. A reply queue that is gone does not hold the job.
-            if let Some(queue) = reply_to
-                && !replied
-            {
-                match self
-                    .publisher
-                    .publish("", queue, &body, props.clone())
-                    .await
-                {
-                    Ok(()) => replied = true,
-                    Err(err) => tracing::warn!(job = id, error = %err, "reply not published"),
-                }
+            match to_reply {
+                Some(Ok(())) => replied = true,
+                Some(Err(err)) => tracing::warn!(job = id, error = %err, "reply not published"),
+                None => {}
             }
             match to_results {
                 Ok(()) => break,

@@ -2,6 +2,25 @@
 //! the source and upper dirs snapshotted into layers, the base's layer ensured in the store,
 //! the image [base, source, build] stored and tagged with the job id, the build log stored,
 //! and the action cache consulted before a build and filled after one.
+//!
+//! # Flushes to disk on a job's path
+//!
+//! A job's result names what it stored (the image's manifest digest, its tag, the log
+//! blob) and is published, then the job acked, right after this: once the broker has the
+//! result, a power loss must not take away what it names. So the directory store flushes
+//! before it answers, and these are the only flushes left on a job's path:
+//!
+//! - the tag: `index.json` is rewritten to a temp file, fsynced, renamed, and the store's
+//!   directory fsynced (2 per job): the result's `reference` is that tag;
+//! - a blob the store did not have yet (a new build layer, log, config or manifest): the
+//!   file fsynced before its rename, the blob directory after (2 per new blob; none for a
+//!   layer, log or image that is already there, which a repeated build's all are);
+//! - the first job of a project on this worker: its uid is recorded in the identity map
+//!   (1, `fdatasync`, in the sandbox crate): a project keeps its uid, and no uid is given
+//!   to a second project, across a crash.
+//!
+//! The action cache entry is not flushed (see [`crate::cache::ActionCache::put`]): it is
+//! an optimisation whose torn or lost entry is a miss, never a wrong answer.
 
 use std::collections::BTreeMap;
 use std::path::Path;
