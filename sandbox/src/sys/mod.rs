@@ -14,7 +14,6 @@ mod ns;
 mod process;
 mod sched;
 mod seccomp;
-mod shared;
 mod signal;
 mod socket;
 
@@ -30,7 +29,6 @@ pub use ns::*;
 pub use process::*;
 pub use sched::*;
 pub use seccomp::*;
-pub use shared::*;
 pub use signal::*;
 pub use socket::*;
 

@@ -2,7 +2,6 @@
 //! process exit code (see [`crate::exit`]).
 
 pub mod base;
-pub mod bench_sandbox;
 pub mod check_config;
 pub mod doctor;
 pub mod events;

@@ -130,7 +130,6 @@ pub fn sandbox_config(name: &str) -> corral_sandbox::SandboxConfig {
         run_dir: PathBuf::from(format!("/run/corral-test-{name}")),
         mountinfo: None,
         zygote: None,
-        cgroup_pool: None,
     }
 }
 
