@@ -13,10 +13,13 @@ mount -t tmpfs -o mode=755 tmpfs /run
 # Job filesystems, bases and stores: the worker wants room for a base (512 MiB) free.
 mount -t tmpfs -o mode=1777,size=2G tmpfs /var/tmp
 mountpoint -q /dev || mount -t devtmpfs dev /dev
-# overlayfs and loop are modules in Debian's UML kernel.
-modules=/usr/lib/uml/modules/$(uname -r)/kernel
-insmod "$modules/fs/overlayfs/overlay.ko"
-insmod "$modules/drivers/block/loop.ko"
+# overlayfs and loop are modules in Debian's UML kernel (built in when scripts/uml/kernel
+# built one).
+if ! grep -qw overlay /proc/filesystems; then
+    modules=/usr/lib/uml/modules/$(uname -r)/kernel
+    insmod "$modules/fs/overlayfs/overlay.ko"
+    insmod "$modules/drivers/block/loop.ko"
+fi
 # A pure v2 hierarchy where a distribution mounts it; the root hands every controller down,
 # as systemd's does.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
