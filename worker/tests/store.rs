@@ -1345,3 +1345,52 @@ async fn credentials_never_follow_a_location_to_another_host() {
         "credentials were sent to another host"
     );
 }
+
+#[tokio::test]
+async fn a_manifest_refused_for_a_lost_blob_forgets_what_the_store_saw() {
+    // The registry had the blob (a HEAD said so) and then lost it: the manifest PUT is
+    // refused with MANIFEST_BLOB_UNKNOWN.
+    let blob = sha256(b"a base layer the registry later collected");
+    let header = blob.to_string();
+    let (addr, count) = fake_registry(move |_, method, _, _| {
+        match method {
+        "HEAD" => (
+            200,
+            vec![("docker-content-digest".into(), header.clone())],
+            vec![],
+        ),
+        _ => (
+            400,
+            vec![],
+            br#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#
+                .to_vec(),
+        ),
+    }
+    })
+    .await;
+    let store = fake_store(&addr).await;
+    assert!(store.has_blob(&blob).await.unwrap());
+    assert!(store.has_blob(&blob).await.unwrap());
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "the second check is answered from what the store saw"
+    );
+    let err = store
+        .put_manifest("t", b"{}", "application/vnd.oci.image.manifest.v1+json")
+        .await
+        .unwrap_err();
+    assert!(err.is_blobs_missing(), "{err}");
+    assert!(
+        err.is_retryable(),
+        "a later attempt may upload the blob again"
+    );
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        2,
+        "the same PUT is not repeated"
+    );
+    // Nothing seen there is trusted any more: the next check asks the registry.
+    assert!(store.has_blob(&blob).await.unwrap());
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+}

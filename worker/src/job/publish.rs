@@ -115,8 +115,6 @@ impl Publish<'_> {
         source: Layer,
         build: Layer,
     ) -> Result<Artifact, JobError> {
-        self.ensure_blob(&base.layer, &base.blob, "the base layer")
-            .await?;
         let layers = vec![base.layer.clone(), source, build];
         let settings = crate::image::ImageSettings {
             created_epoch: job.epoch(),
@@ -133,13 +131,26 @@ impl Publish<'_> {
             )]),
         };
         let image = crate::image::build(&layers, &settings);
-        let (manifest_digest, reference) =
-            crate::image::publish(self.store, job.job_id.as_str(), &layers, &image)
-                .await
-                .map_err(|source| JobError::Store {
-                    what: "the image",
-                    source,
-                })?;
+        let mut again = true;
+        let (manifest_digest, reference) = loop {
+            self.ensure_blob(&base.layer, &base.blob, "the base layer")
+                .await?;
+            match crate::image::publish(self.store, job.job_id.as_str(), &layers, &image).await {
+                Ok(stored) => break stored,
+                // The registry lost a blob it held (garbage collection) and the store has
+                // forgotten what it saw there: check and upload the base again, once.
+                Err(err) if err.is_blobs_missing() && again => {
+                    tracing::warn!(job = %job.job_id, error = %err, "storing the image again");
+                    again = false;
+                }
+                Err(source) => {
+                    return Err(JobError::Store {
+                        what: "the image",
+                        source,
+                    });
+                }
+            }
+        };
         Ok(Artifact {
             manifest_digest,
             reference,

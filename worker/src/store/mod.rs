@@ -106,6 +106,15 @@ pub enum StoreError {
         url: String,
         reason: String,
     },
+    #[error(
+        "{step} {url}: the registry does not hold a blob the manifest names ({body}); \
+         the blobs are checked again on the next attempt"
+    )]
+    BlobsMissing {
+        step: &'static str,
+        url: String,
+        body: String,
+    },
     #[error("{step}: giving up after {attempts} attempts")]
     Exhausted {
         step: &'static str,
@@ -124,6 +133,9 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Connect { .. } | StoreError::UploadSessionLost { .. } => true,
+            // The registry dropped a blob (garbage collection) since it was seen: a new
+            // attempt looks again and uploads what is missing.
+            StoreError::BlobsMissing { .. } => true,
             StoreError::Status { status, .. } => *status >= 500,
             StoreError::CreateDir { .. }
             | StoreError::Lock { .. }
@@ -142,6 +154,15 @@ impl StoreError {
             | StoreError::Unauthorized { .. }
             | StoreError::Tls { .. }
             | StoreError::Protocol { .. } => false,
+        }
+    }
+
+    /// Whether the registry refused a manifest for a blob it does not hold.
+    pub fn is_blobs_missing(&self) -> bool {
+        match self {
+            StoreError::BlobsMissing { .. } => true,
+            StoreError::Exhausted { last, .. } => last.is_blobs_missing(),
+            _ => false,
         }
     }
 

@@ -66,7 +66,8 @@ struct Inner {
     /// mounted) and when: [`RegistryStore::has_blob`] answers from it without a request, so
     /// checking an image's layers right after pushing them costs nothing. A push always
     /// asks the registry. Safe to trust: the registry refuses a manifest that names a
-    /// blob it lacks.
+    /// blob it lacks ([`StoreError::BlobsMissing`]), which empties this table so that the
+    /// caller's next attempt asks again and uploads what is gone.
     known: std::sync::Mutex<HashMap<Digest, Instant>>,
 }
 
@@ -172,7 +173,10 @@ impl RegistryStore {
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && attempt < policy.attempts => {
+                // Putting the same manifest again cannot help: the caller uploads first.
+                Err(e)
+                    if e.is_retryable() && !e.is_blobs_missing() && attempt < policy.attempts =>
+                {
                     let wait = policy.backoff(attempt);
                     tracing::warn!(step, attempt, ?wait, error = %e, "store: retrying");
                     tokio::time::sleep(wait).await;
@@ -384,6 +388,14 @@ impl RegistryStore {
         known
             .get(digest)
             .is_some_and(|seen| seen.elapsed() < KNOWN_FOR)
+    }
+
+    fn forget_known(&self) {
+        self.inner
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn remember(&self, digest: &Digest) {
@@ -748,6 +760,25 @@ impl RegistryStore {
             let resp = self
                 .send(step, Method::PUT, &url, headers, Some(body.clone()))
                 .await?;
+            if resp.status() == StatusCode::BAD_REQUEST {
+                let body = body_text(resp).await;
+                // MANIFEST_BLOB_UNKNOWN (or BLOB_UNKNOWN): a blob this worker saw there is
+                // gone, so nothing it remembers of the repository can be trusted.
+                if body.contains("BLOB_UNKNOWN") {
+                    self.forget_known();
+                    return Err(StoreError::BlobsMissing {
+                        step,
+                        url: shown_url(&url),
+                        body,
+                    });
+                }
+                return Err(StoreError::Status {
+                    step,
+                    url: shown_url(&url),
+                    status: 400,
+                    body,
+                });
+            }
             if resp.status() != StatusCode::CREATED {
                 return Err(status_error(step, &url, resp).await);
             }
