@@ -11,6 +11,7 @@ use std::path::Path;
 use crate::handshake::{self, FromInit, SetupError, SetupStep, Status, ToInit};
 use crate::spec::{JOB_GID, JOB_UID, JOB_UMASK, SandboxSpec};
 use crate::sys;
+use crate::trace::{Mark, mark};
 
 const SIGNALS: [libc::c_int; 5] = [
     libc::SIGCHLD,
@@ -31,6 +32,7 @@ pub fn run(spec: &SandboxSpec, root: &Path, link: OwnedFd) -> ! {
         Ok(pid) => pid,
         Err(err) => fail(link.as_raw_fd(), SetupError::io(SetupStep::Start, &err)),
     };
+    mark(Mark::Spawned);
     drop(exec);
     loop {
         let sig = match sys::wait_signal(&SIGNALS) {
@@ -44,16 +46,20 @@ pub fn run(spec: &SandboxSpec, root: &Path, link: OwnedFd) -> ! {
         }
         while let Ok(Some(reaped)) = sys::wait4(-1, libc::WNOHANG) {
             if reaped.pid == job {
+                mark(Mark::Reaped);
                 // The job is over: nothing of it may outlive it (double-forked daemons).
                 let _ = sys::kill(-1, libc::SIGKILL);
                 while let Ok(Some(_)) = sys::wait4(-1, 0) {}
+                mark(Mark::RestKilled);
                 // Only we still see the job's mounts (they die with us).
                 let disk_full =
                     crate::shim::is_full(Path::new("/")) || crate::shim::is_full(Path::new("/tmp"));
+                mark(Mark::DiskChecked);
                 // Out of the job's cgroup (v1): the shim can read and remove it while our
                 // namespaces are torn down.
                 let left_cgroup =
                     !leave.is_empty() && leave.into_iter().all(|mut f| f.write_all(b"0").is_ok());
+                mark(Mark::LeftCgroup);
                 // Whoever reads the job's output sees its end now, not once we are gone.
                 let _ = sys::close_range(0, 2);
                 let status = Status {
@@ -64,6 +70,7 @@ pub fn run(spec: &SandboxSpec, root: &Path, link: OwnedFd) -> ! {
                 };
                 // One frame, sent once every process of the job is dead and reaped: the
                 // shim may act on it before we have finished exiting.
+                mark(Mark::StatusSent);
                 let _ = handshake::send(link.as_raw_fd(), &FromInit::Status(status), &[]);
                 sys::exit_now(0);
             }
@@ -92,6 +99,7 @@ fn setup(
     sys::set_parent_death_signal(libc::SIGKILL).map_err(io(Step::ParentDeathSignal))?;
     // The worker's umask is its operator's choice; the job's root and the job get ours.
     sys::set_umask(JOB_UMASK);
+    mark(Mark::DeathSignal);
     let kernel = crate::rootfs::Kernel;
     crate::rootfs::prepare(&kernel, spec, root).map_err(|e| SetupError::chain(Step::Rootfs, &e))?;
     // What the job inherits and does not depend on namespaces, done now in case the shim
@@ -99,6 +107,7 @@ fn setup(
     // ones, so the defaults suit us.
     sys::mask_signals(&SIGNALS, true).map_err(io(Step::Signals))?;
     sys::reset_signal_dispositions().map_err(io(Step::Signals))?;
+    mark(Mark::Signals);
     // Meanwhile the shim made the job's cgroup. On v1 we move ourselves (cheap), through
     // host paths, so before the pivot; on v2 the shim has moved us and the lists are empty.
     let (join, leave) = match handshake::recv::<ToInit>(link, 0) {
@@ -107,10 +116,12 @@ fn setup(
         // link broke: we only stop.
         _ => sys::exit_now(1),
     };
+    mark(Mark::CgroupWait);
     for file in join {
         std::fs::write(&file, "0")
             .map_err(|e| SetupError::io_on(Step::JoinCgroup, file.display(), &e))?;
     }
+    mark(Mark::CgroupJoined);
     // Opened now, while the host's cgroup tree is in reach; written at the very end.
     let leave = leave
         .iter()
@@ -126,6 +137,7 @@ fn setup(
         .map_err(|e| SetupError::io_on(Step::Workdir, spec.cwd.display(), &e))?;
     sys::sethostname(&spec.hostname).map_err(io(Step::Hostname))?;
     sys::loopback_up().map_err(io(Step::Loopback))?;
+    mark(Mark::Host);
     // The proxy's socket is made here, in the job's network namespace and still outside its
     // user namespace: it listens before the job starts, so the job's first connection
     // waits in its backlog until the worker serves it, and the job can neither close nor
@@ -140,6 +152,7 @@ fn setup(
     sys::unshare(libc::CLONE_NEWUSER).map_err(io(Step::UserNamespace))?;
     let handed: Vec<RawFd> = egress.iter().map(|l| l.as_raw_fd()).collect();
     handshake::send(link, &FromInit::Unshared, &handed).map_err(io(Step::Link))?;
+    mark(Mark::UserNs);
     drop(egress);
     // While the shim writes our id maps: everything the job inherits and we can do
     // without them (a new user namespace grants its creator every capability at once).
@@ -151,6 +164,7 @@ fn setup(
     sys::drop_inheritable_capabilities().map_err(io(Step::BoundingSet))?;
     // Ours too: open files, core dumps, file size (we write only sockets), stack, CPU.
     crate::rlimits::apply(&spec.limits).map_err(io(Step::Rlimits))?;
+    mark(Mark::Caps);
     // The seccomp filter binds us as well as the job. Nothing we still do is on its
     // lists (no more mounts or namespaces); its listener goes to the shim.
     let filter = crate::seccomp::program(spec.network);
@@ -158,6 +172,7 @@ fn setup(
     handshake::send(link, &FromInit::Listener, &[listener.as_raw_fd()])
         .map_err(|e| SetupError::io_on(Step::Seccomp, "handing over the listener", &e))?;
     drop(listener);
+    mark(Mark::Seccomp);
     let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let path = spec.env.iter().find(|(k, _)| k == "PATH");
     let exec = sys::PreparedExec::new(
@@ -169,9 +184,13 @@ fn setup(
         &SIGNALS,
     )
     .map_err(io(Step::Command))?;
+    mark(Mark::ExecPrepared);
     // Anything but `Mapped` means the shim gave up on us.
     match handshake::recv::<ToInit>(link, 0) {
-        Ok(Some((ToInit::Mapped, _))) => Ok((exec, leave)),
+        Ok(Some((ToInit::Mapped, _))) => {
+            mark(Mark::MapsWait);
+            Ok((exec, leave))
+        }
         _ => sys::exit_now(1),
     }
 }

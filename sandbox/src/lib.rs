@@ -17,6 +17,8 @@
 //! let events = run.events();      // Receiver<LiveEvent>: OOM kills, refused forks, … as they happen
 //! let outcome: Outcome = run.wait()?;                             // blocking: use spawn_blocking
 //! dir.mark_quiescent();        // every job process is dead and its cgroup removed
+//! // or, sooner: the outcome while the job's pid 1 is still exiting (see `Teardown`):
+//! // let (outcome, teardown) = run.wait_outcome(); dir.mark_quiescent_after(teardown);
 //! // snapshot dir.upper() now, then drop `dir`: the pool wipes it for reuse in the background
 //! ```
 //!
@@ -66,14 +68,15 @@ mod shim; // the per-job supervisor outside the job: clones init, limits, cancel
 mod spec; // what to run and how: SandboxSpec, limits, config
 #[allow(unsafe_code)]
 mod sys; // the only unsafe code: thin syscall wrappers, one file per kernel concept
+pub mod trace; // where a run's time goes: marks of caller, supervisor and pid 1
 mod watch; // the kernel's notifications of enforced limits, and the events' rate limit
 mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
-    CgroupError, CgroupStats, CgroupVersion, JobCgroup, Layout, REQUIRE_ENV as REQUIRE_CGROUP_ENV,
-    StaleCgroups, block_device_of, check_required as check_required_cgroup,
-    discover as discover_cgroups, host_layout as host_cgroup_layout,
-    remove_stale as remove_stale_cgroups,
+    CgroupError, CgroupPool, CgroupPoolStats, CgroupStats, CgroupVersion, JobCgroup, Layout,
+    REQUIRE_ENV as REQUIRE_CGROUP_ENV, StaleCgroups, block_device_of,
+    check_required as check_required_cgroup, discover as discover_cgroups,
+    host_layout as host_cgroup_layout, remove_stale as remove_stale_cgroups,
 };
 pub use event::{LiveEvent, LiveEventKind};
 pub use handshake::{HandshakeError, SetupError, SetupStep, VERSION as HANDSHAKE_VERSION};
@@ -84,7 +87,7 @@ pub use jobdir::{
 pub use netns::{JobNetwork, Listener, Transport};
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
-pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox};
+pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox, Teardown};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use shim::{SHIM_ARG, main as shim_main};
 pub use spec::{
@@ -92,6 +95,7 @@ pub use spec::{
     SandboxConfig, SandboxLimits, SandboxSpec, Scratch,
 };
 pub use sys::c_main_start;
+pub use trace::Timings;
 pub use zygote::{ZYGOTE_ARG, Zygote, main as zygote_main};
 
 /// Errors of [`Sandbox::spawn`] and [`Running::wait`].

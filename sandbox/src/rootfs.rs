@@ -7,6 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::spec::SandboxSpec;
+use crate::trace::{Mark, mark};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
@@ -181,6 +182,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         None,
     )
     .map_err(mount_err("private propagation", Path::new("/")))?;
+    mark(Mark::RootPrivate);
     if let Some(scratch) = &spec.scratch {
         for dir in [&spec.upper, &spec.work] {
             if !dir.starts_with(&scratch.dir) || dir == &scratch.dir {
@@ -201,6 +203,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         for dir in [&spec.upper, &spec.work] {
             sys.mkdir_all(dir).map_err(point_err(dir))?;
         }
+        mark(Mark::Scratch);
     }
     let opts = overlay_options(spec)?;
     sys.mount(
@@ -211,6 +214,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         Some(&opts),
     )
     .map_err(mount_err("overlay", root))?;
+    mark(Mark::Overlay);
 
     let dev = root.join("dev");
     sys.mkdir_all(&dev).map_err(point_err(&dev))?;
@@ -241,6 +245,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         let l = dev.join(link);
         sys.symlink(target, &l).map_err(point_err(&l))?;
     }
+    mark(Mark::Dev);
     let tmp_size = format!("mode=1777,size={}", spec.limits.tmp_bytes);
     let shm = dev.join("shm");
     sys.mount(
@@ -261,6 +266,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         Some(&tmp_size),
     )
     .map_err(mount_err("tmpfs /tmp", &tmp))?;
+    mark(Mark::Tmp);
     // No more nodes may appear in /dev.
     sys.mount(
         None,
@@ -270,6 +276,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         Some("mode=755,size=64k,nr_inodes=64"),
     )
     .map_err(mount_err("read-only /dev", &dev))?;
+    mark(Mark::DevReadOnly);
 
     for (host, target) in &spec.read_only_binds {
         let t = inside(root, target);
@@ -292,6 +299,7 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
         sys.chown(&cwd, spec.identity.host_uid, spec.identity.host_gid)
             .map_err(point_err(&cwd))?;
     }
+    mark(Mark::Binds);
     Ok(())
 }
 
@@ -335,6 +343,7 @@ pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
         None,
     )
     .map_err(mount_err("proc", &proc_dir))?;
+    mark(Mark::Proc);
     let null = root.join("dev/null");
     for name in MASKED_FILES {
         let f = proc_dir.join(name);
@@ -350,6 +359,7 @@ pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
             bind_read_only(sys, &d, &d, proc_flags, "read-only bind")?;
         }
     }
+    mark(Mark::ProcMasked);
     let pts = root.join("dev/pts");
     sys.mount(
         Some(Path::new("devpts")),
@@ -359,11 +369,14 @@ pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
         Some("newinstance,ptmxmode=0666,mode=0620"),
     )
     .map_err(mount_err("devpts", &pts))?;
+    mark(Mark::Devpts);
     sys.pivot_root_here(root)
         .map_err(|source| RootfsError::PivotRoot {
             root: root.to_owned(),
             source,
-        })
+        })?;
+    mark(Mark::Pivot);
+    Ok(())
 }
 
 #[cfg(test)]

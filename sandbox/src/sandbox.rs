@@ -7,7 +7,6 @@ use std::io::{PipeReader, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -22,6 +21,7 @@ use crate::handshake::{
 use crate::outcome::{DeathReason, Exit, Outcome, Usage};
 use crate::shim::{CgroupSetup, JobOutput, SHIM_ARG, Supervisor};
 use crate::spec::{SandboxConfig, SandboxSpec};
+use crate::trace::{self, Mark, Timings};
 
 /// Entry points: [`Sandbox::spawn`] (from any process, e.g. the tokio worker: the
 /// supervisor is a shim process) and [`Sandbox::run`] (a single-threaded caller, the
@@ -39,9 +39,15 @@ pub struct Sandbox;
 pub struct Ended {
     outcome: Option<Outcome>,
     exiting: Option<libc::pid_t>,
+    timings: Timings,
 }
 
 impl Ended {
+    /// The run's timing marks: empty unless [`crate::trace::enable`] was called first.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
     pub fn outcome(&self) -> &Outcome {
         self.outcome
             .as_ref()
@@ -105,6 +111,10 @@ pub struct Running {
     egress: Option<Receiver<OwnedFd>>,
     /// Reads the shim's link: events into the channel as they come, then the report.
     reader: Option<JoinHandle<ShimWords>>,
+    /// Our own timing marks, when the run is traced ([`Sandbox::spawn_traced`]).
+    timings: Option<Timings>,
+    /// Where the cgroup goes back once the job is over, if it came from a pool.
+    cgroup_pool: Option<Arc<crate::CgroupPool>>,
 }
 
 /// How many live events wait for their consumer before new ones are dropped (and
@@ -157,6 +167,8 @@ fn read_shim(
 enum Shim {
     Exec(Child),
     Forked(u32),
+    /// Handed to a [`Teardown`]: nothing left to wait for here.
+    Handed,
 }
 
 impl Shim {
@@ -164,6 +176,7 @@ impl Shim {
         match self {
             Shim::Exec(child) => child.id(),
             Shim::Forked(pid) => *pid,
+            Shim::Handed => 0,
         }
     }
 
@@ -178,7 +191,51 @@ impl Shim {
                 let mut rest = Vec::new();
                 let _ = ctl.read_to_end(&mut rest);
             }
+            Shim::Handed => {}
         }
+    }
+}
+
+/// The end of a run that [`Running::wait_outcome`] does not wait for: the job's pid 1
+/// finishing its exit (every process of the job is dead and its cgroup removed by then),
+/// its namespaces and the overlay mount going away with it, then the shim's exit. Reusing
+/// or unmounting what the root was made of (the job dir) must wait for it:
+/// [`Teardown::wait`], or [`crate::PooledJobDir::mark_quiescent_after`], which waits on
+/// the pool's background thread. Dropping it waits too.
+pub struct Teardown {
+    shim: Shim,
+    ctl: Option<UnixStream>,
+}
+
+impl std::fmt::Debug for Teardown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Teardown")
+            .field("shim", &self.shim.pid())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Teardown {
+    /// Returns once the shim has exited, which it does once pid 1 is gone.
+    pub fn wait(mut self) {
+        self.settle();
+    }
+
+    fn settle(&mut self) {
+        let shim = std::mem::replace(&mut self.shim, Shim::Handed);
+        match (shim, self.ctl.take()) {
+            (mut shim @ (Shim::Exec(_) | Shim::Forked(_)), Some(mut ctl)) => shim.wait(&mut ctl),
+            (Shim::Exec(mut child), None) => {
+                let _ = child.wait();
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 
@@ -198,17 +255,38 @@ impl CancelHandle {
     }
 }
 
-static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-
 impl Sandbox {
     /// Creates the job's cgroup with its limits and starts the shim. The job is running
     /// (or failing to start, which [`Running::wait`] reports) when this returns.
     pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
-        let cg = Self::job_cgroup(config)?;
-        match Self::start(spec, config, &Self::root_mount_point(config), &cg) {
+        Self::spawn_with(spec, config, None)
+    }
+
+    /// [`Sandbox::spawn`], taking timing marks here, in the shim and in the job's pid 1:
+    /// [`Running::wait_timed`] returns them.
+    pub fn spawn_traced(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
+        let mut timings = Timings::default();
+        timings.mark(Mark::Start);
+        Self::spawn_with(spec, config, Some(timings))
+    }
+
+    fn spawn_with(
+        spec: &SandboxSpec,
+        config: &SandboxConfig,
+        mut timings: Option<Timings>,
+    ) -> Result<Running, Error> {
+        let cg = Self::spawn_cgroup(config)?;
+        if let Some(t) = timings.as_mut() {
+            t.mark(Mark::CallerCgroupMade);
+        }
+        match Self::start(spec, config, &Self::root_mount_point(config), &cg, timings) {
             Ok(running) => Ok(running),
             Err(err) => {
-                let _ = cg.destroy();
+                // Nothing ran: the shim never got the request, or exited without it.
+                match &config.cgroup_pool {
+                    Some(pool) => pool.give_back(cg),
+                    None => drop(cg.destroy()),
+                }
                 Err(err)
             }
         }
@@ -288,7 +366,9 @@ impl Sandbox {
             let mut create = || {
                 let made_now = Self::job_cgroup(config).and_then(|cg| {
                     made = Some(cg.clone());
+                    trace::mark(Mark::CgroupMade);
                     cg.version().apply(&crate::cgroup::limits_for(spec))?;
+                    trace::mark(Mark::CgroupLimits);
                     Ok(cg)
                 });
                 made_now.map_err(|err| {
@@ -314,7 +394,13 @@ impl Sandbox {
         })();
         // The cgroup is read and removed while pid 1 may still be exiting (it has left the
         // cgroup then, and every process of the job is dead).
-        let ended = made.map(|cg| (cg.version().stats(), cg.destroy()));
+        let ended = made.map(|cg| {
+            let stats = cg.version().stats();
+            trace::mark(Mark::CountersRead);
+            let destroyed = cg.destroy();
+            trace::mark(Mark::CgroupRemoved);
+            (stats, destroyed)
+        });
         let (report, exiting) = match report {
             Ok(supervised) => {
                 let (report, exiting) = supervised.into_parts();
@@ -326,6 +412,7 @@ impl Sandbox {
         let mut done = Ended {
             outcome: None,
             exiting,
+            timings: trace::take(),
         };
         if let Some(err) = failed {
             return Err(err);
@@ -354,18 +441,24 @@ impl Sandbox {
         config.run_dir.join("root")
     }
 
+    /// A fresh job cgroup for [`Sandbox::spawn`]: from the config's pool when it has one.
+    fn spawn_cgroup(config: &SandboxConfig) -> Result<JobCgroup, Error> {
+        match &config.cgroup_pool {
+            Some(pool) => Ok(pool.take()?),
+            None => Self::job_cgroup(config),
+        }
+    }
+
     /// A fresh, uniquely named job cgroup.
     fn job_cgroup(config: &SandboxConfig) -> Result<JobCgroup, Error> {
         let mountinfo = match &config.mountinfo {
             Some(m) => m.clone(),
             None => crate::mountinfo::read_own().map_err(|source| Error::Mountinfo { source })?,
         };
+        trace::mark(Mark::MountinfoRead);
         let layout = cgroup::discover_required(&mountinfo)?;
-        let name = format!(
-            "job-{}-{}",
-            std::process::id(),
-            SEQUENCE.fetch_add(1, Ordering::Relaxed)
-        );
+        trace::mark(Mark::CgroupFound);
+        let name = cgroup::job_cgroup_name();
         Ok(JobCgroup::create(&layout, &config.cgroup_parent, &name)?)
     }
 
@@ -374,10 +467,25 @@ impl Sandbox {
         config: &SandboxConfig,
         root: &std::path::Path,
         cg: &JobCgroup,
+        mut timings: Option<Timings>,
     ) -> Result<Running, Error> {
         cg.version().apply(&crate::cgroup::limits_for(spec))?;
+        if let Some(t) = timings.as_mut() {
+            t.mark(Mark::CallerCgroupLimits);
+        }
         let (ours, theirs) =
             UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
+        // The request goes into the socket before the shim exists, so the shim finds it
+        // waiting as it starts instead of the zygote's answer and our write taking turns
+        // with it. What does not fit in the socket's buffer follows once the shim runs.
+        let request = handshake::encode(&ToShim::Request(Box::new(Request {
+            spec: spec.clone(),
+            cgroup: cg.clone(),
+            root: root.to_owned(),
+            trace: timings.is_some(),
+        })));
+        let sent =
+            early_write(&ours, &request).map_err(|source| Error::ControlSocket { source })?;
         let spawn_err = |source| Error::SpawnShim {
             path: config.helper_exe.clone(),
             source,
@@ -418,6 +526,9 @@ impl Sandbox {
                 )
             }
         };
+        if let Some(t) = timings.as_mut() {
+            t.mark(Mark::ShimForked);
+        }
         let cancel_side = ours
             .try_clone()
             .map_err(|source| Error::ControlSocket { source })?;
@@ -439,13 +550,10 @@ impl Sandbox {
             events: Some(events_rx),
             egress: Some(egress_rx),
             reader: None,
+            timings: None,
+            cgroup_pool: config.cgroup_pool.clone(),
         };
-        let request = ToShim::Request(Box::new(Request {
-            spec: spec.clone(),
-            cgroup: cg.clone(),
-            root: root.to_owned(),
-        }));
-        if let Err(source) = handshake::write(&mut running.ctl, &request) {
+        if let Err(source) = std::io::Write::write_all(&mut running.ctl, &request[sent..]) {
             // Dropping the control socket ends the shim; the caller removes the cgroup.
             running.waited = true;
             running.cancel.cancel(Duration::ZERO);
@@ -459,6 +567,10 @@ impl Sandbox {
             Ok(handle) => running.reader = Some(handle),
             Err(source) => return Err(Error::ControlSocket { source }),
         }
+        running.timings = timings.map(|mut t| {
+            t.mark(Mark::RequestSent);
+            t
+        });
         Ok(running)
     }
 }
@@ -511,17 +623,82 @@ impl Running {
 
     /// Waits for the job to end. When this returns (even with an error) every process of
     /// the job is dead and its cgroup has been removed.
-    pub fn wait(mut self) -> Result<Outcome, Error> {
+    pub fn wait(self) -> Result<Outcome, Error> {
+        self.wait_timed().map(|(outcome, _)| outcome)
+    }
+
+    /// [`Running::wait`], with the run's timing marks: the caller's, the shim's and pid 1's
+    /// for a run started with [`Sandbox::spawn_traced`], none otherwise.
+    pub fn wait_timed(self) -> Result<(Outcome, Timings), Error> {
+        let (result, teardown) = self.wait_early();
+        teardown.wait();
+        result
+    }
+
+    /// Waits for the job to end, as [`Running::wait`], but returns as soon as every
+    /// process of the job is dead and its cgroup read and removed, while the job's pid 1
+    /// may still be exiting: the [`Teardown`] waits for that (before the job dir is
+    /// reused). The namespaces' teardown (an RCU grace period or more for the mounts)
+    /// leaves the job's critical path.
+    pub fn wait_outcome(self) -> (Result<Outcome, Error>, Teardown) {
+        let (result, teardown) = self.wait_early();
+        (result.map(|(outcome, _)| outcome), teardown)
+    }
+
+    /// [`Running::wait_outcome`] with the timing marks (see [`Running::wait_timed`]).
+    pub fn wait_outcome_timed(self) -> (Result<(Outcome, Timings), Error>, Teardown) {
+        self.wait_early()
+    }
+
+    fn wait_early(mut self) -> (Result<(Outcome, Timings), Error>, Teardown) {
+        let result = self.collect();
+        let shim = std::mem::replace(&mut self.shim, Shim::Handed);
+        let ctl = self.ctl.try_clone().ok();
+        let mut teardown = Teardown { shim, ctl };
+        if teardown.ctl.is_none() {
+            // No way to hear of the shim's end later: wait for it now.
+            teardown.settle();
+        }
+        (result, teardown)
+    }
+
+    /// The report, then the cgroup's counters, then its removal (the shim reports once
+    /// pid 1 has left the cgroup, or once pid 1 is gone).
+    fn collect(&mut self) -> Result<(Outcome, Timings), Error> {
         self.waited = true;
+        let mut timings = self.timings.take();
+        let mut at = |mark| {
+            if let Some(t) = timings.as_mut() {
+                t.mark(mark);
+            }
+        };
         let words = self.stop_reading();
-        self.shim.wait(&mut self.ctl);
+        at(Mark::ReportReceived);
+        if !matches!(words.report, Ok(Some(_))) {
+            // No report: the shim died (its pid 1 with it: parent death signal) or speaks
+            // nonsense; as before any report, wait for its end, then destroy kills what
+            // is left in the cgroup.
+            self.shim.wait(&mut self.ctl);
+            at(Mark::ShimGone);
+        }
         let stats = self.cgroup.version().stats();
-        self.cgroup.destroy()?;
+        at(Mark::CountersRead);
+        match (&self.cgroup_pool, &words.report) {
+            // Every process of the job is dead (pid 1 reported so, and has left the cgroup
+            // or is gone): the pool removes the cgroup in the background.
+            (Some(pool), Ok(Some(_))) => pool.give_back(self.cgroup.clone()),
+            _ => self.cgroup.destroy()?,
+        }
+        at(Mark::CgroupRemoved);
+        let mut timings = timings.unwrap_or_default();
         match words.report {
-            Ok(Some(report)) => finish(report, stats).map(|mut outcome| {
-                outcome.events_dropped += words.dropped;
-                outcome
-            }),
+            Ok(Some(mut report)) => {
+                timings.extend(std::mem::take(&mut report.timings));
+                finish(report, stats).map(|mut outcome| {
+                    outcome.events_dropped += words.dropped;
+                    (outcome, timings)
+                })
+            }
             Ok(None) => Err(Error::ShimDied),
             Err(HandshakeError::Io(source)) => Err(Error::ControlSocket { source }),
             Err(err) => Err(Error::Handshake(err)),
@@ -540,6 +717,29 @@ impl Running {
             },
         }
     }
+}
+
+/// Writes what `ctl` takes of `bytes` without blocking; how much that was.
+fn early_write(ctl: &UnixStream, bytes: &[u8]) -> std::io::Result<usize> {
+    use std::io::Write;
+    ctl.set_nonblocking(true)?;
+    let mut sent = 0;
+    let result = loop {
+        match (&*ctl).write(&bytes[sent..]) {
+            Ok(0) => break Ok(sent),
+            Ok(n) => {
+                sent += n;
+                if sent == bytes.len() {
+                    break Ok(sent);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(sent),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    ctl.set_nonblocking(false)?;
+    result
 }
 
 /// Signals that cancel a job supervised by [`Sandbox::run`].

@@ -23,6 +23,7 @@ use crate::handshake::{
 use crate::outcome::Exit;
 use crate::spec::SandboxSpec;
 use crate::sys::{self, Forked};
+use crate::trace::{Mark, mark};
 use crate::watch::{Gauges, Throttle, Watch, enforced_event};
 
 /// The first argument that selects the shim in the `corral-worker` binary.
@@ -40,37 +41,55 @@ pub fn main() -> ! {
     };
     let mut frames = Frames::default();
     let mut outbox = Outbox::new(ctl.as_raw_fd());
-    // The worker hears only once pid 1 is gone, mounts and all: it reuses the job dir next.
-    let mut report = match frames.read::<ToShim>(&mut &ctl) {
-        Ok(Some(ToShim::Request(req))) => supervise(
-            &req.spec,
-            &req.root,
-            CgroupSetup::Ready(&req.cgroup),
-            Supervisor {
-                ctl: Some((&ctl, frames)),
-                signals: None,
-                job_output: JobOutput::OwnPipes,
-                events: &mut |event| outbox.push(&FromShim::Event(event)),
-                // Sent before the job starts, so before any event: nothing is pending in
-                // the outbox and the frame goes out whole, with its descriptor.
-                egress: &mut |listener| {
-                    let frame = handshake::encode(&FromShim::Egress);
-                    let _ = sys::send_fds(ctl.as_raw_fd(), &frame, &[listener.as_raw_fd()]);
+    // The report goes out as soon as every process of the job is dead and pid 1 is out of
+    // the job's cgroup; pid 1 may still be exiting then, its namespaces and the overlay
+    // going away with it. We exit once it is gone, and that end of the control stream is
+    // what tells the worker it may reuse the job dir (see `Teardown`).
+    let (mut report, exiting) = match frames.read::<ToShim>(&mut &ctl) {
+        Ok(Some(ToShim::Request(req))) => {
+            if req.trace && crate::trace::enable() {
+                crate::trace::mark(Mark::RequestRead);
+            }
+            supervise(
+                &req.spec,
+                &req.root,
+                CgroupSetup::Ready(&req.cgroup),
+                Supervisor {
+                    ctl: Some((&ctl, frames)),
+                    signals: None,
+                    job_output: JobOutput::OwnPipes,
+                    events: &mut |event| outbox.push(&FromShim::Event(event)),
+                    // Sent before the job starts, so before any event: nothing is pending in
+                    // the outbox and the frame goes out whole, with its descriptor.
+                    egress: &mut |listener| {
+                        let frame = handshake::encode(&FromShim::Egress);
+                        let _ = sys::send_fds(ctl.as_raw_fd(), &frame, &[listener.as_raw_fd()]);
+                    },
                 },
-            },
-        )
-        .finish(),
+            )
+            .into_parts()
+        }
         // The worker went away before asking anything.
         Ok(None) => sys::exit_now(0),
-        Ok(Some(ToShim::Cancel { .. })) => fail(SetupError::new(
-            SetupStep::Request,
-            "a cancel before the request",
-        )),
-        Err(err) => fail(SetupError::new(SetupStep::Request, err.to_string())),
+        Ok(Some(ToShim::Cancel { .. })) => (
+            fail(SetupError::new(
+                SetupStep::Request,
+                "a cancel before the request",
+            )),
+            None,
+        ),
+        Err(err) => (
+            fail(SetupError::new(SetupStep::Request, err.to_string())),
+            None,
+        ),
     };
     report.events_dropped = outbox.dropped;
+    report.timings = crate::trace::take();
     let _ = outbox.flush(&ctl);
     let _ = handshake::write(&mut &ctl, &FromShim::Report(Box::new(report)));
+    if let Some(pid) = exiting {
+        let _ = sys::wait4(pid, 0);
+    }
     sys::exit_now(0)
 }
 
@@ -176,15 +195,6 @@ pub(crate) struct Supervised {
 }
 
 impl Supervised {
-    /// Waits until pid 1 is gone, its namespaces and mounts with it.
-    pub fn finish(self) -> Report {
-        let (report, exiting) = self.into_parts();
-        if let Some(pid) = exiting {
-            let _ = sys::wait4(pid, 0);
-        }
-        report
-    }
-
     /// The report, and pid 1 if it may still be exiting (the caller must wait for it).
     pub fn into_parts(self) -> (Report, Option<libc::pid_t>) {
         (self.report, self.exiting)
@@ -217,6 +227,7 @@ pub(crate) fn supervise(
     if spec.argv.is_empty() {
         return fail(SetupError::new(SetupStep::Command, "empty argv")).into();
     }
+    mark(Mark::Prepared);
     if let Err(e) = sys::clear_supplementary_groups() {
         return fail(SetupError::io(SetupStep::Groups, &e)).into();
     }
@@ -231,6 +242,7 @@ pub(crate) fn supervise(
         ))
         .into();
     }
+    mark(Mark::GroupsCleared);
     run_job(spec, root, cgroup, sup, started)
 }
 
@@ -275,8 +287,10 @@ fn run_job(
         }
     };
     let our_cpu = sys::current_cpu();
+    mark(Mark::LinkMade);
     let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
         Ok(Forked::Child) => {
+            mark(Mark::InitStarted);
             move_off(0, our_cpu);
             drop(link);
             if let Ok(null) = std::fs::File::open("/dev/null") {
@@ -291,6 +305,7 @@ fn run_job(
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return fail(SetupError::io(SetupStep::Clone, &e)).into(),
     };
+    mark(Mark::Cloned);
     move_off(pid, sys::current_cpu());
     drop(init_link);
     if let JobOutput::OwnPipes = job_output
@@ -299,6 +314,7 @@ fn run_job(
         let _ = sys::dup2(null.as_raw_fd(), 1);
         let _ = sys::dup2(null.as_raw_fd(), 2);
     }
+    mark(Mark::Placed);
     // The cgroup is made (when it is ours to make) and entered while pid 1 builds the root.
     // Moving another process into a cgroup waits for an RCU grace period, so on v1 pid 1
     // moves itself (cheaply) once it has the list of files; on v2 we move it. Pid 1 forks
@@ -310,6 +326,7 @@ fn run_job(
     let placed = cgroup
         .and_then(|cg| place(cg.version(), pid, link.as_raw_fd()).map(|()| cg))
         .and_then(|cg| {
+            mark(Mark::CgroupSent);
             // Pid 1 builds the root, then asks for its identity mapping.
             match handshake::recv::<FromInit>(link.as_raw_fd(), 1) {
                 Ok(Some((FromInit::Unshared, fds))) => fds.into_iter().for_each(&mut *egress),
@@ -323,10 +340,13 @@ fn run_job(
                 }
                 Err(e) => return Err(SetupError::new(SetupStep::Link, e.to_string())),
             }
+            mark(Mark::InitUnshared);
             crate::namespaces::write_id_maps(pid, &spec.identity)
                 .map_err(|e| SetupError::io(SetupStep::IdMaps, &e))?;
+            mark(Mark::IdMaps);
             handshake::send(link.as_raw_fd(), &ToInit::Mapped, &[])
                 .map_err(|e| SetupError::io(SetupStep::Link, &e))?;
+            mark(Mark::MappedSent);
             Ok(cg)
         });
     let cgroup = match placed {
@@ -355,6 +375,7 @@ fn run_job(
             return fail(SetupError::io(SetupStep::Pidfd, &e)).into();
         }
     };
+    mark(Mark::Watching);
     let wall_deadline = started + spec.limits.wall;
     let mut kill_deadline: Option<Instant> = None;
     let mut listener: Option<OwnedFd> = None;
@@ -509,6 +530,7 @@ fn run_job(
         }
     }
     report.wall = started.elapsed();
+    mark(Mark::StatusReceived);
     // What was held back goes now: the consumer sees the last totals before the report.
     for held in throttle.due(None) {
         events(held);
@@ -541,6 +563,7 @@ fn run_job(
             report.exit = reaped.map(|r| decode_status(r.status));
         }
     }
+    mark(Mark::InitDone);
     Supervised {
         report,
         exiting: left.then_some(pid),

@@ -170,6 +170,10 @@ pub struct SandboxConfig {
     /// Fork shims from this zygote (started on first use) instead of exec'ing
     /// `helper_exe` for every job.
     pub zygote: Option<std::sync::Arc<crate::Zygote>>,
+    /// Take job cgroups from this pool (made ahead, removed in the background) instead of
+    /// making and removing each on the job's critical path ([`crate::Sandbox::spawn`]
+    /// only). It must make them under [`SandboxConfig::cgroup_parent`].
+    pub cgroup_pool: Option<std::sync::Arc<crate::CgroupPool>>,
 }
 
 impl SandboxConfig {
@@ -181,6 +185,7 @@ impl SandboxConfig {
             run_dir: PathBuf::from("/run/corral"),
             mountinfo: None,
             zygote: None,
+            cgroup_pool: None,
         })
     }
 }

@@ -124,6 +124,9 @@ pub enum Command {
     /// Run an image from the store as an app server in the sandbox, with one published
     /// port, until SIGINT/SIGTERM (or it ends for good).
     Run(Box<RunArgs>),
+    /// The in-worker sandbox start benchmark (`scripts/bench-sandbox` runs it).
+    #[command(hide = true)]
+    BenchSandbox(Box<crate::cmd::bench_sandbox::BenchSandboxArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -593,6 +596,10 @@ pub struct SandboxArgs {
     /// syscalls, network attempts) as JSON lines, as it happens, to FILE (`-`: stderr).
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
+    /// Print where the run's time went on stderr once it ends: each phase of this
+    /// process, the supervisor and the job's pid 1, with its duration.
+    #[arg(long)]
+    pub trace_timings: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -632,6 +639,7 @@ impl SandboxArgs {
             egress: Vec::new(),
             quiet: false,
             events: None,
+            trace_timings: false,
             command: Vec::new(),
         };
         let mut seen = std::collections::BTreeSet::new();
@@ -649,11 +657,15 @@ impl SandboxArgs {
                 Some((name, value)) => (name, Some(value)),
                 None => (flag, None),
             };
-            if name == "quiet" && inline.is_none() {
-                if parsed.quiet {
+            if inline.is_none() && matches!(name, "quiet" | "trace-timings") {
+                let flag = match name {
+                    "quiet" => &mut parsed.quiet,
+                    _ => &mut parsed.trace_timings,
+                };
+                if *flag {
                     return None; // clap refuses a repeated flag
                 }
-                parsed.quiet = true;
+                *flag = true;
                 continue;
             }
             let value = match inline {
@@ -843,6 +855,14 @@ mod tests {
     fn plain_sandbox_arguments_parse_as_clap_parses_them() {
         let answered = [
             &["--rootfs", "/r", "--quiet", "--", "/bin/true"][..],
+            &[
+                "--rootfs",
+                "/r",
+                "--trace-timings",
+                "--quiet",
+                "--",
+                "/bin/true",
+            ],
             &["--rootfs", "/r", "--", "sh", "-c", "echo --memory"],
             &[
                 "--rootfs=/r",
@@ -905,6 +925,14 @@ mod tests {
             &["--rootfs", "/r", "--rootfs", "/s", "--", "x"],
             &["--rootfs", "/r", "--quiet", "--quiet", "--", "x"],
             &["--rootfs", "/r", "--quiet=true", "--", "x"],
+            &[
+                "--rootfs",
+                "/r",
+                "--trace-timings",
+                "--trace-timings",
+                "--",
+                "x",
+            ],
             &["--rootfs", "/r", "--memory", "lots", "--", "x"],
             &["--rootfs", "/r", "--pids", "-1", "--", "x"],
             &["--rootfs", "/r", "--uid", "4294967296", "--", "x"],

@@ -33,6 +33,8 @@ extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
 }
 
 fn run() -> u8 {
+    // For `corral sandbox --trace-timings`: the first mark, before the arguments are read.
+    let started = corral_sandbox::trace::now();
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| "corral".into());
     if args.next().as_deref() == Some(OsStr::new(SandboxCli::COMMAND)) {
@@ -40,7 +42,7 @@ fn run() -> u8 {
         let rest: Vec<_> = args.collect();
         let parsed = SandboxArgs::parse_plain(&rest)
             .unwrap_or_else(|| SandboxCli::parse_from(std::env::args_os().skip(1)).args);
-        return exit::code(cmd::sandbox::run(parsed));
+        return exit::code(cmd::sandbox::run_timed(parsed, Some(started)));
     }
     // `current_exe` resolves symlinks: the worker binary sits beside the real file.
     let worker = match std::env::current_exe() {

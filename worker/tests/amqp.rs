@@ -53,13 +53,15 @@ fn broker_lock(exclusive: bool) -> std::fs::File {
     file
 }
 
-fn rabbitmqctl(args: &[&str]) {
+/// Runs `rabbitmqctl ARGS`, which must succeed; its stdout.
+fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl").args(args).output().unwrap();
     assert!(
         out.status.success(),
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `start_app` can fail while the old listener socket is still closing: retry.
@@ -1170,5 +1172,236 @@ async fn a_deleted_job_queue_is_redeclared_and_consumed_again() {
     let results = env.results(&["after".into()]).await;
     assert_eq!(results["after"][0].status, Status::Succeeded);
     env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+/// The consumer tags on `queue`, as `rabbitmqctl list_consumers` prints them.
+fn consumer_tags(queue: &str) -> Vec<String> {
+    rabbitmqctl(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "consumer_tag",
+    ])
+    .lines()
+    .filter_map(|line| line.split_once('\t'))
+    .filter(|(q, _)| *q == queue)
+    .map(|(_, tag)| tag.trim().to_string())
+    .collect()
+}
+
+/// A quorum queue whose leader died can count deliveries that never arrived as held by a
+/// consumer until its channel closes; an idle worker therefore consumes afresh on a new
+/// channel every `consumer_refresh`. This checks what a producer can see of that: the tag
+/// moves on while the worker is idle, the worker never holds more jobs than its slots
+/// (refreshing every second while jobs come and go), and every job gets its one outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_worker_consumes_afresh_but_never_while_it_holds_jobs() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    if !have_rabbitmqctl() {
+        return;
+    }
+    env.worker(&["--consumer-refresh", "1s"], &[]);
+    let queue = env.names.jobs_queue.clone();
+    let dead = env.names.dead_unanswered();
+    let wait_on = |queue: &str, what: &str, ok: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let tags = consumer_tags(queue);
+            if ok(&tags) {
+                return tags;
+            }
+            assert!(Instant::now() < deadline, "{what}: consumers {tags:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let wait_for = |what: &str, ok: &dyn Fn(&[String]) -> bool| wait_on(&queue, what, ok);
+    let first = wait_for("the worker consuming", &|t| t.len() == 1);
+    let idle = wait_for("a fresh consumer while idle", &|t| {
+        t.len() == 1 && t[0] != first[0]
+    });
+    assert!(
+        idle[0].starts_with(&format!("{}-w0.", env.prefix)),
+        "{idle:?}"
+    );
+    // The consumer of what the broker dead-lettered unanswered too.
+    let first_dead = wait_on(&dead, "the worker consuming dead letters", &|t| {
+        t.len() == 1
+    });
+    wait_on(&dead, "a fresh dead-letter consumer", &|t| {
+        t.len() == 1 && t[0] != first_dead[0]
+    });
+
+    // Three jobs for two slots, and a refresh every second: never more than two may run at
+    // once (a consumer made while another still held deliveries would get prefetch credit
+    // of its own). Jobs run as plain processes here, so each counts the running ones.
+    let running = env.log_dir.path().join("running");
+    std::fs::create_dir(&running).unwrap();
+    let counts = env.log_dir.path().join("counts");
+    let script = format!(
+        "touch {r}/$$; ls {r} | wc -l >> {c}; sleep 3; rm {r}/$$",
+        r = running.display(),
+        c = counts.display()
+    );
+    let ids = ids("held", 3);
+    for id in &ids {
+        env.submit(&env.job(id, &script, json!({}))).await;
+    }
+    let results = env.results(&ids).await;
+    let most = std::fs::read_to_string(&counts)
+        .unwrap()
+        .lines()
+        .map(|n| n.trim().parse::<u32>().unwrap())
+        .max();
+    assert_eq!(
+        most,
+        Some(2),
+        "most jobs running at once (two slots); worker log:\n{}",
+        env.worker_log(0)
+    );
+    one_outcome_each(&results);
+    for id in &ids {
+        assert_eq!(results[id][0].status, Status::Succeeded, "{id}");
+    }
+    let holding = consumer_tags(&queue);
+    wait_for("a fresh consumer once idle again", &|t| {
+        t.len() == 1 && t[0] != holding[0]
+    });
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
+/// The publisher connections named `name`, as `rabbitmqctl list_connections` sees them:
+/// each one's name (its client address) and its number of open channels.
+fn publisher_connections(name: &str) -> Vec<(String, u32)> {
+    rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "channels",
+        "client_properties",
+    ])
+    .lines()
+    .filter(|line| line.contains(name))
+    .filter_map(|line| {
+        let mut cols = line.split('\t');
+        let conn = cols.next()?.to_owned();
+        let channels = cols.next()?.trim().parse().ok()?;
+        Some((conn, channels))
+    })
+    .collect()
+}
+
+/// Polls `publisher_connections(name)` until `ok` holds of it, within [`PATIENCE`].
+async fn wait_for_connections(
+    name: &str,
+    what: &str,
+    ok: impl Fn(&[(String, u32)]) -> bool,
+) -> Vec<(String, u32)> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = publisher_connections(name);
+        if ok(&now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}: connections {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A publish the broker nacks is never tried again on its channel, and nacks in a row move
+/// the publisher to a new connection; once the broker takes messages again, the next
+/// publish goes through. (Here the nack comes from a full `reject-publish` queue. In the
+/// fleet test RabbitMQ 3.10 nacked every result published on channels opened while a
+/// quorum queue elected a new leader, for minutes, until those channels closed.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_nacked_publish_gets_a_fresh_channel_and_nacks_in_a_row_a_fresh_connection() {
+    use corral_worker::amqp::{Node, Nodes, PublishError, Publisher};
+    use std::sync::Arc;
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    let queue = format!("{}.full", env.prefix);
+    let (conn, ch) = connect().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    let fill = ch
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"fill",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(fill.is_ack());
+
+    let name = format!("corral-test-publisher-{}", env.prefix);
+    let node = Node {
+        uri: url().parse().unwrap(),
+        name: "test broker".into(),
+    };
+    let publisher = Publisher::new(
+        Arc::new(Nodes::new(vec![node])),
+        name.clone(),
+        Duration::from_secs(5),
+    );
+    let publish = || {
+        publisher.publish(
+            "",
+            &queue,
+            b"job result",
+            BasicProperties::default().with_message_id("r".into()),
+        )
+    };
+    let nacked = |r: Result<(), PublishError>| matches!(r, Err(PublishError::Nacked { .. }));
+    assert!(nacked(publish().await), "the full queue's nack");
+    // The connection keeps its pipelined channel only: the nacked one is closed.
+    let first = wait_for_connections(&name, "the nacked channel closed", |c| {
+        c.len() == 1 && c[0].1 == 1
+    })
+    .await;
+    assert!(nacked(publish().await), "the second nack");
+    assert!(nacked(publish().await), "the third nack");
+    wait_for_connections(&name, "the connection of 3 nacks in a row closed", |c| {
+        c.iter().all(|(conn, _)| *conn != first[0].0)
+    })
+    .await;
+
+    ch.queue_purge(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    publish().await.expect("published once the queue has room");
+    let now = publisher_connections(&name);
+    assert!(
+        now.len() == 1 && now[0].0 != first[0].0,
+        "a new connection took it: {now:?} (first {first:?})"
+    );
+    let got = ch
+        .basic_get(queue.as_str().into(), BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("the published message");
+    assert_eq!(got.delivery.data, b"job result");
+
+    publisher.close().await;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "".into()).await;
     env.cleanup().await;
 }

@@ -414,6 +414,12 @@ fn every_key(secret: &Path) -> Vec<(&'static str, String, String, String)> {
         ("amqp.reconnect_max_seconds", s("45"), s("45"), none.clone()),
         ("amqp.blocked_wait_seconds", s("60"), s("60"), none.clone()),
         (
+            "amqp.consumer_refresh_seconds",
+            s("20"),
+            s("20"),
+            none.clone(),
+        ),
+        (
             "amqp.cancel_memory_seconds",
             s("600"),
             s("600"),
@@ -549,6 +555,12 @@ fn every_flag_reaches_its_key() {
             "amqp.cancel_memory_seconds",
             "600",
         ),
+        (
+            "--consumer-refresh",
+            "20s",
+            "amqp.consumer_refresh_seconds",
+            "20",
+        ),
         ("--backoff-max", "45", "amqp.reconnect_max_seconds", "45"),
         (
             "--metrics-listen",
@@ -573,6 +585,12 @@ fn every_flag_reaches_its_key() {
     let help = stdout(&out);
     let mut offered = BTreeSet::new();
     for line in help.lines() {
+        // Flags start within the option column; a wrapped description line is indented
+        // far deeper, and may begin with a `--` of its own text.
+        let indent = line.len() - line.trim_start().len();
+        if indent > 6 {
+            continue;
+        }
         let line = line.trim_start();
         // `-v, --verbose`: the long name after a short one.
         let line = match line.get(..4) {

@@ -72,10 +72,7 @@ struct Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if let Some(mut child) = self.collector.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Before the collector goes: its channel's unacked count is part of the picture.
         let keep = std::thread::panicking();
         if keep
             && let Ok(out) = Command::new(repo().join("scripts/cluster"))
@@ -87,6 +84,10 @@ impl Drop for Fleet {
                 "fleet: queues at the failure:\n{}",
                 String::from_utf8_lossy(&out.stdout)
             );
+        }
+        if let Some(mut child) = self.collector.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         let _ = Command::new(repo().join("scripts/cluster"))
             .arg("down")
@@ -119,25 +120,82 @@ fn seen(out: &Path) -> Vec<Seen> {
         .collect()
 }
 
-fn distinct_jobs(out: &Path) -> usize {
+fn jobs_with_results(out: &Path) -> BTreeSet<String> {
     seen(out)
         .iter()
         .map(|s| s.result["job_id"].as_str().unwrap().to_owned())
-        .collect::<BTreeSet<_>>()
-        .len()
+        .collect()
 }
 
-/// Waits until `count` jobs have results, bounded: the fleet made progress.
-fn done_by(out: &Path, count: usize, what: &str) {
+/// Waits until every job of `expected` has a result, bounded: the fleet made progress.
+/// A failure names the jobs still without one and shows what the workers' logs (under
+/// `cluster`) say of them, with each worker's last warnings: CI keeps no files.
+fn done_by(out: &Path, cluster: &Path, expected: &[Value], what: &str) {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while distinct_jobs(out) < count {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: no progress past {} of {count} results",
-            distinct_jobs(out)
-        );
+    loop {
+        let done = jobs_with_results(out);
+        let missing: Vec<&str> = expected
+            .iter()
+            .map(|j| j["job_id"].as_str().unwrap())
+            .filter(|id| !done.contains(*id))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let shown = &missing[..missing.len().min(20)];
+            panic!(
+                "{what}: no progress past {} of {} results; still without one: {shown:?}\n{}",
+                expected.len() - missing.len(),
+                expected.len(),
+                worker_log_excerpts(cluster, &shown[..shown.len().min(4)])
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Each worker's log lines that name one of `jobs` (a job id as a whole word), and its
+/// last warnings and errors.
+fn worker_log_excerpts(cluster: &Path, jobs: &[&str]) -> String {
+    let names_one = |line: &str| {
+        jobs.iter().any(|id| {
+            line.match_indices(id).any(|(at, _)| {
+                let after = line[at + id.len()..].chars().next();
+                !after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
+        })
+    };
+    let mut text = String::new();
+    for n in 1.. {
+        let dir = cluster.join(format!("worker{n}"));
+        if !dir.is_dir() {
+            break;
+        }
+        let log = std::fs::read_to_string(dir.join("worker.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let about: Vec<&str> = lines.iter().copied().filter(|l| names_one(l)).collect();
+        let warnings: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        // The first lines say how each job began, the last where it is stuck.
+        let about = if about.len() > 30 {
+            let mut ends = about[..10].to_vec();
+            ends.push("…");
+            ends.extend_from_slice(&about[about.len() - 20..]);
+            ends
+        } else {
+            about
+        };
+        text.push_str(&format!(
+            "-- worker {n}: lines naming {jobs:?}\n{}\n-- worker {n}: last warnings\n{}\n",
+            about.join("\n"),
+            warnings[warnings.len().saturating_sub(15)..].join("\n")
+        ));
+    }
+    text
 }
 
 /// The cgroup directories below a worker's cgroup parent, in every hierarchy: its builds.
@@ -221,19 +279,8 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
     let store = format!("oci+http://{registry}/corral");
 
     // The sources, uploaded once to the shared registry.
-    let push = |bundle: &str| -> String {
-        let out = common::corral()
-            .args(["source", "push", "--store", &store])
-            .arg(repo().join("fixtures/bundles").join(bundle))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let push =
+        |bundle: &str| common::source_push(&repo().join("fixtures/bundles").join(bundle), &store);
     let hello = push("hello");
     let app = push("python-app");
 
@@ -312,7 +359,7 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
     );
     let mut phases: Vec<(String, u64, u64)> = Vec::new();
     let dir_s = dir_text.as_str();
-    done_by(&out, until, "before the faults");
+    done_by(&out, &dir, &jobs[..until], "before the faults");
     let before_faults = now_ms();
 
     let queue = format!("{prefix}.jobs.default");
@@ -328,7 +375,7 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
         let leader = cluster(&["leader", dir_s, &queue]).trim().to_owned();
         eprintln!("fleet: kill -9 of node {leader}, the leader of {queue}");
         cluster(&["node", dir_s, &leader, "kill"]);
-        done_by(&out, until, "with the leader killed");
+        done_by(&out, &dir, &jobs[..until], "with the leader killed");
         cluster(&["node", dir_s, &leader, "start"]);
     });
     phase("worker killed mid-build", &mut |until| {
@@ -340,24 +387,29 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
         }
         eprintln!("fleet: kill -9 of worker 1 while it builds");
         cluster(&["worker", dir_s, "1", "kill"]);
-        done_by(&out, until, "with worker 1 dead");
+        done_by(&out, &dir, &jobs[..until], "with worker 1 dead");
         cluster(&["worker", dir_s, "1", "start"]);
     });
     phase("connections closed", &mut |until| {
         for node in ["1", "2", "3"] {
             cluster(&["close-connections", dir_s, node]);
         }
-        done_by(&out, until, "after the connections were closed");
+        done_by(
+            &out,
+            &dir,
+            &jobs[..until],
+            "after the connections were closed",
+        );
     });
     phase("registry down 10 s", &mut |until| {
         cluster(&["registry", dir_s, "stop"]);
         std::thread::sleep(Duration::from_secs(10));
         cluster(&["registry", dir_s, "start"]);
-        done_by(&out, until, "after the registry's return");
+        done_by(&out, &dir, &jobs[..until], "after the registry's return");
     });
     phase("node 3 partitioned", &mut |until| {
         cluster(&["node", dir_s, "3", "stop_app"]);
-        done_by(&out, until, "with node 3 out");
+        done_by(&out, &dir, &jobs[..until], "with node 3 out");
         cluster(&["node", dir_s, "3", "start_app"]);
     });
     phase("rolling restart", &mut |until| {
@@ -370,7 +422,7 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
             cluster(&["worker", dir_s, &n, "start"]);
         }
         eprintln!("fleet: rolled {workers} workers one at a time");
-        done_by(&out, until, "after the rolling restart");
+        done_by(&out, &dir, &jobs[..until], "after the rolling restart");
     });
     let after_faults = now_ms();
     publish_next(7);
@@ -546,6 +598,23 @@ fn a_fleet_loses_no_job_through_broker_worker_and_registry_faults() {
     eprintln!(
         "fleet: after the faults: {}",
         rate(after_faults, finished_ms)
+    );
+    // What the workers went through that only their logs tell.
+    let logged = |what: &str| -> usize {
+        (1..=workers)
+            .map(|n| {
+                std::fs::read_to_string(dir.join(format!("worker{n}/worker.log")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(what))
+                    .count()
+            })
+            .sum()
+    };
+    eprintln!(
+        "fleet: results nacked {}, publisher connections replaced after nacks {}",
+        logged("refused (nack)"),
+        logged("nacks every publish")
     );
     eprintln!(
         "fleet: orphans: mounts {orphan_mounts}, cgroups {}, upper dirs {}, processes {}",

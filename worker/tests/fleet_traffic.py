@@ -13,7 +13,10 @@ the standard library only (nothing of corral's own code).
         {"at_ms", "redelivered", "delivery_count", "result"}. A message the collector itself
         got twice (its own ack lost in a fault) has the very same bytes and is written once.
         Stops once N distinct jobs have results and nothing came for 5 s, or at the timeout
-        (exit 1). Reconnects to the next node of URLS on any connection failure.
+        (exit 1). Reconnects to the next node of URLS on any connection failure. After 10 s
+        without a message while results are missing it consumes on a fresh connection (it has
+        acked all it got): a quorum queue whose leader died may count deliveries that never
+        reached the consumer as held by it until its channel closes.
 
     fleet_traffic.py verify REGISTRY REPO DIGESTS.txt
         For every manifest digest: the manifest's bytes hash to it, and every blob it names
@@ -87,8 +90,14 @@ def collect(urls, prefix, want, out_file, timeout):
                 conn, node = connect(urls, node)
                 ch = conn.channel()
                 ch.basic_qos(prefetch_count=200)
+                last_msg = time.monotonic()
                 for method, props, body in ch.consume(f"{prefix}.fleet.results", inactivity_timeout=0.5):
+                    if method is None and len(jobs) < want and time.monotonic() - last_msg > 10:
+                        print(f"collector: nothing for 10 s with {len(jobs)} of {want}; consuming afresh", flush=True)
+                        conn.close()
+                        break
                     if method is not None:
+                        last_msg = time.monotonic()
                         digest = hashlib.sha256(body).hexdigest()
                         if digest not in seen_bodies:
                             seen_bodies.add(digest)

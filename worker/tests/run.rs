@@ -348,15 +348,7 @@ fn every_abuse_app_gives_its_expected_outcome() {
         return;
     }
     let _serial = serial();
-    let dir = repo().join("fixtures/apps");
-    let mut names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    names.sort();
-    assert!(names.len() >= 6, "{names:?}");
+    let names = common::json_fixtures("apps", 6);
     let mut failures = Vec::new();
     for path in names {
         let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
@@ -651,14 +643,7 @@ fn every_hostile_layer_is_refused_and_nothing_escapes() {
     let dir = common::scratch();
     let store_url = format!("oci-dir:{}", dir.path().join("store").display());
     let data = dir.path().join("data");
-    let mut names: Vec<_> = std::fs::read_dir(repo().join("fixtures/layers"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    names.sort();
-    assert!(names.len() >= 5, "{names:?}");
+    let names = common::json_fixtures("layers", 5);
     let mut failures = Vec::new();
     for path in names {
         let name = path

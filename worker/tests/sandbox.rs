@@ -1216,3 +1216,79 @@ fn v2_a_process_that_escaped_into_a_child_cgroup_is_killed_and_removed() {
     use std::os::unix::process::ExitStatusExt as _;
     assert_eq!(status.signal(), Some(9), "{status:?}");
 }
+
+/// Job cgroups from a pool (as `corral work` takes them): each job gets a cgroup no process
+/// was ever in, so its counters start at zero whatever the job before did; the early
+/// outcome (`wait_outcome`) comes back with every process dead; the pool removes the used
+/// cgroups and its spares, and the teardown ends with the shim.
+#[test]
+fn pooled_cgroups_are_fresh_for_every_job_and_all_removed() {
+    if !prerequisites() {
+        return;
+    }
+    let _dirs = leaves_nothing("cgpool");
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let base = zygote_config("cgpool");
+    let layout = corral_sandbox::host_cgroup_layout().unwrap();
+    let pool = std::sync::Arc::new(
+        corral_sandbox::CgroupPool::new(layout, &base.cgroup_parent, 2).unwrap(),
+    );
+    let cfg = SandboxConfig {
+        cgroup_pool: Some(pool.clone()),
+        ..base
+    };
+    pool.settle();
+    let mut outcomes = Vec::new();
+    for (round, script) in [
+        // 48 MiB on the job's /tmp (a tmpfs charged to its memory cgroup), 20 processes,
+        // and an OOM kill: everything a later job's counters must not inherit.
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=48 2>/dev/null; \
+         for i in $(seq 20); do sleep 0.2 & done; wait; \
+         python3 -c 'b = bytearray(200 << 20)' ; true",
+        "true",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let job = JobDir::create(jobs.path(), &format!("cgpool-{round}"), 64 << 20).unwrap();
+        let mut spec = simple_spec(&job, 211_040, &["sh", "-c", script]);
+        spec.limits.memory_bytes = Some(128 << 20);
+        let mut running = Sandbox::spawn(&spec, &cfg).unwrap();
+        let out = drain(running.stdout.take());
+        let err = drain(running.stderr.take());
+        let (outcome, teardown) = running.wait_outcome();
+        let outcome = outcome.unwrap();
+        // cgroup v1 kills the biggest process (python) and the script goes on; v2 kills
+        // the whole job (`memory.oom.group`), the script's shell with it.
+        let survived = outcome.exit == Exit::Code(0);
+        let group_killed = round == 0 && outcome.exit == Exit::Signal(9);
+        assert!(
+            survived || group_killed,
+            "round {round}: {outcome:?}: {}",
+            err.join().unwrap()
+        );
+        let _ = out.join();
+        teardown.wait();
+        job.remove().unwrap();
+        outcomes.push(outcome);
+    }
+    let (first, second) = (&outcomes[0], &outcomes[1]);
+    assert!(first.usage.memory_peak >= 48 << 20, "{first:?}");
+    assert!(first.oom_kills >= 1, "{first:?}");
+    assert!(
+        second.usage.memory_peak < 16 << 20,
+        "the second job's peak is its own: {second:?}"
+    );
+    assert_eq!(second.oom_kills, 0, "{second:?}");
+    assert!(second.usage.pids_peak < 10, "{second:?}");
+    assert!(
+        second.usage.cpu_user + second.usage.cpu_system < Duration::from_millis(500),
+        "{second:?}"
+    );
+    pool.settle();
+    assert_eq!(pool.stats().to_remove, 0);
+    assert_eq!(pool.stats().failures, 0);
+    drop(cfg);
+    drop(std::sync::Arc::into_inner(pool).expect("the last holder"));
+    assert_nothing_left("cgpool", 211_040, "cgpool-1");
+}

@@ -345,20 +345,7 @@ fn source_push_packs_a_directory_deterministically() {
         assert!(touched.success());
         dir
     };
-    let push = |dir: &Path| {
-        let out = corral()
-            .args(["source", "push"])
-            .arg(dir)
-            .args(["--store", &store])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let push = |dir: &Path| common::source_push(dir, &store);
     let one = push(&make("one", false, "2001-01-01"));
     let two_dir = make("two", true, "2020-02-02");
     let uid = Command::new("id").arg("-u").output().unwrap().stdout;

@@ -4,6 +4,7 @@
 //! parameter so tests run on fake trees. [`REQUIRE_ENV`] pins the version a host must
 //! offer (CI on a pure-v2 kernel must not pass by quietly running the v1 path).
 
+mod pool;
 mod v1;
 mod v2;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use pool::{CgroupPool, CgroupPoolStats};
 pub use v1::V1;
 pub use v2::V2;
 
@@ -354,6 +356,18 @@ pub struct StaleCgroups {
     pub removed: Vec<String>,
     /// Those that could not be removed, with why.
     pub errors: Vec<CgroupError>,
+}
+
+static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A new job cgroup's name, unique in this process: `job-<pid>-<sequence>` (what
+/// [`remove_stale`] recognises once the process is gone).
+pub(crate) fn job_cgroup_name() -> String {
+    format!(
+        "job-{}-{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// The process that made a job cgroup: its names are `job-<pid>-<sequence>`

@@ -206,17 +206,25 @@ impl CgroupVersion for V1 {
     }
 }
 
+/// A fake v1 hierarchy for tests: one directory per controller in a temp dir, and the
+/// mount table naming them.
+#[cfg(test)]
+pub(super) fn fake_mounts() -> (tempfile::TempDir, BTreeMap<String, PathBuf>) {
+    let t = tempfile::tempdir().unwrap();
+    let mut mounts = BTreeMap::new();
+    for c in ["memory", "pids", "cpu", "cpuacct"] {
+        std::fs::create_dir(t.path().join(c)).unwrap();
+        mounts.insert(c.to_owned(), t.path().join(c));
+    }
+    (t, mounts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn fake() -> (tempfile::TempDir, V1) {
-        let t = tempfile::tempdir().unwrap();
-        let mut mounts = BTreeMap::new();
-        for c in ["memory", "pids", "cpu", "cpuacct"] {
-            std::fs::create_dir(t.path().join(c)).unwrap();
-            mounts.insert(c.to_owned(), t.path().join(c));
-        }
+        let (t, mounts) = fake_mounts();
         let cg = V1::create(&mounts, "corral", "job1").unwrap();
         (t, cg)
     }

@@ -89,6 +89,9 @@ pub(crate) struct Request {
     pub cgroup: JobCgroup,
     /// Empty directory the job's root is mounted on (in init's mount namespace only).
     pub root: PathBuf,
+    /// Take timing marks (see [`crate::trace`]) and send them back in the report.
+    #[serde(default)]
+    pub trace: bool,
 }
 
 /// Which of the shim's own limits ended the job, if any.
@@ -121,6 +124,9 @@ pub(crate) struct Report {
     pub error: Option<SetupError>,
     /// Live events the shim dropped because the worker did not read them in time.
     pub events_dropped: u64,
+    /// The shim's and pid 1's timing marks, when the request asked for them.
+    #[serde(default)]
+    pub timings: crate::trace::Timings,
 }
 
 /// Init's last word on a job that ran.

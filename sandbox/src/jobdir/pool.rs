@@ -143,6 +143,17 @@ impl PooledJobDir {
     pub fn mark_quiescent(&mut self) {
         self.quiescent = true;
     }
+
+    /// [`PooledJobDir::mark_quiescent`] for a job whose pid 1 may still be exiting
+    /// ([`crate::Running::wait_outcome`]): the pool's background thread waits for
+    /// `teardown` (the overlay over this dir gone with pid 1's mount namespace) before it
+    /// wipes or tears the dir down.
+    pub fn mark_quiescent_after(&mut self, teardown: crate::Teardown) {
+        if let Some(slot) = self.slot.as_mut() {
+            slot.teardown = Some(teardown);
+        }
+        self.quiescent = true;
+    }
 }
 
 impl Drop for PooledJobDir {
@@ -161,17 +172,31 @@ const MAX_WIPE_FILES: u64 = 10_000;
 struct Slot {
     dir: JobDir,
     fresh: FsState,
+    /// The end of the last job's pid 1, waited for before the dir is wiped or torn down.
+    teardown: Option<crate::Teardown>,
 }
 
 impl Slot {
     fn make(root: &Path, name: &str, bytes: u64) -> Result<Slot, JobDirError> {
         let dir = JobDir::create(root, name, bytes)?;
         let fresh = dir.state()?;
-        Ok(Slot { dir, fresh })
+        Ok(Slot {
+            dir,
+            fresh,
+            teardown: None,
+        })
+    }
+
+    /// Waits until no overlay of the last job holds the dir any more.
+    fn settle(&mut self) {
+        if let Some(teardown) = self.teardown.take() {
+            teardown.wait();
+        }
     }
 
     /// Wipes the dir; `Err` says why it cannot be reused.
-    fn wipe(&self) -> Result<(), String> {
+    fn wipe(&mut self) -> Result<(), String> {
+        self.settle();
         let files = self
             .dir
             .inodes_since(&self.fresh)
@@ -190,6 +215,7 @@ impl Slot {
     }
 
     fn tear_down(mut self) -> Result<(), JobDirError> {
+        self.settle();
         self.dir.teardown()
     }
 }
@@ -441,7 +467,7 @@ fn background(shared: &Shared) {
         };
         drop(state);
         let done = match work {
-            Work::Wipe { bytes, slot } => match slot.wipe() {
+            Work::Wipe { bytes, mut slot } => match slot.wipe() {
                 Ok(()) => Done::Wiped { bytes, slot },
                 Err(why) => {
                     tracing::info!(slot = %slot.dir.path().display(), why, "job dir not reused");

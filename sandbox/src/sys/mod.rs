@@ -14,6 +14,7 @@ mod ns;
 mod process;
 mod sched;
 mod seccomp;
+mod shared;
 mod signal;
 mod socket;
 
@@ -29,6 +30,7 @@ pub use ns::*;
 pub use process::*;
 pub use sched::*;
 pub use seccomp::*;
+pub use shared::*;
 pub use signal::*;
 pub use socket::*;
 

@@ -25,7 +25,7 @@ pub use control::Flights;
 pub use events::EventQueue;
 pub use logs::LogPump;
 pub use publisher::{Pending, PublishError, Publisher};
-pub use settings::{AmqpSettings, Names, Nodes, parse_duration, redact};
+pub use settings::{AmqpSettings, Names, Node, Nodes, parse_duration, redact};
 pub use topology::declare;
 pub use worker::{Worker, WorkerExit};
 

@@ -69,6 +69,10 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 /// Mandatory publishes in flight at once, each on its own channel.
 const MANDATORY_CHANNELS: usize = 8;
+/// Nacks in a row on one connection after which it is replaced (on the next node).
+const NACKS_BEFORE_RESET: u64 = 3;
+/// How long closing a channel or connection the publisher gives up may take.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// One connection of the publisher and its channels.
 #[derive(Clone)]
@@ -84,6 +88,8 @@ struct Link {
     stream: Arc<Mutex<Channel>>,
     /// Idle channels for mandatory publishes, one publish in flight on each.
     idle: Arc<std::sync::Mutex<Vec<Channel>>>,
+    /// Publishes nacked since the last one the broker took.
+    nacks: Arc<AtomicU64>,
 }
 
 pub struct Publisher {
@@ -118,7 +124,7 @@ impl Publisher {
             return Ok(current.clone());
         }
         if let Some(old) = link.take() {
-            let _ = old.conn.close(320, "replaced".into()).await;
+            let _ = tokio::time::timeout(CLOSE_WAIT, old.conn.close(320, "replaced".into())).await;
         }
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let (i, node) = self.nodes.current();
@@ -139,6 +145,7 @@ impl Publisher {
             conn,
             stream: Arc::new(Mutex::new(stream)),
             idle: Arc::default(),
+            nacks: Arc::default(),
         };
         *link = Some(current.clone());
         Ok(current)
@@ -155,10 +162,31 @@ impl Publisher {
         {
             link.take();
             self.nodes.failed(failed.node);
-            let _ = failed
-                .conn
-                .close(320, "reset after a failed publish".into())
-                .await;
+            // Bounded: a node that stopped answering never sends close-ok.
+            let _ = tokio::time::timeout(
+                CLOSE_WAIT,
+                failed
+                    .conn
+                    .close(320, "reset after a failed publish".into()),
+            )
+            .await;
+        }
+    }
+
+    /// A publish that failed on `link`: the connection is replaced, the error names where
+    /// the message was going.
+    async fn send_failed(
+        &self,
+        link: &Link,
+        source: lapin::Error,
+        exchange: &str,
+        key: &str,
+    ) -> PublishError {
+        self.reset(link).await;
+        PublishError::Send {
+            exchange: exchange.to_owned(),
+            key: key.to_owned(),
+            source,
         }
     }
 
@@ -192,12 +220,7 @@ impl Publisher {
             match tokio::time::timeout(POLL * 4, &mut confirm).await {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(source)) => {
-                    self.reset(link).await;
-                    return Err(PublishError::Send {
-                        exchange: exchange.to_owned(),
-                        key: key.to_owned(),
-                        source,
-                    });
+                    return Err(self.send_failed(link, source, exchange, key).await);
                 }
                 Err(_) if link.conn.status().blocked() => {
                     blocked_wait += POLL * 4;
@@ -261,20 +284,38 @@ impl Publisher {
             {
                 Ok(confirm) => confirm,
                 Err(source) => {
-                    self.reset(&link).await;
-                    return Err(PublishError::Send {
-                        exchange: exchange.to_owned(),
-                        key: key.to_owned(),
-                        source,
-                    });
+                    return Err(self.send_failed(&link, source, exchange, key).await);
                 }
             };
             self.confirmed(&link, confirm, exchange, key).await
         }
         .await?;
-        // Its one publish is settled: the channel can carry the next.
-        link.idle.lock().unwrap_or_else(|e| e.into_inner()).push(ch);
+        if confirmation.is_nack() {
+            // The broker could not take it into a queue through this channel. Seen with
+            // RabbitMQ 3.10: a channel opened while a quorum queue elected its leader had
+            // every later publish to that queue nacked, forever. The next try gets a fresh
+            // channel, and nacks in a row a fresh connection.
+            close_channel(ch);
+            self.nacked(&link).await;
+        } else {
+            link.nacks.store(0, Ordering::Relaxed);
+            // Its one publish is settled: the channel can carry the next.
+            link.idle.lock().unwrap_or_else(|e| e.into_inner()).push(ch);
+        }
         mandatory_outcome(confirmation, exchange, key)
+    }
+
+    /// A publish on `link` was nacked: after [`NACKS_BEFORE_RESET`] in a row the
+    /// connection is replaced, on the next node.
+    async fn nacked(&self, link: &Link) {
+        let nacks = link.nacks.fetch_add(1, Ordering::Relaxed) + 1;
+        if nacks >= NACKS_BEFORE_RESET {
+            tracing::warn!(
+                nacks,
+                "the broker nacks every publish on this connection; replacing it"
+            );
+            self.reset(link).await;
+        }
     }
 
     /// Publishes once, not mandatory, on the pipelined channel: returns as soon as the
@@ -303,12 +344,7 @@ impl Publisher {
         let confirm = match published {
             Ok(confirm) => confirm,
             Err(source) => {
-                self.reset(&link).await;
-                return Err(PublishError::Send {
-                    exchange: exchange.to_owned(),
-                    key: key.to_owned(),
-                    source,
-                });
+                return Err(self.send_failed(&link, source, exchange, key).await);
             }
         };
         let this = self.clone();
@@ -316,8 +352,11 @@ impl Publisher {
         Ok(Box::pin(async move {
             let confirmation = this.confirmed(&link, confirm, &exchange, &key).await?;
             if confirmation.is_nack() {
+                // The pipelined channel is shared: nacks in a row replace the connection.
+                this.nacked(&link).await;
                 return Err(PublishError::Nacked { exchange, key });
             }
+            link.nacks.store(0, Ordering::Relaxed);
             Ok(())
         }))
     }
@@ -327,6 +366,14 @@ impl Publisher {
             let _ = link.conn.close(200, "worker stopping".into()).await;
         }
     }
+}
+
+/// Closes a channel the publisher gives up, in the background and bounded: nothing waits
+/// for the broker's close-ok.
+fn close_channel(ch: Channel) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CLOSE_WAIT, ch.close(200, "nacked".into())).await;
+    });
 }
 
 async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {

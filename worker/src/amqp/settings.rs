@@ -34,6 +34,8 @@ pub struct AmqpSettings {
     pub blocked_wait: Duration,
     /// How long a Cancel for a job not running here is remembered.
     pub cancel_memory: Duration,
+    /// How long a worker holding no job waits for a delivery before it consumes afresh.
+    pub consumer_refresh: Duration,
     /// Longest pause between reconnect attempts and platform-failure retries.
     pub backoff_max: Duration,
     pub worker_id: String,
@@ -56,6 +58,7 @@ impl AmqpSettings {
             heartbeat: u16::try_from(a.heartbeat.as_secs()).unwrap_or(u16::MAX),
             blocked_wait: a.blocked_wait,
             cancel_memory: a.cancel_memory,
+            consumer_refresh: a.consumer_refresh,
             backoff_max: a.reconnect_max,
             worker_id: config.worker.id.clone(),
             names: Names {

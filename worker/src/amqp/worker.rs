@@ -35,6 +35,37 @@ use crate::job::{self, Action, Ending, Facts, RunContext, Runner, Stop, Verdict}
 /// Log output buffered between a build and its log pump before the build waits.
 const LOG_QUEUE: usize = 64;
 
+/// While a worker that is consuming afresh waits for deliveries that reached its cancelled
+/// consumer to be answered, how often it looks.
+const RECONSUME_CHECK: Duration = Duration::from_secs(1);
+
+/// A deadline that does not come: a feed with no consumer has nothing to refresh.
+const NEVER: Duration = Duration::from_secs(365 * 86_400);
+
+/// Which queue a [`Feed`] consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FeedKind {
+    /// The pool's job queue, prefetch = concurrency.
+    Jobs,
+    /// What the broker dead-lettered without an answer (`amqp/dead.rs`), one at a time.
+    Unanswered,
+}
+
+/// A consumer on a channel of its own, made afresh when idle ([`Worker::refresh`]).
+struct Feed {
+    kind: FeedKind,
+    ch: lapin::Channel,
+    /// `None` while paused, or when the queue cannot be consumed.
+    consumer: Option<lapin::Consumer>,
+    /// Deliveries of this feed still being handled.
+    held: TaskTracker,
+    generation: u64,
+    /// When to look at the feed again: `consumer_refresh` after its last delivery.
+    due: tokio::time::Instant,
+    /// Cancelled while deliveries were on their way: consume again once they are answered.
+    paused: bool,
+}
+
 /// How the worker stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerExit {
@@ -271,23 +302,7 @@ impl<R: Runner> Worker<R> {
             self.settings.delivery_limit,
         )
         .await?;
-        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
-        // Prefetch before consuming: the broker must never push more jobs than free slots.
-        ch.basic_qos(self.settings.concurrency, BasicQosOptions::default())
-            .await
-            .map_err(AmqpError::Channel)?;
-        let mut jobs = ch
-            .basic_consume(
-                self.names.jobs_queue.as_str().into(),
-                format!("{}.{session}", self.info.id).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|source| AmqpError::Consume {
-                queue: self.names.jobs_queue.clone(),
-                source,
-            })?;
+        let mut jobs = self.open_feed(&conn, FeedKind::Jobs, session, 0).await?;
         // systemd's Type=notify: ready means consuming (repeated after a reconnect, harmless).
         crate::notify::notify(&format!(
             "READY=1\nSTATUS=consuming {}",
@@ -319,27 +334,9 @@ impl<R: Runner> Worker<R> {
         })?;
         let mut cancels = super::consume_unacked(&ctl, &ctl_queue).await?;
         // What the broker dead-lettered without an answer; one at a time, acked when done.
-        // A broker without the queue (its declaration warned) costs the worker nothing else.
-        let dead_ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
-        let mut unanswered = match dead_ch
-            .basic_qos(1, BasicQosOptions::default())
-            .await
-            .map_err(AmqpError::Channel)
-        {
-            Ok(()) => dead_ch
-                .basic_consume(
-                    self.names.dead_unanswered().as_str().into(),
-                    format!("{}.{session}.dead", self.info.id).into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .inspect_err(|err| {
-                    tracing::warn!(error = %err, "not consuming the unanswered dead-letter queue");
-                })
-                .ok(),
-            Err(_) => None,
-        };
+        let mut unanswered = self
+            .open_feed(&conn, FeedKind::Unanswered, session, 0)
+            .await?;
         backoff.reset();
         tracing::info!(session, node = %broker.name, queue = %self.names.jobs_queue, "consuming");
         self.metrics.set_connected(true);
@@ -369,29 +366,41 @@ impl<R: Runner> Worker<R> {
                 format!("worker {} reconnected (session {session})", self.info.id),
             ));
         }
+        let quiet = tokio::time::sleep_until(jobs.due.min(unanswered.due));
+        tokio::pin!(quiet);
         loop {
             tokio::select! {
                 biased;
                 () = drain.cancelled() => break,
-                dead = next_of(&mut unanswered) => match dead {
+                () = &mut quiet => {
+                    let now = tokio::time::Instant::now();
+                    if jobs.due <= now {
+                        self.refresh(&conn, &mut jobs, session, lost).await?;
+                    }
+                    if unanswered.due <= now {
+                        self.refresh(&conn, &mut unanswered, session, lost).await?;
+                    }
+                    quiet.as_mut().reset(jobs.due.min(unanswered.due));
+                }
+                dead = next_of(&mut unanswered.consumer) => match dead {
                     Some(Ok(d)) => {
-                        let this = self.clone();
-                        let lost = lost.clone();
-                        self.tracker.spawn(async move { this.handle_dead(d, lost).await });
+                        unanswered.due = tokio::time::Instant::now() + self.settings.consumer_refresh;
+                        quiet.as_mut().reset(jobs.due.min(unanswered.due));
+                        self.take(&unanswered, d, session, lost);
                     }
                     Some(Err(err)) => return Ok(SessionEnd::Lost(format!("dead-letter channel: {err}"))),
-                    None => unanswered = None,
+                    None => unanswered.consumer = None,
                 },
                 cancel = cancels.next() => match cancel {
                     Some(Ok(d)) => self.on_cancel(&d.data),
                     Some(Err(err)) => return Ok(SessionEnd::Lost(format!("control channel: {err}"))),
                     None => return Ok(SessionEnd::Lost("control consumer cancelled by the broker".into())),
                 },
-                delivery = jobs.next() => match delivery {
+                delivery = next_of(&mut jobs.consumer) => match delivery {
                     Some(Ok(d)) => {
-                        let this = self.clone();
-                        let lost = lost.clone();
-                        self.tracker.spawn(async move { this.handle(d, session, lost).await });
+                        jobs.due = tokio::time::Instant::now() + self.settings.consumer_refresh;
+                        quiet.as_mut().reset(jobs.due.min(unanswered.due));
+                        self.take(&jobs, d, session, lost);
                     }
                     // A closed channel (consumer timeout: the lease is lost) or connection.
                     Some(Err(err)) => return Ok(SessionEnd::Lost(err.to_string())),
@@ -414,18 +423,7 @@ impl<R: Runner> Worker<R> {
             &self.info.id,
             format!("worker {} draining", self.info.id),
         ));
-        let _ = ch
-            .basic_cancel(jobs.tag(), BasicCancelOptions::default())
-            .await;
-        // Whatever was in flight from the broker before the cancel still arrives.
-        while let Ok(Some(Ok(d))) =
-            tokio::time::timeout(Duration::from_millis(200), jobs.next()).await
-        {
-            let this = self.clone();
-            let lost = lost.clone();
-            self.tracker
-                .spawn(async move { this.handle(d, session, lost).await });
-        }
+        self.stop_consuming(&mut jobs, session, lost).await;
         self.tracker.close();
         let deadline = tokio::time::sleep(self.settings.drain_deadline);
         tokio::pin!(deadline);
@@ -450,9 +448,158 @@ impl<R: Runner> Worker<R> {
             }
         }
         let _ = ctl.close(200, "draining done".into()).await;
-        let _ = ch.close(200, "draining done".into()).await;
+        let _ = jobs.ch.close(200, "draining done".into()).await;
         let _ = conn.close(200, "worker stopping".into()).await;
         Ok(SessionEnd::Drained)
+    }
+
+    /// A channel of its own consuming `kind`'s queue, tagged
+    /// `<worker>.<session>.<generation>` (`.dead` for the unanswered dead letters).
+    async fn open_feed(
+        &self,
+        conn: &Connection,
+        kind: FeedKind,
+        session: u64,
+        generation: u64,
+    ) -> Result<Feed, AmqpError> {
+        let ch = conn.create_channel().await.map_err(AmqpError::Channel)?;
+        let tag = format!("{}.{session}.{generation}", self.info.id);
+        let consumer = match kind {
+            FeedKind::Jobs => {
+                // Prefetch before consuming: the broker must never push more jobs than free
+                // slots.
+                ch.basic_qos(self.settings.concurrency, BasicQosOptions::default())
+                    .await
+                    .map_err(AmqpError::Channel)?;
+                let jobs = ch
+                    .basic_consume(
+                        self.names.jobs_queue.as_str().into(),
+                        tag.into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|source| AmqpError::Consume {
+                        queue: self.names.jobs_queue.clone(),
+                        source,
+                    })?;
+                Some(jobs)
+            }
+            // A broker without the queue (its declaration warned) costs the worker nothing
+            // else.
+            FeedKind::Unanswered => match ch.basic_qos(1, BasicQosOptions::default()).await {
+                Ok(()) => ch
+                    .basic_consume(
+                        self.names.dead_unanswered().as_str().into(),
+                        format!("{tag}.dead").into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .inspect_err(|err| {
+                        tracing::warn!(error = %err, "not consuming the unanswered dead-letter queue");
+                    })
+                    .ok(),
+                Err(_) => None,
+            },
+        };
+        let due = tokio::time::Instant::now()
+            + if consumer.is_some() {
+                self.settings.consumer_refresh
+            } else {
+                NEVER
+            };
+        Ok(Feed {
+            kind,
+            ch,
+            consumer,
+            held: TaskTracker::new(),
+            generation,
+            due,
+            paused: false,
+        })
+    }
+
+    /// Handles a delivery of `feed`, counted as held by it until answered.
+    fn take(self: &Arc<Self>, feed: &Feed, d: Delivery, session: u64, lost: &CancellationToken) {
+        let this = self.clone();
+        let lost = lost.clone();
+        match feed.kind {
+            FeedKind::Jobs => self.tracker.spawn(
+                feed.held
+                    .track_future(async move { this.handle(d, session, lost).await }),
+            ),
+            FeedKind::Unanswered => self.tracker.spawn(
+                feed.held
+                    .track_future(async move { this.handle_dead(d, lost).await }),
+            ),
+        };
+    }
+
+    /// Cancels the feed's consumer, then handles the deliveries that were on their way
+    /// before the cancel (a draining worker's handler requeues jobs).
+    async fn stop_consuming(
+        self: &Arc<Self>,
+        feed: &mut Feed,
+        session: u64,
+        lost: &CancellationToken,
+    ) {
+        let Some(mut consumer) = feed.consumer.take() else {
+            return;
+        };
+        let _ = feed
+            .ch
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+        {
+            self.take(feed, d, session, lost);
+        }
+    }
+
+    /// The feed's `due` passed. If it holds no delivery, it got none for `consumer_refresh`:
+    /// cancel the consumer, close its channel and consume afresh on a new one. A quorum
+    /// queue whose leader died may count deliveries the dead leader sent (and that never
+    /// arrived) as held by this consumer until its channel closes; closing hands them back
+    /// to the queue. A worker busy meanwhile does this once idle again, so such a job is
+    /// delayed, never lost. (A safeguard: the fleet stalls first put down to this were
+    /// results the broker nacked on and on, which the publisher now handles.)
+    async fn refresh(
+        self: &Arc<Self>,
+        conn: &Connection,
+        feed: &mut Feed,
+        session: u64,
+        lost: &CancellationToken,
+    ) -> Result<(), AmqpError> {
+        let now = tokio::time::Instant::now();
+        if !feed.held.is_empty() {
+            feed.due = now
+                + if feed.paused {
+                    RECONSUME_CHECK
+                } else {
+                    self.settings.consumer_refresh
+                };
+            return Ok(());
+        }
+        if feed.consumer.is_none() && !feed.paused {
+            // Not consuming at all (no such queue, or the broker cancelled it).
+            feed.due = now + NEVER;
+            return Ok(());
+        }
+        self.stop_consuming(feed, session, lost).await;
+        if !feed.held.is_empty() {
+            // Deliveries came while cancelling. A new consumer would get prefetch credit of
+            // its own beside them: consume again once they are answered.
+            feed.paused = true;
+            feed.due = now + RECONSUME_CHECK;
+            return Ok(());
+        }
+        let _ = feed.ch.close(200, "consuming afresh".into()).await;
+        *feed = self
+            .open_feed(conn, feed.kind, session, feed.generation + 1)
+            .await?;
+        Ok(())
     }
 
     fn on_cancel(&self, data: &[u8]) {
@@ -511,6 +658,7 @@ impl<R: Runner> Worker<R> {
                     .await;
             }
         };
+        tracing::info!(job = %job.job_id, session, redelivered = d.redelivered, "job received");
         let reply_to = job.reply_to.clone().or(prop_reply);
         let corr = job.correlation_id.clone().or(prop_corr);
         let before_start = |ending| {

@@ -3,6 +3,11 @@
 //! socket made there ([`JobNetwork::tcp_socket`]), then splices the two. The app's
 //! namespace has no other way in; while the app is down (booting, restarting) a connection
 //! is closed at once.
+//!
+//! The forwarding runs on a thread of its own with a single-threaded runtime
+//! ([`Forwarder::start`]): every connection's copies wake that one thread, never a pool's
+//! worker on another CPU, which leaves the other CPU to the app and its clients (measured by
+//! `scripts/bench-run`).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -25,7 +30,55 @@ pub async fn connect_inside(network: &JobNetwork, port: u16) -> std::io::Result<
     Ok(stream)
 }
 
-/// Accepts on `listener` until the task is aborted, forwarding each connection to `port`
+/// The forwarding thread; stopped (its connections closed) when dropped.
+pub struct Forwarder {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    /// Serves `listener` on a new thread until dropped.
+    pub fn start(
+        listener: std::net::TcpListener,
+        target: Target,
+        port: u16,
+    ) -> std::io::Result<Forwarder> {
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("forwarder".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = serve(listener, target, port) => {}
+                        _ = stopped => {}
+                    }
+                });
+                // Dropping the runtime drops every connection's task: both sockets close.
+            })?;
+        Ok(Forwarder {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Accepts on `listener` until dropped, forwarding each connection to `port`
 /// in the current target.
 pub async fn serve(listener: TcpListener, target: Target, port: u16) {
     loop {

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => cmd::submit::run(args),
         Command::Events(args) => cmd::events::run(args),
         Command::Run(args) => cmd::run::run(*args),
+        Command::BenchSandbox(args) => cmd::bench_sandbox::run(*args),
     };
     ExitCode::from(corral_worker::exit::code(outcome))
 }

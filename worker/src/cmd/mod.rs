@@ -2,6 +2,7 @@
 //! process exit code (see [`crate::exit`]).
 
 pub mod base;
+pub mod bench_sandbox;
 pub mod check_config;
 pub mod doctor;
 pub mod events;
@@ -52,4 +53,23 @@ pub(crate) fn event_sinks(
         None => {}
     }
     Ok(sinks)
+}
+
+/// What a command run by hand (`replay`, `run`) needs before its work: a data dir it may
+/// use (first-run checks) and the configured store. `Err` is the exit code, the reason
+/// already said on stderr.
+pub(crate) async fn data_dir_and_store(
+    config: &crate::config::Config,
+) -> Result<crate::store::Store, u8> {
+    if let Err(err) = crate::firstrun::check_data_dir(&config.data_dir) {
+        eprintln!("corral: error: {:#}", err.error);
+        return Err(err.code);
+    }
+    crate::job::open_store(config).await.map_err(|err| {
+        eprintln!(
+            "corral: opening the store: {}",
+            crate::job::error_chain(&err)
+        );
+        crate::exit::PLATFORM_ERROR
+    })
 }

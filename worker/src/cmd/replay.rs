@@ -14,10 +14,7 @@ use crate::cli::ReplayArgs;
 use crate::config::{Config, Sources};
 use crate::events::JobEvents;
 use crate::exit;
-use crate::job::{
-    self, Delivery, RunContext, Sandboxed, Settings, Stop, Stopper, error_chain, open_store,
-    wire_name,
-};
+use crate::job::{self, Delivery, RunContext, Sandboxed, Settings, Stop, Stopper, wire_name};
 use crate::metrics::Metrics;
 
 pub fn run(args: ReplayArgs) -> anyhow::Result<u8> {
@@ -48,16 +45,9 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<u8> {
 
 async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u8> {
     let say = |text: String| eprintln!("corral: {text}");
-    if let Err(err) = crate::firstrun::check_data_dir(&config.data_dir) {
-        eprintln!("corral: error: {:#}", err.error);
-        return Ok(err.code);
-    }
-    let store = match open_store(&config).await {
+    let store = match super::data_dir_and_store(&config).await {
         Ok(store) => store,
-        Err(err) => {
-            say(format!("opening the store: {}", error_chain(&err)));
-            return Ok(exit::PLATFORM_ERROR);
-        }
+        Err(code) => return Ok(code),
     };
     let mut settings = Settings::from_config(&config).context("setting up the sandbox")?;
     settings.use_cache = !args.no_cache;

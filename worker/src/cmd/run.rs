@@ -15,7 +15,7 @@ use crate::cli::{RestartPolicy, RunArgs};
 use crate::config::{Config, Sources};
 use crate::events::JobEvents;
 use crate::exit;
-use crate::job::{Settings, error_chain, open_store};
+use crate::job::{Settings, error_chain};
 
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let sources = Sources::from_process(args.config.clone(), args.config_flags());
@@ -101,16 +101,9 @@ async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8
         return Ok(exit::INVALID_INPUT);
     }
 
-    if let Err(err) = crate::firstrun::check_data_dir(&config.data_dir) {
-        eprintln!("corral: error: {:#}", err.error);
-        return Ok(err.code);
-    }
-    let store = match open_store(&config).await {
+    let store = match super::data_dir_and_store(&config).await {
         Ok(store) => store,
-        Err(err) => {
-            say(format!("opening the store: {}", error_chain(&err)));
-            return Ok(exit::PLATFORM_ERROR);
-        }
+        Err(code) => return Ok(code),
     };
     let settings = Settings::from_config(&config).context("setting up the sandbox")?;
     let identity = IdentityMap::open(&settings.data_dir, settings.uid_range.clone())
@@ -222,13 +215,22 @@ async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8
         });
     }
     let (target_tx, target_rx) = tokio::sync::watch::channel(None);
-    let forwarder = tokio::spawn(app::forward::serve(listener, target_rx, spec.port));
+    let forwarder = match listener
+        .into_std()
+        .and_then(|l| app::forward::Forwarder::start(l, target_rx, spec.port))
+    {
+        Ok(forwarder) => forwarder,
+        Err(err) => {
+            say(format!("error: starting the port forwarder: {err}"));
+            return Ok(exit::PLATFORM_ERROR);
+        }
+    };
     say(format!(
         "serving {} on http://{publish} (port {} inside)",
         spec.image_name, spec.port
     ));
     let outcome = app::run(&spec, &host, &events, &target_tx, stop_rx).await;
-    forwarder.abort();
+    drop(forwarder);
     if let Some(queue) = queue {
         queue.flush(Duration::from_secs(10)).await;
     }

@@ -38,10 +38,31 @@ impl Upper {
 }
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<u8> {
+    run_timed(args, None)
+}
+
+/// [`run`], from a process that started at `started` (see `corral_sandbox::trace::now`):
+/// the first mark of `--trace-timings`.
+pub fn run_timed(args: SandboxArgs, started: Option<u64>) -> anyhow::Result<u8> {
+    use corral_sandbox::trace::{self, Mark};
+    // Before anything else: the job's pid 1, cloned later, inherits the marks' page.
+    if args.trace_timings && trace::enable() {
+        trace::mark_at(Mark::Start, started.unwrap_or_else(trace::now));
+    }
     let config = SandboxConfig::new().context("locating the corral binary")?;
+    trace::mark(Mark::Parsed);
     let upper = prepare_upper(&args, &config)?;
+    trace::mark(Mark::UpperReady);
     let result = run_in(&args, &config, &upper).and_then(|ended| {
         let printed = print(ended.outcome());
+        if args.trace_timings {
+            trace::mark(Mark::Printed);
+            // The page holds every mark of this run: ours, the supervisor's and pid 1's.
+            eprint!(
+                "corral sandbox --trace-timings:\n{}",
+                trace::take().render()
+            );
+        }
         // The job's pid 1 may still be exiting, its overlay with it: a job filesystem can
         // only be unmounted once it is gone; anything else needs no waiting (we exit next,
         // and our own reaper collects pid 1, as after `bwrap`).
@@ -153,6 +174,7 @@ fn run_in(args: &SandboxArgs, config: &SandboxConfig, upper: &Upper) -> anyhow::
             Upper::Given(_) | Upper::Limited(_) => None,
         },
     };
+    corral_sandbox::trace::mark(corral_sandbox::trace::Mark::SpecBuilt);
     // This process is single-threaded: it supervises the job itself (no shim to start).
     let output = if args.quiet {
         Output::Discard

@@ -116,6 +116,10 @@ pub struct WorkerFlags {
     /// remembered.
     #[arg(long, value_name = "DURATION")]
     pub cancel_memory: Option<String>,
+    /// `amqp.consumer_refresh_seconds`: how long a worker holding no job waits for a
+    /// delivery before it consumes afresh on a new channel.
+    #[arg(long, value_name = "DURATION")]
+    pub consumer_refresh: Option<String>,
     /// `amqp.reconnect_max_seconds`: longest pause between reconnect attempts and
     /// platform-failure retries.
     #[arg(long, value_name = "DURATION")]
@@ -177,6 +181,11 @@ impl WorkerFlags {
                 "amqp.cancel_memory_seconds",
                 &self.cancel_memory,
                 "--cancel-memory",
+            ),
+            (
+                "amqp.consumer_refresh_seconds",
+                &self.consumer_refresh,
+                "--consumer-refresh",
             ),
             (
                 "amqp.reconnect_max_seconds",

@@ -46,6 +46,7 @@ pub mod defaults {
     pub const LEASE_MARGIN_SECONDS: u64 = 300;
     pub const RECONNECT_MAX_SECONDS: u64 = 30;
     pub const BLOCKED_WAIT_SECONDS: u64 = 300;
+    pub const CONSUMER_REFRESH_SECONDS: u64 = 30;
     pub const CANCEL_MEMORY_SECONDS: u64 = 3600;
     pub const UID_START: u32 = 1_000_000;
     pub const GID_START: u32 = 1_000_000;
@@ -153,6 +154,8 @@ pub struct AmqpConfig {
     pub blocked_wait: Duration,
     /// How long a Cancel for a job not running here is remembered.
     pub cancel_memory: Duration,
+    /// How long a worker holding no job waits for a delivery before it consumes afresh.
+    pub consumer_refresh: Duration,
 }
 
 impl AmqpConfig {

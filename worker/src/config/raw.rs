@@ -121,6 +121,8 @@ pub struct RawAmqp {
     pub blocked_wait_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cancel_memory_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer_refresh_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

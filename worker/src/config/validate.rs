@@ -374,6 +374,13 @@ pub(super) fn validate(
         0,
         7 * 86_400,
     ));
+    let consumer_refresh = Duration::from_secs(c.range(
+        "amqp.consumer_refresh_seconds",
+        a.consumer_refresh_seconds,
+        defaults::CONSUMER_REFRESH_SECONDS,
+        1,
+        3600,
+    ));
 
     // sandbox
     let sb = raw.sandbox.unwrap_or_default();
@@ -600,6 +607,7 @@ pub(super) fn validate(
             reconnect_max,
             blocked_wait,
             cancel_memory,
+            consumer_refresh,
         },
         sandbox: SandboxConfig {
             uid_start,
@@ -697,6 +705,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             reconnect_max_seconds: secs(c.amqp.reconnect_max),
             blocked_wait_seconds: secs(c.amqp.blocked_wait),
             cancel_memory_seconds: secs(c.amqp.cancel_memory),
+            consumer_refresh_seconds: secs(c.amqp.consumer_refresh),
         }),
         sandbox: Some(RawSandbox {
             uid_start: Some(u64::from(c.sandbox.uid_start)),

@@ -15,6 +15,7 @@ use corral_protocol::{
 };
 use corral_sandbox::{
     Identity, LiveEventKind, Network, Outcome, PooledJobDir, Sandbox, SandboxLimits, SandboxSpec,
+    Teardown,
 };
 
 use super::error::JobError;
@@ -315,9 +316,10 @@ pub fn spec(
 
 /// Runs the sandbox on a blocking thread, its output through a [`BuildLog`] into `log_path`
 /// and `ctx.logs`, stopping it when `ctx.stop` fires or the log limit is passed. Returns the
-/// outcome, whether the log limit was passed, and with a `proxy` (egress jobs) what went
-/// through it: the proxy serves the socket the sandbox hands over, and passing the byte
-/// limit stops the build.
+/// outcome, whether the log limit was passed, with a `proxy` (egress jobs) what went
+/// through it (the proxy serves the socket the sandbox hands over, and passing the byte
+/// limit stops the build), and the job's pid 1 still exiting: the job dir may be reused
+/// once that [`Teardown`] is over.
 pub async fn sandbox(
     spec: SandboxSpec,
     settings: &Settings,
@@ -325,7 +327,7 @@ pub async fn sandbox(
     log_path: &Path,
     ctx: &RunContext,
     proxy: Option<Arc<Proxy>>,
-) -> Result<(Outcome, bool, Option<NetworkEnd>), JobError> {
+) -> Result<(Outcome, bool, Option<NetworkEnd>, Teardown), JobError> {
     let config = settings.sandbox.clone();
     let mut running = blocking(move || Sandbox::spawn(&spec, &config))
         .await?
@@ -397,7 +399,9 @@ pub async fn sandbox(
             cancel.cancel(grace);
         })
     };
-    let outcome = blocking(move || running.wait()).await;
+    // Back as soon as every process of the job is dead and its cgroup removed: pid 1's
+    // namespaces (the overlay among them) go away meanwhile.
+    let ended = blocking(move || running.wait_outcome()).await;
     watcher.abort();
     if let Some(serving) = serving {
         serving.abort();
@@ -412,9 +416,20 @@ pub async fn sandbox(
         }
     })
     .await;
-    let outcome = outcome?.map_err(JobError::Sandbox)?;
-    readers_done?;
-    Ok((outcome, log.truncated(), network))
+    let (outcome, teardown) = ended?;
+    let outcome = match (outcome, readers_done) {
+        (Ok(outcome), Ok(())) => outcome,
+        (Err(err), _) => {
+            // Waiting for the shim's end blocks: not on the runtime's threads.
+            blocking(move || teardown.wait()).await?;
+            return Err(JobError::Sandbox(err));
+        }
+        (Ok(_), Err(err)) => {
+            blocking(move || teardown.wait()).await?;
+            return Err(err);
+        }
+    };
+    Ok((outcome, log.truncated(), network, teardown))
 }
 
 /// The job event of what the sandbox saw. Counts are the job's totals so far.

@@ -189,7 +189,11 @@ impl std::fmt::Debug for Sandboxed {
 impl Sandboxed {
     /// Opens the data dir: bases, action cache, identities, and the job-dir pool, which
     /// first removes the job filesystems a previous worker left.
-    pub fn open(settings: Settings, store: Store, metrics: Arc<Metrics>) -> Result<Self, JobError> {
+    pub fn open(
+        mut settings: Settings,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, JobError> {
         let open_err =
             |path: &Path, source: Box<dyn std::error::Error + Send + Sync>| JobError::Open {
                 path: path.to_path_buf(),
@@ -233,6 +237,18 @@ impl Sandboxed {
             }
             for err in &stale.errors {
                 tracing::warn!(error = %error_chain(err), "could not remove a previous worker's job cgroup");
+            }
+            // Job cgroups made ahead (as many as jobs run at once) and removed in the
+            // background: neither is on a job's critical path. Each is used once.
+            match corral_sandbox::CgroupPool::new(
+                layout,
+                &settings.sandbox.cgroup_parent,
+                settings.job_dir_pool.max(1),
+            ) {
+                Ok(pool) => settings.sandbox.cgroup_pool = Some(Arc::new(pool)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "no job cgroup pool: each job makes its own");
+                }
             }
         }
         Ok(Sandboxed {
@@ -314,7 +330,7 @@ impl Sandboxed {
             identity,
         );
         let proxy = egress.map(|allow| build::proxy(job, allow, &self.settings, ctx));
-        let (outcome, log_truncated, network) = build::sandbox(
+        let (outcome, log_truncated, network, teardown) = build::sandbox(
             spec,
             &self.settings,
             job.limits.log_bytes.bytes(),
@@ -323,8 +339,9 @@ impl Sandboxed {
             proxy,
         )
         .await?;
-        // The sandbox reported every job process dead and the overlay gone.
-        job_dir.mark_quiescent();
+        // The sandbox reported every job process dead; the overlay goes with pid 1, which
+        // the pool waits for before it wipes the dir.
+        job_dir.mark_quiescent_after(teardown);
         timings.build_ms = ms(build_started.elapsed());
         tracing::info!(stage = "build", ms = timings.build_ms, "build ended");
         self.metrics

@@ -130,6 +130,7 @@ pub fn sandbox_config(name: &str) -> corral_sandbox::SandboxConfig {
         run_dir: PathBuf::from(format!("/run/corral-test-{name}")),
         mountinfo: None,
         zygote: None,
+        cgroup_pool: None,
     }
 }
 
@@ -247,4 +248,35 @@ pub fn import_test_base(data: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::remove_file(&tarball).unwrap();
+}
+
+/// `corral source push DIR --store STORE`: the pushed source's reference (its stdout).
+pub fn source_push(dir: &Path, store: &str) -> String {
+    let out = corral()
+        .args(["source", "push"])
+        .arg(dir)
+        .args(["--store", store])
+        .output()
+        .expect("running corral source push");
+    assert!(
+        out.status.success(),
+        "corral source push {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The `*.json` fixtures of `fixtures/<dir>`, sorted; at least `at_least` of them (a lost
+/// fixture directory must not pass as "every fixture gave its outcome").
+pub fn json_fixtures(dir: &str, at_least: usize) -> Vec<PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(repo().join("fixtures").join(dir))
+        .unwrap_or_else(|e| panic!("fixtures/{dir}: {e}"))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= at_least, "fixtures/{dir}: {paths:?}");
+    paths
 }
