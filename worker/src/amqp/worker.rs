@@ -41,6 +41,11 @@ const RECONSUME_CHECK: Duration = Duration::from_secs(1);
 
 /// A deadline that does not come: a feed with no consumer has nothing to refresh.
 const NEVER: Duration = Duration::from_secs(365 * 86_400);
+/// How long the worker waits for the broker's answer to a cancel or a close it sends on
+/// its way to something else (consuming afresh, draining): a node that stopped answering
+/// must not hold the worker's loop. A consumer whose cancel went unanswered goes when its
+/// channel is closed.
+const BROKER_ANSWER: Duration = Duration::from_secs(10);
 
 /// Which queue a [`Feed`] consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,9 +452,11 @@ impl<R: Runner> Worker<R> {
                 cancel = cancels.next() => if let Some(Ok(d)) = cancel { self.on_cancel(&d.data) },
             }
         }
-        let _ = ctl.close(200, "draining done".into()).await;
-        let _ = jobs.ch.close(200, "draining done".into()).await;
-        let _ = conn.close(200, "worker stopping".into()).await;
+        let _ = tokio::time::timeout(BROKER_ANSWER, ctl.close(200, "draining done".into())).await;
+        let _ =
+            tokio::time::timeout(BROKER_ANSWER, jobs.ch.close(200, "draining done".into())).await;
+        let _ =
+            tokio::time::timeout(BROKER_ANSWER, conn.close(200, "worker stopping".into())).await;
         Ok(SessionEnd::Drained)
     }
 
@@ -547,10 +554,12 @@ impl<R: Runner> Worker<R> {
         let Some(mut consumer) = feed.consumer.take() else {
             return;
         };
-        let _ = feed
-            .ch
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+        let _ = tokio::time::timeout(
+            BROKER_ANSWER,
+            feed.ch
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+        )
+        .await;
         while let Ok(Some(Ok(d))) =
             tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
         {
@@ -595,7 +604,8 @@ impl<R: Runner> Worker<R> {
             feed.due = now + RECONSUME_CHECK;
             return Ok(());
         }
-        let _ = feed.ch.close(200, "consuming afresh".into()).await;
+        let _ = tokio::time::timeout(BROKER_ANSWER, feed.ch.close(200, "consuming afresh".into()))
+            .await;
         *feed = self
             .open_feed(conn, feed.kind, session, feed.generation + 1)
             .await?;
