@@ -293,7 +293,7 @@ impl Publisher {
         if confirmation.is_nack() {
             // The broker could not take it into a queue through this channel. Seen with
             // RabbitMQ 3.10: a channel opened while a quorum queue elected its leader had
-            // every later publish to that queue nacked, forever. The next try gets a fresh
+            // every later publish to that queue nacked, for minutes. The next try gets a fresh
             // channel, and nacks in a row a fresh connection.
             close_channel(ch);
             self.nacked(&link).await;
