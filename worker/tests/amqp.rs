@@ -1207,33 +1207,28 @@ async fn an_idle_worker_consumes_afresh_but_never_while_it_holds_jobs() {
     env.worker(&["--consumer-refresh", "1s"], &[]);
     let queue = env.names.jobs_queue.clone();
     let dead = env.names.dead_unanswered();
-    let wait_on = |queue: &str, what: &str, ok: &dyn Fn(&[String]) -> bool| {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let tags = consumer_tags(queue);
-            if ok(&tags) {
-                return tags;
-            }
-            assert!(Instant::now() < deadline, "{what}: consumers {tags:?}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    let tags = |queue: &str| {
+        let queue = queue.to_owned();
+        move || consumer_tags(&queue)
     };
-    let wait_for = |what: &str, ok: &dyn Fn(&[String]) -> bool| wait_on(&queue, what, ok);
-    let first = wait_for("the worker consuming", &|t| t.len() == 1);
-    let idle = wait_for("a fresh consumer while idle", &|t| {
+    let first = poll_until("the worker consuming", tags(&queue), |t| t.len() == 1).await;
+    let idle = poll_until("a fresh consumer while idle", tags(&queue), |t| {
         t.len() == 1 && t[0] != first[0]
-    });
+    })
+    .await;
     assert!(
         idle[0].starts_with(&format!("{}-w0.", env.prefix)),
         "{idle:?}"
     );
     // The consumer of what the broker dead-lettered unanswered too.
-    let first_dead = wait_on(&dead, "the worker consuming dead letters", &|t| {
+    let first_dead = poll_until("the worker consuming dead letters", tags(&dead), |t| {
         t.len() == 1
-    });
-    wait_on(&dead, "a fresh dead-letter consumer", &|t| {
+    })
+    .await;
+    poll_until("a fresh dead-letter consumer", tags(&dead), |t| {
         t.len() == 1 && t[0] != first_dead[0]
-    });
+    })
+    .await;
 
     // Three jobs for two slots, and a refresh every second: never more than two may run at
     // once (a consumer made while another still held deliveries would get prefetch credit
@@ -1267,9 +1262,10 @@ async fn an_idle_worker_consumes_afresh_but_never_while_it_holds_jobs() {
         assert_eq!(results[id][0].status, Status::Succeeded, "{id}");
     }
     let holding = consumer_tags(&queue);
-    wait_for("a fresh consumer once idle again", &|t| {
+    poll_until("a fresh consumer once idle again", tags(&queue), |t| {
         t.len() == 1 && t[0] != holding[0]
-    });
+    })
+    .await;
     env.stop_all_and_check_queue_empty().await;
     env.cleanup().await;
 }
@@ -1296,19 +1292,19 @@ fn publisher_connections(name: &str) -> Vec<(String, u32)> {
     .collect()
 }
 
-/// Polls `publisher_connections(name)` until `ok` holds of it, within [`PATIENCE`].
-async fn wait_for_connections(
-    name: &str,
+/// Calls `probe` until `ok` holds of what it returns, within [`PATIENCE`]; that value.
+async fn poll_until<T: std::fmt::Debug>(
     what: &str,
-    ok: impl Fn(&[(String, u32)]) -> bool,
-) -> Vec<(String, u32)> {
+    probe: impl Fn() -> T,
+    ok: impl Fn(&T) -> bool,
+) -> T {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let now = publisher_connections(name);
+        let now = probe();
         if ok(&now) {
             return now;
         }
-        assert!(Instant::now() < deadline, "{what}: connections {now:?}");
+        assert!(Instant::now() < deadline, "{what}: {now:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -1371,15 +1367,18 @@ async fn a_nacked_publish_gets_a_fresh_channel_and_nacks_in_a_row_a_fresh_connec
     let nacked = |r: Result<(), PublishError>| matches!(r, Err(PublishError::Nacked { .. }));
     assert!(nacked(publish().await), "the full queue's nack");
     // The connection keeps its pipelined channel only: the nacked one is closed.
-    let first = wait_for_connections(&name, "the nacked channel closed", |c| {
+    let connections = || publisher_connections(&name);
+    let first = poll_until("the nacked channel closed", connections, |c| {
         c.len() == 1 && c[0].1 == 1
     })
     .await;
     assert!(nacked(publish().await), "the second nack");
     assert!(nacked(publish().await), "the third nack");
-    wait_for_connections(&name, "the connection of 3 nacks in a row closed", |c| {
-        c.iter().all(|(conn, _)| *conn != first[0].0)
-    })
+    poll_until(
+        "the connection of 3 nacks in a row closed",
+        connections,
+        |c| c.iter().all(|(conn, _)| *conn != first[0].0),
+    )
     .await;
 
     ch.queue_purge(queue.as_str().into(), Default::default())
