@@ -21,10 +21,11 @@ const SIGNALS: [libc::c_int; 5] = [
     libc::SIGQUIT,
 ];
 
-/// Runs in the cloned child, `link` its end of the seqpacket link to the shim. Never
-/// returns.
-pub fn run(spec: &SandboxSpec, root: &Path, link: OwnedFd) -> ! {
-    let (exec, leave) = match setup(spec, root, link.as_raw_fd()) {
+/// Runs in the cloned child, `link` its end of the seqpacket link to the shim. With
+/// `netns` (made ahead, loopback up) the clone kept the shim's network namespace and we
+/// enter that one first. Never returns.
+pub fn run(spec: &SandboxSpec, root: &Path, link: OwnedFd, netns: Option<OwnedFd>) -> ! {
+    let (exec, leave) = match setup(spec, root, link.as_raw_fd(), netns) {
         Ok(ready) => ready,
         Err(error) => fail(link.as_raw_fd(), error),
     };
@@ -92,9 +93,17 @@ fn setup(
     spec: &SandboxSpec,
     root: &Path,
     link: RawFd,
+    netns: Option<OwnedFd>,
 ) -> Result<(sys::PreparedExec, Vec<std::fs::File>), SetupError> {
     use SetupStep as Step;
     let io = |step: Step| move |e: std::io::Error| SetupError::io(step, &e);
+    // Before anything that could open a socket. The descriptor goes at once: the job must
+    // not inherit a handle on a namespace.
+    let fresh_netns = netns.is_none();
+    if let Some(ns) = netns {
+        use std::os::fd::AsFd;
+        sys::setns_net(ns.as_fd()).map_err(io(Step::NetworkNamespace))?;
+    }
     // If the shim dies, so does the job (pid 1 takes the namespace with it).
     sys::set_parent_death_signal(libc::SIGKILL).map_err(io(Step::ParentDeathSignal))?;
     // The worker's umask is its operator's choice; the job's root and the job get ours.
@@ -136,7 +145,10 @@ fn setup(
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| SetupError::io_on(Step::Workdir, spec.cwd.display(), &e))?;
     sys::sethostname(&spec.hostname).map_err(io(Step::Hostname))?;
-    sys::loopback_up().map_err(io(Step::Loopback))?;
+    // A namespace made ahead came with its loopback up.
+    if fresh_netns {
+        sys::loopback_up().map_err(io(Step::Loopback))?;
+    }
     mark(Mark::Host);
     // The proxy's socket is made here, in the job's network namespace and still outside its
     // user namespace: it listens before the job starts, so the job's first connection

@@ -385,6 +385,7 @@ impl Sandbox {
                     ctl: None,
                     signals: Some(signals),
                     job_output,
+                    netns: None,
                     events: on_event,
                     egress: on_egress,
                 },

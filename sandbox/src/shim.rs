@@ -29,10 +29,28 @@ use crate::watch::{Gauges, Throttle, Watch, enforced_event};
 /// The first argument that selects the shim in the `corral-worker` binary.
 pub const SHIM_ARG: &str = "__sandbox-shim";
 
+/// Where a shim forked by the zygote finds the job's pre-made network namespace.
+pub(crate) const NETNS_FD: RawFd = 3;
+
 /// Entry point of `corral __sandbox-shim`. Never returns.
 pub fn main() -> ! {
     // Nothing the worker had open may reach the job.
     let _ = sys::close_range(3, u32::MAX);
+    run(None)
+}
+
+/// Entry point of a shim the zygote forked with a pre-made network namespace on
+/// [`NETNS_FD`]. Never returns.
+pub(crate) fn main_with_netns() -> ! {
+    // Nothing else the zygote had open (its other pre-made namespaces) may reach the job.
+    let _ = sys::close_range(NETNS_FD as u32 + 1, u32::MAX);
+    // Taken over as an owned copy (this crate's unsafe code stays in `sys`).
+    let netns = sys::dup_cloexec(NETNS_FD).ok();
+    let _ = sys::close_range(NETNS_FD as u32, NETNS_FD as u32);
+    run(netns)
+}
+
+fn run(netns: Option<OwnedFd>) -> ! {
     // fd 0 is the control socket the worker gave us; fd 0 itself later becomes the job's
     // /dev/null, so keep the socket on a close-on-exec copy.
     let ctl = match sys::dup_cloexec(0) {
@@ -58,6 +76,7 @@ pub fn main() -> ! {
                     ctl: Some((&ctl, frames)),
                     signals: None,
                     job_output: JobOutput::OwnPipes,
+                    netns,
                     events: &mut |event| outbox.push(&FromShim::Event(event)),
                     // Sent before the job starts, so before any event: nothing is pending in
                     // the outbox and the frame goes out whole, with its descriptor.
@@ -175,6 +194,9 @@ pub(crate) struct Supervisor<'a> {
     /// the first cancels with [`SIGNAL_GRACE`], the next kills at once.
     pub signals: Option<OwnedFd>,
     pub job_output: JobOutput,
+    /// A fresh network namespace (loopback up) made ahead for this job, which pid 1 enters
+    /// instead of cloning one; `None`: pid 1 gets a new one at its clone.
+    pub netns: Option<OwnedFd>,
     /// Receives what the job does as it happens ([`LiveEvent`]s, already rate-limited).
     /// Called on the supervisor's thread: it must not block.
     pub events: &'a mut dyn FnMut(LiveEvent),
@@ -257,6 +279,7 @@ fn run_job(
         mut ctl,
         signals,
         job_output,
+        netns,
         events,
         egress,
     } = sup;
@@ -288,7 +311,11 @@ fn run_job(
     };
     let our_cpu = sys::current_cpu();
     mark(Mark::LinkMade);
-    let pid = match sys::clone_fork(crate::namespaces::CLONE_FLAGS) {
+    let flags = match netns {
+        Some(_) => crate::namespaces::CLONE_FLAGS & !libc::CLONE_NEWNET,
+        None => crate::namespaces::CLONE_FLAGS,
+    };
+    let pid = match sys::clone_fork(flags) {
         Ok(Forked::Child) => {
             mark(Mark::InitStarted);
             move_off(0, our_cpu);
@@ -300,12 +327,13 @@ fn run_job(
                 let _ = sys::dup2(out, 1);
                 let _ = sys::dup2(err, 2);
             }
-            crate::init::run(spec, root, init_link)
+            crate::init::run(spec, root, init_link, netns)
         }
         Ok(Forked::Parent(pid)) => pid,
         Err(e) => return fail(SetupError::io(SetupStep::Clone, &e)).into(),
     };
     mark(Mark::Cloned);
+    drop(netns);
     move_off(pid, sys::current_cpu());
     drop(init_link);
     if let JobOutput::OwnPipes = job_output

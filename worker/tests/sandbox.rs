@@ -836,6 +836,66 @@ fn a_dead_zygote_is_replaced() {
     assert_nothing_left("zygote", 211_004, "zygote-1");
 }
 
+/// Jobs started through the zygote, several at once (more than it makes ahead, so some
+/// enter a namespace made in advance and one clones its own): each gets a network
+/// namespace of its own, not the host's and not another job's, holding only a working
+/// loopback.
+#[test]
+fn each_job_gets_a_fresh_network_namespace_of_its_own() {
+    if !prerequisites() {
+        return;
+    }
+    let _dirs = leaves_nothing("netns");
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let cfg = SandboxConfig {
+        zygote: Some(std::sync::Arc::new(Zygote::new(Path::new(env!(
+            "CARGO_BIN_EXE_corral-worker"
+        ))))),
+        ..config("netns")
+    };
+    let probe = "import os, socket, time\n\
+        s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n\
+        c = socket.create_connection(s.getsockname()); a, _ = s.accept()\n\
+        c.sendall(b'ping'); echo = a.recv(4).decode()\n\
+        ifaces = sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:])\n\
+        print(os.readlink('/proc/self/ns/net'), ','.join(ifaces), echo)\n\
+        time.sleep(0.5)\n";
+    let host = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..2 {
+        let started: Vec<_> = (0..3)
+            .map(|i| {
+                let job =
+                    JobDir::create(jobs.path(), &format!("netns-{round}-{i}"), 16 << 20).unwrap();
+                let mut spec = simple_spec(&job, 211_006, &["python3", "-c", probe]);
+                spec.network = Network::Loopback;
+                let mut running = Sandbox::spawn(&spec, &cfg).unwrap();
+                let out = drain(running.stdout.take());
+                (job, running, out)
+            })
+            .collect();
+        for (job, running, out) in started {
+            let outcome = running.wait().unwrap();
+            let out = out.join().unwrap();
+            assert_eq!(outcome.exit, Exit::Code(0), "{out}");
+            let fields: Vec<&str> = out.split_whitespace().collect();
+            let [netns, ifaces, echo] = fields[..] else {
+                panic!("unexpected output: {out:?}");
+            };
+            assert_ne!(
+                Path::new(netns),
+                host,
+                "a job ran in the host's network namespace"
+            );
+            assert!(seen.insert(netns.to_owned()), "two jobs shared {netns}");
+            assert_eq!(ifaces, "lo", "only loopback exists in a job's namespace");
+            assert_eq!(echo, "ping", "the job's loopback is up");
+            job.remove().unwrap();
+        }
+    }
+    assert_nothing_left("netns", 211_006, "netns-1-2");
+}
+
 #[test]
 fn debug_command_prints_the_outcome_as_json() {
     if !prerequisites() {

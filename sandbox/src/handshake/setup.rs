@@ -62,10 +62,12 @@ pub enum SetupStep {
     InitDied,
     /// Opening the egress proxy's listening socket on the job's loopback.
     Egress,
+    /// Entering the network namespace the zygote made ahead of the job.
+    NetworkNamespace,
 }
 
 impl SetupStep {
-    pub(super) const ALL: [SetupStep; 27] = [
+    pub(super) const ALL: [SetupStep; 28] = [
         SetupStep::Request,
         SetupStep::Command,
         SetupStep::Output,
@@ -93,6 +95,7 @@ impl SetupStep {
         SetupStep::Start,
         SetupStep::InitDied,
         SetupStep::Egress,
+        SetupStep::NetworkNamespace,
     ];
 
     /// What the step does, for messages.
@@ -125,6 +128,7 @@ impl SetupStep {
             SetupStep::Start => "start of the job",
             SetupStep::InitDied => "the job's pid 1 died during setup",
             SetupStep::Egress => "the egress proxy's listening socket",
+            SetupStep::NetworkNamespace => "entering the pre-made network namespace",
         }
     }
 

@@ -66,6 +66,28 @@ pub fn current_cpu() -> Option<usize> {
     let cpu = unsafe { libc::sched_getcpu() };
     usize::try_from(cpu).ok()
 }
+
+/// Sets the calling thread's nice value (`setpriority(PRIO_PROCESS, 0, nice)`; raising it
+/// back needs `CAP_SYS_NICE`).
+pub fn set_nice(nice: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on integers.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) }).map(drop)
+}
+
+/// The calling thread's nice value.
+pub fn nice() -> io::Result<libc::c_int> {
+    // SAFETY: errno is thread-local; getpriority may legitimately return -1, so errno
+    // tells failure apart.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if nice == -1 && *libc::__errno_location() != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(nice)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
