@@ -35,8 +35,11 @@ pub const ZYGOTE_ARG: &str = "__sandbox-zygote";
 /// Entry point of `corral __sandbox-zygote`. Never returns.
 pub fn main() -> ! {
     let _ = sys::close_range(3, u32::MAX);
-    // The worker's death ends us (end of stream does too; this covers a stuck send).
-    let _ = sys::set_parent_death_signal(libc::SIGKILL);
+    // The worker's death ends us by end of stream on fd 0 (its end is close-on-exec, held by
+    // no one else). Not by a parent-death signal: that follows the *thread* that started
+    // us, and the worker starts us from whichever thread runs its first job (a tokio
+    // blocking thread, which ends after 10 s idle): every quiet spell killed the zygote
+    // and the next job paid for a new one.
     // Out of the worker's process group: a terminal's Ctrl-C is the worker's to handle (it
     // stops its jobs with their grace period); it must not kill the shims outright.
     let _ = sys::setsid();

@@ -896,6 +896,56 @@ fn each_job_gets_a_fresh_network_namespace_of_its_own() {
     assert_nothing_left("netns", 211_006, "netns-1-2");
 }
 
+/// The zygote outlives the thread that started it (the worker starts it from whichever
+/// thread runs its first job, often a blocking-pool thread that ends when idle) and keeps
+/// serving jobs from other threads.
+#[test]
+fn the_zygote_outlives_the_thread_that_started_it() {
+    if !prerequisites() {
+        return;
+    }
+    let _dirs = leaves_nothing("zygote-thread");
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral-worker"))));
+    let cfg = SandboxConfig {
+        zygote: Some(zygote.clone()),
+        ..config("zygote-thread")
+    };
+    let run_one = |name: &str| {
+        let job = JobDir::create(jobs.path(), name, 16 << 20).unwrap();
+        let mut running =
+            Sandbox::spawn(&simple_spec(&job, 211_007, &["sh", "-c", "echo hi"]), &cfg).unwrap();
+        let out = drain(running.stdout.take());
+        let outcome = running.wait().unwrap();
+        assert_eq!(outcome.exit, Exit::Code(0), "{name}");
+        assert_eq!(out.join().unwrap(), "hi\n");
+        job.remove().unwrap();
+    };
+    std::thread::scope(|s| s.spawn(|| run_one("from-a-thread")).join().unwrap());
+    let first = zygote.pid().expect("the zygote runs after a job");
+    // Had it been killed along with its starting thread, it would be gone (or a zombie) by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let state = std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap();
+    let state = state
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert_ne!(
+        state, "Z",
+        "the zygote died with the thread that started it"
+    );
+    run_one("from-main");
+    assert_eq!(
+        zygote.pid(),
+        Some(first),
+        "the same zygote served the next job"
+    );
+    assert_nothing_left("zygote-thread", 211_007, "from-main");
+}
+
 #[test]
 fn debug_command_prints_the_outcome_as_json() {
     if !prerequisites() {
