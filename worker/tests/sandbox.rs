@@ -40,6 +40,29 @@ fn zygote_config(test: &str) -> SandboxConfig {
     }
 }
 
+/// [`config`] with a zygote of its own (not shared with other tests), and that zygote.
+fn own_zygote_config(test: &str) -> (std::sync::Arc<Zygote>, SandboxConfig) {
+    let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral-worker"))));
+    let cfg = SandboxConfig {
+        zygote: Some(zygote.clone()),
+        ..config(test)
+    };
+    (zygote, cfg)
+}
+
+/// Runs `sh -c 'echo hi'` as `uid` in a new job dir `name` under `jobs`, checks that it
+/// printed `hi` and exited 0, and removes the job dir.
+fn echo_hi(cfg: &SandboxConfig, jobs: &Path, name: &str, uid: u32) {
+    let job = JobDir::create(jobs, name, 16 << 20).unwrap();
+    let mut running =
+        Sandbox::spawn(&simple_spec(&job, uid, &["sh", "-c", "echo hi"]), cfg).unwrap();
+    let out = drain(running.stdout.take());
+    let outcome = running.wait().unwrap();
+    assert_eq!(outcome.exit, Exit::Code(0), "{name}");
+    assert_eq!(out.join().unwrap(), "hi\n", "{name}");
+    job.remove().unwrap();
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Case {
@@ -812,26 +835,15 @@ fn a_dead_zygote_is_replaced() {
     }
     let _dirs = leaves_nothing("zygote");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
-    let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral-worker"))));
-    let cfg = SandboxConfig {
-        zygote: Some(zygote.clone()),
-        ..config("zygote")
-    };
+    let (zygote, cfg) = own_zygote_config("zygote");
     for round in 0..2 {
-        let job = JobDir::create(jobs.path(), &format!("zygote-{round}"), 16 << 20).unwrap();
-        let mut running =
-            Sandbox::spawn(&simple_spec(&job, 211_004, &["sh", "-c", "echo hi"]), &cfg).unwrap();
-        let out = drain(running.stdout.take());
-        let outcome = running.wait().unwrap();
-        assert_eq!(outcome.exit, Exit::Code(0), "round {round}");
-        assert_eq!(out.join().unwrap(), "hi\n");
+        echo_hi(&cfg, jobs.path(), &format!("zygote-{round}"), 211_004);
         let pid = zygote.pid().expect("the zygote runs after a job");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        job.remove().unwrap();
     }
     assert_nothing_left("zygote", 211_004, "zygote-1");
 }
@@ -847,12 +859,7 @@ fn each_job_gets_a_fresh_network_namespace_of_its_own() {
     }
     let _dirs = leaves_nothing("netns");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
-    let cfg = SandboxConfig {
-        zygote: Some(std::sync::Arc::new(Zygote::new(Path::new(env!(
-            "CARGO_BIN_EXE_corral-worker"
-        ))))),
-        ..config("netns")
-    };
+    let (_zygote, cfg) = own_zygote_config("netns");
     let probe = "import os, socket, time\n\
         s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n\
         c = socket.create_connection(s.getsockname()); a, _ = s.accept()\n\
@@ -906,22 +913,12 @@ fn the_zygote_outlives_the_thread_that_started_it() {
     }
     let _dirs = leaves_nothing("zygote-thread");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
-    let zygote = std::sync::Arc::new(Zygote::new(Path::new(env!("CARGO_BIN_EXE_corral-worker"))));
-    let cfg = SandboxConfig {
-        zygote: Some(zygote.clone()),
-        ..config("zygote-thread")
-    };
-    let run_one = |name: &str| {
-        let job = JobDir::create(jobs.path(), name, 16 << 20).unwrap();
-        let mut running =
-            Sandbox::spawn(&simple_spec(&job, 211_007, &["sh", "-c", "echo hi"]), &cfg).unwrap();
-        let out = drain(running.stdout.take());
-        let outcome = running.wait().unwrap();
-        assert_eq!(outcome.exit, Exit::Code(0), "{name}");
-        assert_eq!(out.join().unwrap(), "hi\n");
-        job.remove().unwrap();
-    };
-    std::thread::scope(|s| s.spawn(|| run_one("from-a-thread")).join().unwrap());
+    let (zygote, cfg) = own_zygote_config("zygote-thread");
+    std::thread::scope(|s| {
+        s.spawn(|| echo_hi(&cfg, jobs.path(), "from-a-thread", 211_007))
+            .join()
+            .unwrap()
+    });
     let first = zygote.pid().expect("the zygote runs after a job");
     // Had it been killed along with its starting thread, it would be gone (or a zombie) by now.
     std::thread::sleep(Duration::from_millis(300));
@@ -937,7 +934,7 @@ fn the_zygote_outlives_the_thread_that_started_it() {
         state, "Z",
         "the zygote died with the thread that started it"
     );
-    run_one("from-main");
+    echo_hi(&cfg, jobs.path(), "from-main", 211_007);
     assert_eq!(
         zygote.pid(),
         Some(first),
