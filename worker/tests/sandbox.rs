@@ -868,8 +868,11 @@ fn each_job_gets_a_fresh_network_namespace_of_its_own() {
         print(os.readlink('/proc/self/ns/net'), ','.join(ifaces), echo)\n\
         time.sleep(0.5)\n";
     let host = std::fs::read_link("/proc/self/ns/net").unwrap();
-    let mut seen = std::collections::BTreeSet::new();
+    // The second round gets namespaces the zygote made after the first. Compared within a
+    // round only, among jobs alive at once: the kernel reuses a gone namespace's inode
+    // number.
     for round in 0..2 {
+        let mut seen = std::collections::BTreeSet::new();
         let started: Vec<_> = (0..3)
             .map(|i| {
                 let job =
