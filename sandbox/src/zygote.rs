@@ -120,6 +120,9 @@ impl NetnsPool {
     /// concurrency; a job arriving at an empty pool clones its own namespace as before.
     const SIZE: usize = 2;
 
+    /// How long no request must have come before a namespace is made.
+    const QUIET_MS: i32 = 1;
+
     fn new() -> Self {
         NetnsPool {
             home: std::fs::File::open("/proc/thread-self/ns/net")
@@ -128,9 +131,6 @@ impl NetnsPool {
             ready: Vec::with_capacity(Self::SIZE),
         }
     }
-
-    /// How long no request must have come before a namespace is made.
-    const QUIET_MS: i32 = 1;
 
     fn wants_more(&self) -> bool {
         self.home.is_some() && self.ready.len() < Self::SIZE
