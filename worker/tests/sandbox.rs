@@ -944,6 +944,15 @@ fn the_zygote_outlives_the_thread_that_started_it() {
         "the same zygote served the next job"
     );
     assert_nothing_left("zygote-thread", 211_007, "from-main");
+    // Its worker's end of the socket closing (the worker exiting or killed) is what ends
+    // it now; dropping the handle closes that end and reaps it.
+    drop(cfg);
+    std::thread::spawn(move || drop(zygote));
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !Path::new(&format!("/proc/{first}")).exists()
+    });
+    assert!(gone, "the zygote outlived its worker's end of the socket");
 }
 
 #[test]
