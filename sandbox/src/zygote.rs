@@ -109,9 +109,12 @@ fn become_shim(fds: &[OwnedFd], netns: Option<OwnedFd>) -> ! {
 /// requests. Making one switches the zygote's own namespace and back; it is single
 /// threaded and forks only from its home namespace.
 struct NetnsPool {
-    /// The zygote's own network namespace; `None` when it could not be opened, and then no
-    /// namespace is made ahead (each job's pid 1 clones its own).
+    /// The zygote's own network namespace; `None` when it (or our nice value) could not be
+    /// read, and then no namespace is made ahead (each job's pid 1 clones its own).
     home: Option<OwnedFd>,
+    /// The nice value the zygote got from the worker, which its shims inherit: restored
+    /// after each namespace is made at nice 19.
+    nice: libc::c_int,
     ready: Vec<OwnedFd>,
 }
 
@@ -124,10 +127,13 @@ impl NetnsPool {
     const QUIET_MS: i32 = 1;
 
     fn new() -> Self {
+        let nice = sys::nice();
         NetnsPool {
             home: std::fs::File::open("/proc/thread-self/ns/net")
                 .ok()
-                .map(OwnedFd::from),
+                .map(OwnedFd::from)
+                .filter(|_| nice.is_ok()),
+            nice: nice.unwrap_or(0),
             ready: Vec::with_capacity(Self::SIZE),
         }
     }
@@ -139,14 +145,9 @@ impl NetnsPool {
     fn make_one(&mut self) {
         let Some(home) = &self.home else { return };
         // At the lowest priority: a job's start that wants the CPU meanwhile gets it.
-        // Then back to the worker's own, which the shims inherit.
-        let Ok(own) = sys::nice() else {
-            self.home = None;
-            return;
-        };
         let niced = sys::set_nice(19).is_ok();
         let made = make_netns(home);
-        if niced && sys::set_nice(own).is_err() {
+        if niced && sys::set_nice(self.nice).is_err() {
             // Shims forked at nice 19 would run their jobs there.
             sys::exit_now(70);
         }
