@@ -4,6 +4,7 @@
 //! (`scripts/fixtures`, then a deterministic pack pushed to the store). Every failure says
 //! what was being done, on what, and what to do, with the exit code of its kind.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -45,7 +46,8 @@ impl PrepareError {
 }
 
 fn say(text: impl std::fmt::Display) {
-    eprintln!("corral: {text}");
+    // Never a panic when stderr is gone (a closed pipe): stopping must not depend on it.
+    let _ = writeln!(std::io::stderr(), "corral: {text}");
 }
 
 /// Makes `dir` and checks that files can be made in it, before anything is written there.

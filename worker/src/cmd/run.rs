@@ -3,6 +3,7 @@
 //! SIGTERM), 1 when it ended otherwise (boot timeout, crash, crash loop), 65 when the image
 //! or the request is unusable, 75 when the platform failed.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
 }
 
 fn say(text: impl std::fmt::Display) {
-    eprintln!("corral: {text}");
+    // Never a panic when stderr is gone (a closed pipe): stopping must not depend on it.
+    let _ = writeln!(std::io::stderr(), "corral: {text}");
 }
 
 fn seconds(flag: &str, value: f64) -> Result<Duration, String> {
