@@ -46,12 +46,19 @@ enum Request {
     Listeners {
         reply: mpsc::SyncSender<io::Result<Vec<Listener>>>,
     },
+    Run {
+        command: Box<std::process::Command>,
+        input: Vec<u8>,
+        reply: mpsc::SyncSender<io::Result<std::process::Output>>,
+    },
 }
 
 /// The network namespace of a running job, held by a thread inside it. Dropping this ends
 /// the thread; the namespace itself lives as long as the job (or an fd on it) does.
 pub struct JobNetwork {
     requests: mpsc::Sender<Request>,
+    /// The namespace itself, for what is configured from outside it (an interface moved in).
+    namespace: OwnedFd,
 }
 
 impl std::fmt::Debug for JobNetwork {
@@ -75,6 +82,7 @@ impl JobNetwork {
                 format!("{path} is the worker's own network namespace"),
             ));
         }
+        let namespace = OwnedFd::from(ns.try_clone()?);
         let (requests, inbox) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         std::thread::Builder::new()
@@ -95,13 +103,53 @@ impl JobNetwork {
                         Request::Listeners { reply } => {
                             let _ = reply.send(listeners_here());
                         }
+                        Request::Run {
+                            mut command,
+                            input,
+                            reply,
+                        } => {
+                            let _ = reply.send(run_here(&mut command, &input));
+                        }
                     }
                 }
             })?;
         ready_rx
             .recv()
             .map_err(|_| io::Error::other("the namespace thread ended"))??;
-        Ok(JobNetwork { requests })
+        Ok(JobNetwork {
+            requests,
+            namespace,
+        })
+    }
+
+    /// A path naming the namespace while this value lives (`/proc/<worker>/fd/<n>`), for a
+    /// host tool that moves something into it (`ip link … netns PATH`).
+    pub fn path(&self) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.namespace.as_raw_fd()
+        )
+        .into()
+    }
+
+    /// Runs `command` inside the namespace (a child of the thread that is in it), with
+    /// `input` on its stdin, and waits for it.
+    pub fn run(
+        &self,
+        command: std::process::Command,
+        input: &[u8],
+    ) -> io::Result<std::process::Output> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.ask(Request::Run {
+            command: Box::new(command),
+            input: input.to_vec(),
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| io::Error::other("the namespace thread ended"))?
     }
 
     /// A non-blocking TCP socket inside the namespace, not yet connected.
@@ -140,6 +188,20 @@ const TCP_CLOSE: u8 = 7;
 const NLMSG_HDRLEN: usize = 16;
 
 /// Asks the calling thread's namespace for its listeners (see [`JobNetwork::listeners`]).
+fn run_here(command: &mut std::process::Command, input: &[u8]) -> io::Result<std::process::Output> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input)?;
+    }
+    child.wait_with_output()
+}
+
 fn listeners_here() -> io::Result<Vec<Listener>> {
     let sock = crate::sys::sock_diag_socket()?;
     let mut out = Vec::new();

@@ -241,6 +241,12 @@ pub struct RunArgs {
     /// Ready means this path answers HTTP 2xx on `$PORT` (e.g. `/healthz`).
     #[arg(long, value_name = "/PATH")]
     pub health_path: Option<String>,
+    /// How connections reach the app: `auto` routes them through the kernel (a link into
+    /// the app's namespace and a DNAT rule) when run as root for an IPv4 address and the app
+    /// listens on every address inside, else copies them in userspace; `userspace` always
+    /// copies (as with Docker's userland proxy).
+    #[arg(long, value_enum, default_value_t = crate::app::route::Forwarding::Auto)]
+    pub forwarding: crate::app::route::Forwarding,
     /// The project the app belongs to: it runs as that project's uid.
     #[arg(long, default_value = "demo")]
     pub project: String,

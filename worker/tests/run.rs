@@ -168,6 +168,14 @@ fn start(name: &str, args: &[String], command: &[String]) -> App {
     }
 }
 
+impl Drop for App {
+    /// A test that failed half-way leaves no `corral run` behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl App {
     fn events(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.events)
@@ -729,4 +737,193 @@ fn every_hostile_layer_is_refused_and_nothing_escapes() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// An app that listens on every address inside is reached through the kernel (a link into
+/// its namespace and a DNAT rule), and that link lets it reach nothing on the host, nor the
+/// host reach any of its ports but the published one; both are gone when it stops.
+#[test]
+fn kernel_forwarding_serves_the_app_and_keeps_it_off_the_host() {
+    if !prerequisites() || !require(have("nft"), "nft (Debian package nftables)") {
+        return;
+    }
+    let _serial = serial();
+    let name = "kernel_forwarding";
+    // What a worker killed before it could clean up leaves: a table whose link is gone.
+    let stale = "corral_crl16000";
+    let added = Command::new("nft")
+        .args(["add", "table", "ip", stale])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    // A service on every address of the host: what the app must not reach.
+    let service = TcpListener::bind("0.0.0.0:0").unwrap();
+    let service_port = service.local_addr().unwrap().port();
+    service.set_nonblocking(true).unwrap();
+    let app = r#"
+import http.server, os, socket, threading
+secret = socket.socket()
+secret.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+secret.bind(("0.0.0.0", 9471))
+secret.listen()
+def serve_secret():
+    while True:
+        c, _ = secret.accept()
+        c.sendall(b"SECRET")
+        c.close()
+threading.Thread(target=serve_secret, daemon=True).start()
+def host_address():
+    # The host's end of the link: the first address of eth0's /30.
+    for line in open("/proc/net/route").read().splitlines()[1:]:
+        f = line.split()
+        if f[0] == "eth0" and f[7] == "FCFFFFFF":
+            net = int(f[1], 16)
+            return socket.inet_ntoa((net + (1 << 24)).to_bytes(4, "little"))
+    return None
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        host = host_address()
+        try:
+            socket.create_connection((host, int(os.environ["SERVICE_PORT"])), timeout=3).close()
+            body = "host %s: CONNECTED" % host
+        except (OSError, TypeError) as e:
+            body = "host %s: unreachable (%s)" % (host, type(e).__name__)
+        body = ("client %s; %s" % (self.client_address[0], body)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+    let mut running = start(
+        name,
+        &[
+            "--grace".into(),
+            "2".into(),
+            "--env".into(),
+            format!("SERVICE_PORT={service_port}"),
+        ],
+        &["/usr/bin/python3".into(), "-c".into(), app.into()],
+    );
+    let ready = running
+        .wait_for("app_ready", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("never ready: {:?}", running.events()));
+    assert_eq!(ready["details"]["forwarding"], "kernel", "{ready}");
+    let link = ready["details"]["link"].as_str().unwrap().to_owned();
+    let app_address: std::net::IpAddr = ready["details"]["app_address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(Path::new("/sys/class/net").join(&link).exists());
+    let tables = text(
+        &Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(
+        !tables.contains(stale),
+        "the stale table is left:\n{tables}"
+    );
+
+    // Served, and by the kernel: the app sees the host's end of the link as the client (the
+    // userspace forwarder connects from 127.0.0.1 inside).
+    let page = running.get("/");
+    assert!(page.contains(" 200 "), "{page}");
+    let host_end = match app_address {
+        std::net::IpAddr::V4(a) => std::net::Ipv4Addr::from(u32::from(a) - 1),
+        other => panic!("{other}"),
+    };
+    assert!(
+        page.contains(&format!("client {host_end}; host {host_end}: ")),
+        "{page}"
+    );
+    // The app cannot reach the host's service through its link, though the host can.
+    assert!(page.contains(": unreachable ("), "{page}");
+    assert!(!page.contains("host None"), "{page}");
+    assert!(
+        TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], service_port)),
+            Duration::from_secs(2)
+        )
+        .is_ok()
+    );
+    let accepted = std::iter::from_fn(|| service.accept().ok()).count();
+    assert_eq!(accepted, 1, "the app reached the host's service");
+    // Nothing on the host reaches the app's address directly: not its second port, not even
+    // `$PORT`; only what comes through the published address is let in.
+    for port in [9471, 8080] {
+        let direct =
+            TcpStream::connect_timeout(&SocketAddr::new(app_address, port), Duration::from_secs(2));
+        assert!(direct.is_err(), "the host reached {app_address}:{port}");
+    }
+    // Nor through the published address on the second port.
+    let second = SocketAddr::new(running.publish.ip(), 9471);
+    if let Ok(mut stream) = TcpStream::connect_timeout(&second, Duration::from_secs(2)) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut got = String::new();
+        let _ = stream.read_to_string(&mut got);
+        assert!(!got.contains("SECRET"), "the second port answered: {got}");
+    }
+
+    running.terminate();
+    let (code, stderr, _) = running.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !Path::new("/sys/class/net").join(&link).exists(),
+        "{link} is left"
+    );
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    let tables = text(&tables.stdout);
+    assert!(
+        !tables.contains(&format!("corral_{link}\n")),
+        "the app's table is left:\n{tables}"
+    );
+    remove_parents(name);
+}
+
+/// `corral run` stops when asked even when nothing reads its stderr any more (a log pipe
+/// whose reader died): what it says there is best effort.
+#[test]
+fn a_closed_stderr_does_not_keep_corral_run_from_stopping() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let name = "closed_stderr";
+    let mut app = start(name, &["--grace".into(), "2".into()], &python_app_command());
+    assert!(
+        app.wait_for("app_ready", Duration::from_secs(60)).is_some(),
+        "never ready: {:?}",
+        app.events()
+    );
+    drop(app.child.stderr.take());
+    app.terminate();
+    let until = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = app.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < until,
+            "corral run did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    let events = app.events();
+    let stopped = events.iter().find(|e| e["kind"] == "app_stopped");
+    assert_eq!(
+        stopped.map(|e| e["details"]["outcome"].clone()),
+        Some(Value::from("stopped")),
+        "{events:?}"
+    );
+    remove_parents(name);
 }

@@ -20,6 +20,7 @@
 
 pub mod forward;
 pub mod layers;
+pub mod route;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -128,6 +129,8 @@ pub struct AppSpec {
     pub restart: Restart,
     /// With it, ready means this path answers HTTP 2xx on `$PORT`.
     pub health_path: Option<String>,
+    /// Whether connections may be routed through the kernel ([`route`]).
+    pub forwarding: route::Forwarding,
     /// This many crashes within [`AppSpec::crash_window`] is a crash loop.
     pub crash_loop_after: u32,
     pub crash_window: Duration,
@@ -545,6 +548,7 @@ async fn run_once(
 
     let boot_deadline = tokio::time::Instant::from_std(started + spec.boot_timeout);
     let mut ready = false;
+    let mut route: Option<route::KernelRoute> = None;
     let mut ending: Option<fn(Outcome) -> Attempt> = None;
     let mut poll = tokio::time::interval(LISTEN_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -570,22 +574,40 @@ async fn run_once(
                 };
                 if answered {
                     ready = true;
+                    let boot_ms = started.elapsed().as_millis() as u64;
+                    let mut why_userspace = None;
+                    if let Some(net) = &network {
+                        match open_route(spec, net.clone(), &listening).await {
+                            Ok(opened) => route = Some(opened),
+                            Err(reason) => why_userspace = reason,
+                        }
+                    }
+                    let forwarding = if route.is_some() { "kernel" } else { "userspace" };
                     events.lifecycle(
                         Fact::new(
                             EventKind::AppReady,
                             Severity::Info,
                             format!(
-                                "the app {} is ready on {} (port {} inside) after {} ms",
+                                "the app {} is ready on {} (port {} inside, forwarded {}{}) after {} ms",
                                 spec.app_id,
                                 spec.publish,
                                 spec.port,
-                                started.elapsed().as_millis()
+                                if route.is_some() { "by the kernel" } else { "in userspace" },
+                                why_userspace.as_deref().map(|why| format!(": {why}")).unwrap_or_default(),
+                                boot_ms
                             ),
                         )
                         .with("port", spec.port)
                         .with("publish", spec.publish.to_string())
-                        .with("boot_ms", started.elapsed().as_millis() as u64)
-                        .with("attempt", attempt),
+                        .with("boot_ms", boot_ms)
+                        .with("attempt", attempt)
+                        .with("forwarding", forwarding)
+                        .with("forwarding_note", why_userspace)
+                        .with("link", route.as_ref().map(route::KernelRoute::link))
+                        .with(
+                            "app_address",
+                            route.as_ref().map(|r| r.app_address().to_string()),
+                        ),
                     );
                 }
             }
@@ -612,6 +634,9 @@ async fn run_once(
             }
         }
     };
+    if let Some(route) = route.take() {
+        let _ = tokio::task::spawn_blocking(move || drop(route)).await;
+    }
     target.send_replace(None);
     for thread in threads {
         let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -627,6 +652,32 @@ async fn run_once(
         Some(make) => make(outcome),
         None => Attempt::Ended(outcome),
     })
+}
+
+/// The kernel route to the app once it is ready, when allowed and possible; else why not
+/// (`None` when userspace forwarding was asked for).
+async fn open_route(
+    spec: &AppSpec,
+    network: Arc<JobNetwork>,
+    listening: &[Listener],
+) -> Result<route::KernelRoute, Option<String>> {
+    if spec.forwarding == route::Forwarding::Userspace {
+        return Err(None);
+    }
+    let everywhere = listening.iter().any(|l| {
+        l.transport == Transport::Tcp && l.port == spec.port && l.address.is_unspecified()
+    });
+    if !everywhere {
+        return Err(Some(format!(
+            "the app listens on port {} of loopback only, not on 0.0.0.0",
+            spec.port
+        )));
+    }
+    let (publish, port) = (spec.publish, spec.port);
+    tokio::task::spawn_blocking(move || route::KernelRoute::open(network, publish, port))
+        .await
+        .map_err(|err| Some(err.to_string()))?
+        .map_err(|err| Some(err.to_string()))
 }
 
 fn raise_unexpected(events: &JobEvents, spec: &AppSpec, listener: &Listener) {

@@ -169,6 +169,7 @@ async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8
             RestartPolicy::OnFailure => Restart::OnFailure,
         },
         health_path: args.health_path.clone(),
+        forwarding: args.forwarding,
         crash_loop_after: 5,
         crash_window: Duration::from_secs(60),
         backoff_base: Duration::from_millis(500),
