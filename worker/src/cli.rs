@@ -247,6 +247,11 @@ pub struct RunArgs {
     /// copies (as with Docker's userland proxy).
     #[arg(long, value_enum, default_value_t = crate::app::route::Forwarding::Auto)]
     pub forwarding: crate::app::route::Forwarding,
+    /// Let the app reach HOST:PORT through an egress proxy of its own on its loopback, as
+    /// builds do (repeatable; within the config's `[egress] allow`; `HTTP_PROXY` and
+    /// `HTTPS_PROXY` set). Without it the app reaches nothing outside.
+    #[arg(long = "egress", value_name = "HOST:PORT")]
+    pub egress: Vec<String>,
     /// The project the app belongs to: it runs as that project's uid.
     #[arg(long, default_value = "demo")]
     pub project: String,

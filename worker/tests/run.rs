@@ -927,3 +927,129 @@ fn a_closed_stderr_does_not_keep_corral_run_from_stopping() {
     );
     remove_parents(name);
 }
+
+/// With `--egress`, the app reaches what is listed (within the config's `[egress] allow`)
+/// through a proxy of its own, as builds do: anything else is refused with
+/// `egress_denied`, the proxy's socket inside is not an unexpected listener, and
+/// `app_stopped` accounts the traffic per destination. Asking beyond the config is invalid
+/// input.
+#[test]
+fn an_app_reaches_only_its_egress_list_through_its_proxy() {
+    if !prerequisites() {
+        return;
+    }
+    let _serial = serial();
+    let name = "app_egress";
+    // The allowed upstream, on an address of its own (loopback is refused unless listed).
+    let upstream = TcpListener::bind("127.0.0.3:0").unwrap();
+    let upstream_port = upstream.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in upstream.incoming().flatten() {
+            let mut head = [0u8; 4096];
+            let _ = conn.read(&mut head);
+            let body = "UPSTREAM-OK";
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let dir = common::scratch();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!("[egress]\nallow = [\"127.0.0.3:{upstream_port}\"]\n"),
+    )
+    .unwrap();
+    let refused_port = free_port();
+    let app = format!(
+        r#"
+import http.server, os, urllib.request, urllib.error
+TARGETS = {{"/allowed": "http://127.0.0.3:{upstream_port}/", "/refused": "http://127.0.0.3:{refused_port}/"}}
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            body = "got " + urllib.request.urlopen(TARGETS[self.path], timeout=10).read().decode()
+        except urllib.error.HTTPError as e:
+            body = "refused %d" % e.code
+        except Exception as e:
+            body = "failed %s" % type(e).__name__
+        body = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#
+    );
+    let mut running = start(
+        name,
+        &[
+            "--grace".into(),
+            "2".into(),
+            "--config".into(),
+            config.to_str().unwrap().into(),
+            "--egress".into(),
+            format!("127.0.0.3:{upstream_port}"),
+        ],
+        &["/usr/bin/python3".into(), "-c".into(), app],
+    );
+    assert!(
+        running
+            .wait_for("app_ready", Duration::from_secs(60))
+            .is_some(),
+        "never ready: {:?}",
+        running.events()
+    );
+    let allowed = running.get("/allowed");
+    assert!(allowed.contains("got UPSTREAM-OK"), "{allowed}");
+    let refused = running.get("/refused");
+    assert!(refused.contains("refused 403"), "{refused}");
+    running.terminate();
+    let (code, stderr, events) = running.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    let denied: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "egress_denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{events:?}");
+    assert_eq!(denied[0]["details"]["port"], refused_port);
+    assert!(
+        !events.iter().any(|e| e["kind"] == "unexpected_listen"),
+        "the proxy's socket was taken for the app's: {events:?}"
+    );
+    let stopped = events
+        .iter()
+        .find(|e| e["kind"] == "app_stopped")
+        .unwrap_or_else(|| panic!("no app_stopped: {events:?}"));
+    let rows = stopped["details"]["network"]["destinations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no network usage: {stopped}"));
+    let row = |port: u16| {
+        rows.iter()
+            .find(|r| r["destination"] == format!("127.0.0.3:{port}"))
+            .unwrap_or_else(|| panic!("no row for port {port}: {rows:?}"))
+    };
+    assert_eq!(row(upstream_port)["connections"], 1);
+    assert!(row(upstream_port)["bytes_in"].as_u64().unwrap() > 0);
+    assert_eq!(row(refused_port)["denied"], 1);
+
+    // Beyond the config's ceiling: refused before anything runs.
+    let out = common::corral()
+        .args(["run", "python-app", "--data-dir"])
+        .arg(data())
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--egress", "127.0.0.4:80"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("127.0.0.4:80"),
+        "{}",
+        text(&out.stderr)
+    );
+    remove_parents(name);
+}

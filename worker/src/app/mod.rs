@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use corral_protocol::{EventKind, JobId, ProjectId, Severity};
+use corral_protocol::{EventKind, JobId, NetworkUsage, ProjectId, Severity};
 use corral_sandbox::{
     DeathReason, Exit, Identity, JobNetwork, Listener, Network, Outcome, Sandbox, SandboxConfig,
     SandboxLimits, SandboxSpec, Scratch, Transport,
@@ -37,8 +37,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
+use crate::egress::proxy::Denial;
+use crate::egress::{Ledger, Proxy, ProxyLimits};
 use crate::events::{Fact, JobEvents};
-use crate::job::build::live_fact;
+use crate::job::build::{denial_fact, live_fact};
 use layers::ResolvedImage;
 
 /// Why an app could not be run at all.
@@ -131,6 +133,8 @@ pub struct AppSpec {
     pub health_path: Option<String>,
     /// Whether connections may be routed through the kernel ([`route`]).
     pub forwarding: route::Forwarding,
+    /// What the app may reach through its egress proxy; `None`: nothing.
+    pub egress: Option<crate::egress::AllowList>,
     /// This many crashes within [`AppSpec::crash_window`] is a crash loop.
     pub crash_loop_after: u32,
     pub crash_window: Duration,
@@ -272,6 +276,20 @@ pub async fn run(
     let mut unexpected = BTreeSet::new();
     let mut restarts = 0u32;
     let sandbox_spec = sandbox_spec(spec, host)?;
+    // One proxy for the app's whole life: its ledger sums every start's traffic.
+    let proxy = spec.egress.clone().map(|allow| {
+        let events = events.clone();
+        Proxy::new(
+            allow,
+            crate::egress::allow::own_addresses(),
+            ProxyLimits::default(),
+            Arc::new(Ledger::new(u64::MAX)),
+            Arc::new(move |denial: &Denial| {
+                events.raise(denial_fact(denial));
+            }),
+        )
+    });
+    let network = || proxy.as_ref().map(|p| p.ledger().usage());
     loop {
         let attempt = restarts + 1;
         let outcome = run_once(
@@ -283,6 +301,7 @@ pub async fn run(
             &mut stop,
             attempt,
             &mut unexpected,
+            proxy.as_ref(),
         )
         .await?;
         let (ending, last) = match outcome {
@@ -341,7 +360,7 @@ pub async fn run(
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         _ = stop.wait_for(|stop| *stop) => {
-                            return Ok(finish(events, spec, Ending::Stopped, restarts, Some(last), unexpected));
+                            return Ok(finish(events, spec, Ending::Stopped, restarts, Some(last), unexpected, network()));
                         }
                     }
                     restarts += 1;
@@ -358,6 +377,7 @@ pub async fn run(
             restarts,
             Some(last),
             unexpected,
+            network(),
         ));
     }
 }
@@ -369,6 +389,7 @@ fn finish(
     restarts: u32,
     last: Option<Outcome>,
     unexpected: BTreeSet<Listener>,
+    network: Option<NetworkUsage>,
 ) -> AppOutcome {
     let crash = ending.crash().copied();
     let mut fact = Fact::new(
@@ -390,6 +411,9 @@ fn finish(
         .with("restarts", restarts);
     if let Some(outcome) = &last {
         fact = fact.with("usage", &outcome.usage);
+    }
+    if let Some(network) = &network {
+        fact = fact.with("network", network);
     }
     events.lifecycle(fact);
     AppOutcome {
@@ -439,6 +463,15 @@ fn sandbox_spec(spec: &AppSpec, host: &Host) -> Result<SandboxSpec, AppError> {
         set(key, value);
     }
     set("PORT", &spec.port.to_string());
+    if spec.egress.is_some() {
+        let url = format!("http://127.0.0.1:{}", corral_sandbox::EGRESS_PORT);
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            set(name, &url);
+        }
+        for name in ["NO_PROXY", "no_proxy"] {
+            set(name, "localhost,127.0.0.1");
+        }
+    }
     let scratch = host.sandbox.run_dir.join("scratch");
     std::fs::create_dir_all(&scratch).map_err(|source| AppError::Io {
         what: "creating the scratch mount point".into(),
@@ -468,7 +501,12 @@ fn sandbox_spec(spec: &AppSpec, host: &Host) -> Result<SandboxSpec, AppError> {
             disk_bytes_per_second: None,
             disk_device: None,
         },
-        network: Network::Loopback,
+        network: match spec.egress {
+            Some(_) => Network::Egress {
+                port: corral_sandbox::EGRESS_PORT,
+            },
+            None => Network::Loopback,
+        },
         read_only_binds: Vec::new(),
         hostname: "corral".to_owned(),
         scratch: Some(Scratch {
@@ -489,6 +527,7 @@ async fn run_once(
     stop: &mut StopSignal,
     attempt: u32,
     unexpected: &mut BTreeSet<Listener>,
+    proxy: Option<&Arc<Proxy>>,
 ) -> Result<Attempt, AppError> {
     let started = Instant::now();
     let (s, config) = (sandbox_spec.clone(), host.sandbox.clone());
@@ -515,6 +554,25 @@ async fn run_once(
         .with("attempt", attempt),
     );
     let cancel = running.cancel_handle();
+    // The proxy serves the socket pid 1 made on the app's loopback, until this start ends.
+    let serving = match (proxy, running.egress_listener()) {
+        (Some(proxy), Some(handed)) => {
+            let proxy = proxy.clone();
+            Some(tokio::spawn(async move {
+                let Ok(Ok(fd)) = tokio::task::spawn_blocking(move || handed.recv()).await else {
+                    return;
+                };
+                let listener = std::net::TcpListener::from(fd);
+                if let Ok(listener) = listener
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                {
+                    proxy.serve(listener).await;
+                }
+            }))
+        }
+        _ => None,
+    };
     let mut threads = Vec::new();
     // The app's output goes to ours (stderr: stdout may carry the events).
     for pipe in [running.stdout.take(), running.stderr.take()]
@@ -560,7 +618,11 @@ async fn run_once(
                 let listening = tokio::task::spawn_blocking(move || net.listeners()).await;
                 let Ok(Ok(listening)) = listening else { continue };
                 for listener in &listening {
-                    let ours = listener.transport == Transport::Tcp && listener.port == spec.port;
+                    let ours = listener.transport == Transport::Tcp
+                        && (listener.port == spec.port
+                            || (proxy.is_some()
+                                && listener.port == corral_sandbox::EGRESS_PORT
+                                && listener.address.is_loopback()));
                     if !ours && unexpected.insert(*listener) {
                         raise_unexpected(events, spec, listener);
                     }
@@ -636,6 +698,9 @@ async fn run_once(
     };
     if let Some(route) = route.take() {
         let _ = tokio::task::spawn_blocking(move || drop(route)).await;
+    }
+    if let Some(serving) = serving {
+        serving.abort();
     }
     target.send_replace(None);
     for thread in threads {

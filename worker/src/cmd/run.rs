@@ -108,6 +108,18 @@ async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8
         Err(code) => return Ok(code),
     };
     let settings = Settings::from_config(&config).context("setting up the sandbox")?;
+    let egress = match args.egress.is_empty() {
+        true => None,
+        false => match settings.egress.allow.subset(&args.egress) {
+            Ok(allow) => Some(allow),
+            Err(err) => {
+                say(format!(
+                    "error: --egress: {err} (the config's [egress] allow is the ceiling)"
+                ));
+                return Ok(exit::INVALID_INPUT);
+            }
+        },
+    };
     let identity = IdentityMap::open(&settings.data_dir, settings.uid_range.clone())
         .and_then(|ids| ids.with_gid_start(settings.gid_start))
         .and_then(|ids| ids.identity(project.as_str()))
@@ -170,6 +182,7 @@ async fn serve(args: RunArgs, config: Config, broker: bool) -> anyhow::Result<u8
         },
         health_path: args.health_path.clone(),
         forwarding: args.forwarding,
+        egress,
         crash_loop_after: 5,
         crash_window: Duration::from_secs(60),
         backoff_base: Duration::from_millis(500),
