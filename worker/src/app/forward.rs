@@ -1,4 +1,5 @@
-//! The published port: the worker listens on the host address and, for each connection it
+//! The published port in userspace (the fallback of [`super::route`], which has the kernel
+//! carry connections instead): the worker listens on the host address and, for each connection it
 //! accepts, connects to `127.0.0.1:$PORT` inside the app's network namespace through a
 //! socket made there ([`JobNetwork::tcp_socket`]), then splices the two. The app's
 //! namespace has no other way in; while the app is down (booting, restarting) a connection

@@ -4,8 +4,11 @@
 //! overlay's read-only lower dirs; the writable upper is a size-limited tmpfs inside the
 //! app's own mount namespace, gone with the app. The app runs as its project's uid with
 //! every namespace, no capabilities, seccomp and cgroup limits, in a network namespace of
-//! its own with loopback only. Exactly one way in: the worker listens on the published
-//! host address and forwards each connection to `127.0.0.1:$PORT` inside ([`forward`]).
+//! its own with loopback only, and with `--egress` a proxy of its own as builds have.
+//! Exactly one way in: the worker binds the published host address; once the app is ready
+//! and listens on every address inside, the kernel carries connections to `$PORT` over a
+//! guarded link ([`route`]), else the worker copies each to `127.0.0.1:$PORT` inside
+//! ([`forward`]).
 //! While it runs, the namespace's kernel is asked a few times a second which sockets listen
 //! (sock_diag, not the app): `$PORT` in LISTEN and accepting makes the app ready (and with
 //! a health path, an HTTP 2xx there); anything else listening raises `unexpected_listen`.
