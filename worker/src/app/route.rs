@@ -219,7 +219,7 @@ fn create_pair(link: &str, network: &JobNetwork) -> Result<bool, RouteError> {
 }
 
 /// The guard table (replaced whole, in the same transaction) and the app's DNAT table.
-fn rules(link: &str, publish: SocketAddrV4, app: Ipv4Addr, port: u16) -> String {
+pub(crate) fn rules(link: &str, publish: SocketAddrV4, app: Ipv4Addr, port: u16) -> String {
     let table = table_name(link);
     let to_publish = if publish.ip().is_unspecified() {
         "fib daddr type local".to_owned()

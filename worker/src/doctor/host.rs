@@ -40,6 +40,9 @@ pub(super) fn checks(config: &Config, scope: super::Scope) -> Vec<Check> {
         disk_limit(config, &mountinfo),
         data_dir(&config.data_dir, &mountinfo),
     ];
+    if scope.all_tools {
+        checks.push(app_forwarding());
+    }
     checks.extend(
         prerequisites::packages()
             .iter()
@@ -503,6 +506,61 @@ fn data_dir(dir: &Path, mountinfo: &str) -> Check {
                 .with_details(details),
             None => Check::ok(id, format!("{place}, writable, {free_text}")).with_details(details),
         },
+    }
+}
+
+/// Whether `corral run` can have the kernel forward a published port: root, `ip`, `nft`,
+/// and a kernel that accepts the rules (checked by `nft --check`, nothing is installed).
+fn app_forwarding() -> Check {
+    let id = "app_forwarding";
+    let userspace = |why: String| {
+        Check::ok(
+            id,
+            format!("corral run copies published ports in userspace: {why}"),
+        )
+    };
+    if prerequisites::effective_uid() != Some(0) {
+        return userspace("kernel forwarding needs root".into());
+    }
+    for tool in ["ip", "nft"] {
+        if prerequisites::find_command(tool, None).is_none() {
+            return userspace(format!("{tool} is not installed (iproute2, nftables)"));
+        }
+    }
+    // The very rules an app gets, checked by the kernel, not installed.
+    let probe = crate::app::route::rules(
+        "crl0",
+        "0.0.0.0:1".parse().expect("a socket address"),
+        std::net::Ipv4Addr::new(10, 213, 0, 2),
+        1,
+    );
+    let checked = Command::new("nft")
+        .args(["--check", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(probe.as_bytes())?;
+            }
+            child.wait_with_output()
+        });
+    match checked {
+        Ok(out) if out.status.success() => Check::ok(
+            id,
+            "corral run can have the kernel forward a published port (veth, nftables DNAT)",
+        ),
+        Ok(out) => Check::warn(
+            id,
+            format!(
+                "the kernel refuses corral run's forwarding rules, so published ports are copied in userspace: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            "load nf_tables NAT (modprobe nft_nat nft_fib_ipv4 nft_reject_inet), or keep --forwarding userspace",
+        ),
+        Err(err) => userspace(format!("running nft: {err}")),
     }
 }
 
