@@ -389,3 +389,52 @@ impl Drop for TinyTmpfs {
             .status();
     }
 }
+
+/// The app forwarding check: the kernel accepts `corral run`'s rules here, and a forwarding
+/// table whose link is gone (left by a `corral run` that was killed) is named with the
+/// command that removes it.
+#[test]
+fn doctor_checks_app_forwarding_and_names_a_stale_table() {
+    if !require(is_root(), "root (nftables)")
+        || !require(common::have("nft"), "nft (Debian package nftables)")
+    {
+        return;
+    }
+    let out = corral(&["doctor", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+    let forwarding = check(&report, "app_forwarding");
+    assert_eq!(forwarding["status"], "ok", "{forwarding}");
+    assert!(
+        forwarding["summary"]
+            .as_str()
+            .unwrap()
+            .contains("kernel forward"),
+        "{forwarding}"
+    );
+
+    let stale = "corral_crl16002";
+    let added = std::process::Command::new("nft")
+        .args(["add", "table", "ip", stale])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let out = corral(&["doctor", "--json"]);
+    let _ = std::process::Command::new("nft")
+        .args(["delete", "table", "ip", stale])
+        .status();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let forwarding = check(&report, "app_forwarding");
+    assert_eq!(forwarding["status"], "warn", "{forwarding}");
+    assert!(
+        forwarding["summary"].as_str().unwrap().contains(stale),
+        "{forwarding}"
+    );
+    assert!(
+        forwarding["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("nft delete table ip {stale}")),
+        "{forwarding}"
+    );
+}

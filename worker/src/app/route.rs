@@ -272,29 +272,36 @@ table ip {table} {{
 
 /// Removes the tables of links that are gone (a worker killed before it could).
 fn remove_stale_tables() {
+    for name in stale_tables() {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The forwarding tables whose link is gone: what a `corral run` killed before it could
+/// clean up left (their DNAT rules still take the published port's connections).
+pub fn stale_tables() -> Vec<String> {
     let Ok(listed) = Command::new("nft").args(["list", "tables", "ip"]).output() else {
-        return;
+        return Vec::new();
     };
     let prefix = table_name(LINK_PREFIX);
-    for line in String::from_utf8_lossy(&listed.stdout).lines() {
-        let Some(name) = line.trim().strip_prefix("table ip ") else {
-            continue;
-        };
-        let Some(n) = name.strip_prefix(&prefix) else {
-            continue;
-        };
-        if n.parse::<u32>().is_err() {
-            continue;
-        }
-        let link = format!("{LINK_PREFIX}{n}");
-        if !std::path::Path::new("/sys/class/net").join(&link).exists() {
-            let _ = Command::new("nft")
-                .args(["delete", "table", "ip", name])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
+    String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("table ip "))
+        .filter(|name| {
+            name.strip_prefix(&prefix)
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| {
+                    !std::path::Path::new("/sys/class/net")
+                        .join(format!("{LINK_PREFIX}{n}"))
+                        .exists()
+                })
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Runs `command` with `input` on its stdin; its stderr is the error.

@@ -547,6 +547,24 @@ fn app_forwarding() -> Check {
             }
             child.wait_with_output()
         });
+    let stale = crate::app::route::stale_tables();
+    if !stale.is_empty() {
+        return Check::warn(
+            id,
+            format!(
+                "forwarding tables of apps that are gone still take their published ports' connections: {}",
+                stale.join(", ")
+            ),
+            format!(
+                "remove them (the next corral run does too): {}",
+                stale
+                    .iter()
+                    .map(|t| format!("nft delete table ip {t}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        );
+    }
     match checked {
         Ok(out) if out.status.success() => Check::ok(
             id,
