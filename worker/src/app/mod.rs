@@ -732,10 +732,7 @@ async fn open_route(
     if spec.forwarding == route::Forwarding::Userspace {
         return Err(None);
     }
-    let everywhere = listening.iter().any(|l| {
-        l.transport == Transport::Tcp && l.port == spec.port && l.address.is_unspecified()
-    });
-    if !everywhere {
+    if !listens_on_every_ipv4_address(listening, spec.port) {
         return Err(Some(format!(
             "the app listens on port {} of loopback only, not on 0.0.0.0",
             spec.port
@@ -746,6 +743,22 @@ async fn open_route(
         .await
         .map_err(|err| Some(err.to_string()))?
         .map_err(|err| Some(err.to_string()))
+}
+
+/// Whether IPv4 connections to any address of the namespace reach `port`: a listener on
+/// 0.0.0.0, or one on `::` while no IPv4 socket listens there (the app answered on
+/// 127.0.0.1 before it was ready, so that `::` socket takes IPv4 too: it is dual-stack, not
+/// `IPV6_V6ONLY`).
+fn listens_on_every_ipv4_address(listening: &[Listener], port: u16) -> bool {
+    let on_port = || {
+        listening
+            .iter()
+            .filter(move |l| l.transport == Transport::Tcp && l.port == port)
+    };
+    let any_v4 = on_port().any(|l| l.address == std::net::Ipv4Addr::UNSPECIFIED);
+    let any_v6 = on_port().any(|l| l.address == std::net::Ipv6Addr::UNSPECIFIED);
+    let some_v4 = on_port().any(|l| l.address.is_ipv4());
+    any_v4 || (any_v6 && !some_v4)
 }
 
 fn raise_unexpected(events: &JobEvents, spec: &AppSpec, listener: &Listener) {
@@ -800,6 +813,30 @@ async fn answers(network: &JobNetwork, spec: &AppSpec) -> bool {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn kernel_forwarding_needs_a_listener_every_ipv4_address_reaches() {
+        let tcp = |address: &str, port: u16| Listener {
+            transport: Transport::Tcp,
+            address: address.parse().unwrap(),
+            port,
+        };
+        let every = |listening: &[Listener]| listens_on_every_ipv4_address(listening, 8080);
+        assert!(every(&[tcp("0.0.0.0", 8080)]));
+        // `::` alone answered on 127.0.0.1: dual-stack.
+        assert!(every(&[tcp("::", 8080)]));
+        assert!(every(&[tcp("::", 8080), tcp("0.0.0.0", 8080)]));
+        // `::` beside an IPv4 socket on loopback: may be IPV6_V6ONLY.
+        assert!(!every(&[tcp("::", 8080), tcp("127.0.0.1", 8080)]));
+        assert!(!every(&[tcp("127.0.0.1", 8080)]));
+        assert!(!every(&[tcp("0.0.0.0", 9000), tcp("127.0.0.1", 8080)]));
+        let udp = Listener {
+            transport: Transport::Udp,
+            address: "0.0.0.0".parse().unwrap(),
+            port: 8080,
+        };
+        assert!(!every(&[udp, tcp("127.0.0.1", 8080)]));
+    }
 
     fn outcome(exit: Exit, reason: DeathReason) -> Outcome {
         Outcome {
