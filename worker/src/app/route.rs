@@ -91,6 +91,12 @@ impl KernelRoute {
             }
         }
         remove_stale_tables();
+        // The guard goes first: a link is never up without it, not even for a moment.
+        run(
+            "installing the guard rules",
+            Command::new("nft").args(["-f", "-"]),
+            &guard_rules(),
+        )?;
         let start = std::process::id().wrapping_mul(2_654_435_761) % LINKS;
         let mut made = None;
         for i in 0..LINKS {
@@ -134,7 +140,7 @@ impl KernelRoute {
         run(
             "installing the forwarding rules",
             Command::new("nft").args(["-f", "-"]),
-            &rules(&route.link, publish, app_address, port),
+            &dnat_rules(&route.link, publish, app_address, port),
         )?;
         Ok(route)
     }
@@ -218,15 +224,15 @@ fn create_pair(link: &str, network: &JobNetwork) -> Result<bool, RouteError> {
     }
 }
 
-/// The guard table (replaced whole, in the same transaction) and the app's DNAT table.
+/// The guard table and the app's DNAT table, as [`KernelRoute::open`] installs them (the
+/// guard first, before the link exists).
 pub(crate) fn rules(link: &str, publish: SocketAddrV4, app: Ipv4Addr, port: u16) -> String {
-    let table = table_name(link);
-    let to_publish = if publish.ip().is_unspecified() {
-        "fib daddr type local".to_owned()
-    } else {
-        format!("ip daddr {}", publish.ip())
-    };
-    let published = format!("{to_publish} tcp dport {}", publish.port());
+    guard_rules() + &dnat_rules(link, publish, app, port)
+}
+
+/// The guard table, replaced whole in one transaction: it names every `crl*` link, present
+/// or to come.
+fn guard_rules() -> String {
     format!(
         r#"table inet {GUARD_TABLE} {{}}
 flush table inet {GUARD_TABLE}
@@ -250,7 +256,21 @@ table inet {GUARD_TABLE} {{
         oifname "{LINK_PREFIX}*" drop
     }}
 }}
-table ip {table} {{}}
+"#
+    )
+}
+
+/// The app's DNAT table (a stale one of the same name replaced in the same transaction).
+fn dnat_rules(link: &str, publish: SocketAddrV4, app: Ipv4Addr, port: u16) -> String {
+    let table = table_name(link);
+    let to_publish = if publish.ip().is_unspecified() {
+        "fib daddr type local".to_owned()
+    } else {
+        format!("ip daddr {}", publish.ip())
+    };
+    let published = format!("{to_publish} tcp dport {}", publish.port());
+    format!(
+        r#"table ip {table} {{}}
 flush table ip {table}
 table ip {table} {{
     chain prerouting {{
