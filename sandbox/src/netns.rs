@@ -187,7 +187,7 @@ const TCP_LISTEN: u8 = 10;
 const TCP_CLOSE: u8 = 7;
 const NLMSG_HDRLEN: usize = 16;
 
-/// Asks the calling thread's namespace for its listeners (see [`JobNetwork::listeners`]).
+/// Runs `command` in the calling thread's namespace (see [`JobNetwork::run`]).
 fn run_here(command: &mut std::process::Command, input: &[u8]) -> io::Result<std::process::Output> {
     use std::io::Write;
     use std::process::Stdio;
@@ -202,6 +202,7 @@ fn run_here(command: &mut std::process::Command, input: &[u8]) -> io::Result<std
     child.wait_with_output()
 }
 
+/// Asks the calling thread's namespace for its listeners (see [`JobNetwork::listeners`]).
 fn listeners_here() -> io::Result<Vec<Listener>> {
     let sock = crate::sys::sock_diag_socket()?;
     let mut out = Vec::new();
