@@ -120,23 +120,12 @@ impl KernelRoute {
         route.configure_host(host_address)?;
         let mut inside = Command::new("ip");
         inside.args(["-batch", "-"]);
-        let what = "configuring the app's end of the link";
-        let out = route
-            .network
-            .run(
-                inside,
-                format!("addr add {app_address}/30 dev eth0\nlink set eth0 up\n").as_bytes(),
-            )
-            .map_err(|e| RouteError::Command {
-                what: what.to_owned(),
-                detail: format!("ip: {e}"),
-            })?;
-        if !out.status.success() {
-            return Err(RouteError::Command {
-                what: what.to_owned(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
+        let input = format!("addr add {app_address}/30 dev eth0\nlink set eth0 up\n");
+        checked(
+            "configuring the app's end of the link",
+            "ip",
+            route.network.run(inside, input.as_bytes()),
+        )?;
         run(
             "installing the forwarding rules",
             Command::new("nft").args(["-f", "-"]),
@@ -224,9 +213,24 @@ fn create_pair(link: &str, network: &JobNetwork) -> Result<bool, RouteError> {
     }
 }
 
+/// Whether the kernel accepts the rules an app gets (`nft --check`: nothing is installed).
+pub fn check_rules() -> Result<(), RouteError> {
+    let rules = rules(
+        "crl0",
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 1),
+        Ipv4Addr::new(SUBNET[0], SUBNET[1], 0, 2),
+        1,
+    );
+    run(
+        "checking the forwarding rules",
+        Command::new("nft").args(["--check", "-f", "-"]),
+        &rules,
+    )
+}
+
 /// The guard table and the app's DNAT table, as [`KernelRoute::open`] installs them (the
 /// guard first, before the link exists).
-pub(crate) fn rules(link: &str, publish: SocketAddrV4, app: Ipv4Addr, port: u16) -> String {
+fn rules(link: &str, publish: SocketAddrV4, app: Ipv4Addr, port: u16) -> String {
     guard_rules() + &dnat_rules(link, publish, app, port)
 }
 
@@ -293,11 +297,11 @@ table ip {table} {{
 /// Removes the tables of links that are gone (a worker killed before it could).
 fn remove_stale_tables() {
     for name in stale_tables() {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "ip", &name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = run(
+            "removing a stale table",
+            Command::new("nft").args(["delete", "table", "ip", &name]),
+            "",
+        );
     }
 }
 
@@ -326,24 +330,32 @@ pub fn stale_tables() -> Vec<String> {
 
 /// Runs `command` with `input` on its stdin; its stderr is the error.
 fn run(what: &str, command: &mut Command, input: &str) -> Result<(), RouteError> {
-    let failed = |detail: String| RouteError::Command {
-        what: what.to_owned(),
-        detail,
-    };
-    let mut child = command
+    let program = command.get_program().to_string_lossy().into_owned();
+    let output = command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| failed(format!("{}: {e}", command.get_program().to_string_lossy())))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| failed(e.to_string()))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| failed(e.to_string()))?;
+        .and_then(|mut child| {
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(input.as_bytes())?;
+            }
+            child.wait_with_output()
+        });
+    checked(what, &program, output)
+}
+
+/// A command's end as a route step's result: its stderr is the error.
+fn checked(
+    what: &str,
+    program: &str,
+    output: std::io::Result<std::process::Output>,
+) -> Result<(), RouteError> {
+    let failed = |detail: String| RouteError::Command {
+        what: what.to_owned(),
+        detail,
+    };
+    let out = output.map_err(|e| failed(format!("{program}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {

@@ -527,26 +527,6 @@ fn app_forwarding() -> Check {
             return userspace(format!("{tool} is not installed (iproute2, nftables)"));
         }
     }
-    // The very rules an app gets, checked by the kernel, not installed.
-    let probe = crate::app::route::rules(
-        "crl0",
-        "0.0.0.0:1".parse().expect("a socket address"),
-        std::net::Ipv4Addr::new(10, 213, 0, 2),
-        1,
-    );
-    let checked = Command::new("nft")
-        .args(["--check", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(probe.as_bytes())?;
-            }
-            child.wait_with_output()
-        });
     let stale = crate::app::route::stale_tables();
     if !stale.is_empty() {
         return Check::warn(
@@ -565,20 +545,20 @@ fn app_forwarding() -> Check {
             ),
         );
     }
-    match checked {
-        Ok(out) if out.status.success() => Check::ok(
+    // The very rules an app gets, checked by the kernel, not installed.
+    match crate::app::route::check_rules() {
+        Ok(()) => Check::ok(
             id,
             "corral run can have the kernel forward a published port (veth, nftables DNAT)",
         ),
-        Ok(out) => Check::warn(
+        Err(crate::app::route::RouteError::Command { detail, .. }) => Check::warn(
             id,
             format!(
-                "the kernel refuses corral run's forwarding rules, so published ports are copied in userspace: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                "the kernel refuses corral run's forwarding rules, so published ports are copied in userspace: {detail}"
             ),
             "load nf_tables NAT (modprobe nft_nat nft_fib_ipv4 nft_reject_inet), or keep --forwarding userspace",
         ),
-        Err(err) => userspace(format!("running nft: {err}")),
+        Err(err) => userspace(err.to_string()),
     }
 }
 
