@@ -14,7 +14,9 @@ use sha2::{Digest as _, Sha256};
 
 /// Bumped whenever the bytes a build produces for the same inputs could change (tar layout,
 /// compression, id mapping, permission policy): old cache entries then simply stop matching.
-pub const LAYER_FORMAT_VERSION: u32 = 1;
+/// 2: a gzip layer is one libdeflate member per 1 MiB block (1: zlib-rs deflate blocks
+/// chained by 32 KiB dictionaries, one member).
+pub const LAYER_FORMAT_VERSION: u32 = 2;
 
 /// Names the key scheme: bumped when the set of hashed fields changes.
 const KEY_KIND: &str = "corral.action.v2";

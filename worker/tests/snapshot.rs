@@ -702,7 +702,7 @@ fn same_content_gives_same_digest_whatever_its_history_or_threads() {
 }
 
 /// Enough data for many gzip blocks and several zstd jobs, so the workers really split one
-/// big file; the gzip blob is one valid member that `gzip -t` and `tar -tz` accept.
+/// big file; the gzip blob (a member per block) is one file to `gzip -t` and `tar -tz`.
 #[test]
 fn large_layers_are_byte_identical_for_any_thread_count() {
     let scratch = Scratch::new();

@@ -488,7 +488,7 @@ pub(super) fn validate(
         }
     };
     let (level_default, level_lo, level_hi) = match compression {
-        Compression::Gzip => (defaults::GZIP_LEVEL, 0, 9),
+        Compression::Gzip => (defaults::GZIP_LEVEL, 1, 9),
         Compression::Zstd => (defaults::ZSTD_LEVEL, 1, 19),
     };
     #[allow(clippy::cast_possible_truncation)] // range-checked

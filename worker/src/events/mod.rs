@@ -418,7 +418,7 @@ mod tests {
     fn job() -> Job {
         corral_protocol::decode_job(
             br#"{"schema":"corral.job.v1","job_id":"j1","project":"acme","base":"python-3.11",
-                 "source":{"digest":"sha256:0b187dbd8b9a2750aa5edad3dd9dbf6df0f5f3dc8a90cfb5254c2634236942ae"},
+                 "source":{"digest":"sha256:69a629b3319f1fe501bfbdaec2ece11fc3aed33e39c8e3f1fbc7a16167281cbe"},
                  "command":["true"]}"#,
         )
         .unwrap()

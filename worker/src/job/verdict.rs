@@ -460,7 +460,7 @@ mod tests {
         corral_protocol::decode_job(
             br#"{"schema": "corral.job.v1", "job_id": "j1", "project": "acme",
                  "base": "python-3.11", "correlation_id": "c-1",
-                 "source": {"digest": "sha256:55ee6876ba7cfaf1b401f758c4b0b5a802a813c4bc6c7326566f0052eaa96332"},
+                 "source": {"digest": "sha256:0f61d9381c01fdd051ca294bb7cda181a98579b0031ec5319804d3242cc79304"},
                  "command": ["true"]}"#,
         )
         .unwrap()

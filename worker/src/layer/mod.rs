@@ -25,8 +25,8 @@
 //!   entries (whiteouts, which overlay hard-links to one inode, are never grouped).
 //! - Paths longer than [`LayerOptions::max_path_bytes`] (default 4096, what extractors can
 //!   open) are refused with [`LayerError::PathTooLong`].
-//! - gzip: a fixed header (mtime 0, OS 255), zlib-rs deflate at the given level, in
-//!   1 MiB blocks chained by 32 KiB dictionaries: byte-identical for any thread count.
+//! - gzip: the tar stream in 1 MiB blocks, each a gzip member of its own (libdeflate at
+//!   the given level, a fixed header: mtime 0, OS 255): byte-identical for any thread count.
 //!   zstd: always the library's multi-threaded mode (at least one worker) with a fixed job
 //!   size ([`ZSTD_JOB_SIZE`]), whose output does not depend on the worker count; no
 //!   checksum, no content size.
@@ -63,7 +63,7 @@ pub const MEDIA_TYPE_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// The compressor and its level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
-    /// Deflate level 1–9.
+    /// Deflate level 1–9 (libdeflate's scale, which follows zlib's).
     Gzip { level: u32 },
     /// zstd level 1–19.
     Zstd { level: i32 },
