@@ -31,7 +31,7 @@
 //! worker ──(zygote: fork)──▶ shim (`__sandbox-shim`) ──clone──▶ init (the job's pid 1) ──▶ the job's command
 //! ```
 //!
-//! The binary (`corral-worker`) must dispatch `__sandbox-shim` ([`SHIM_ARG`]) to
+//! The helper binary (`corral`, or `corral-worker`) must dispatch `__sandbox-shim` ([`SHIM_ARG`]) to
 //! [`shim_main`] and `__sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before anything
 //! else (no threads, no runtime). With [`SandboxConfig::zygote`] set, shims are forked from
 //! one long-lived zygote instead of exec'd per job. The shim (the role of containerd-shim or

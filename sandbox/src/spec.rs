@@ -157,8 +157,9 @@ pub const EGRESS_PORT: u16 = 3128;
 /// How the worker launches sandboxes on this host.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
-    /// The `corral-worker` binary, re-executed as the zygote and the single-threaded shim
-    /// (`<helper_exe> __sandbox-shim`).
+    /// The binary re-executed as the zygote and the single-threaded shim
+    /// (`<helper_exe> __sandbox-shim`): `corral` or `corral-worker`, which both dispatch
+    /// those arguments before anything else.
     pub helper_exe: PathBuf,
     /// Cgroup (relative to each hierarchy's root) under which job cgroups are created.
     pub cgroup_parent: String,

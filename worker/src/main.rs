@@ -1,6 +1,7 @@
 //! `corral`: the command everyone types. It runs `corral sandbox` itself, from a binary
 //! that holds little more than the sandbox, and hands every other command, unchanged, to
-//! `corral-worker` installed beside it (the whole command line and the worker).
+//! `corral-worker` installed beside it (the whole command line and the worker). The
+//! worker's sandbox zygote runs from it too (`__sandbox-zygote`, `__sandbox-shim`).
 //!
 //! `main` is the C entry point: std's own start-up reads `/proc/self/maps` and sets up a
 //! stack overflow handler, ~0.09 ms of a sandbox run that takes ~4. What of it this
@@ -37,7 +38,17 @@ fn run() -> u8 {
     let started = corral_sandbox::trace::now();
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| "corral".into());
-    if args.next().as_deref() == Some(OsStr::new(SandboxCli::COMMAND)) {
+    let first = args.next();
+    // The worker's sandbox zygote, and a shim exec'd without one, run from this binary
+    // rather than the worker's: a smaller process to keep for the worker's life and to fork
+    // for every job (`SandboxHelper::SelfExe`).
+    if first.as_deref() == Some(OsStr::new(corral_sandbox::ZYGOTE_ARG)) {
+        corral_sandbox::zygote_main();
+    }
+    if first.as_deref() == Some(OsStr::new(corral_sandbox::SHIM_ARG)) {
+        corral_sandbox::shim_main();
+    }
+    if first.as_deref() == Some(OsStr::new(SandboxCli::COMMAND)) {
         // It logs nothing (its output is the job's, then one JSON line): no subscriber.
         let rest: Vec<_> = args.collect();
         let parsed = SandboxArgs::parse_plain(&rest)

@@ -58,6 +58,7 @@ pub fn run(args: BenchSandboxArgs) -> anyhow::Result<u8> {
     let mut config = SandboxConfig::new().context("locating the corral-worker binary")?;
     config.cgroup_parent = "corral-bench".to_owned();
     config.run_dir = PathBuf::from("/run/corral-bench");
+    config.helper_exe = crate::job::spec::self_helper(&config.helper_exe);
     config.zygote = Some(Arc::new(Zygote::new(&config.helper_exe)));
     if !args.no_pool {
         // As `corral work` does: job cgroups made ahead, removed in the background.

@@ -44,6 +44,19 @@ pub struct Settings {
     pub egress: crate::config::EgressConfig,
 }
 
+/// The helper for `helper = "self"`: the small `corral` binary of the same install, beside
+/// `current` (it starts the zygote and the shim before anything else), else `current`
+/// itself. The zygote lives as long as the worker: from `corral` it holds 2.3 MiB of RSS
+/// instead of 3.9 (`scripts/bench-idle`); forking it costs the same.
+pub fn self_helper(current: &std::path::Path) -> PathBuf {
+    let front = current.with_file_name("corral");
+    if front != current && front.is_file() {
+        front
+    } else {
+        current.to_path_buf()
+    }
+}
+
 impl Settings {
     /// The settings from the worker's config.
     pub fn from_config(config: &crate::config::Config) -> std::io::Result<Self> {
@@ -57,8 +70,11 @@ impl Settings {
         if let Some(dir) = runtime_directory(std::env::var_os("RUNTIME_DIRECTORY")) {
             sandbox_config.run_dir = dir;
         }
-        if let SandboxHelper::Path(path) = &sandbox.helper {
-            sandbox_config.helper_exe.clone_from(path);
+        match &sandbox.helper {
+            SandboxHelper::Path(path) => sandbox_config.helper_exe.clone_from(path),
+            SandboxHelper::SelfExe => {
+                sandbox_config.helper_exe = self_helper(&sandbox_config.helper_exe);
+            }
         }
         sandbox_config.cgroup_parent =
             super::stage::cgroup_parent(&sandbox.cgroup_parent, &layout)?;
@@ -204,5 +220,20 @@ mod tests {
         assert_eq!(dir("/run/a:/run/b"), Some(PathBuf::from("/run/a")));
         assert_eq!(dir("relative"), None);
         assert_eq!(runtime_directory(None), None);
+    }
+
+    #[test]
+    fn the_self_helper_is_the_corral_binary_beside_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = dir.path().join("corral-worker");
+        std::fs::write(&worker, "").unwrap();
+        assert_eq!(self_helper(&worker), worker);
+        std::fs::write(dir.path().join("corral"), "").unwrap();
+        assert_eq!(self_helper(&worker), dir.path().join("corral"));
+        // A worker binary that is itself named `corral` stays itself.
+        assert_eq!(
+            self_helper(&dir.path().join("corral")),
+            dir.path().join("corral")
+        );
     }
 }
