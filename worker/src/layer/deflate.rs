@@ -7,10 +7,11 @@
 //! `threads = 1` and `threads = 8` give the same blob.
 //!
 //! libdeflate compresses a whole buffer at once, with no state kept between calls, which
-//! is what a fixed block wants: at the same output size it does about twice the work per
-//! CPU-second of zlib's streaming deflate (level 4 here is about as small as zlib's 6). A
-//! block gives up the previous block's 32 KiB as a dictionary: about 0.1% of output with
-//! 1 MiB blocks.
+//! is what a fixed block wants. On `scripts/bench-snapshot`'s generated trees, at level 6,
+//! it compressed 1.4–1.6× as many bytes per CPU-second as zlib-rs's deflate did, both on
+//! the same 1 MiB blocks with no dictionary, for output within 0.2% of zlib-rs's. No block
+//! sees the previous block's data (the zlib-rs writer handed on 32 KiB as a dictionary);
+//! whole snapshots still come to 0.98–1.007× the size of `gzip -6`'s output.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
