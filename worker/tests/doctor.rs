@@ -19,6 +19,17 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The JSON report of a `corral doctor --json` run, or a panic showing what it printed.
+fn json_report(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON ({e}): stdout {} stderr {}",
+            text(&out.stdout),
+            text(&out.stderr)
+        )
+    })
+}
+
 fn check<'a>(report: &'a Value, id: &str) -> &'a Value {
     report["checks"]
         .as_array()
@@ -90,8 +101,7 @@ fn doctor_json_reports_the_cgroup_layout_this_host_really_has() {
         "--data-dir",
         data.path().to_str().unwrap(),
     ]);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON ({e}): {}{}", text(&out.stdout), text(&out.stderr)));
+    let report = json_report(&out);
     let failed: Vec<&Value> = report["checks"]
         .as_array()
         .unwrap()
@@ -248,8 +258,7 @@ fn doctor_with_a_config_reaches_the_broker_and_names_refused_credentials() {
 
     let good = config("guest", "guest");
     let out = corral(&["doctor", "--json", "--config", good.to_str().unwrap()]);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", text(&out.stderr)));
+    let report = json_report(&out);
     let broker = check(&report, "broker");
     assert!(
         broker["status"] == "ok" || broker["status"] == "warn",
@@ -267,7 +276,7 @@ fn doctor_with_a_config_reaches_the_broker_and_names_refused_credentials() {
     let bad = config("nosuchuser", "wrong");
     let out = corral(&["doctor", "--json", "--config", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = json_report(&out);
     let broker = check(&report, "broker");
     assert_eq!(broker["status"], "fail", "{broker:#}");
     assert!(
@@ -310,8 +319,7 @@ fn doctor_names_a_broker_node_that_does_not_answer() {
     )
     .unwrap();
     let out = corral(&["doctor", "--json", "--config", path.to_str().unwrap()]);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("no JSON ({e}): {}", text(&out.stderr)));
+    let report = json_report(&out);
     let nodes = check(&report, "broker_nodes");
     assert_eq!(nodes["status"], "warn", "{nodes:#}");
     assert!(
@@ -401,8 +409,7 @@ fn doctor_checks_app_forwarding_and_names_a_stale_table() {
         return;
     }
     let out = corral(&["doctor", "--json"]);
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+    let report = json_report(&out);
     let forwarding = check(&report, "app_forwarding");
     assert_eq!(forwarding["status"], "ok", "{forwarding}");
     assert!(
@@ -423,7 +430,7 @@ fn doctor_checks_app_forwarding_and_names_a_stale_table() {
     let _ = std::process::Command::new("nft")
         .args(["delete", "table", "ip", stale])
         .status();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = json_report(&out);
     let forwarding = check(&report, "app_forwarding");
     assert_eq!(forwarding["status"], "warn", "{forwarding}");
     assert!(
