@@ -165,7 +165,7 @@ impl Metrics {
         );
         registry.register(
             "builds_in_flight",
-            "Builds running now",
+            "Build slots held now: builds and their snapshots",
             metrics.in_flight.clone(),
         );
         registry.register(

@@ -818,6 +818,81 @@ async fn sigterm_drains_running_builds_and_requeues_the_rest() {
     env.cleanup().await;
 }
 
+/// `concurrency` bounds the builds, `amqp.prefetch` (by default one more) the deliveries
+/// held. With one build slot the second job is delivered while the first builds, waits for
+/// the slot, and only then builds: the queue empties by one, and no two builds overlap.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_beyond_the_build_slots_waits_for_one() {
+    let Some(mut env) = Env::new(false).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace");
+    let jobs = ids("slot", 3);
+    for id in &jobs {
+        let script = format!(
+            "echo {id} start >> {t}; sleep 1.5; echo {id} end >> {t}",
+            t = trace.display()
+        );
+        env.submit(&env.job(id, &script, json!({}))).await;
+    }
+    let lines = || {
+        std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let w = env.worker(&["--concurrency", "1"], &[]);
+    poll_until("the first build starts", lines, |l| !l.is_empty()).await;
+    // The second job is held (prefetch 2), the third still queued.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut queued = env.count(&env.names.jobs_queue).await;
+    while queued != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        queued = env.count(&env.names.jobs_queue).await;
+    }
+    assert_eq!(
+        lines().len(),
+        1,
+        "the first build still runs: {:?}",
+        lines()
+    );
+    assert_eq!(queued, 1, "two of three jobs delivered to one build slot");
+    let results = env.results(&jobs).await;
+    one_outcome_each(&results);
+    assert!(
+        jobs.iter()
+            .all(|id| results[id][0].status == Status::Succeeded)
+    );
+    let expected: Vec<String> = jobs
+        .iter()
+        .flat_map(|id| [format!("{id} start"), format!("{id} end")])
+        .collect();
+    assert_eq!(lines(), expected, "one build at a time, in queue order");
+    env.signal(w, "TERM");
+    assert_eq!(env.wait(w), Some(0), "{}", env.worker_log(w));
+
+    // `amqp.prefetch = 1`: nothing is held beyond the build.
+    let more = ids("slot-one", 2);
+    for id in &more {
+        env.submit(&env.job(id, "echo started; sleep 1.5", json!({})))
+            .await;
+    }
+    env.drain_queue(&env.logs).await;
+    env.worker(&["--concurrency", "1", "--set", "amqp.prefetch=1"], &[]);
+    let deadline = Instant::now() + PATIENCE;
+    while env.drain_queue(&env.logs).await.is_empty() {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.count(&env.names.jobs_queue).await, 1);
+    one_outcome_each(&env.results(&more).await);
+    env.stop_all_and_check_queue_empty().await;
+    env.cleanup().await;
+}
+
 /// The headers the broker gives a message it dead-letters from the job queue (`x-death`,
 /// latest first), with `rounds` of the worker's own count of trips through the dead letters.
 fn dead_lettered(names: &Names, reason: &str, rounds: Option<u32>) -> BasicProperties {

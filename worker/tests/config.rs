@@ -402,6 +402,7 @@ fn every_key(secret: &Path) -> Vec<(&'static str, String, String, String)> {
             q("x.control"),
             none.clone(),
         ),
+        ("amqp.prefetch", s("9"), s("9"), none.clone()),
         ("amqp.delivery_limit", s("9"), s("9"), none.clone()),
         ("amqp.heartbeat_seconds", s("20"), s("20"), none.clone()),
         ("amqp.lease_seconds", s("3600"), s("3600"), none.clone()),
@@ -780,7 +781,8 @@ fn concurrency_sizes_the_prefetch_and_the_job_dir_pool() {
             5,
         ),
     ] {
-        assert_eq!(AmqpSettings::from_config(&config).concurrency, n);
+        let amqp = AmqpSettings::from_config(&config);
+        assert_eq!((amqp.concurrency, amqp.prefetch), (n, n + 1));
         assert_eq!(
             Settings::from_config(&config).unwrap().job_dir_pool,
             usize::from(n)

@@ -1,7 +1,8 @@
-//! [`Flights`]: the builds running on this worker and the cancels it has heard of. The
-//! control fanout delivers every Cancel to every worker, so a cancel for a job that is not
-//! running here is remembered for a while: the job may still be queued and reach this
-//! worker later, which then answers `cancelled` without building.
+//! [`Flights`]: the jobs this worker holds (waiting for a build slot, building, or storing
+//! and answering) and the cancels it has heard of. The control fanout delivers every Cancel
+//! to every worker, so a cancel for a job that is not held here is remembered for a while:
+//! the job may still be queued and reach this worker later, which then answers `cancelled`
+//! without building.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,7 +13,7 @@ use corral_protocol::JobId;
 
 use crate::job::{Stop, Stopper};
 
-/// One running build.
+/// One job held: from its delivery's decode until its build is over and answered.
 #[derive(Debug)]
 pub struct Flight {
     pub job_id: JobId,

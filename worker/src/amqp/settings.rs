@@ -18,9 +18,12 @@ pub struct AmqpSettings {
     /// when it cannot connect or loses its connection.
     pub amqp_urls: Vec<String>,
     pub pool: PoolName,
-    /// Builds run at once; also the prefetch count, so the broker never hands this worker
-    /// more jobs than it has free slots.
+    /// Builds (with their snapshots) run at once: the worker's build slots.
     pub concurrency: u16,
+    /// Deliveries held at once (at least `concurrency`): a job leaves its build slot once
+    /// its layers are made and stays held, storing its image and publishing its result,
+    /// until it is acked; the next delivery takes the slot meanwhile.
+    pub prefetch: u16,
     /// On SIGTERM, how long running builds may finish before they are cancelled and requeued.
     pub drain_deadline: Duration,
     /// `x-delivery-limit` of the job queue; also when a platform failure stops being retried.
@@ -49,7 +52,8 @@ impl AmqpSettings {
             amqp_url: a.connection_uri(),
             amqp_urls: a.connection_uris(),
             pool: a.pool.clone(),
-            concurrency: a.prefetch,
+            concurrency: config.concurrency,
+            prefetch: a.prefetch,
             drain_deadline: config.drain_deadline,
             delivery_limit: a.delivery_limit,
             lease: a.lease,

@@ -1,10 +1,16 @@
 //! [`Worker`]: the consumer side. One session per broker connection: declare the topology,
-//! set prefetch to the concurrency, consume the pool's queue and the worker's control queue,
-//! run each delivery through a [`Runner`], publish its result on the publisher's own
-//! connection, and ack only once the broker confirmed the result. A lost session stops the
-//! builds whose deliveries died and reconnects with capped, jittered backoff.
+//! set the prefetch, consume the pool's queue and the worker's control queue, run each
+//! delivery through a [`Runner`] once it has one of the `concurrency` build slots, publish
+//! its result on the publisher's own connection, and ack only once the broker confirmed the
+//! result. A job gives its slot back when its build and snapshots are over, so the prefetch
+//! (`concurrency` + 1 by default) lets the next job build while one stores its image and
+//! publishes its result. A lost session stops the builds whose deliveries died and
+//! reconnects with capped, jittered backoff.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use corral_protocol::{
@@ -18,7 +24,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use tokio::sync::mpsc;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -50,7 +56,7 @@ const BROKER_ANSWER: Duration = Duration::from_secs(10);
 /// Which queue a [`Feed`] consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum FeedKind {
-    /// The pool's job queue, prefetch = concurrency.
+    /// The pool's job queue, prefetch = `amqp.prefetch`.
     Jobs,
     /// What the broker dead-lettered without an answer (`amqp/dead.rs`), one at a time.
     Unanswered,
@@ -85,6 +91,8 @@ pub struct Worker<R: Runner> {
     nodes: Arc<Nodes>,
     info: WorkerInfo,
     runner: Arc<R>,
+    /// The build slots: `concurrency` permits.
+    slots: Arc<Semaphore>,
     publisher: Arc<Publisher>,
     flights: Flights,
     tracker: TaskTracker,
@@ -137,6 +145,49 @@ async fn next_of(
     match consumer {
         Some(c) => c.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A delivery's place in the line for a build slot.
+type SlotQueue = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// Joins the line for a build slot as the delivery arrives. Handlers run concurrently; the
+/// semaphore serves its line first come, first served, so jobs start in the order the
+/// broker delivered them.
+fn queue_for_slot(slots: &Arc<Semaphore>) -> SlotQueue {
+    let mut acquire: SlotQueue = Box::pin(slots.clone().acquire_owned());
+    // The first poll takes a free slot or joins the line; later polls (by the handler)
+    // keep the place.
+    match acquire
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(permit) => Box::pin(std::future::ready(permit)),
+        Poll::Pending => acquire,
+    }
+}
+
+/// A build slot held: counted in the metrics until given back.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Held {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        metrics.in_flight.inc();
+        metrics.free_slots.dec();
+        Held {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics.free_slots.inc();
     }
 }
 
@@ -193,6 +244,7 @@ impl<R: Runner> Worker<R> {
                 version: env!("CARGO_PKG_VERSION").into(),
             },
             runner: Arc::new(runner),
+            slots: Arc::new(Semaphore::new(usize::from(settings.concurrency))),
             publisher: Arc::new(publisher),
             flights: Flights::default(),
             tracker: TaskTracker::new(),
@@ -215,6 +267,7 @@ impl<R: Runner> Worker<R> {
             brokers = self.nodes.len(),
             queue = %self.names.jobs_queue,
             concurrency = self.settings.concurrency,
+            prefetch = self.settings.prefetch,
             worker = %self.info.id,
             "worker starting"
         );
@@ -473,9 +526,9 @@ impl<R: Runner> Worker<R> {
         let tag = format!("{}.{session}.{generation}", self.info.id);
         let consumer = match kind {
             FeedKind::Jobs => {
-                // Prefetch before consuming: the broker must never push more jobs than free
-                // slots.
-                ch.basic_qos(self.settings.concurrency, BasicQosOptions::default())
+                // Prefetch before consuming: the broker must never push more jobs than the
+                // worker means to hold.
+                ch.basic_qos(self.settings.prefetch, BasicQosOptions::default())
                     .await
                     .map_err(AmqpError::Channel)?;
                 let jobs = ch
@@ -532,10 +585,13 @@ impl<R: Runner> Worker<R> {
         let this = self.clone();
         let lost = lost.clone();
         match feed.kind {
-            FeedKind::Jobs => self.tracker.spawn(
-                feed.held
-                    .track_future(async move { this.handle(d, session, lost).await }),
-            ),
+            FeedKind::Jobs => {
+                let slot = queue_for_slot(&self.slots);
+                self.tracker.spawn(
+                    feed.held
+                        .track_future(async move { this.handle(d, session, lost, slot).await }),
+                )
+            }
             FeedKind::Unanswered => self.tracker.spawn(
                 feed.held
                     .track_future(async move { this.handle_dead(d, lost).await }),
@@ -629,7 +685,13 @@ impl<R: Runner> Worker<R> {
     /// One delivery, from decode to ack. Never panics on input; every path acks, rejects,
     /// requeues, or (when the delivery died) leaves the job to the broker, as the verdict
     /// says.
-    async fn handle(self: Arc<Self>, d: Delivery, session: u64, lost: CancellationToken) {
+    async fn handle(
+        self: Arc<Self>,
+        d: Delivery,
+        session: u64,
+        lost: CancellationToken,
+        slot: SlotQueue,
+    ) {
         let delivery = job::Delivery {
             count: delivery_count(&d.properties),
             limit: self.settings.delivery_limit,
@@ -678,21 +740,44 @@ impl<R: Runner> Worker<R> {
             })
         };
         let (lease, margin) = (self.settings.lease, self.settings.lease_margin);
-        let unstarted = if let Err(err) = job::spec::check_lease(&job, lease, margin) {
+        let lease_refused = job::spec::check_lease(&job, lease, margin).err();
+        // In flight from here: a Cancel or a lost session reaches a job waiting for a slot.
+        let (flight_id, flight) = self.flights.start(job.job_id.clone(), session);
+        if lost.is_cancelled() {
+            flight.stop.stop(Stop::Lost);
+        }
+        // A delivery beyond the build slots waits here for one.
+        let permit = match lease_refused {
+            None => tokio::select! {
+                biased;
+                () = flight.stop.stopped() => None,
+                () = self.draining.cancelled() => None,
+                permit = slot => permit.ok(),
+            },
+            Some(_) => None,
+        };
+        let unstarted = if let Some(err) = lease_refused {
             tracing::warn!(job = %job.job_id, error = %err, "job refused: wall limit above the lease");
             Some(before_start(Ending::Rejected(err)))
-        } else if self
-            .flights
-            .was_cancelled(&job.job_id, self.settings.cancel_memory)
+        } else if matches!(flight.stop.cause(), Some(Stop::Lost)) {
+            self.flights.finish(flight_id);
+            tracing::info!(job = %job.job_id, "its delivery died before the build started; the broker redelivers it");
+            return;
+        } else if matches!(flight.stop.cause(), Some(Stop::Cancel(_)))
+            || self
+                .flights
+                .was_cancelled(&job.job_id, self.settings.cancel_memory)
         {
             Some(before_start(Ending::CancelledEarly))
-        } else if self.draining.is_cancelled() {
+        } else if self.draining.is_cancelled() || permit.is_none() {
             // Not started: hand it back for another worker, untouched.
             Some(before_start(Ending::NotStarted))
         } else {
             None
         };
-        if let Some(verdict) = unstarted {
+        let (None, Some(permit)) = (unstarted.as_ref(), permit) else {
+            self.flights.finish(flight_id);
+            let verdict = unstarted.unwrap_or_else(|| before_start(Ending::NotStarted));
             let events = JobEvents::new(
                 &job,
                 &self.info.id,
@@ -703,7 +788,8 @@ impl<R: Runner> Worker<R> {
             return self
                 .execute(&d, Some(&job), verdict, reply_to, corr, &lost)
                 .await;
-        }
+        };
+        let slot = job::BuildSlot::holding(Held::new(permit, self.metrics.clone()));
         let events = JobEvents::new(
             &job,
             &self.info.id,
@@ -712,12 +798,6 @@ impl<R: Runner> Worker<R> {
         );
         if d.redelivered || delivery.count > 0 {
             events.redelivered(delivery.count);
-        }
-        let (flight_id, flight) = self.flights.start(job.job_id.clone(), session);
-        self.metrics.in_flight.inc();
-        self.metrics.free_slots.dec();
-        if lost.is_cancelled() {
-            flight.stop.stop(Stop::Lost);
         }
         let (log_tx, log_rx) = mpsc::channel(LOG_QUEUE);
         let pump = LogPump {
@@ -737,12 +817,11 @@ impl<R: Runner> Worker<R> {
             delivery,
             worker: self.info.clone(),
             events,
+            slot,
         };
         let verdict = job::run(&*self.runner, &job, ctx).await;
         let tally = log_out.await.unwrap_or_default();
         self.flights.finish(flight_id);
-        self.metrics.in_flight.dec();
-        self.metrics.free_slots.inc();
         tracing::debug!(job = %job.job_id, ?tally, "build ended");
         self.execute(&d, Some(&job), verdict, reply_to, corr, &lost)
             .await;

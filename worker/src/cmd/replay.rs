@@ -107,6 +107,7 @@ async fn replay(job: Job, args: &ReplayArgs, config: Config) -> anyhow::Result<u
         delivery: Delivery::ONCE,
         worker,
         events,
+        slot: job::BuildSlot::default(),
     };
     say(format!(
         "running job {} of project {} on base {}",

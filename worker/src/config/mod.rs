@@ -29,6 +29,13 @@ pub mod defaults {
     pub const DATA_DIR: &str = "/var/lib/corral";
     pub const INSTANCE: &str = "0";
     pub const CONCURRENCY: u16 = 2;
+
+    /// One delivery more than there are build slots: while a job's image is stored and its
+    /// result published, the next one already builds. A worker whose slots are all building
+    /// then holds at most one job it has not started.
+    pub const fn prefetch(concurrency: u16) -> u16 {
+        concurrency.saturating_add(1)
+    }
     /// Five minutes: most builds finish, and a host drains well within a rolling restart.
     pub const DRAIN_DEADLINE_SECONDS: u64 = 300;
     /// The broker a fresh RabbitMQ install runs: its `guest` account (loopback only), the
@@ -67,7 +74,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Host-wide state shared by the instances on a host: bases, the local store, caches.
     pub data_dir: PathBuf,
-    /// Builds run at once; also the AMQP prefetch.
+    /// Builds (with their snapshots) run at once.
     pub concurrency: u16,
     /// How long running builds may go on after SIGTERM before they are cancelled and requeued.
     pub drain_deadline: Duration,
@@ -141,7 +148,9 @@ pub struct AmqpConfig {
     /// `x-delivery-limit` of the quorum job queue.
     pub delivery_limit: u32,
     pub heartbeat: Duration,
-    /// Equal to `concurrency`: the broker sends no more jobs than there are free slots.
+    /// Deliveries the broker hands this worker at once (at least `concurrency`): the jobs
+    /// building, and those storing their image and publishing their result or waiting for a
+    /// build slot.
     pub prefetch: u16,
     /// How long the broker lets a delivery stay unacked (its `consumer_timeout`).
     pub lease: Duration,

@@ -108,6 +108,8 @@ pub struct RawAmqp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_exchange: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery_limit: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_seconds: Option<u64>,

@@ -318,6 +318,14 @@ pub(super) fn validate(
             "is the same queue as amqp.jobs_queue",
         );
     }
+    #[allow(clippy::cast_possible_truncation)] // range-checked to concurrency..=65535
+    let prefetch = c.range(
+        "amqp.prefetch",
+        a.prefetch,
+        u64::from(defaults::prefetch(concurrency)),
+        u64::from(concurrency),
+        u64::from(u16::MAX),
+    ) as u16;
     #[allow(clippy::cast_possible_truncation)] // range-checked
     let delivery_limit = c.range(
         "amqp.delivery_limit",
@@ -601,7 +609,7 @@ pub(super) fn validate(
             control_exchange,
             delivery_limit,
             heartbeat,
-            prefetch: concurrency,
+            prefetch,
             lease: Duration::from_secs(lease_s),
             lease_margin: Duration::from_secs(margin_s),
             reconnect_max,
@@ -698,6 +706,7 @@ pub(super) fn to_raw(c: &Config) -> RawConfig {
             events_exchange: Some(c.amqp.events_exchange.clone()),
             logs_exchange: Some(c.amqp.logs_exchange.clone()),
             control_exchange: Some(c.amqp.control_exchange.clone()),
+            prefetch: Some(u64::from(c.amqp.prefetch)),
             delivery_limit: Some(u64::from(c.amqp.delivery_limit)),
             heartbeat_seconds: secs(c.amqp.heartbeat),
             lease_seconds: secs(c.amqp.lease),
@@ -788,7 +797,7 @@ mod tests {
         assert_eq!(c.worker.scratch_dir, PathBuf::from("/srv/c/3"));
         assert_eq!(c.store.url, StoreUrl::Dir("/srv/c/store".into()));
         assert_eq!(c.amqp.jobs_queue, "corral.jobs.gpu");
-        assert_eq!(c.amqp.prefetch, c.concurrency);
+        assert_eq!(c.amqp.prefetch, c.concurrency + 1);
     }
 
     #[test]
@@ -806,6 +815,17 @@ mod tests {
         ] {
             assert!(bad.contains(&key.to_string()), "{key} missing from {bad:?}");
         }
+    }
+
+    #[test]
+    fn prefetch_is_at_least_the_concurrency() {
+        assert_eq!(
+            load("concurrency = 4\n[amqp]\nprefetch = 3\n").unwrap_err(),
+            vec!["amqp.prefetch"]
+        );
+        let c = load("concurrency = 4\n[amqp]\nprefetch = 4\n").unwrap();
+        assert_eq!((c.concurrency, c.amqp.prefetch), (4, 4));
+        assert_eq!(load("concurrency = 4\n").unwrap().amqp.prefetch, 5);
     }
 
     #[test]

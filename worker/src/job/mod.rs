@@ -98,6 +98,45 @@ impl Stopper {
     }
 }
 
+/// The build slot a run holds, if its caller has slots: taken before the run starts,
+/// given back by the runner once its CPU-heavy part (the build and its snapshots) is over,
+/// or when the run returns. The job's image upload, result and ack then overlap the next
+/// job's build. Clones share the one slot.
+#[derive(Clone, Default)]
+pub struct BuildSlot(Arc<std::sync::Mutex<Option<Box<dyn Send>>>>);
+
+impl BuildSlot {
+    /// A slot that is given back when `held` is dropped.
+    pub fn holding(held: impl Send + 'static) -> Self {
+        BuildSlot(Arc::new(std::sync::Mutex::new(Some(Box::new(held)))))
+    }
+
+    /// Gives the slot back (once; later calls do nothing).
+    pub fn release(&self) {
+        let held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(held);
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+    }
+}
+
+impl std::fmt::Debug for BuildSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildSlot")
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
 /// What a run gets besides the job.
 #[derive(Debug, Clone)]
 pub struct RunContext {
@@ -115,6 +154,8 @@ pub struct RunContext {
     /// The job's one event path: every alert and lifecycle event of the run goes through it
     /// (rate-limited per kind) to the run's sinks.
     pub events: JobEvents,
+    /// Given back once the build and its snapshots are over.
+    pub slot: BuildSlot,
 }
 
 /// How far a run took a job: its ending and the time each stage took.
@@ -136,10 +177,11 @@ pub async fn run(runner: &impl Runner, job: &Job, ctx: RunContext) -> Verdict {
     let started = Instant::now();
     let queued_ms = job.submitted_at_ms.map(|at| now_ms().saturating_sub(at));
     let (stop, worker, delivery) = (ctx.stop.clone(), ctx.worker.clone(), ctx.delivery);
-    let events = ctx.events.clone();
+    let (events, slot) = (ctx.events.clone(), ctx.slot.clone());
     // Every log line about this job carries its job and project ids.
     let span = tracing::info_span!("job", job = %job.job_id, project = %job.project);
     let ran = tracing::Instrument::instrument(runner.run(job, ctx), span).await;
+    slot.release();
     if let Ending::Failed(err) = &ran.ending
         && err.job_fault().is_none()
     {
@@ -392,6 +434,8 @@ impl Sandboxed {
             .snapshot_seconds
             .observe(snapshot_started.elapsed().as_secs_f64());
         drop(job_dir);
+        // What is left waits on the store: the next job may build meanwhile.
+        ctx.slot.release();
 
         let upload_started = Instant::now();
         let artifact = publish.image(job, &base, source_layer, build_layer).await?;
