@@ -306,6 +306,72 @@ async fn dir_store_concurrent_writers_of_one_blob_and_of_tags() {
     }
 }
 
+/// Two stores on one layout (two worker instances of a host, or skopeo writing beside
+/// them): each one's tags survive the other's updates, whatever each had read before, and
+/// members of `index.json` the worker does not know are kept. The file stays canonical
+/// JSON (compact, keys sorted), as it was when the whole document was rewritten.
+#[tokio::test]
+async fn dir_store_tags_from_other_writers_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("oci-dir:{}", tmp.path().display());
+    let (a, b) = (
+        Store::open(&url, None).await.unwrap(),
+        Store::open(&url, None).await.unwrap(),
+    );
+    let put = |store: &Store, tag: String, n: usize| {
+        let store = store.clone();
+        async move {
+            let body = format!(r#"{{"schemaVersion":2,"n":{n}}}"#);
+            store
+                .put_manifest(&tag, body.as_bytes(), store::MEDIA_TYPE_MANIFEST)
+                .await
+                .unwrap()
+        }
+    };
+    put(&a, "first".into(), 0).await;
+    // Another tool adds a member of its own and a tag, by rewriting the file.
+    let index_path = tmp.path().join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["annotations"] = serde_json::json!({"written.by": "another tool"});
+    let other = index["manifests"][0].clone();
+    let mut other = other;
+    other["annotations"]["org.opencontainers.image.ref.name"] = "by-hand".into();
+    index["manifests"].as_array_mut().unwrap().push(other);
+    std::fs::write(&index_path, serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let store = if i % 2 == 0 { &a } else { &b };
+        tasks.push(tokio::spawn(put(store, format!("t{i}"), i)));
+    }
+    let mut digests = Vec::new();
+    for t in tasks {
+        digests.push(t.await.unwrap());
+    }
+    // `first` moves: both stores must see where it points now.
+    let moved = put(&b, "first".into(), 99).await;
+    for store in [&a, &b] {
+        for (i, d) in digests.iter().enumerate() {
+            assert_eq!(
+                &store.get_manifest(&format!("t{i}")).await.unwrap().digest,
+                d
+            );
+        }
+        assert_eq!(store.get_manifest("first").await.unwrap().digest, moved);
+        store.get_manifest("by-hand").await.unwrap();
+    }
+    let bytes = std::fs::read(&index_path).unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(parsed["annotations"]["written.by"], "another tool");
+    assert_eq!(parsed["manifests"].as_array().unwrap().len(), 24 + 2);
+    assert_eq!(
+        String::from_utf8(serde_json::to_vec(&parsed).unwrap()).unwrap(),
+        String::from_utf8(bytes).unwrap(),
+        "index.json is canonical"
+    );
+}
+
 #[tokio::test]
 async fn dir_store_copies_a_blob_from_another_filesystem_and_leaves_it_alone() {
     let shm = Path::new("/dev/shm");
