@@ -37,11 +37,59 @@ struct Done {
     data: Vec<u8>,
 }
 
-fn compressor(level: u32) -> io::Result<Compressor> {
-    let level = i32::try_from(level).map_err(io::Error::other)?;
-    let level = CompressionLvl::new(level)
-        .map_err(|e| io::Error::other(format!("gzip level {level}: {e:?}")))?;
-    Ok(Compressor::new(level))
+/// Compressors kept for the next layer: a compressor holds its match-finder tables (a few
+/// hundred KiB, fresh pages to fault in when new), and a worker snapshots two layers per
+/// job, mostly small. libdeflate keeps no state between calls, so a reused compressor gives
+/// the same bytes.
+static SPARE: Mutex<Vec<(u32, Compressor)>> = Mutex::new(Vec::new());
+/// At most this many kept: enough for a few snapshots at once with a few threads each.
+const SPARE_MAX: usize = 8;
+
+/// A compressor for `level`, handed back to [`SPARE`] when dropped.
+struct Pooled {
+    level: u32,
+    c: Option<Compressor>,
+}
+
+impl Pooled {
+    fn get(&mut self) -> &mut Compressor {
+        self.c.as_mut().expect("a pooled compressor until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(c) = self.c.take() {
+            let mut spare = SPARE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if spare.len() < SPARE_MAX {
+                spare.push((self.level, c));
+            }
+        }
+    }
+}
+
+fn compressor(level: u32) -> io::Result<Pooled> {
+    let kept = {
+        let mut spare = SPARE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        spare
+            .iter()
+            .rposition(|(l, _)| *l == level)
+            .map(|i| spare.swap_remove(i).1)
+    };
+    let c = match kept {
+        Some(c) => c,
+        None => {
+            let lvl = i32::try_from(level).map_err(io::Error::other)?;
+            let lvl = CompressionLvl::new(lvl)
+                .map_err(|e| io::Error::other(format!("gzip level {level}: {e:?}")))?;
+            Compressor::new(lvl)
+        }
+    };
+    Ok(Pooled { level, c: Some(c) })
 }
 
 /// Compresses `data` into one gzip member in `out`.
@@ -63,7 +111,7 @@ pub struct GzipWriter<W: Write> {
     next_seq: u64,
     written_seq: u64,
     /// The compressor and its output buffer when there is one thread: no workers.
-    inline: Option<(Compressor, Vec<u8>)>,
+    inline: Option<(Pooled, Vec<u8>)>,
     jobs: Option<SyncSender<Job>>,
     results: Option<Receiver<Done>>,
     pending: BTreeMap<u64, Done>,
@@ -86,7 +134,8 @@ impl<W: Write> GzipWriter<W> {
         let first = compressor(level)?;
         let mut w = GzipWriter {
             out,
-            block: Vec::with_capacity(BLOCK_SIZE),
+            // Grown as bytes come: most layers are far smaller than a block.
+            block: Vec::new(),
             next_seq: 0,
             written_seq: 0,
             inline: None,
@@ -150,15 +199,12 @@ impl<W: Write> GzipWriter<W> {
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        let fresh = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BLOCK_SIZE));
+        let fresh = self.spare.pop().unwrap_or_default();
         let mut data = std::mem::replace(&mut self.block, fresh);
         let seq = self.next_seq;
         self.next_seq += 1;
         if let Some((c, buf)) = &mut self.inline {
-            gzip_member(c, &data, buf)?;
+            gzip_member(c.get(), &data, buf)?;
             self.out.write_all(buf)?;
             self.written_seq += 1;
             data.clear();
@@ -208,7 +254,7 @@ impl<W: Write> GzipWriter<W> {
     }
 }
 
-fn worker(mut c: Compressor, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
+fn worker(mut c: Pooled, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
     loop {
         let job = {
             let Ok(rx) = jobs.lock() else { return };
@@ -218,7 +264,7 @@ fn worker(mut c: Compressor, jobs: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
             }
         };
         let mut out = job.out;
-        let compressed = gzip_member(&mut c, &job.data, &mut out).map(|()| out);
+        let compressed = gzip_member(c.get(), &job.data, &mut out).map(|()| out);
         let result = Done {
             seq: job.seq,
             compressed,

@@ -483,12 +483,21 @@ impl<W: Write> Walker<'_, '_, W> {
         h.xattrs = &xattrs;
         self.header(&h)?;
         let mut file = std::fs::File::from(fd);
-        if self.buf.is_empty() {
-            self.buf = vec![0; READ_CHUNK];
+        // Sized for the largest file so far (in powers of two, up to a chunk): most files
+        // of a build are small.
+        let need = usize::try_from(meta.size)
+            .unwrap_or(usize::MAX)
+            .clamp(1, READ_CHUNK)
+            .next_power_of_two()
+            .min(READ_CHUNK);
+        if self.buf.len() < need {
+            self.buf = vec![0; need];
         }
         let mut left = meta.size;
         while left > 0 {
-            let want = usize::try_from(left).unwrap_or(usize::MAX).min(READ_CHUNK);
+            let want = usize::try_from(left)
+                .unwrap_or(usize::MAX)
+                .min(self.buf.len());
             let n = match file.read(&mut self.buf[..want]) {
                 Ok(0) => {
                     return Err(LayerError::Changed {
