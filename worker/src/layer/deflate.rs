@@ -37,8 +37,8 @@ struct Done {
     data: Vec<u8>,
 }
 
-/// Compressors kept for the next layer: a compressor holds its match-finder tables (a few
-/// hundred KiB, fresh pages to fault in when new), and a worker snapshots two layers per
+/// Compressors kept for the next layer: a compressor holds its match-finder tables (fresh
+/// pages to fault in when new, unmapped when freed), and a worker snapshots two layers per
 /// job, mostly small. libdeflate keeps no state between calls, so a reused compressor gives
 /// the same bytes.
 static SPARE: Mutex<Vec<(u32, Compressor)>> = Mutex::new(Vec::new());
