@@ -474,25 +474,35 @@ impl Sandbox {
         if let Some(t) = timings.as_mut() {
             t.mark(Mark::CallerCgroupLimits);
         }
-        let (ours, theirs) =
-            UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
-        // The request goes into the socket before the shim exists, so the shim finds it
-        // waiting as it starts instead of the zygote's answer and our write taking turns
-        // with it. What does not fit in the socket's buffer follows once the shim runs.
         let request = handshake::encode(&ToShim::Request(Box::new(Request {
             spec: spec.clone(),
             cgroup: cg.clone(),
             root: root.to_owned(),
             trace: timings.is_some(),
         })));
-        let sent =
-            early_write(&ours, &request).map_err(|source| Error::ControlSocket { source })?;
         let spawn_err = |source| Error::SpawnShim {
             path: config.helper_exe.clone(),
             source,
         };
-        let (shim, stdout, stderr) = match &config.zygote {
-            Some(zygote) => {
+        // A shim the zygote forked ahead, waiting for this request: nothing to fork now.
+        let ready = config.zygote.as_ref().and_then(|z| z.take_ready());
+        let (ours, sent, shim, stdout, stderr) = match (ready, &config.zygote) {
+            (Some(ready), _) => (
+                ready.ctl,
+                0,
+                Shim::Forked(ready.pid),
+                ready.stdout,
+                ready.stderr,
+            ),
+            (None, Some(zygote)) => {
+                let (ours, theirs) =
+                    UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
+                // The request goes into the socket before the shim exists, so the shim finds
+                // it waiting as it starts instead of the zygote's answer and our write taking
+                // turns with it. What does not fit in the socket's buffer follows once the
+                // shim runs.
+                let sent = early_write(&ours, &request)
+                    .map_err(|source| Error::ControlSocket { source })?;
                 let pipes = (|| Ok::<_, std::io::Error>((std::io::pipe()?, std::io::pipe()?)))();
                 let ((out_r, out_w), (err_r, err_w)) = pipes.map_err(spawn_err)?;
                 let pid = zygote
@@ -502,9 +512,13 @@ impl Sandbox {
                         &OwnedFd::from(err_w),
                     )
                     .map_err(spawn_err)?;
-                (Shim::Forked(pid), out_r, err_r)
+                (ours, sent, Shim::Forked(pid), out_r, err_r)
             }
-            None => {
+            (None, None) => {
+                let (ours, theirs) =
+                    UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
+                let sent = early_write(&ours, &request)
+                    .map_err(|source| Error::ControlSocket { source })?;
                 let mut child = Command::new(&config.helper_exe)
                     .arg(SHIM_ARG)
                     .env_clear()
@@ -521,6 +535,8 @@ impl Sandbox {
                     return Err(Error::ShimDied);
                 };
                 (
+                    ours,
+                    sent,
                     Shim::Exec(child),
                     PipeReader::from(out),
                     PipeReader::from(err),

@@ -13,6 +13,10 @@
 //! stdout, stderr), each answer is a [`FromZygote`]. End of stream from the worker ends the
 //! zygote; shims it forked live on until their jobs end.
 //!
+//! The worker's handle ([`Zygote`]) asks for one shim more than its jobs take: a shim forked
+//! ahead waits on its control socket until the next job's request comes (see
+//! [`Zygote::take_ready`]), so a job's start does not wait for a fork.
+//!
 //! Between requests the zygote also makes each job's network namespace ahead of time (a
 //! [`NetnsPool`]): creating one costs the kernel ~0.45 ms (per-namespace sysctls, devices,
 //! protocol state), more than every other namespace of a job together (~0.07 ms). A shim
@@ -21,10 +25,13 @@
 //! namespace like a cloned one), serves exactly one job, and goes away with it.
 
 use std::io;
+use std::io::PipeReader;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::handshake::{self, FromZygote, HandshakeError, ToZygote};
 use crate::sys::{self, Forked};
@@ -187,9 +194,43 @@ fn make_netns(home: &OwnedFd) -> io::Result<OwnedFd> {
 }
 
 /// The worker's handle on its zygote, started on first use and restarted if it died.
+///
+/// Once jobs run, it also keeps a shim forked ahead ([`ReadyShim`]): a job takes one that
+/// is already waiting on its control socket, and a background thread forks the next one
+/// while the job runs. The fork and the round trip to the zygote (about 0.2 ms) leave the
+/// job's start. Shims kept ahead are let go after [`Zygote::READY_IDLE`] without a job, so
+/// an idle worker holds no process beyond the zygote.
 pub struct Zygote {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     exe: PathBuf,
     running: Mutex<Option<Running>>,
+    ready: Mutex<Ready>,
+    /// Wakes the refill thread: a shim was taken, or the zygote is dropped.
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Ready {
+    shims: Vec<ReadyShim>,
+    /// When a job last took (or asked for) a shim; `None` before the first.
+    last_use: Option<Instant>,
+    /// The refill thread runs (started with the first job).
+    filling: bool,
+    /// The handle is dropped: the refill thread ends.
+    closed: bool,
+}
+
+/// A shim forked ahead of its job, blocked reading its control socket: the worker's ends
+/// of that socket and of the shim's stdout and stderr pipes. Dropping it ends the shim (end
+/// of stream before any request).
+pub(crate) struct ReadyShim {
+    pub pid: u32,
+    pub ctl: UnixStream,
+    pub stdout: PipeReader,
+    pub stderr: PipeReader,
 }
 
 struct Running {
@@ -199,23 +240,69 @@ struct Running {
 
 impl std::fmt::Debug for Zygote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Zygote").field("exe", &self.exe).finish()
+        f.debug_struct("Zygote")
+            .field("exe", &self.inner.exe)
+            .finish()
     }
 }
 
 impl Zygote {
+    /// Shims kept forked ahead: one, for the next job's start (the refill thread forks the
+    /// next while a job runs, so at a worker's usual concurrency the next job finds one).
+    const READY: usize = 1;
+
+    /// How long the shims kept ahead outlive the last job.
+    pub const READY_IDLE: Duration = Duration::from_secs(5);
+
     /// A zygote of `exe` (the `corral-worker` binary); nothing starts until the first job.
     pub fn new(exe: &Path) -> Self {
         Zygote {
-            exe: exe.to_owned(),
-            running: Mutex::new(None),
+            inner: Arc::new(Inner {
+                exe: exe.to_owned(),
+                running: Mutex::new(None),
+                ready: Mutex::new(Ready::default()),
+                wake: Condvar::new(),
+            }),
         }
     }
 
     /// Pid of the zygote process, if it runs.
     pub fn pid(&self) -> Option<u32> {
-        let running = self.running.lock().ok()?;
+        let running = self.inner.running.lock().ok()?;
         running.as_ref().map(|r| r.child.id())
+    }
+
+    /// Pids of the shims forked ahead and waiting for a job.
+    pub fn ready_pids(&self) -> Vec<u32> {
+        self.inner
+            .ready
+            .lock()
+            .map(|r| r.shims.iter().map(|s| s.pid).collect())
+            .unwrap_or_default()
+    }
+
+    /// A shim forked ahead, if one waits and is alive; either way the refill thread is
+    /// told to fork the next one (and started, on the first call).
+    pub(crate) fn take_ready(&self) -> Option<ReadyShim> {
+        let mut ready = self.inner.ready.lock().ok()?;
+        ready.last_use = Some(Instant::now());
+        if !ready.filling && !ready.closed {
+            let inner = Arc::clone(&self.inner);
+            let started = std::thread::Builder::new()
+                .name("corral-shim-pool".to_owned())
+                .spawn(move || inner.refill());
+            ready.filling = started.is_ok();
+        }
+        let mut taken = None;
+        while let Some(shim) = ready.shims.pop() {
+            // A shim that died while waiting (killed from outside) has hung up its end.
+            if shim.alive() {
+                taken = Some(shim);
+                break;
+            }
+        }
+        self.inner.wake.notify_one();
+        taken
     }
 
     /// Forks a shim that gets `ctl`, `stdout` and `stderr` as its fds 0, 1 and 2.
@@ -226,6 +313,85 @@ impl Zygote {
         stdout: &OwnedFd,
         stderr: &OwnedFd,
     ) -> io::Result<u32> {
+        self.inner.fork_shim(ctl, stdout, stderr)
+    }
+}
+
+impl ReadyShim {
+    /// Whether the shim still holds its end of the control socket.
+    fn alive(&self) -> bool {
+        sys::poll(&[(self.ctl.as_raw_fd(), 0)], 0)
+            .is_ok_and(|revents| revents.first().is_some_and(|&r| r == 0))
+    }
+}
+
+impl Inner {
+    /// The refill thread: keeps [`Zygote::READY`] shims forked while jobs come, lets them
+    /// go after [`Zygote::READY_IDLE`] without one, ends when the handle is dropped.
+    fn refill(&self) {
+        let Ok(mut ready) = self.ready.lock() else {
+            return;
+        };
+        loop {
+            if ready.closed {
+                return;
+            }
+            let idle_for = ready.last_use.map_or(Duration::MAX, |t| t.elapsed());
+            if idle_for >= Zygote::READY_IDLE {
+                ready.shims.clear();
+                ready = match self.wake.wait(ready) {
+                    Ok(r) => r,
+                    Err(_) => return,
+                };
+                continue;
+            }
+            if ready.shims.len() >= Zygote::READY {
+                let left = Zygote::READY_IDLE - idle_for;
+                ready = match self.wake.wait_timeout(ready, left) {
+                    Ok((r, _)) => r,
+                    Err(_) => return,
+                };
+                continue;
+            }
+            drop(ready);
+            let forked = self.fork_ready();
+            ready = match self.ready.lock() {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            match forked {
+                Ok(shim) if !ready.closed => ready.shims.push(shim),
+                Ok(_) => {}
+                // The zygote cannot fork now: jobs fork their own shim (and say why) until
+                // the next one is taken.
+                Err(_) => {
+                    ready = match self.wake.wait(ready) {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    };
+                }
+            }
+        }
+    }
+
+    fn fork_ready(&self) -> io::Result<ReadyShim> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let (out_r, out_w) = std::io::pipe()?;
+        let (err_r, err_w) = std::io::pipe()?;
+        let pid = self.fork_shim(
+            &OwnedFd::from(theirs),
+            &OwnedFd::from(out_w),
+            &OwnedFd::from(err_w),
+        )?;
+        Ok(ReadyShim {
+            pid,
+            ctl: ours,
+            stdout: out_r,
+            stderr: err_r,
+        })
+    }
+
+    fn fork_shim(&self, ctl: &OwnedFd, stdout: &OwnedFd, stderr: &OwnedFd) -> io::Result<u32> {
         let mut running = self
             .running
             .lock()
@@ -285,7 +451,13 @@ fn ask(sock: &OwnedFd, fds: &[i32; 3]) -> io::Result<FromZygote> {
 
 impl Drop for Zygote {
     fn drop(&mut self) {
-        if let Ok(mut running) = self.running.lock()
+        // The refill thread ends, and the shims kept ahead with it (end of stream).
+        if let Ok(mut ready) = self.inner.ready.lock() {
+            ready.closed = true;
+            ready.shims.clear();
+        }
+        self.inner.wake.notify_all();
+        if let Ok(mut running) = self.inner.running.lock()
             && let Some(Running { mut child, sock }) = running.take()
         {
             // End of stream ends the zygote.

@@ -826,8 +826,9 @@ fn a_shim_refuses_a_frame_of_another_handshake_version() {
     );
 }
 
-/// A zygote that died (killed between jobs) is replaced on the next job; the shims it
-/// forked are not its own children's problem: each reports over its own socket.
+/// A zygote that died (killed between jobs) is replaced: the next job starts (in a shim
+/// forked ahead, or forked by a new zygote) and the zygote is running again after it. The
+/// shims it forked are not its own children's problem: each reports over its own socket.
 #[test]
 fn a_dead_zygote_is_replaced() {
     if !prerequisites() {
@@ -836,16 +837,96 @@ fn a_dead_zygote_is_replaced() {
     let _dirs = leaves_nothing("zygote");
     let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
     let (zygote, cfg) = own_zygote_config("zygote");
+    let mut killed = Vec::new();
     for round in 0..2 {
         echo_hi(&cfg, jobs.path(), &format!("zygote-{round}"), 211_004);
-        let pid = zygote.pid().expect("the zygote runs after a job");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
+        let pid = eventually(|| zygote.pid().filter(|p| !killed.contains(p)))
+            .expect("a live zygote after a job");
+        kill(pid);
+        killed.push(pid);
     }
     assert_nothing_left("zygote", 211_004, "zygote-1");
+}
+
+/// Polls `f` every 50 ms for up to 10 s; its first `Some`.
+fn eventually<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    (0..200).find_map(|_| {
+        let found = f();
+        if found.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        found
+    })
+}
+
+fn kill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+fn gone(pid: u32) -> bool {
+    eventually(|| (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())).is_some()
+}
+
+/// Once jobs run, the zygote keeps a shim forked ahead and the next job starts in it; one
+/// killed while it waits is passed over (the job forks its own); those kept ahead go after
+/// a few seconds without a job, and with the handle.
+#[test]
+fn the_next_job_starts_in_a_shim_forked_ahead() {
+    if !prerequisites() {
+        return;
+    }
+    let _dirs = leaves_nothing("ready-shim");
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (zygote, cfg) = own_zygote_config("ready-shim");
+    let uid = 211_008;
+    echo_hi(&cfg, jobs.path(), "ready-0", uid);
+    let ready = eventually(|| zygote.ready_pids().first().copied())
+        .expect("a shim is forked ahead once jobs run");
+    let job = JobDir::create(jobs.path(), "ready-1", 16 << 20).unwrap();
+    let mut running =
+        Sandbox::spawn(&simple_spec(&job, uid, &["sh", "-c", "echo hi"]), &cfg).unwrap();
+    assert_eq!(
+        running.shim_pid(),
+        ready,
+        "the job did not start in the shim forked ahead"
+    );
+    let out = drain(running.stdout.take());
+    assert_eq!(running.wait().unwrap().exit, Exit::Code(0));
+    assert_eq!(out.join().unwrap(), "hi\n");
+    job.remove().unwrap();
+
+    let waiting = eventually(|| zygote.ready_pids().first().copied().filter(|&p| p != ready))
+        .expect("the next shim is forked ahead");
+    kill(waiting);
+    assert!(gone(waiting), "the killed shim is still there");
+    let job = JobDir::create(jobs.path(), "ready-2", 16 << 20).unwrap();
+    let mut running =
+        Sandbox::spawn(&simple_spec(&job, uid, &["sh", "-c", "echo hi"]), &cfg).unwrap();
+    assert_ne!(running.shim_pid(), waiting, "a dead shim was handed a job");
+    let out = drain(running.stdout.take());
+    assert_eq!(running.wait().unwrap().exit, Exit::Code(0));
+    assert_eq!(out.join().unwrap(), "hi\n");
+    job.remove().unwrap();
+
+    // Idle: let go after `READY_IDLE`.
+    let idle = eventually(|| zygote.ready_pids().first().copied())
+        .expect("a shim is forked ahead after the job");
+    std::thread::sleep(Zygote::READY_IDLE);
+    assert!(gone(idle), "a shim forked ahead outlived the idle time");
+    assert!(zygote.ready_pids().is_empty());
+
+    // Busy again, then the handle goes: so do the shims kept ahead.
+    echo_hi(&cfg, jobs.path(), "ready-3", uid);
+    let last = eventually(|| zygote.ready_pids().first().copied())
+        .expect("shims are forked ahead again once a job comes");
+    drop(cfg);
+    drop(zygote);
+    assert!(gone(last), "a shim forked ahead outlived its zygote handle");
+    assert_nothing_left("ready-shim", uid, "ready-3");
 }
 
 /// Jobs started through the zygote, several at once (more than it makes ahead, so some
