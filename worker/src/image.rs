@@ -157,17 +157,16 @@ pub async fn publish(
     layers: &[Layer],
     image: &Image,
 ) -> Result<(Digest, String), StoreError> {
-    for layer in layers {
-        if !store.has_blob(&layer.digest).await? {
-            return Err(StoreError::NotFound {
-                what: format!("layer blob {}", layer.digest),
-            });
-        }
-    }
-    let (config_digest, _) = store.put_blob_bytes(&image.config).await?;
-    debug_assert_eq!(config_digest, image.config_digest);
+    let digests: Vec<Digest> = layers.iter().map(|l| l.digest.clone()).collect();
+    debug_assert_eq!(sha256_bytes(&image.config), image.config_digest);
     let digest = store
-        .put_manifest(tag, &image.manifest, image.manifest_media_type)
+        .publish_image(
+            tag,
+            &digests,
+            &image.config,
+            &image.manifest,
+            image.manifest_media_type,
+        )
         .await?;
     Ok((digest, store.reference(tag)))
 }

@@ -512,6 +512,36 @@ async fn dir_store_detects_a_tampered_blob_on_read() {
     assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
 }
 
+/// An image naming a layer the store does not hold is refused with the layer named, and
+/// neither its config nor its manifest nor its tag appears.
+#[tokio::test]
+async fn dir_store_refuses_an_image_naming_a_missing_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        &format!("oci-dir:{}", tmp.path().join("store").display()),
+        None,
+    )
+    .await
+    .unwrap();
+    let (held, path) = make_layer(tmp.path(), &[("app/a.txt", b"a\n")]);
+    store
+        .put_blob_file(&path, &held.digest, held.size)
+        .await
+        .unwrap();
+    let (missing, _) = make_layer(tmp.path(), &[("app/b.txt", b"b\n")]);
+    let layers = [held, missing.clone()];
+    let img = image::build(&layers, &ImageSettings::default());
+    let err = image::publish(&store, "refused", &layers, &img)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+    assert!(err.is_not_found(), "{err}");
+    assert!(err.to_string().contains(missing.digest.hex()), "{err}");
+    assert!(!store.has_blob(&img.config_digest).await.unwrap());
+    assert!(store.get_manifest("refused").await.is_err());
+    assert!(!store.has_blob(&img.manifest_digest).await.unwrap());
+}
+
 // ---------------------------------------------------------------- registry store
 
 /// A docker-registry started by `scripts/registry`, stopped (by pid) on drop.

@@ -280,8 +280,14 @@ impl DirStore {
     }
 
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let s = self.clone();
+        let digest = digest.clone();
+        blocking(move || s.has_blob_sync(&digest)).await
+    }
+
+    fn has_blob_sync(&self, digest: &Digest) -> Result<bool, StoreError> {
         let path = self.blob_path(digest);
-        match tokio::fs::symlink_metadata(&path).await {
+        match std::fs::symlink_metadata(&path) {
             Ok(meta) => Ok(meta.is_file()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(source) => Err(StoreError::Read { path, source }),
@@ -531,19 +537,53 @@ impl DirStore {
     ) -> Result<Digest, StoreError> {
         let s = self.clone();
         let (tag, bytes, media_type) = (tag.to_string(), bytes.to_vec(), media_type.to_string());
+        blocking(move || s.put_manifest_sync(&tag, &bytes, &media_type)).await
+    }
+
+    fn put_manifest_sync(
+        &self,
+        tag: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, StoreError> {
+        let digest = sha256_bytes(bytes);
+        self.put_blob_bytes_sync(bytes, &digest)?;
+        self.set_tag(
+            tag,
+            &json!({
+                "mediaType": media_type,
+                "digest": digest.as_str(),
+                "size": bytes.len(),
+                "annotations": {REF_NAME: tag},
+            }),
+        )?;
+        Ok(digest)
+    }
+
+    /// [`crate::store::Store::publish_image`] in one trip to the blocking pool: every layer
+    /// blob checked, the config put, the manifest put and tagged.
+    pub async fn publish_image(
+        &self,
+        tag: &str,
+        layers: &[Digest],
+        config: (&[u8], &Digest),
+        manifest: (&[u8], &str),
+    ) -> Result<Digest, StoreError> {
+        let s = self.clone();
+        let tag = tag.to_string();
+        let layers = layers.to_vec();
+        let (config, config_digest) = (config.0.to_vec(), config.1.clone());
+        let (manifest, media_type) = (manifest.0.to_vec(), manifest.1.to_string());
         blocking(move || {
-            let digest = sha256_bytes(&bytes);
-            s.put_blob_bytes_sync(&bytes, &digest)?;
-            s.set_tag(
-                &tag,
-                &json!({
-                    "mediaType": media_type,
-                    "digest": digest.as_str(),
-                    "size": bytes.len(),
-                    "annotations": {REF_NAME: tag},
-                }),
-            )?;
-            Ok(digest)
+            for layer in &layers {
+                if !s.has_blob_sync(layer)? {
+                    return Err(StoreError::NotFound {
+                        what: format!("layer blob {layer}"),
+                    });
+                }
+            }
+            s.put_blob_bytes_sync(&config, &config_digest)?;
+            s.put_manifest_sync(&tag, &manifest, &media_type)
         })
         .await
     }

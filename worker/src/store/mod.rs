@@ -404,6 +404,44 @@ impl Store {
         result
     }
 
+    /// Stores an image whose layer blobs are already here: checks each layer is, puts the
+    /// config blob, then the manifest under `tag` (a manifest never names a missing blob:
+    /// [`StoreError::NotFound`] when one is). Returns the manifest's digest. The directory
+    /// store does it all in one trip to the blocking pool.
+    pub async fn publish_image(
+        &self,
+        tag: &str,
+        layers: &[Digest],
+        config: &[u8],
+        manifest: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, StoreError> {
+        check_tag(tag)?;
+        let config_digest = sha256_bytes(config);
+        match self {
+            Store::Dir(s) => {
+                s.publish_image(
+                    tag,
+                    layers,
+                    (config, &config_digest),
+                    (manifest, media_type),
+                )
+                .await
+            }
+            Store::Registry(_) => {
+                for layer in layers {
+                    if !self.has_blob(layer).await? {
+                        return Err(StoreError::NotFound {
+                            what: format!("layer blob {layer}"),
+                        });
+                    }
+                }
+                self.put_blob_bytes(config).await?;
+                self.put_manifest(tag, manifest, media_type).await
+            }
+        }
+    }
+
     /// Stores a manifest and tags it; returns its digest.
     pub async fn put_manifest(
         &self,
