@@ -51,16 +51,18 @@ fn own_zygote_config(test: &str) -> (std::sync::Arc<Zygote>, SandboxConfig) {
 }
 
 /// Runs `sh -c 'echo hi'` as `uid` in a new job dir `name` under `jobs`, checks that it
-/// printed `hi` and exited 0, and removes the job dir.
-fn echo_hi(cfg: &SandboxConfig, jobs: &Path, name: &str, uid: u32) {
+/// printed `hi` and exited 0, and removes the job dir. Returns the pid of its shim.
+fn echo_hi(cfg: &SandboxConfig, jobs: &Path, name: &str, uid: u32) -> u32 {
     let job = JobDir::create(jobs, name, 16 << 20).unwrap();
     let mut running =
         Sandbox::spawn(&simple_spec(&job, uid, &["sh", "-c", "echo hi"]), cfg).unwrap();
+    let shim = running.shim_pid();
     let out = drain(running.stdout.take());
     let outcome = running.wait().unwrap();
     assert_eq!(outcome.exit, Exit::Code(0), "{name}");
     assert_eq!(out.join().unwrap(), "hi\n", "{name}");
     job.remove().unwrap();
+    shim
 }
 
 #[derive(Debug, Deserialize)]
@@ -886,31 +888,18 @@ fn the_next_job_starts_in_a_shim_forked_ahead() {
     echo_hi(&cfg, jobs.path(), "ready-0", uid);
     let ready = eventually(|| zygote.ready_pids().first().copied())
         .expect("a shim is forked ahead once jobs run");
-    let job = JobDir::create(jobs.path(), "ready-1", 16 << 20).unwrap();
-    let mut running =
-        Sandbox::spawn(&simple_spec(&job, uid, &["sh", "-c", "echo hi"]), &cfg).unwrap();
+    let shim = echo_hi(&cfg, jobs.path(), "ready-1", uid);
     assert_eq!(
-        running.shim_pid(),
-        ready,
+        shim, ready,
         "the job did not start in the shim forked ahead"
     );
-    let out = drain(running.stdout.take());
-    assert_eq!(running.wait().unwrap().exit, Exit::Code(0));
-    assert_eq!(out.join().unwrap(), "hi\n");
-    job.remove().unwrap();
 
     let waiting = eventually(|| zygote.ready_pids().first().copied().filter(|&p| p != ready))
         .expect("the next shim is forked ahead");
     kill(waiting);
     assert!(gone(waiting), "the killed shim is still there");
-    let job = JobDir::create(jobs.path(), "ready-2", 16 << 20).unwrap();
-    let mut running =
-        Sandbox::spawn(&simple_spec(&job, uid, &["sh", "-c", "echo hi"]), &cfg).unwrap();
-    assert_ne!(running.shim_pid(), waiting, "a dead shim was handed a job");
-    let out = drain(running.stdout.take());
-    assert_eq!(running.wait().unwrap().exit, Exit::Code(0));
-    assert_eq!(out.join().unwrap(), "hi\n");
-    job.remove().unwrap();
+    let shim = echo_hi(&cfg, jobs.path(), "ready-2", uid);
+    assert_ne!(shim, waiting, "a dead shim was handed a job");
 
     // Idle: let go after `READY_IDLE`.
     let idle = eventually(|| zygote.ready_pids().first().copied())
