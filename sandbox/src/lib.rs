@@ -34,7 +34,8 @@
 //! The helper binary (`corral`, or `corral-worker`) must dispatch `__sandbox-shim` ([`SHIM_ARG`]) to
 //! [`shim_main`] and `__sandbox-zygote` ([`ZYGOTE_ARG`]) to [`zygote_main`] before anything
 //! else (no threads, no runtime). With [`SandboxConfig::zygote`] set, shims are forked from
-//! one long-lived zygote instead of exec'd per job. The shim (the role of containerd-shim or
+//! one long-lived zygote instead of exec'd per job, and while jobs come one is kept forked
+//! ahead for the next job's request. The shim (the role of containerd-shim or
 //! conmon) clones the job's init (what runc, youki and crun call the container's init) into
 //! new mount, pid, net, ipc and uts namespaces. Still real root, init builds the overlay
 //! root in its own mount namespace (which dies with it, so no crash can leave a mount on
