@@ -484,6 +484,16 @@ impl Sandbox {
             path: config.helper_exe.clone(),
             source,
         };
+        // A new control socket, our end holding as much of the request as it takes. Put in
+        // before the shim exists, the request is waiting for the shim as it starts instead of
+        // the zygote's answer and our write taking turns with it. What does not fit in the
+        // socket's buffer follows once the shim runs.
+        let new_link = || {
+            let (ours, theirs) = UnixStream::pair()?;
+            let sent = early_write(&ours, &request)?;
+            Ok((ours, theirs, sent))
+        };
+        let new_link = || new_link().map_err(|source| Error::ControlSocket { source });
         // A shim the zygote forked ahead, waiting for this request: nothing to fork now.
         let ready = config.zygote.as_ref().and_then(|z| z.take_ready());
         let (ours, sent, shim, stdout, stderr) = match (ready, &config.zygote) {
@@ -495,14 +505,7 @@ impl Sandbox {
                 ready.stderr,
             ),
             (None, Some(zygote)) => {
-                let (ours, theirs) =
-                    UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
-                // The request goes into the socket before the shim exists, so the shim finds
-                // it waiting as it starts instead of the zygote's answer and our write taking
-                // turns with it. What does not fit in the socket's buffer follows once the
-                // shim runs.
-                let sent = early_write(&ours, &request)
-                    .map_err(|source| Error::ControlSocket { source })?;
+                let (ours, theirs, sent) = new_link()?;
                 let pipes = (|| Ok::<_, std::io::Error>((std::io::pipe()?, std::io::pipe()?)))();
                 let ((out_r, out_w), (err_r, err_w)) = pipes.map_err(spawn_err)?;
                 let pid = zygote
@@ -515,10 +518,7 @@ impl Sandbox {
                 (ours, sent, Shim::Forked(pid), out_r, err_r)
             }
             (None, None) => {
-                let (ours, theirs) =
-                    UnixStream::pair().map_err(|source| Error::ControlSocket { source })?;
-                let sent = early_write(&ours, &request)
-                    .map_err(|source| Error::ControlSocket { source })?;
+                let (ours, theirs, sent) = new_link()?;
                 let mut child = Command::new(&config.helper_exe)
                     .arg(SHIM_ARG)
                     .env_clear()

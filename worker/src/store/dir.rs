@@ -566,23 +566,21 @@ impl DirStore {
         &self,
         tag: &str,
         layers: &[Digest],
-        config: (&[u8], &Digest),
+        config: &[u8],
         manifest: (&[u8], &str),
     ) -> Result<Digest, StoreError> {
         let s = self.clone();
         let tag = tag.to_string();
         let layers = layers.to_vec();
-        let (config, config_digest) = (config.0.to_vec(), config.1.clone());
+        let config = config.to_vec();
         let (manifest, media_type) = (manifest.0.to_vec(), manifest.1.to_string());
         blocking(move || {
             for layer in &layers {
                 if !s.has_blob_sync(layer)? {
-                    return Err(StoreError::NotFound {
-                        what: format!("layer blob {layer}"),
-                    });
+                    return Err(StoreError::missing_layer(layer));
                 }
             }
-            s.put_blob_bytes_sync(&config, &config_digest)?;
+            s.put_blob_bytes_sync(&config, &sha256_bytes(&config))?;
             s.put_manifest_sync(&tag, &manifest, &media_type)
         })
         .await

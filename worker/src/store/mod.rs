@@ -127,6 +127,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// An image names a layer blob the store does not hold.
+    pub(crate) fn missing_layer(layer: &Digest) -> StoreError {
+        StoreError::NotFound {
+            what: format!("layer blob {layer}"),
+        }
+    }
+
     /// Whether the failure is the platform's transient fault (a connection error, a 5xx,
     /// a lost upload session, a local I/O error) so that a later attempt may succeed; `false`
     /// for final answers (4xx, refused credentials, a digest mismatch, a bad URL).
@@ -417,23 +424,15 @@ impl Store {
         media_type: &str,
     ) -> Result<Digest, StoreError> {
         check_tag(tag)?;
-        let config_digest = sha256_bytes(config);
         match self {
             Store::Dir(s) => {
-                s.publish_image(
-                    tag,
-                    layers,
-                    (config, &config_digest),
-                    (manifest, media_type),
-                )
-                .await
+                s.publish_image(tag, layers, config, (manifest, media_type))
+                    .await
             }
             Store::Registry(_) => {
                 for layer in layers {
                     if !self.has_blob(layer).await? {
-                        return Err(StoreError::NotFound {
-                            what: format!("layer blob {layer}"),
-                        });
+                        return Err(StoreError::missing_layer(layer));
                     }
                 }
                 self.put_blob_bytes(config).await?;
