@@ -77,8 +77,8 @@ pub struct WorkerFlags {
     /// `data_dir`: bases, the local store, caches and job dirs.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// `concurrency`: builds run at once; also the number of job filesystems kept ready, and
-    /// one less than the AMQP prefetch unless `amqp.prefetch` is set.
+    /// `concurrency`: builds run at once; also one less than the number of job filesystems
+    /// kept ready, and than the AMQP prefetch unless `amqp.prefetch` is set.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<String>,
     /// `drain_deadline_seconds`: on SIGTERM, how long running builds may finish before they

@@ -204,23 +204,53 @@ impl BuildLog {
         self.truncated.load(Ordering::SeqCst)
     }
 
-    /// Reads `pipe` to its end on a thread of its own (a pipe read blocks).
-    pub fn read(
+    /// Reads the build's `pipes` (stdout and stderr) to their ends on one thread: each read
+    /// waits in `poll` for whichever has output, so a job costs one reader thread (and its
+    /// wakeups) rather than one per stream.
+    pub fn read_pipes(
         self: &Arc<Self>,
-        mut pipe: impl Read + Send + 'static,
-        stream: Stream,
+        mut pipes: Vec<(std::io::PipeReader, Stream)>,
         on_limit: impl Fn() + Send + 'static,
     ) -> std::thread::JoinHandle<()> {
+        use rustix::event::{PollFd, PollFlags, poll};
         let log = self.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match pipe.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                if log.append(stream, &buf[..n]) {
-                    on_limit();
+            while !pipes.is_empty() {
+                let mut ready = pipes
+                    .iter()
+                    .map(|(pipe, _)| PollFd::new(pipe, PollFlags::IN))
+                    .collect::<Vec<_>>();
+                match poll(&mut ready, None) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(_) => break,
+                }
+                // End of stream or error (POLLHUP, POLLERR) shows as a readable pipe too: the
+                // read says which.
+                let readable: Vec<bool> = ready.iter().map(|fd| !fd.revents().is_empty()).collect();
+                drop(ready);
+                let mut i = pipes.len();
+                while i > 0 {
+                    i -= 1;
+                    if !readable[i] {
+                        continue;
+                    }
+                    let (pipe, stream) = &mut pipes[i];
+                    match pipe.read(&mut buf) {
+                        Ok(0) => {
+                            pipes.swap_remove(i);
+                        }
+                        Ok(n) => {
+                            if log.append(*stream, &buf[..n]) {
+                                on_limit();
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => {
+                            pipes.swap_remove(i);
+                        }
+                    }
                 }
             }
         })
@@ -376,11 +406,15 @@ pub async fn sandbox(
         let cancel = cancel.clone();
         move || cancel.cancel(grace)
     };
-    if let Some(pipe) = running.stdout.take() {
-        readers.push(log.read(pipe, Stream::Stdout, stop_on_limit()));
-    }
-    if let Some(pipe) = running.stderr.take() {
-        readers.push(log.read(pipe, Stream::Stderr, stop_on_limit()));
+    let pipes: Vec<_> = [
+        (running.stdout.take(), Stream::Stdout),
+        (running.stderr.take(), Stream::Stderr),
+    ]
+    .into_iter()
+    .filter_map(|(pipe, stream)| pipe.map(|pipe| (pipe, stream)))
+    .collect();
+    if !pipes.is_empty() {
+        readers.push(log.read_pipes(pipes, stop_on_limit()));
     }
     // The sandbox's live events (the kernel's OOM kills and refused forks, seccomp's
     // refusals) join the job's one event path as they come; the channel closes with the job.
@@ -400,8 +434,17 @@ pub async fn sandbox(
         })
     };
     // Back as soon as every process of the job is dead and its cgroup removed: pid 1's
-    // namespaces (the overlay among them) go away meanwhile.
-    let ended = blocking(move || running.wait_outcome()).await;
+    // namespaces (the overlay among them) go away meanwhile. The readers end then too (no
+    // process is left to write, and the sandbox's events end with its report): joined in
+    // the same trip to the blocking pool.
+    let ended = blocking(move || {
+        let ended = running.wait_outcome();
+        for reader in readers {
+            let _ = reader.join();
+        }
+        ended
+    })
+    .await;
     watcher.abort();
     if let Some(serving) = serving {
         serving.abort();
@@ -410,23 +453,13 @@ pub async fn sandbox(
         usage: p.ledger().usage(),
         cut: p.ledger().limit_passed(),
     });
-    let readers_done = blocking(move || {
-        for reader in readers {
-            let _ = reader.join();
-        }
-    })
-    .await;
     let (outcome, teardown) = ended?;
-    let outcome = match (outcome, readers_done) {
-        (Ok(outcome), Ok(())) => outcome,
-        (Err(err), _) => {
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(err) => {
             // Waiting for the shim's end blocks: not on the runtime's threads.
             blocking(move || teardown.wait()).await?;
             return Err(JobError::Sandbox(err));
-        }
-        (Ok(_), Err(err)) => {
-            blocking(move || teardown.wait()).await?;
-            return Err(err);
         }
     };
     Ok((outcome, log.truncated(), network, teardown))
@@ -637,11 +670,9 @@ mod tests {
         let drain = std::thread::spawn(move || while rx.blocking_recv().is_some() {});
         let log = BuildLog::new(64 << 20, None, live, events.clone());
         // 4 MiB at once: past the threshold within the first second.
-        log.read(
-            std::io::Cursor::new(vec![b'y'; 4 << 20]),
-            Stream::Stdout,
-            || panic!("within the log limit"),
-        )
+        log.read_pipes(vec![(piped(vec![b'y'; 4 << 20]), Stream::Stdout)], || {
+            panic!("within the log limit")
+        })
         .join()
         .unwrap();
         drop(log);
@@ -674,19 +705,16 @@ mod tests {
         let stops = Arc::new(AtomicUsize::new(0));
         let counted = stops.clone();
         // The limit falls inside the first read; a later read on another stream adds nothing.
-        let out = log.read(
-            std::io::Cursor::new(b"0123456789abcdef".repeat(8)),
-            Stream::Stdout,
+        let out = log.read_pipes(
+            vec![(piped(b"0123456789abcdef".repeat(8)), Stream::Stdout)],
             move || {
                 counted.fetch_add(1, Ordering::SeqCst);
             },
         );
         out.join().unwrap();
-        let err = log.read(
-            std::io::Cursor::new(b"late".to_vec()),
-            Stream::Stderr,
-            || panic!("the limit stops the build once"),
-        );
+        let err = log.read_pipes(vec![(piped(b"late".to_vec()), Stream::Stderr)], || {
+            panic!("the limit stops the build once")
+        });
         err.join().unwrap();
         drop(log);
         assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
@@ -715,17 +743,75 @@ mod tests {
     fn output_within_the_limit_is_kept_whole() {
         let (sink, mut live) = tokio::sync::mpsc::channel(64);
         let log = BuildLog::new(100, None, sink, JobEvents::unwatched(&job()));
-        log.read(
-            std::io::Cursor::new(b"hello\n".to_vec()),
-            Stream::Stderr,
-            || panic!("within the limit"),
-        )
+        log.read_pipes(vec![(piped(b"hello\n".to_vec()), Stream::Stderr)], || {
+            panic!("within the limit")
+        })
         .join()
         .unwrap();
         assert!(!log.truncated());
         assert_eq!(
             live.try_recv().unwrap(),
             (Stream::Stderr, Bytes::from_static(b"hello\n"))
+        );
+    }
+
+    /// A pipe whose writer (a thread of its own) writes `bytes` and closes it.
+    fn piped(bytes: Vec<u8>) -> std::io::PipeReader {
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        std::thread::spawn(move || writer.write_all(&bytes));
+        reader
+    }
+
+    #[test]
+    fn one_thread_reads_both_streams_to_their_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("build.log");
+        let (sink, mut live) = tokio::sync::mpsc::channel(1024);
+        let drained = std::thread::spawn(move || {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while let Some((stream, chunk)) = live.blocking_recv() {
+                let chunk: Bytes = chunk;
+                match stream {
+                    Stream::Stdout => out.extend_from_slice(&chunk),
+                    Stream::Stderr => err.extend_from_slice(&chunk),
+                    Stream::System => panic!("within the limit: {chunk:?}"),
+                }
+            }
+            (out, err)
+        });
+        let log = BuildLog::new(
+            64 << 20,
+            Some(std::fs::File::create(&path).unwrap()),
+            sink,
+            JobEvents::unwatched(&job()),
+        );
+        // Several pipe buffers' worth on stdout while stderr ends early: neither stream
+        // waits for the other.
+        let out: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (err_reader, mut err_writer) = std::io::pipe().unwrap();
+        err_writer.write_all(b"warning: early\n").unwrap();
+        drop(err_writer);
+        log.read_pipes(
+            vec![
+                (piped(out.clone()), Stream::Stdout),
+                (err_reader, Stream::Stderr),
+            ],
+            || panic!("within the limit"),
+        )
+        .join()
+        .unwrap();
+        drop(log);
+        let (got_out, got_err) = drained.join().unwrap();
+        assert!(
+            got_out == out,
+            "stdout: {} of {} bytes",
+            got_out.len(),
+            out.len()
+        );
+        assert_eq!(got_err, b"warning: early\n");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            (out.len() + got_err.len()) as u64
         );
     }
 }

@@ -280,7 +280,7 @@ impl Sandboxed {
             for err in &stale.errors {
                 tracing::warn!(error = %error_chain(err), "could not remove a previous worker's job cgroup");
             }
-            // Job cgroups made ahead (as many as jobs run at once) and removed in the
+            // Job cgroups made ahead (as many as the job filesystems kept) and removed in the
             // background: neither is on a job's critical path. Each is used once.
             match corral_sandbox::CgroupPool::new(
                 layout,

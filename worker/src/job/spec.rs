@@ -37,8 +37,12 @@ pub struct Settings {
     pub extract_limits: ExtractLimits,
     /// Answer from the action cache when the job allows it.
     pub use_cache: bool,
-    /// Job filesystems kept per disk size, in use or formatted and mounted ready for the
-    /// next job: the worker's concurrency (0 keeps none).
+    /// Job filesystems kept per disk size, in use, being wiped or formatted and mounted
+    /// ready for the next job (0 keeps none): one more than the worker's concurrency. A
+    /// build's slot goes to the next job as soon as the build's layers are made, while its
+    /// filesystem is still being wiped in the background; with only `concurrency` of them
+    /// that next job often found none ready and paid a `mkfs` and a mount (7 % of the jobs
+    /// of a burst, `scripts/bench-amqp`).
     pub job_dir_pool: usize,
     /// The egress ceiling and the proxy's connection cap (`[egress]`).
     pub egress: crate::config::EgressConfig,
@@ -105,7 +109,7 @@ impl Settings {
             max_output_bytes: config.snapshot.max_output_bytes.bytes(),
             extract_limits: ExtractLimits::default(),
             use_cache: true,
-            job_dir_pool: usize::from(config.concurrency),
+            job_dir_pool: usize::from(config.concurrency) + 1,
             egress: config.egress.clone(),
         })
     }

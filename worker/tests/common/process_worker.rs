@@ -155,12 +155,18 @@ impl ProcessRunner {
             let over = over_limit.clone();
             move || over.cancel()
         };
-        if let Some(pipe) = child.stdout.take() {
-            readers.push(log.read(pipe, Stream::Stdout, on_limit()));
-        }
-        if let Some(pipe) = child.stderr.take() {
-            readers.push(log.read(pipe, Stream::Stderr, on_limit()));
-        }
+        let pipe = |fd: std::os::fd::OwnedFd| std::io::PipeReader::from(fd);
+        let pipes = [
+            child
+                .stdout
+                .take()
+                .map(|out| (pipe(out.into()), Stream::Stdout)),
+            child
+                .stderr
+                .take()
+                .map(|err| (pipe(err.into()), Stream::Stderr)),
+        ];
+        readers.push(log.read_pipes(pipes.into_iter().flatten().collect(), on_limit()));
         drop(ctx.logs);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
