@@ -36,7 +36,7 @@ use super::stage::StagedBase;
 use crate::cache::{ActionCache, ActionKey};
 use crate::layer::{IdMap, LayerOptions, Mode, write_layer};
 use crate::metrics::Metrics;
-use crate::store::{PutOutcome, Store};
+use crate::store::{PutOutcome, Store, sha256_bytes};
 
 /// The store a job's artifacts go to, with what writing them needs.
 pub struct Publish<'a> {
@@ -48,21 +48,34 @@ pub struct Publish<'a> {
 impl Publish<'_> {
     /// The stored build log, whatever the build's outcome.
     pub async fn log(&self, path: &Path, truncated: bool) -> Result<LogRef, JobError> {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|source| JobError::Log {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let size = bytes.len() as u64;
-        let (digest, _) =
-            self.store
-                .put_blob_bytes(&bytes)
-                .await
-                .map_err(|source| JobError::Store {
-                    what: "the build log",
-                    source,
-                })?;
+        let unread = |source| JobError::Log {
+            path: path.to_path_buf(),
+            source,
+        };
+        let unstored = |source| JobError::Store {
+            what: "the build log",
+            source,
+        };
+        let (size, digest) = match self.store.dir().cloned() {
+            // Read and stored in one trip to the blocking pool.
+            Some(store) => {
+                let path = path.to_path_buf();
+                let (size, stored) = blocking(move || {
+                    let bytes = std::fs::read(&path)?;
+                    let digest = sha256_bytes(&bytes);
+                    let stored = store.put_blob_bytes_sync(&bytes, &digest).map(|_| digest);
+                    Ok((bytes.len() as u64, stored))
+                })
+                .await?
+                .map_err(unread)?;
+                (size, stored.map_err(unstored)?)
+            }
+            None => {
+                let bytes = tokio::fs::read(path).await.map_err(unread)?;
+                let (digest, _) = self.store.put_blob_bytes(&bytes).await.map_err(unstored)?;
+                (bytes.len() as u64, digest)
+            }
+        };
         Ok(LogRef {
             digest,
             size,
@@ -246,9 +259,16 @@ impl Publish<'_> {
         };
         let dir = dir.to_path_buf();
         let file = spool.reopen().map_err(spool_err(spool.path()))?;
-        let summary = blocking(move || write_layer(&dir, &options, std::io::BufWriter::new(file)))
-            .await?
-            .map_err(|source| JobError::Snapshot { what, source })?;
+        // The directory store takes the layer in the same trip to the blocking pool.
+        let (here, spooled) = (self.store.dir().cloned(), spool.path().to_path_buf());
+        let (summary, stored) = blocking(move || {
+            let summary = write_layer(&dir, &options, std::io::BufWriter::new(file))?;
+            let stored =
+                here.map(|store| store.put_blob_file_sync(&spooled, &summary.digest, summary.size));
+            Ok((summary, stored))
+        })
+        .await?
+        .map_err(|source| JobError::Snapshot { what, source })?;
         let layer = Layer {
             digest: summary.digest,
             diff_id: summary.diff_id,
@@ -257,10 +277,14 @@ impl Publish<'_> {
         };
         // The store adopts the spooled file by renaming it (the temp file's clean-up then
         // finds nothing), or copies it and the temp file is removed when dropped.
-        let outcome = self
-            .store
-            .put_blob_file(spool.path(), &layer.digest, layer.size)
-            .await;
+        let outcome = match stored {
+            Some(stored) => stored,
+            None => {
+                self.store
+                    .put_blob_file(spool.path(), &layer.digest, layer.size)
+                    .await
+            }
+        };
         drop(spool);
         match outcome.map_err(|source| JobError::Store { what, source })? {
             PutOutcome::AlreadyPresent => {

@@ -305,7 +305,9 @@ impl DirStore {
         blocking(move || s.put_blob_file_sync(&path, &digest, size)).await
     }
 
-    fn put_blob_file_sync(
+    /// [`DirStore::put_blob_file`] on the calling thread (a blocking one: it hashes the
+    /// file, and a new blob is fsynced).
+    pub fn put_blob_file_sync(
         &self,
         path: &Path,
         digest: &Digest,
@@ -439,7 +441,13 @@ impl DirStore {
         blocking(move || s.put_blob_bytes_sync(&bytes, &digest)).await
     }
 
-    fn put_blob_bytes_sync(&self, bytes: &[u8], digest: &Digest) -> Result<PutOutcome, StoreError> {
+    /// [`DirStore::put_blob_bytes`] on the calling thread (a blocking one: a new blob is
+    /// fsynced).
+    pub fn put_blob_bytes_sync(
+        &self,
+        bytes: &[u8],
+        digest: &Digest,
+    ) -> Result<PutOutcome, StoreError> {
         if self.blob_path(digest).is_file() {
             return Ok(PutOutcome::AlreadyPresent);
         }

@@ -472,6 +472,16 @@ impl Store {
         }
     }
 
+    /// The directory store, for work already on a blocking thread that can then store its
+    /// result in the same trip ([`DirStore::put_blob_file_sync`]); `None` for a registry,
+    /// whose puts are network requests made from the runtime.
+    pub fn dir(&self) -> Option<&DirStore> {
+        match self {
+            Store::Dir(s) => Some(s),
+            Store::Registry(_) => None,
+        }
+    }
+
     /// A directory on the store's filesystem where callers should spool blobs, so that
     /// [`Store::put_blob_file`] is a rename rather than a copy; `None` for a registry.
     pub fn spool_dir(&self) -> Option<PathBuf> {
