@@ -41,7 +41,7 @@ pub struct Settings {
     /// ready for the next job (0 keeps none): one more than the worker's concurrency. A
     /// build's slot goes to the next job as soon as the build's layers are made, while its
     /// filesystem is still being wiped in the background; with only `concurrency` of them
-    /// that next job often found none ready and paid a `mkfs` and a mount (7 % of the jobs
+    /// that next job often found none ready and paid a `mkfs` and a mount (5–10 % of the jobs
     /// of a burst, `scripts/bench-amqp`).
     pub job_dir_pool: usize,
     /// The egress ceiling and the proxy's connection cap (`[egress]`).
