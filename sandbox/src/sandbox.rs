@@ -7,7 +7,7 @@ use std::io::{PipeReader, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -97,7 +97,8 @@ pub enum Output {
 
 /// A started job. Take [`Running::stdout`] and [`Running::stderr`] and drain them (the
 /// job blocks when a pipe is full), optionally take [`Running::events`], then call
-/// [`Running::wait`].
+/// [`Running::wait`]; or hand the events to [`Running::wait_outcome_live`], which reads
+/// the shim's link on the calling thread.
 pub struct Running {
     pub stdout: Option<PipeReader>,
     pub stderr: Option<PipeReader>,
@@ -109,7 +110,10 @@ pub struct Running {
     events: Option<Receiver<LiveEvent>>,
     /// The egress proxy's listening socket, once the shim has handed it over.
     egress: Option<Receiver<OwnedFd>>,
-    /// Reads the shim's link: events into the channel as they come, then the report.
+    /// Reads the shim's link on a thread of its own (events into the channel as they
+    /// come, then the report): started by [`Running::events`] or
+    /// [`Running::egress_listener`]. Without it the waiting thread reads the link itself.
+    /// The shim never blocks on an unread link (its outbox keeps or drops).
     reader: Option<JoinHandle<ShimWords>>,
     /// Our own timing marks, when the run is traced ([`Sandbox::spawn_traced`]).
     timings: Option<Timings>,
@@ -127,12 +131,14 @@ struct ShimWords {
     dropped: u64,
 }
 
-/// Reads frames from the shim until its report, passing events on without ever waiting
-/// for their consumer, so the shim's socket never fills while the job runs.
+/// Reads frames from the shim until its report, passing events on as they come to
+/// `on_event` (false: not taken, counted as dropped) and the egress listener to
+/// `on_egress`, neither of which may wait for long: the shim's socket must not fill while
+/// the job runs.
 fn read_shim(
-    ctl: UnixStream,
-    events: SyncSender<LiveEvent>,
-    egress: SyncSender<OwnedFd>,
+    ctl: &UnixStream,
+    on_event: &mut dyn FnMut(LiveEvent) -> bool,
+    on_egress: &mut dyn FnMut(OwnedFd),
 ) -> ShimWords {
     let mut frames = Frames::default();
     let mut dropped = 0;
@@ -140,13 +146,14 @@ fn read_shim(
         match frames.read_with_fds::<FromShim>(ctl.as_raw_fd()) {
             Ok(Some(FromShim::Egress)) => {
                 if let Some(listener) = frames.take_fd() {
-                    let _ = egress.try_send(listener);
+                    on_egress(listener);
                 }
             }
-            Ok(Some(FromShim::Event(event))) => match events.try_send(event) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => dropped += 1,
-            },
+            Ok(Some(FromShim::Event(event))) => {
+                if !on_event(event) {
+                    dropped += 1;
+                }
+            }
             Ok(Some(FromShim::Report(report))) => {
                 return ShimWords {
                     report: Ok(Some(*report)),
@@ -549,11 +556,6 @@ impl Sandbox {
         let cancel_side = ours
             .try_clone()
             .map_err(|source| Error::ControlSocket { source })?;
-        let reader_side = ours
-            .try_clone()
-            .map_err(|source| Error::ControlSocket { source })?;
-        let (events_tx, events_rx) = std::sync::mpsc::sync_channel(EVENTS_QUEUED);
-        let (egress_tx, egress_rx) = std::sync::mpsc::sync_channel(1);
         let mut running = Running {
             stdout: Some(stdout),
             stderr: Some(stderr),
@@ -564,8 +566,8 @@ impl Sandbox {
             },
             cgroup: cg.clone(),
             waited: false,
-            events: Some(events_rx),
-            egress: Some(egress_rx),
+            events: None,
+            egress: None,
             reader: None,
             timings: None,
             cgroup_pool: config.cgroup_pool.clone(),
@@ -576,13 +578,6 @@ impl Sandbox {
             running.cancel.cancel(Duration::ZERO);
             running.shim.wait(&mut running.ctl);
             return Err(Error::ControlSocket { source });
-        }
-        let reader = std::thread::Builder::new()
-            .name("corral-shim-link".to_owned())
-            .spawn(move || read_shim(reader_side, events_tx, egress_tx));
-        match reader {
-            Ok(handle) => running.reader = Some(handle),
-            Err(source) => return Err(Error::ControlSocket { source }),
         }
         running.timings = timings.map(|mut t| {
             t.mark(Mark::RequestSent);
@@ -626,7 +621,10 @@ impl Running {
     /// event, before [`Running::wait`] returns. Events are kept for the consumer up to
     /// [`EVENTS_QUEUED`]; past that they are dropped, never blocking the job, and counted
     /// in [`Outcome::events_dropped`].
+    /// Starts the thread that reads the shim's link. `None` when it cannot start (the
+    /// link is then read by [`Running::wait`], events dropped).
     pub fn events(&mut self) -> Option<Receiver<LiveEvent>> {
+        self.start_reader();
         self.events.take()
     }
 
@@ -634,8 +632,42 @@ impl Running {
     /// the first call takes the receiver. It yields the socket before the job starts (the
     /// job's connections wait in its backlog meanwhile) and closes without one for other
     /// networks or when the sandbox could not be built.
+    /// Starts the thread that reads the shim's link, as [`Running::events`] does.
     pub fn egress_listener(&mut self) -> Option<Receiver<OwnedFd>> {
+        self.start_reader();
         self.egress.take()
+    }
+
+    /// The link's reader thread, once, for [`Running::events`] and
+    /// [`Running::egress_listener`]: both receivers are made with it.
+    fn start_reader(&mut self) {
+        if self.reader.is_some() || self.waited {
+            return;
+        }
+        let Ok(side) = self.ctl.try_clone() else {
+            return;
+        };
+        let (events_tx, events_rx) = std::sync::mpsc::sync_channel(EVENTS_QUEUED);
+        let (egress_tx, egress_rx) = std::sync::mpsc::sync_channel(1);
+        let reader = std::thread::Builder::new()
+            .name("corral-shim-link".to_owned())
+            .spawn(move || {
+                read_shim(
+                    &side,
+                    &mut |event| match events_tx.try_send(event) {
+                        Ok(()) => true,
+                        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+                    },
+                    &mut |listener| {
+                        let _ = egress_tx.try_send(listener);
+                    },
+                )
+            });
+        if let Ok(handle) = reader {
+            self.reader = Some(handle);
+            self.events = Some(events_rx);
+            self.egress = Some(egress_rx);
+        }
     }
 
     /// Waits for the job to end. When this returns (even with an error) every process of
@@ -667,8 +699,36 @@ impl Running {
         self.wait_early()
     }
 
+    /// [`Running::wait_outcome`], reading the shim's link on this thread while the job
+    /// runs: each live event goes to `on_event` as it comes, the egress proxy's listening
+    /// socket (`Network::Egress`) to `on_egress` before the job starts. Neither may wait
+    /// for long. No thread of ours reads the link (one wakeup fewer between the shim's
+    /// report and its return). When [`Running::events`] or [`Running::egress_listener`]
+    /// was called before, their receivers get what comes instead.
+    pub fn wait_outcome_live(
+        mut self,
+        on_event: &mut dyn FnMut(LiveEvent),
+        on_egress: &mut dyn FnMut(OwnedFd),
+    ) -> (Result<Outcome, Error>, Teardown) {
+        let mut on_event = |event| {
+            on_event(event);
+            true
+        };
+        let (result, teardown) = self.wait_with(&mut on_event, on_egress);
+        (result.map(|(outcome, _)| outcome), teardown)
+    }
+
     fn wait_early(mut self) -> (Result<(Outcome, Timings), Error>, Teardown) {
-        let result = self.collect();
+        // Nobody asked for them: events are not kept (nor counted as dropped).
+        self.wait_with(&mut |_| true, &mut drop)
+    }
+
+    fn wait_with(
+        &mut self,
+        on_event: &mut dyn FnMut(LiveEvent) -> bool,
+        on_egress: &mut dyn FnMut(OwnedFd),
+    ) -> (Result<(Outcome, Timings), Error>, Teardown) {
+        let result = self.collect(on_event, on_egress);
         let shim = std::mem::replace(&mut self.shim, Shim::Handed);
         let ctl = self.ctl.try_clone().ok();
         let mut teardown = Teardown { shim, ctl };
@@ -681,7 +741,11 @@ impl Running {
 
     /// The report, then the cgroup's counters, then its removal (the shim reports once
     /// pid 1 has left the cgroup, or once pid 1 is gone).
-    fn collect(&mut self) -> Result<(Outcome, Timings), Error> {
+    fn collect(
+        &mut self,
+        on_event: &mut dyn FnMut(LiveEvent) -> bool,
+        on_egress: &mut dyn FnMut(OwnedFd),
+    ) -> Result<(Outcome, Timings), Error> {
         self.waited = true;
         let mut timings = self.timings.take();
         let mut at = |mark| {
@@ -689,7 +753,7 @@ impl Running {
                 t.mark(mark);
             }
         };
-        let words = self.stop_reading();
+        let words = self.stop_reading(on_event, on_egress);
         at(Mark::ReportReceived);
         if !matches!(words.report, Ok(Some(_))) {
             // No report: the shim died (its pid 1 with it: parent death signal) or speaks
@@ -722,16 +786,22 @@ impl Running {
         }
     }
 
-    /// Joins the link's reader: it returns after the report, or when the link ends.
-    fn stop_reading(&mut self) -> ShimWords {
+    /// Joins the link's reader, or reads the link here when no thread does: either returns
+    /// after the report, or when the link ends.
+    fn stop_reading(
+        &mut self,
+        on_event: &mut dyn FnMut(LiveEvent) -> bool,
+        on_egress: &mut dyn FnMut(OwnedFd),
+    ) -> ShimWords {
         // Nobody will take them now: events still coming are dropped, not queued.
         self.events = None;
         match self.reader.take().map(JoinHandle::join) {
             Some(Ok(words)) => words,
-            _ => ShimWords {
+            Some(Err(_)) => ShimWords {
                 report: Ok(None),
                 dropped: 0,
             },
+            None => read_shim(&self.ctl, on_event, on_egress),
         }
     }
 }
@@ -793,7 +863,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         if !self.waited {
             self.cancel.cancel(Duration::ZERO);
-            let _ = self.stop_reading();
+            let _ = self.stop_reading(&mut |_| true, &mut drop);
             self.shim.wait(&mut self.ctl);
             let _ = self.cgroup.destroy();
         }

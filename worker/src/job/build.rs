@@ -365,13 +365,15 @@ pub async fn sandbox(
     ctx.events.started();
     let cancel = running.cancel_handle();
     let grace = settings.kill_grace;
-    let serving = match (&proxy, running.egress_listener()) {
-        (Some(proxy), Some(handed)) => {
+    // The shim hands the proxy's socket over the link that the wait below reads.
+    let (egress_tx, handed) = tokio::sync::oneshot::channel::<std::os::fd::OwnedFd>();
+    let serving = match &proxy {
+        Some(proxy) => {
             let (proxy, cancel) = (proxy.clone(), cancel.clone());
             Some(tokio::spawn(async move {
                 // The receiver yields the socket before the job starts, or closes when the
                 // sandbox could not be built.
-                let Ok(Ok(fd)) = tokio::task::spawn_blocking(move || handed.recv()).await else {
+                let Ok(fd) = handed.await else {
                     return;
                 };
                 let listener = std::net::TcpListener::from(fd);
@@ -389,7 +391,7 @@ pub async fn sandbox(
                 }
             }))
         }
-        _ => None,
+        None => None,
     };
     let log_file = std::fs::File::create(log_path).map_err(|source| JobError::Log {
         path: log_path.to_path_buf(),
@@ -416,16 +418,6 @@ pub async fn sandbox(
     if !pipes.is_empty() {
         readers.push(log.read_pipes(pipes, stop_on_limit()));
     }
-    // The sandbox's live events (the kernel's OOM kills and refused forks, seccomp's
-    // refusals) join the job's one event path as they come; the channel closes with the job.
-    if let Some(live) = running.events() {
-        let events = ctx.events.clone();
-        readers.push(std::thread::spawn(move || {
-            for event in live {
-                events.raise(live_fact(&event.kind));
-            }
-        }));
-    }
     let watcher = {
         let (stop, cancel) = (ctx.stop.clone(), cancel.clone());
         tokio::spawn(async move {
@@ -434,11 +426,23 @@ pub async fn sandbox(
         })
     };
     // Back as soon as every process of the job is dead and its cgroup removed: pid 1's
-    // namespaces (the overlay among them) go away meanwhile. The readers end then too (no
-    // process is left to write, and the sandbox's events end with its report): joined in
-    // the same trip to the blocking pool.
+    // namespaces (the overlay among them) go away meanwhile. The sandbox's live events (the
+    // kernel's OOM kills and refused forks, seccomp's refusals) join the job's one event
+    // path as this thread reads them from the shim. The output's reader ends then too (no
+    // process is left to write): joined in the same trip to the blocking pool.
+    let events = ctx.events.clone();
+    let mut egress_tx = Some(egress_tx);
     let ended = blocking(move || {
-        let ended = running.wait_outcome();
+        let ended = running.wait_outcome_live(
+            &mut |event| {
+                events.raise(live_fact(&event.kind));
+            },
+            &mut |listener| {
+                if let Some(tx) = egress_tx.take() {
+                    let _ = tx.send(listener);
+                }
+            },
+        );
         for reader in readers {
             let _ = reader.join();
         }
