@@ -90,7 +90,9 @@ pub use jobdir::{
 pub use netns::{JobNetwork, Listener, Transport};
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
-pub use sandbox::{CancelHandle, EVENTS_QUEUED, Ended, Output, Running, Sandbox, Teardown};
+pub use sandbox::{
+    CancelHandle, EVENTS_QUEUED, Ended, Live, Output, OutputPipe, Running, Sandbox, Teardown,
+};
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use shim::{SHIM_ARG, main as shim_main};
 pub use spec::{

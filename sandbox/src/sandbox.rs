@@ -125,40 +125,132 @@ pub struct Running {
 /// counted in [`Outcome::events_dropped`]).
 pub const EVENTS_QUEUED: usize = 256;
 
+/// One of the job's output pipes, as [`Live::output`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputPipe {
+    Stdout,
+    Stderr,
+}
+
+/// What [`Running::wait_outcome_live`] hands on while the job runs, from the waiting
+/// thread, as it comes. No method may wait for long: the link and the pipes are read
+/// between calls (the shim never waits for us; the job waits when its pipe is full).
+pub trait Live {
+    /// Bytes the job wrote, from a pipe [`Running`] still holds (not taken).
+    fn output(&mut self, pipe: OutputPipe, bytes: &[u8]) {
+        let _ = (pipe, bytes);
+    }
+    /// A live event (OOM kill, refused fork, denied syscall…).
+    fn event(&mut self, event: LiveEvent) {
+        let _ = event;
+    }
+    /// The egress proxy's listening socket (`Network::Egress`), before the job starts.
+    fn egress(&mut self, listener: OwnedFd) {
+        let _ = listener;
+    }
+}
+
+/// Events handed to a [`Live`] are taken: none counts as dropped.
+struct Taken<'a>(&'a mut dyn Live);
+
 /// What the shim said: the report (or why there is none), and events dropped on our side.
 struct ShimWords {
     report: Result<Option<Report>, HandshakeError>,
     dropped: u64,
 }
 
-/// Reads frames from the shim until its report, passing events on as they come to
-/// `on_event` (false: not taken, counted as dropped) and the egress listener to
-/// `on_egress`, neither of which may wait for long: the shim's socket must not fill while
-/// the job runs.
-fn read_shim(
-    ctl: &UnixStream,
-    on_event: &mut dyn FnMut(LiveEvent) -> bool,
-    on_egress: &mut dyn FnMut(OwnedFd),
-) -> ShimWords {
+/// Where what comes over the shim's link goes, and the output of pipes read with it.
+trait Link {
+    /// Bytes of the job's output.
+    fn output(&mut self, pipe: OutputPipe, bytes: &[u8]);
+    /// False: the event was not taken (counted as dropped).
+    fn event(&mut self, event: LiveEvent) -> bool;
+    fn egress(&mut self, listener: OwnedFd);
+}
+
+impl Link for Taken<'_> {
+    fn output(&mut self, pipe: OutputPipe, bytes: &[u8]) {
+        self.0.output(pipe, bytes);
+    }
+    fn event(&mut self, event: LiveEvent) -> bool {
+        self.0.event(event);
+        true
+    }
+    fn egress(&mut self, listener: OwnedFd) {
+        self.0.egress(listener);
+    }
+}
+
+/// Nobody listens: output and events are dropped (the events not counted), the egress
+/// socket closed.
+struct Unheard;
+
+impl Link for Unheard {
+    fn output(&mut self, _: OutputPipe, _: &[u8]) {}
+    fn event(&mut self, _: LiveEvent) -> bool {
+        true
+    }
+    fn egress(&mut self, _: OwnedFd) {}
+}
+
+/// The reader thread's: into the channels of [`Running::events`] and
+/// [`Running::egress_listener`], never waiting for their consumer.
+struct Channels {
+    events: std::sync::mpsc::SyncSender<LiveEvent>,
+    egress: std::sync::mpsc::SyncSender<OwnedFd>,
+}
+
+impl Link for Channels {
+    fn output(&mut self, _: OutputPipe, _: &[u8]) {}
+    fn event(&mut self, event: LiveEvent) -> bool {
+        match self.events.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+    fn egress(&mut self, listener: OwnedFd) {
+        let _ = self.egress.try_send(listener);
+    }
+}
+
+/// Hands one message from the shim on; the report when it is one.
+fn dispatch(
+    message: FromShim,
+    frames: &mut Frames,
+    live: &mut dyn Link,
+    dropped: &mut u64,
+) -> Option<Report> {
+    match message {
+        FromShim::Egress => {
+            if let Some(listener) = frames.take_fd() {
+                live.egress(listener);
+            }
+        }
+        FromShim::Event(event) => {
+            if !live.event(event) {
+                *dropped += 1;
+            }
+        }
+        FromShim::Report(report) => return Some(*report),
+    }
+    None
+}
+
+/// Reads frames from the shim until its report, passing events on as they come, never
+/// waiting for their consumer: the shim's socket must not fill while the job runs.
+fn read_shim(ctl: &UnixStream, live: &mut dyn Link) -> ShimWords {
     let mut frames = Frames::default();
     let mut dropped = 0;
     loop {
         match frames.read_with_fds::<FromShim>(ctl.as_raw_fd()) {
-            Ok(Some(FromShim::Egress)) => {
-                if let Some(listener) = frames.take_fd() {
-                    on_egress(listener);
-                }
-            }
-            Ok(Some(FromShim::Event(event))) => {
-                if !on_event(event) {
-                    dropped += 1;
-                }
-            }
             Ok(Some(FromShim::Report(report))) => {
                 return ShimWords {
                     report: Ok(Some(*report)),
                     dropped,
                 };
+            }
+            Ok(Some(message)) => {
+                dispatch(message, &mut frames, live, &mut dropped);
             }
             other => {
                 return ShimWords {
@@ -167,6 +259,86 @@ fn read_shim(
                 };
             }
         }
+    }
+}
+
+/// [`read_shim`] on the waiting thread, with the output pipes not taken: polls them and the
+/// link together, until the report is in and the pipes are at their end.
+fn read_here(
+    ctl: &UnixStream,
+    stdout: Option<PipeReader>,
+    stderr: Option<PipeReader>,
+    live: &mut dyn Link,
+) -> ShimWords {
+    let mut pipes: Vec<(PipeReader, OutputPipe)> =
+        [(stdout, OutputPipe::Stdout), (stderr, OutputPipe::Stderr)]
+            .into_iter()
+            .filter_map(|(pipe, name)| pipe.map(|pipe| (pipe, name)))
+            .collect();
+    if pipes.is_empty() {
+        return read_shim(ctl, live);
+    }
+    let mut frames = Frames::default();
+    let mut dropped = 0;
+    let mut report: Option<Result<Option<Report>, HandshakeError>> = None;
+    let mut buf = vec![0u8; 64 << 10];
+    while report.is_none() || !pipes.is_empty() {
+        let mut fds: Vec<(i32, libc::c_short)> = pipes
+            .iter()
+            .map(|(pipe, _)| (pipe.as_raw_fd(), libc::POLLIN))
+            .collect();
+        if report.is_none() {
+            fds.push((ctl.as_raw_fd(), libc::POLLIN));
+        }
+        let Ok(revents) = crate::sys::poll(&fds, -1) else {
+            // The kernel is out of memory for the poll: the link alone, the output unread.
+            let mut words = match report {
+                Some(report) => ShimWords { report, dropped: 0 },
+                None => read_shim(ctl, live),
+            };
+            words.dropped += dropped;
+            return words;
+        };
+        if report.is_none() && revents[pipes.len()] != 0 {
+            report = match frames.fill_with_fds(ctl.as_raw_fd()) {
+                Ok(true) => loop {
+                    match frames.next::<FromShim>() {
+                        Ok(Some(message)) => {
+                            if let Some(r) = dispatch(message, &mut frames, live, &mut dropped) {
+                                break Some(Ok(Some(r)));
+                            }
+                        }
+                        Ok(None) => break None,
+                        Err(err) => break Some(Err(err)),
+                    }
+                },
+                Ok(false) if frames.is_empty() => Some(Ok(None)),
+                Ok(false) => Some(Err(HandshakeError::Truncated)),
+                Err(err) => Some(Err(err.into())),
+            };
+        }
+        // End of stream or error (POLLHUP, POLLERR) shows as readable too: the read says.
+        let mut i = pipes.len();
+        while i > 0 {
+            i -= 1;
+            if revents[i] == 0 {
+                continue;
+            }
+            match pipes[i].0.read(&mut buf) {
+                Ok(0) => {
+                    pipes.swap_remove(i);
+                }
+                Ok(n) => live.output(pipes[i].1, &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    pipes.swap_remove(i);
+                }
+            }
+        }
+    }
+    ShimWords {
+        report: report.unwrap_or(Ok(None)),
+        dropped,
     }
 }
 
@@ -652,16 +824,11 @@ impl Running {
         let reader = std::thread::Builder::new()
             .name("corral-shim-link".to_owned())
             .spawn(move || {
-                read_shim(
-                    &side,
-                    &mut |event| match events_tx.try_send(event) {
-                        Ok(()) => true,
-                        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-                    },
-                    &mut |listener| {
-                        let _ = egress_tx.try_send(listener);
-                    },
-                )
+                let mut channels = Channels {
+                    events: events_tx,
+                    egress: egress_tx,
+                };
+                read_shim(&side, &mut channels)
             });
         if let Ok(handle) = reader {
             self.reader = Some(handle);
@@ -699,36 +866,26 @@ impl Running {
         self.wait_early()
     }
 
-    /// [`Running::wait_outcome`], reading the shim's link on this thread while the job
-    /// runs: each live event goes to `on_event` as it comes, the egress proxy's listening
-    /// socket (`Network::Egress`) to `on_egress` before the job starts. Neither may wait
-    /// for long. No thread of ours reads the link (one wakeup fewer between the shim's
-    /// report and its return). When [`Running::events`] or [`Running::egress_listener`]
-    /// was called before, their receivers get what comes instead.
-    pub fn wait_outcome_live(
-        mut self,
-        on_event: &mut dyn FnMut(LiveEvent),
-        on_egress: &mut dyn FnMut(OwnedFd),
-    ) -> (Result<Outcome, Error>, Teardown) {
-        let mut on_event = |event| {
-            on_event(event);
-            true
-        };
-        let (result, teardown) = self.wait_with(&mut on_event, on_egress);
+    /// [`Running::wait_outcome`], reading on this thread, while the job runs, the shim's
+    /// link and the output pipes not taken: each chunk of output, live event and the egress
+    /// proxy's listening socket goes to `live` as it comes. Returns once the report is in
+    /// and both pipes are at their end (every process of the job is dead by then). No
+    /// thread of ours reads for the job: one wakeup fewer between the shim's report and
+    /// the outcome, none between the output and `live`. When [`Running::events`] or
+    /// [`Running::egress_listener`] was called before, their receivers get those instead.
+    pub fn wait_outcome_live(mut self, live: &mut dyn Live) -> (Result<Outcome, Error>, Teardown) {
+        let (result, teardown) = self.wait_with(&mut Taken(live));
         (result.map(|(outcome, _)| outcome), teardown)
     }
 
     fn wait_early(mut self) -> (Result<(Outcome, Timings), Error>, Teardown) {
-        // Nobody asked for them: events are not kept (nor counted as dropped).
-        self.wait_with(&mut |_| true, &mut drop)
+        // Nobody asked for them: events are not kept (nor counted as dropped), output not
+        // taken is read and dropped.
+        self.wait_with(&mut Unheard)
     }
 
-    fn wait_with(
-        &mut self,
-        on_event: &mut dyn FnMut(LiveEvent) -> bool,
-        on_egress: &mut dyn FnMut(OwnedFd),
-    ) -> (Result<(Outcome, Timings), Error>, Teardown) {
-        let result = self.collect(on_event, on_egress);
+    fn wait_with(&mut self, live: &mut dyn Link) -> (Result<(Outcome, Timings), Error>, Teardown) {
+        let result = self.collect(live);
         let shim = std::mem::replace(&mut self.shim, Shim::Handed);
         let ctl = self.ctl.try_clone().ok();
         let mut teardown = Teardown { shim, ctl };
@@ -741,11 +898,7 @@ impl Running {
 
     /// The report, then the cgroup's counters, then its removal (the shim reports once
     /// pid 1 has left the cgroup, or once pid 1 is gone).
-    fn collect(
-        &mut self,
-        on_event: &mut dyn FnMut(LiveEvent) -> bool,
-        on_egress: &mut dyn FnMut(OwnedFd),
-    ) -> Result<(Outcome, Timings), Error> {
+    fn collect(&mut self, live: &mut dyn Link) -> Result<(Outcome, Timings), Error> {
         self.waited = true;
         let mut timings = self.timings.take();
         let mut at = |mark| {
@@ -753,7 +906,7 @@ impl Running {
                 t.mark(mark);
             }
         };
-        let words = self.stop_reading(on_event, on_egress);
+        let words = self.stop_reading(live);
         at(Mark::ReportReceived);
         if !matches!(words.report, Ok(Some(_))) {
             // No report: the shim died (its pid 1 with it: parent death signal) or speaks
@@ -788,11 +941,7 @@ impl Running {
 
     /// Joins the link's reader, or reads the link here when no thread does: either returns
     /// after the report, or when the link ends.
-    fn stop_reading(
-        &mut self,
-        on_event: &mut dyn FnMut(LiveEvent) -> bool,
-        on_egress: &mut dyn FnMut(OwnedFd),
-    ) -> ShimWords {
+    fn stop_reading(&mut self, live: &mut dyn Link) -> ShimWords {
         // Nobody will take them now: events still coming are dropped, not queued.
         self.events = None;
         match self.reader.take().map(JoinHandle::join) {
@@ -801,7 +950,7 @@ impl Running {
                 report: Ok(None),
                 dropped: 0,
             },
-            None => read_shim(&self.ctl, on_event, on_egress),
+            None => read_here(&self.ctl, self.stdout.take(), self.stderr.take(), live),
         }
     }
 }
@@ -863,7 +1012,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         if !self.waited {
             self.cancel.cancel(Duration::ZERO);
-            let _ = self.stop_reading(&mut |_| true, &mut drop);
+            let _ = self.stop_reading(&mut Unheard);
             self.shim.wait(&mut self.ctl);
             let _ = self.cgroup.destroy();
         }

@@ -660,6 +660,69 @@ fn disk_bandwidth_is_enforced_on_the_job_filesystems_device() {
     job.remove().unwrap();
 }
 
+/// `Running::wait_outcome_live` reads everything on the waiting thread: more output than a
+/// pipe holds, from both pipes, a live event as it comes, and the report, in one call that
+/// returns once the pipes are at their end.
+#[test]
+fn the_waiting_thread_reads_the_output_the_events_and_the_report() {
+    if !prerequisites() {
+        return;
+    }
+    #[derive(Default)]
+    struct Heard {
+        out: Vec<u8>,
+        err: Vec<u8>,
+        events: Vec<corral_sandbox::LiveEventKind>,
+    }
+    impl corral_sandbox::Live for Heard {
+        fn output(&mut self, pipe: corral_sandbox::OutputPipe, bytes: &[u8]) {
+            match pipe {
+                corral_sandbox::OutputPipe::Stdout => self.out.extend_from_slice(bytes),
+                corral_sandbox::OutputPipe::Stderr => self.err.extend_from_slice(bytes),
+            }
+        }
+        fn event(&mut self, event: corral_sandbox::LiveEvent) {
+            self.events.push(event.kind);
+        }
+    }
+    let _dirs = leaves_nothing("live-wait");
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let job = JobDir::create(jobs.path(), "live-wait", 16 << 20).unwrap();
+    let script = "import socket, sys\n\
+                  sys.stdout.write('y' * (1 << 20)); sys.stdout.flush()\n\
+                  try: socket.socket()\n\
+                  except OSError as e: print('refused', e.errno, file=sys.stderr)\n";
+    let running = Sandbox::spawn(
+        &simple_spec(&job, 211_050, &["python3", "-c", script]),
+        &zygote_config("live-wait"),
+    )
+    .unwrap();
+    let mut heard = Heard::default();
+    let (outcome, teardown) = running.wait_outcome_live(&mut heard);
+    teardown.wait();
+    let outcome = outcome.unwrap();
+    assert_eq!(
+        outcome.exit,
+        Exit::Code(0),
+        "{}",
+        String::from_utf8_lossy(&heard.err)
+    );
+    assert_eq!(heard.out.len(), 1 << 20);
+    assert!(heard.out.iter().all(|&b| b == b'y'));
+    assert_eq!(String::from_utf8_lossy(&heard.err), "refused 13\n");
+    assert!(
+        heard
+            .events
+            .iter()
+            .any(|e| matches!(e, corral_sandbox::LiveEventKind::NetworkAttempt { .. })),
+        "{:?}",
+        heard.events
+    );
+    assert_eq!(outcome.events_dropped, 0);
+    assert_nothing_left("live-wait", 211_050, "live-wait");
+    job.remove().unwrap();
+}
+
 #[test]
 fn cancel_sends_term_then_kills_everything() {
     if !prerequisites() {

@@ -188,6 +188,30 @@ impl Frames {
         }
     }
 
+    /// [`Frames::fill`] on a unix stream whose frames may carry descriptors (kept for
+    /// [`Frames::take_fd`]): reads once, so after `poll` said readable it does not block.
+    /// `false` at end of stream.
+    pub fn fill_with_fds(&mut self, sock: RawFd) -> io::Result<bool> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match sys::recv_fds(sock, &mut chunk, 4) {
+                Ok(Some((n, fds))) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.fds.extend(fds);
+                    return Ok(true);
+                }
+                Ok(None) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether bytes of an unfinished frame are held.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     /// The oldest descriptor received and not yet taken.
     pub fn take_fd(&mut self) -> Option<OwnedFd> {
         self.fds.pop_front()

@@ -359,7 +359,7 @@ pub async fn sandbox(
     proxy: Option<Arc<Proxy>>,
 ) -> Result<(Outcome, bool, Option<NetworkEnd>, Teardown), JobError> {
     let config = settings.sandbox.clone();
-    let mut running = blocking(move || Sandbox::spawn(&spec, &config))
+    let running = blocking(move || Sandbox::spawn(&spec, &config))
         .await?
         .map_err(JobError::Sandbox)?;
     ctx.events.started();
@@ -403,21 +403,6 @@ pub async fn sandbox(
         ctx.logs.clone(),
         ctx.events.clone(),
     );
-    let mut readers = Vec::new();
-    let stop_on_limit = || {
-        let cancel = cancel.clone();
-        move || cancel.cancel(grace)
-    };
-    let pipes: Vec<_> = [
-        (running.stdout.take(), Stream::Stdout),
-        (running.stderr.take(), Stream::Stderr),
-    ]
-    .into_iter()
-    .filter_map(|(pipe, stream)| pipe.map(|pipe| (pipe, stream)))
-    .collect();
-    if !pipes.is_empty() {
-        readers.push(log.read_pipes(pipes, stop_on_limit()));
-    }
     let watcher = {
         let (stop, cancel) = (ctx.stop.clone(), cancel.clone());
         tokio::spawn(async move {
@@ -426,29 +411,18 @@ pub async fn sandbox(
         })
     };
     // Back as soon as every process of the job is dead and its cgroup removed: pid 1's
-    // namespaces (the overlay among them) go away meanwhile. The sandbox's live events (the
-    // kernel's OOM kills and refused forks, seccomp's refusals) join the job's one event
-    // path as this thread reads them from the shim. The output's reader ends then too (no
-    // process is left to write): joined in the same trip to the blocking pool.
-    let events = ctx.events.clone();
-    let mut egress_tx = Some(egress_tx);
-    let ended = blocking(move || {
-        let ended = running.wait_outcome_live(
-            &mut |event| {
-                events.raise(live_fact(&event.kind));
-            },
-            &mut |listener| {
-                if let Some(tx) = egress_tx.take() {
-                    let _ = tx.send(listener);
-                }
-            },
-        );
-        for reader in readers {
-            let _ = reader.join();
-        }
-        ended
-    })
-    .await;
+    // namespaces (the overlay among them) go away meanwhile. One blocking thread reads the
+    // job's output into the log, the sandbox's live events (the kernel's OOM kills and
+    // refused forks, seccomp's refusals) into the job's one event path, and the shim's
+    // report, as they come.
+    let mut live = BuildLive {
+        log: log.clone(),
+        cancel: cancel.clone(),
+        grace,
+        events: ctx.events.clone(),
+        egress: Some(egress_tx),
+    };
+    let ended = blocking(move || running.wait_outcome_live(&mut live)).await;
     watcher.abort();
     if let Some(serving) = serving {
         serving.abort();
@@ -467,6 +441,37 @@ pub async fn sandbox(
         }
     };
     Ok((outcome, log.truncated(), network, teardown))
+}
+
+/// Where a build's output, live events and egress socket go as the sandbox hands them on.
+struct BuildLive {
+    log: Arc<BuildLog>,
+    cancel: corral_sandbox::CancelHandle,
+    grace: Duration,
+    events: JobEvents,
+    egress: Option<tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>>,
+}
+
+impl corral_sandbox::Live for BuildLive {
+    fn output(&mut self, pipe: corral_sandbox::OutputPipe, bytes: &[u8]) {
+        let stream = match pipe {
+            corral_sandbox::OutputPipe::Stdout => Stream::Stdout,
+            corral_sandbox::OutputPipe::Stderr => Stream::Stderr,
+        };
+        if self.log.append(stream, bytes) {
+            self.cancel.cancel(self.grace);
+        }
+    }
+
+    fn event(&mut self, event: corral_sandbox::LiveEvent) {
+        self.events.raise(live_fact(&event.kind));
+    }
+
+    fn egress(&mut self, listener: std::os::fd::OwnedFd) {
+        if let Some(tx) = self.egress.take() {
+            let _ = tx.send(listener);
+        }
+    }
 }
 
 /// The job event of what the sandbox saw. Counts are the job's totals so far.
