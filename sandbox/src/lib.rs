@@ -19,8 +19,8 @@
 //! dir.mark_quiescent();        // every job process is dead and its cgroup removed
 //! // or, sooner: the outcome while the job's pid 1 is still exiting (see `Teardown`):
 //! // let (outcome, teardown) = run.wait_outcome(); dir.mark_quiescent_after(teardown);
-//! // or read the events on the waiting thread instead of taking `events()`:
-//! // run.wait_outcome_live(&mut |event| …, &mut |egress_listener| …)
+//! // or, without taking the pipes or `events()`, read all of it on the waiting thread:
+//! // run.wait_outcome_live(&mut live)  // live: impl Live { output, event, egress }
 //! // snapshot dir.upper() now, then drop `dir`: the pool wipes it for reuse in the background
 //! ```
 //!
