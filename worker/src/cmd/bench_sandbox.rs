@@ -7,13 +7,12 @@
 //! `corral_sandbox::trace`). `scripts/bench-sandbox` runs it after the CLI rounds.
 //!
 //! The job's upper dir is a tmpfs in its own mount namespace (as `corral sandbox` without
-//! `--upper`), its output is read after it ends: meant for commands that print little.
-//! A run is timed from the call to `Sandbox::spawn` to the outcome, as the worker gets it
-//! (`Running::wait_outcome`); the wait for the shim's exit that follows is not counted,
+//! `--upper`). A run is timed from the call to `Sandbox::spawn` to the outcome, as the
+//! worker gets it (`Running::wait_outcome_live`: the output, live events and report read on
+//! the waiting thread as they come); the wait for the shim's exit that follows is not counted,
 //! as the worker leaves it to its job dir pool, but it is done before the next round.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -198,6 +197,20 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// What a run printed.
+#[derive(Default)]
+struct Collected {
+    err: Vec<u8>,
+}
+
+impl corral_sandbox::Live for Collected {
+    fn output(&mut self, pipe: corral_sandbox::OutputPipe, bytes: &[u8]) {
+        if pipe == corral_sandbox::OutputPipe::Stderr {
+            self.err.extend_from_slice(bytes);
+        }
+    }
+}
+
 /// One run through `Sandbox::spawn`, timed from the call to the outcome.
 fn corral_once(
     spec: &SandboxSpec,
@@ -205,24 +218,18 @@ fn corral_once(
     traced: bool,
 ) -> anyhow::Result<(Duration, Option<corral_sandbox::Timings>)> {
     let start = Instant::now();
-    let mut running = if traced {
+    let running = if traced {
         Sandbox::spawn_traced(spec, config)?
     } else {
         Sandbox::spawn(spec, config)?
     };
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    if let Some(mut pipe) = running.stdout.take() {
-        pipe.read_to_end(&mut out)
-            .context("reading the job's stdout")?;
-    }
-    if let Some(mut pipe) = running.stderr.take() {
-        pipe.read_to_end(&mut err)
-            .context("reading the job's stderr")?;
-    }
-    // As the worker waits: the outcome once every process of the job is dead and its
-    // cgroup removed; pid 1's exit (its namespaces going away) is waited for off the clock,
-    // as the worker's job dir pool does before it reuses the dir.
-    let (ended, teardown) = running.wait_outcome_timed();
+    // As the worker waits: the output, the live events and the report read on this thread
+    // as they come, the outcome once every process of the job is dead and its cgroup
+    // removed; pid 1's exit (its namespaces going away) is waited for off the clock, as
+    // the worker's job dir pool does before it reuses the dir.
+    let mut output = Collected::default();
+    let (ended, teardown) = running.wait_outcome_live_timed(&mut output);
+    let err = output.err;
     let took = start.elapsed();
     teardown.wait();
     let (outcome, timings) = ended?;
