@@ -91,7 +91,8 @@ pub use netns::{JobNetwork, Listener, Transport};
 pub use outcome::{DeathReason, Exit, Outcome, Usage};
 pub use rootfs::RootfsError;
 pub use sandbox::{
-    CancelHandle, EVENTS_QUEUED, Ended, Live, Output, OutputPipe, Running, Sandbox, Teardown,
+    CancelHandle, EVENTS_QUEUED, Ended, Live, Output, OutputPipe, OutputPipes, Running, Sandbox,
+    Teardown,
 };
 pub use seccomp::DENIED as DENIED_SYSCALLS;
 pub use shim::{SHIM_ARG, main as shim_main};

@@ -132,6 +132,77 @@ pub enum OutputPipe {
     Stderr,
 }
 
+/// A job's output pipes, read as `poll` says they are ready, each dropped at its end.
+pub struct OutputPipes {
+    pipes: Vec<(PipeReader, OutputPipe)>,
+    buf: Vec<u8>,
+}
+
+impl OutputPipes {
+    pub fn new(stdout: Option<PipeReader>, stderr: Option<PipeReader>) -> OutputPipes {
+        OutputPipes {
+            pipes: [(stdout, OutputPipe::Stdout), (stderr, OutputPipe::Stderr)]
+                .into_iter()
+                .filter_map(|(pipe, name)| pipe.map(|pipe| (pipe, name)))
+                .collect(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Every pipe is at its end (or there was none).
+    pub fn is_empty(&self) -> bool {
+        self.pipes.is_empty()
+    }
+
+    /// The pipes to wait on, in order, for [`OutputPipes::read_ready`].
+    fn poll_fds(&self) -> Vec<(i32, libc::c_short)> {
+        self.pipes
+            .iter()
+            .map(|(pipe, _)| (pipe.as_raw_fd(), libc::POLLIN))
+            .collect()
+    }
+
+    /// Reads once from each pipe whose `revents` (in [`OutputPipes::poll_fds`] order) is
+    /// set: end of stream and errors (POLLHUP, POLLERR) show as ready too, and the read
+    /// says which.
+    fn read_ready(
+        &mut self,
+        revents: &[libc::c_short],
+        on_output: &mut dyn FnMut(OutputPipe, &[u8]),
+    ) {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; 64 << 10];
+        }
+        let mut i = self.pipes.len();
+        while i > 0 {
+            i -= 1;
+            if revents[i] == 0 {
+                continue;
+            }
+            match self.pipes[i].0.read(&mut self.buf) {
+                Ok(0) => {
+                    self.pipes.swap_remove(i);
+                }
+                Ok(n) => on_output(self.pipes[i].1, &self.buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.pipes.swap_remove(i);
+                }
+            }
+        }
+    }
+
+    /// Reads every pipe to its end on this thread, whichever has output first.
+    pub fn drain(mut self, on_output: &mut dyn FnMut(OutputPipe, &[u8])) {
+        while !self.is_empty() {
+            let Ok(revents) = crate::sys::poll(&self.poll_fds(), -1) else {
+                return;
+            };
+            self.read_ready(&revents, on_output);
+        }
+    }
+}
+
 /// What [`Running::wait_outcome_live`] hands on while the job runs, from the waiting
 /// thread, as it comes. No method may wait for long: the link and the pipes are read
 /// between calls (the shim never waits for us; the job waits when its pipe is full).
@@ -270,23 +341,16 @@ fn read_here(
     stderr: Option<PipeReader>,
     live: &mut dyn Link,
 ) -> ShimWords {
-    let mut pipes: Vec<(PipeReader, OutputPipe)> =
-        [(stdout, OutputPipe::Stdout), (stderr, OutputPipe::Stderr)]
-            .into_iter()
-            .filter_map(|(pipe, name)| pipe.map(|pipe| (pipe, name)))
-            .collect();
+    let mut pipes = OutputPipes::new(stdout, stderr);
     if pipes.is_empty() {
         return read_shim(ctl, live);
     }
     let mut frames = Frames::default();
     let mut dropped = 0;
     let mut report: Option<Result<Option<Report>, HandshakeError>> = None;
-    let mut buf = vec![0u8; 64 << 10];
     while report.is_none() || !pipes.is_empty() {
-        let mut fds: Vec<(i32, libc::c_short)> = pipes
-            .iter()
-            .map(|(pipe, _)| (pipe.as_raw_fd(), libc::POLLIN))
-            .collect();
+        let mut fds = pipes.poll_fds();
+        let link = fds.len();
         if report.is_none() {
             fds.push((ctl.as_raw_fd(), libc::POLLIN));
         }
@@ -299,7 +363,7 @@ fn read_here(
             words.dropped += dropped;
             return words;
         };
-        if report.is_none() && revents[pipes.len()] != 0 {
+        if report.is_none() && revents[link] != 0 {
             report = match frames.fill_with_fds(ctl.as_raw_fd()) {
                 Ok(true) => loop {
                     match frames.next::<FromShim>() {
@@ -317,24 +381,9 @@ fn read_here(
                 Err(err) => Some(Err(err.into())),
             };
         }
-        // End of stream or error (POLLHUP, POLLERR) shows as readable too: the read says.
-        let mut i = pipes.len();
-        while i > 0 {
-            i -= 1;
-            if revents[i] == 0 {
-                continue;
-            }
-            match pipes[i].0.read(&mut buf) {
-                Ok(0) => {
-                    pipes.swap_remove(i);
-                }
-                Ok(n) => live.output(pipes[i].1, &buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    pipes.swap_remove(i);
-                }
-            }
-        }
+        pipes.read_ready(&revents[..link], &mut |pipe, bytes| {
+            live.output(pipe, bytes)
+        });
     }
     ShimWords {
         report: report.unwrap_or(Ok(None)),

@@ -170,20 +170,11 @@ impl Frames {
             if let Some(message) = self.next()? {
                 return Ok(Some(message));
             }
-            let mut chunk = [0u8; 8192];
-            match sys::recv_fds(sock, &mut chunk, 4) {
-                Ok(Some((n, fds))) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    self.fds.extend(fds);
-                }
-                Ok(None) => {
-                    return match self.buf.is_empty() {
-                        true => Ok(None),
-                        false => Err(HandshakeError::Truncated),
-                    };
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+            if !self.fill_with_fds(sock)? {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(HandshakeError::Truncated),
+                };
             }
         }
     }

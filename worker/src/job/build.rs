@@ -2,7 +2,7 @@
 //! streamed, capped at the job's `log_bytes` (the one place the log limit is enforced), to
 //! the log file and to whoever follows the job live.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -204,55 +204,22 @@ impl BuildLog {
         self.truncated.load(Ordering::SeqCst)
     }
 
-    /// Reads the build's `pipes` (stdout and stderr) to their ends on one thread: each read
-    /// waits in `poll` for whichever has output, so a job costs one reader thread (and its
-    /// wakeups) rather than one per stream.
+    /// Reads the build's `stdout` and `stderr` to their ends on one thread, whichever has
+    /// output first ([`corral_sandbox::OutputPipes`]), so a job costs one reader thread (and
+    /// its wakeups) rather than one per stream.
     pub fn read_pipes(
         self: &Arc<Self>,
-        mut pipes: Vec<(std::io::PipeReader, Stream)>,
+        stdout: Option<std::io::PipeReader>,
+        stderr: Option<std::io::PipeReader>,
         on_limit: impl Fn() + Send + 'static,
     ) -> std::thread::JoinHandle<()> {
-        use rustix::event::{PollFd, PollFlags, poll};
         let log = self.clone();
         std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            while !pipes.is_empty() {
-                let mut ready = pipes
-                    .iter()
-                    .map(|(pipe, _)| PollFd::new(pipe, PollFlags::IN))
-                    .collect::<Vec<_>>();
-                match poll(&mut ready, None) {
-                    Ok(_) => {}
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(_) => break,
+            corral_sandbox::OutputPipes::new(stdout, stderr).drain(&mut |pipe, bytes| {
+                if log.append(stream_of(pipe), bytes) {
+                    on_limit();
                 }
-                // End of stream or error (POLLHUP, POLLERR) shows as a readable pipe too: the
-                // read says which.
-                let readable: Vec<bool> = ready.iter().map(|fd| !fd.revents().is_empty()).collect();
-                drop(ready);
-                let mut i = pipes.len();
-                while i > 0 {
-                    i -= 1;
-                    if !readable[i] {
-                        continue;
-                    }
-                    let (pipe, stream) = &mut pipes[i];
-                    match pipe.read(&mut buf) {
-                        Ok(0) => {
-                            pipes.swap_remove(i);
-                        }
-                        Ok(n) => {
-                            if log.append(*stream, &buf[..n]) {
-                                on_limit();
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => {
-                            pipes.swap_remove(i);
-                        }
-                    }
-                }
-            }
+            });
         })
     }
 
@@ -443,6 +410,14 @@ pub async fn sandbox(
     Ok((outcome, log.truncated(), network, teardown))
 }
 
+/// The log stream of one of the sandbox's output pipes.
+fn stream_of(pipe: corral_sandbox::OutputPipe) -> Stream {
+    match pipe {
+        corral_sandbox::OutputPipe::Stdout => Stream::Stdout,
+        corral_sandbox::OutputPipe::Stderr => Stream::Stderr,
+    }
+}
+
 /// Where a build's output, live events and egress socket go as the sandbox hands them on.
 struct BuildLive {
     log: Arc<BuildLog>,
@@ -454,11 +429,7 @@ struct BuildLive {
 
 impl corral_sandbox::Live for BuildLive {
     fn output(&mut self, pipe: corral_sandbox::OutputPipe, bytes: &[u8]) {
-        let stream = match pipe {
-            corral_sandbox::OutputPipe::Stdout => Stream::Stdout,
-            corral_sandbox::OutputPipe::Stderr => Stream::Stderr,
-        };
-        if self.log.append(stream, bytes) {
+        if self.log.append(stream_of(pipe), bytes) {
             self.cancel.cancel(self.grace);
         }
     }
@@ -679,7 +650,7 @@ mod tests {
         let drain = std::thread::spawn(move || while rx.blocking_recv().is_some() {});
         let log = BuildLog::new(64 << 20, None, live, events.clone());
         // 4 MiB at once: past the threshold within the first second.
-        log.read_pipes(vec![(piped(vec![b'y'; 4 << 20]), Stream::Stdout)], || {
+        log.read_pipes(Some(piped(vec![b'y'; 4 << 20])), None, || {
             panic!("within the log limit")
         })
         .join()
@@ -715,13 +686,14 @@ mod tests {
         let counted = stops.clone();
         // The limit falls inside the first read; a later read on another stream adds nothing.
         let out = log.read_pipes(
-            vec![(piped(b"0123456789abcdef".repeat(8)), Stream::Stdout)],
+            Some(piped(b"0123456789abcdef".repeat(8))),
+            None,
             move || {
                 counted.fetch_add(1, Ordering::SeqCst);
             },
         );
         out.join().unwrap();
-        let err = log.read_pipes(vec![(piped(b"late".to_vec()), Stream::Stderr)], || {
+        let err = log.read_pipes(None, Some(piped(b"late".to_vec())), || {
             panic!("the limit stops the build once")
         });
         err.join().unwrap();
@@ -752,7 +724,7 @@ mod tests {
     fn output_within_the_limit_is_kept_whole() {
         let (sink, mut live) = tokio::sync::mpsc::channel(64);
         let log = BuildLog::new(100, None, sink, JobEvents::unwatched(&job()));
-        log.read_pipes(vec![(piped(b"hello\n".to_vec()), Stream::Stderr)], || {
+        log.read_pipes(None, Some(piped(b"hello\n".to_vec())), || {
             panic!("within the limit")
         })
         .join()
@@ -800,13 +772,9 @@ mod tests {
         let (err_reader, mut err_writer) = std::io::pipe().unwrap();
         err_writer.write_all(b"warning: early\n").unwrap();
         drop(err_writer);
-        log.read_pipes(
-            vec![
-                (piped(out.clone()), Stream::Stdout),
-                (err_reader, Stream::Stderr),
-            ],
-            || panic!("within the limit"),
-        )
+        log.read_pipes(Some(piped(out.clone())), Some(err_reader), || {
+            panic!("within the limit")
+        })
         .join()
         .unwrap();
         drop(log);

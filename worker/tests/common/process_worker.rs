@@ -156,17 +156,9 @@ impl ProcessRunner {
             move || over.cancel()
         };
         let pipe = |fd: std::os::fd::OwnedFd| std::io::PipeReader::from(fd);
-        let pipes = [
-            child
-                .stdout
-                .take()
-                .map(|out| (pipe(out.into()), Stream::Stdout)),
-            child
-                .stderr
-                .take()
-                .map(|err| (pipe(err.into()), Stream::Stderr)),
-        ];
-        readers.push(log.read_pipes(pipes.into_iter().flatten().collect(), on_limit()));
+        let stdout = child.stdout.take().map(|out| pipe(out.into()));
+        let stderr = child.stderr.take().map(|err| pipe(err.into()));
+        readers.push(log.read_pipes(stdout, stderr, on_limit()));
         drop(ctx.logs);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
