@@ -112,7 +112,17 @@ pub(crate) fn recv<M: Message>(
     sock: RawFd,
     max_fds: usize,
 ) -> Result<Option<(M, Vec<OwnedFd>)>, HandshakeError> {
-    let mut buf = vec![0u8; M::MAX_LEN];
+    // A buffer the frame's size, not MAX_LEN: zeroing (and faulting in) tens of KiB for a
+    // frame of a few bytes is most of a small receive's cost. A frame longer than MAX_LEN
+    // is cut to it, and `decode` rejects it.
+    let len = loop {
+        match sys::peek_len(sock) {
+            Ok(len) => break len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut buf = vec![0u8; len.clamp(1, M::MAX_LEN)];
     let (n, fds) = loop {
         match sys::recv_fds(sock, &mut buf, max_fds) {
             Ok(Some(got)) => break got,

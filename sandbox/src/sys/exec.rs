@@ -73,10 +73,13 @@ impl PreparedExec {
             argv: nul_terminated(&self.argv),
             env: nul_terminated(&self.env),
         };
-        // The child's own stack (it must not run on ours, which we return through).
+        // The child's own stack (it must not run on ours, which we return through). Left
+        // uninitialised: zeroing it would touch (fault in) all of its pages, where the
+        // child uses one or two.
         const STACK: usize = 64 << 10;
-        let mut stack = vec![0u8; STACK];
-        // SAFETY: the stack grows down from its (16-byte aligned) top.
+        let mut stack: Vec<u8> = Vec::with_capacity(STACK);
+        // SAFETY: the allocation holds at least STACK bytes; the stack grows down from its
+        // (16-byte aligned) top, and nothing on our side ever reads those bytes.
         let top = unsafe { stack.as_mut_ptr().add(STACK) };
         let top = (top as usize & !15) as *mut libc::c_void;
         // SAFETY: `exec_child` only reads `args` and makes raw syscalls; with CLONE_VFORK

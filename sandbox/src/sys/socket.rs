@@ -56,6 +56,21 @@ pub fn send_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     Ok(())
 }
 
+/// The length of the next message of a datagram or seqpacket socket, waiting for one
+/// (`MSG_PEEK | MSG_TRUNC`: the message stays queued). 0 at end of stream.
+pub fn peek_len(sock: RawFd) -> io::Result<usize> {
+    // SAFETY: a zero-length read into no buffer.
+    let n = check_long(unsafe {
+        libc::recv(
+            sock,
+            std::ptr::null_mut(),
+            0,
+            libc::MSG_PEEK | libc::MSG_TRUNC,
+        )
+    } as libc::c_long)?;
+    Ok(n as usize)
+}
+
 /// Receives a message sent by [`send_fds`] into `data`, with up to `max_fds` descriptors
 /// (close-on-exec). `Ok(None)` at end of stream.
 pub fn recv_fds(
