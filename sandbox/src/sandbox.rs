@@ -484,8 +484,9 @@ impl CancelHandle {
 }
 
 impl Sandbox {
-    /// Creates the job's cgroup with its limits and starts the shim. The job is running
-    /// (or failing to start, which [`Running::wait`] reports) when this returns.
+    /// Takes the job's cgroup and starts the shim, which writes the cgroup's limits before
+    /// the job starts. The job is running (or failing to start, which [`Running::wait`]
+    /// reports, a limit the kernel refused included) when this returns.
     pub fn spawn(spec: &SandboxSpec, config: &SandboxConfig) -> Result<Running, Error> {
         Self::spawn_with(spec, config, None)
     }
@@ -698,10 +699,7 @@ impl Sandbox {
         cg: &JobCgroup,
         mut timings: Option<Timings>,
     ) -> Result<Running, Error> {
-        cg.version().apply(&crate::cgroup::limits_for(spec))?;
-        if let Some(t) = timings.as_mut() {
-            t.mark(Mark::CallerCgroupLimits);
-        }
+        // The shim writes the cgroup's limits, while pid 1 builds the root.
         let request = handshake::encode(&ToShim::Request(Box::new(Request {
             spec: spec.clone(),
             cgroup: cg.clone(),

@@ -177,7 +177,8 @@ pub(crate) enum JobOutput {
 
 /// Where the job's cgroup comes from.
 pub(crate) enum CgroupSetup<'a> {
-    /// Created, with its limits, before the supervisor started (the worker's path).
+    /// Created before the supervisor started (the worker's path, from a pool); the
+    /// supervisor writes its limits while pid 1 builds the root.
     Ready(&'a JobCgroup),
     /// Created (with its limits) by the supervisor right after the clone, while the job's
     /// pid 1 builds its root, which takes longer: the creation costs no wall time. An
@@ -347,14 +348,22 @@ fn run_job(
     // Moving another process into a cgroup waits for an RCU grace period, so on v1 pid 1
     // moves itself (cheaply) once it has the list of files; on v2 we move it. Pid 1 forks
     // the job only after `Mapped`, which we send after this.
-    let cgroup = match cgroup {
-        CgroupSetup::Ready(cg) => Ok(cg.clone()),
-        CgroupSetup::Create(create) => create(),
+    let (cgroup, limits_due) = match cgroup {
+        CgroupSetup::Ready(cg) => (Ok(cg.clone()), true),
+        CgroupSetup::Create(create) => (create(), false),
     };
     let placed = cgroup
         .and_then(|cg| place(cg.version(), pid, link.as_raw_fd()).map(|()| cg))
         .and_then(|cg| {
             mark(Mark::CgroupSent);
+            // A cgroup made ahead gets its limits now, while pid 1 builds the root: they
+            // only have to be in place before the job starts, after `Mapped`.
+            if limits_due {
+                cg.version()
+                    .apply(&crate::cgroup::limits_for(spec))
+                    .map_err(|e| SetupError::chain(SetupStep::Cgroup, &e))?;
+                mark(Mark::CgroupLimits);
+            }
             // Pid 1 builds the root, then asks for its identity mapping.
             match handshake::recv::<FromInit>(link.as_raw_fd(), 1) {
                 Ok(Some((FromInit::Unshared, fds))) => fds.into_iter().for_each(&mut *egress),

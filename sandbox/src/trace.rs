@@ -67,7 +67,6 @@ marks! {
     UpperReady = Caller, "upper dir prepared";
     SpecBuilt = Caller, "spec built";
     CallerCgroupMade = Caller, "cgroup made";
-    CallerCgroupLimits = Caller, "cgroup limits written";
     ShimForked = Caller, "shim forked";
     RequestSent = Caller, "request sent, reader started";
     ReportReceived = Caller, "job ran (report received)";
