@@ -13,10 +13,11 @@
 //! (8 for 1 000 projects); a wider range makes them rarer. Projects already in a map keep the
 //! uid they have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, Write};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::spec::Identity;
 
@@ -50,13 +51,18 @@ pub enum IdentityError {
     BadRange { start: u32, end: u32 },
 }
 
-/// The allocator. Cheap to clone; every call re-reads the file under the lock.
+/// The allocator. Cheap to clone (clones share what they know); a project not yet known to
+/// this process is looked up, or allocated, in the file under the lock.
 #[derive(Debug, Clone)]
 pub struct IdentityMap {
     path: PathBuf,
     range: RangeInclusive<u32>,
     /// The gid of the range's first uid; a project's gid sits at its uid's offset from it.
     gid_start: u32,
+    /// Uids this process has read from or written to the map, shared by clones. An entry
+    /// never changes once written, so a known project costs no read of the file (which
+    /// grows with the projects a worker has seen: one open, lock and parse per job).
+    known: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl IdentityMap {
@@ -76,6 +82,7 @@ impl IdentityMap {
             path: data_dir.join("identities.json"),
             gid_start: *range.start(),
             range,
+            known: Arc::default(),
         })
     }
 
@@ -120,8 +127,16 @@ impl IdentityMap {
         self.allocate(project).map(|a| a.identity)
     }
 
-    /// As [`IdentityMap::identity`], saying whether the project's slot was taken.
+    /// As [`IdentityMap::identity`], saying whether the project's slot was taken. A project
+    /// this process has already seen is answered from memory.
     pub fn allocate(&self, project: &str) -> Result<Allocation, IdentityError> {
+        let known = self.lock_known().get(project).copied();
+        if let Some(uid) = known {
+            return Ok(Allocation {
+                identity: self.identity_of(uid),
+                collided_with: None,
+            });
+        }
         let path = &self.path;
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -152,10 +167,16 @@ impl IdentityMap {
             })?
         };
         if let Some(&uid) = map.get(project) {
+            self.lock_known().insert(project.to_owned(), uid);
             return Ok(Allocation {
                 identity: self.identity_of(uid),
                 collided_with: None,
             });
+        }
+        // What this process knows stays held, even if the file lost it (an operator's edit):
+        // two projects must never share a uid. Written back with the new entry.
+        for (known, &uid) in self.lock_known().iter() {
+            map.entry(known.clone()).or_insert(uid);
         }
         let holders: BTreeMap<u32, &str> = map.iter().map(|(p, &u)| (u, p.as_str())).collect();
         let slot = self.slot(project);
@@ -181,10 +202,20 @@ impl IdentityMap {
             path: path.clone(),
             source,
         })?;
+        self.lock_known().insert(project.to_owned(), uid);
         Ok(Allocation {
             identity: self.identity_of(uid),
             collided_with,
         })
+    }
+}
+
+impl IdentityMap {
+    fn lock_known(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        // The map is only ever inserted into: a panic elsewhere cannot leave it half-made.
+        self.known
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -331,6 +362,32 @@ mod tests {
         let n = all.len();
         all.dedup();
         assert_eq!(all.len(), n, "two projects got the same uid");
+    }
+
+    #[test]
+    fn a_known_project_is_answered_from_memory_and_stays_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = IdentityMap::open(dir.path(), 200_000..=200_001).unwrap();
+        let alpha = map.identity("alpha").unwrap();
+        let file = dir.path().join("identities.json");
+        // The file is not read again for a project this process knows (nor by its clones).
+        std::fs::write(&file, "{not json").unwrap();
+        assert_eq!(map.clone().identity("alpha").unwrap(), alpha);
+        assert!(matches!(
+            map.identity("beta"),
+            Err(IdentityError::Corrupt { .. })
+        ));
+        // Emptied behind its back, the map still never gives alpha's uid to another project,
+        // and writes alpha back.
+        std::fs::write(&file, "").unwrap();
+        let beta = map.identity("beta").unwrap();
+        assert_ne!(beta.host_uid, alpha.host_uid);
+        let reopened = IdentityMap::open(dir.path(), 200_000..=200_001).unwrap();
+        assert_eq!(reopened.identity("alpha").unwrap(), alpha);
+        assert!(matches!(
+            reopened.identity("gamma"),
+            Err(IdentityError::Exhausted { .. })
+        ));
     }
 
     #[test]
