@@ -76,9 +76,9 @@ mod watch; // the kernel's notifications of enforced limits, and the events' rat
 mod zygote; // one long-lived process per worker that forks the shims
 
 pub use cgroup::{
-    CgroupError, CgroupPool, CgroupPoolStats, CgroupStats, CgroupVersion, JobCgroup, Layout,
-    REQUIRE_ENV as REQUIRE_CGROUP_ENV, StaleCgroups, block_device_of,
-    check_required as check_required_cgroup, discover as discover_cgroups,
+    CgroupError, CgroupPool, CgroupPoolStats, CgroupStats, CgroupVersion,
+    Counters as CgroupCounters, JobCgroup, Layout, REQUIRE_ENV as REQUIRE_CGROUP_ENV, StaleCgroups,
+    block_device_of, check_required as check_required_cgroup, discover as discover_cgroups,
     host_layout as host_cgroup_layout, remove_stale as remove_stale_cgroups,
 };
 pub use event::{LiveEvent, LiveEventKind};

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::Error;
-use crate::cgroup::{self, CgroupStats, JobCgroup};
+use crate::cgroup::{self, CgroupStats, Counters, JobCgroup};
 use crate::event::LiveEvent;
 use crate::handshake::{
     self, EndedBy, Frames, FromShim, HandshakeError, Report, Request, SetupError, SetupStep, ToShim,
@@ -106,6 +106,9 @@ pub struct Running {
     ctl: UnixStream,
     cancel: CancelHandle,
     cgroup: JobCgroup,
+    /// The cgroup's counters, opened ahead by the pool (read at the end without a path
+    /// walk); `None` for a cgroup made on the spot.
+    counters: Option<Counters>,
     waited: bool,
     events: Option<Receiver<LiveEvent>>,
     /// The egress proxy's listening socket, once the shim has handed it over.
@@ -504,11 +507,12 @@ impl Sandbox {
         config: &SandboxConfig,
         mut timings: Option<Timings>,
     ) -> Result<Running, Error> {
-        let cg = Self::spawn_cgroup(config)?;
+        let (cg, counters) = Self::spawn_cgroup(config)?;
         if let Some(t) = timings.as_mut() {
             t.mark(Mark::CallerCgroupMade);
         }
-        match Self::start(spec, config, &Self::root_mount_point(config), &cg, timings) {
+        let root = Self::root_mount_point(config);
+        match Self::start(spec, config, &root, &cg, counters, timings) {
             Ok(running) => Ok(running),
             Err(err) => {
                 // Nothing ran: the shim never got the request, or exited without it.
@@ -671,11 +675,12 @@ impl Sandbox {
         config.run_dir.join("root")
     }
 
-    /// A fresh job cgroup for [`Sandbox::spawn`]: from the config's pool when it has one.
-    fn spawn_cgroup(config: &SandboxConfig) -> Result<JobCgroup, Error> {
+    /// A fresh job cgroup for [`Sandbox::spawn`]: from the config's pool when it has one,
+    /// then with its counters open.
+    fn spawn_cgroup(config: &SandboxConfig) -> Result<(JobCgroup, Option<Counters>), Error> {
         match &config.cgroup_pool {
             Some(pool) => Ok(pool.take()?),
-            None => Self::job_cgroup(config),
+            None => Self::job_cgroup(config).map(|cg| (cg, None)),
         }
     }
 
@@ -697,6 +702,7 @@ impl Sandbox {
         config: &SandboxConfig,
         root: &std::path::Path,
         cg: &JobCgroup,
+        counters: Option<Counters>,
         mut timings: Option<Timings>,
     ) -> Result<Running, Error> {
         // The shim writes the cgroup's limits, while pid 1 builds the root.
@@ -784,6 +790,7 @@ impl Sandbox {
                 ctl: Arc::new(Mutex::new(cancel_side)),
             },
             cgroup: cg.clone(),
+            counters,
             waited: false,
             events: None,
             egress: None,
@@ -972,7 +979,10 @@ impl Running {
             self.shim.wait(&mut self.ctl);
             at(Mark::ShimGone);
         }
-        let stats = self.cgroup.version().stats();
+        let stats = match self.counters.take() {
+            Some(counters) => counters.read(),
+            None => self.cgroup.version().stats(),
+        };
         at(Mark::CountersRead);
         match (&self.cgroup_pool, &words.report) {
             // Every process of the job is dead (pid 1 reported so, and has left the cgroup

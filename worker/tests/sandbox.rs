@@ -1490,6 +1490,16 @@ fn pooled_cgroups_are_fresh_for_every_job_and_all_removed() {
         ..base
     };
     pool.settle();
+    // A pooled cgroup comes with its counters open (the job's end reads them without a
+    // path walk), and a fresh one has counted nothing.
+    let (cg, counters) = pool.take().unwrap();
+    let counted = counters
+        .expect("a real cgroup's counters open ahead")
+        .read()
+        .unwrap();
+    assert_eq!(counted, corral_sandbox::CgroupStats::default());
+    pool.give_back(cg);
+    pool.settle();
     let mut outcomes = Vec::new();
     for (round, script) in [
         // 48 MiB on the job's /tmp (a tmpfs charged to its memory cgroup), 20 processes,

@@ -6,7 +6,8 @@
 //! no process has ever been in, so its counters (v1 `memory.max_usage_in_bytes`,
 //! `memory.oom_control`'s `oom_kill`, `pids.events`, `cpuacct.usage`…, v2 `memory.peak`,
 //! `memory.events`…) start at zero for the job as for a cgroup made on the spot; the
-//! limits are written by the caller for each job. A cgroup given back (every process in
+//! limits are written for each job. Each comes with its accounting files already open
+//! ([`Counters`]), so reading them when the job ends skips the path walks and opens. A cgroup given back (every process in
 //! it dead) is never handed out again: the background thread removes it (killing what
 //! may be left, as [`JobCgroup::destroy`] does). Reusing a cgroup instead would carry the
 //! last job's counters and its page cache charges (v1 cannot reset `oom_kill`,
@@ -20,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{CgroupError, JobCgroup, Layout};
+use super::{CgroupError, Counters, JobCgroup, Layout};
 
 /// A few fresh job cgroups under one parent, and a queue of used ones to remove.
 pub struct CgroupPool {
@@ -50,7 +51,7 @@ struct Shared {
 #[derive(Default)]
 struct State {
     /// Made, never used.
-    ready: Vec<JobCgroup>,
+    ready: Vec<(JobCgroup, Option<Counters>)>,
     /// Used, to remove.
     used: Vec<JobCgroup>,
     /// Removals that failed (logged), kept for [`CgroupPool::stats`].
@@ -65,8 +66,12 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn make(&self) -> Result<JobCgroup, CgroupError> {
-        JobCgroup::create(&self.layout, &self.parent, &super::job_cgroup_name())
+    /// A new cgroup, with its counters open unless that failed (they are then read by
+    /// path at the end, where a failure is the job's error to report).
+    fn make(&self) -> Result<(JobCgroup, Option<Counters>), CgroupError> {
+        let cg = JobCgroup::create(&self.layout, &self.parent, &super::job_cgroup_name())?;
+        let counters = cg.version().counters().ok();
+        Ok((cg, counters))
     }
 }
 
@@ -106,8 +111,8 @@ impl CgroupPool {
         &self.shared.layout
     }
 
-    /// A fresh cgroup: a ready one, or one made now when none is.
-    pub fn take(&self) -> Result<JobCgroup, CgroupError> {
+    /// A fresh cgroup and its open counters: a ready one, or one made now when none is.
+    pub fn take(&self) -> Result<(JobCgroup, Option<Counters>), CgroupError> {
         let ready = self.shared.lock().ready.pop();
         self.shared.wake.notify_all();
         match ready {
@@ -160,7 +165,7 @@ impl Drop for CgroupPool {
         }
         // The thread removed everything on its way out; anything given back since goes now.
         let mut state = self.shared.lock();
-        let mut left = std::mem::take(&mut state.ready);
+        let mut left: Vec<JobCgroup> = state.ready.drain(..).map(|(cg, _)| cg).collect();
         left.append(&mut state.used);
         drop(state);
         for cg in left {
@@ -187,7 +192,7 @@ fn background(shared: &Shared) {
             continue;
         }
         if state.closing {
-            let ready: Vec<JobCgroup> = state.ready.drain(..).collect();
+            let ready: Vec<JobCgroup> = state.ready.drain(..).map(|(cg, _)| cg).collect();
             drop(state);
             for cg in ready {
                 let _ = cg.destroy();
@@ -203,8 +208,8 @@ fn background(shared: &Shared) {
             state = shared.lock();
             state.busy = false;
             match made {
-                Ok(cg) if !state.closing => state.ready.push(cg),
-                Ok(cg) => state.used.push(cg),
+                Ok(made) if !state.closing => state.ready.push(made),
+                Ok((cg, _)) => state.used.push(cg),
                 Err(err) => {
                     state.failures += 1;
                     tracing::warn!(error = %crate::error_chain(&err),
@@ -258,7 +263,7 @@ mod tests {
         );
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..5 {
-            let cg = pool.take().unwrap();
+            let (cg, _) = pool.take().unwrap();
             let JobCgroup::V1(v1) = &cg else { panic!() };
             assert!(v1.memory.is_dir());
             assert!(seen.insert(v1.memory.clone()), "a cgroup handed out twice");
@@ -271,7 +276,7 @@ mod tests {
         assert!(left.iter().all(|p| !seen.contains(p)), "{left:?}");
         // Taken and not given back: the holder's to remove; given back after the drop
         // started is removed by the drop.
-        let held = pool.take().unwrap();
+        let (held, _) = pool.take().unwrap();
         drop(pool);
         assert_eq!(jobs_in(&parent).len(), 1, "only the held one is left");
         held.destroy().unwrap();
@@ -288,7 +293,7 @@ mod tests {
     fn take_makes_one_when_none_is_ready() {
         let (t, layout) = fake_v1();
         let pool = CgroupPool::new(layout, "corral", 0).unwrap();
-        let cg = pool.take().unwrap();
+        let (cg, _) = pool.take().unwrap();
         let JobCgroup::V1(v1) = &cg else { panic!() };
         assert!(v1.pids.starts_with(t.path().join("pids/corral")));
         pool.give_back(cg);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CgroupError, CgroupStats, CgroupVersion, EnforcedLimit, EventCounter, Notice, keyed, kill_pids,
-    mkdir, read_pids, read_u64, rmdir, write,
+    CgroupError, CgroupStats, CgroupVersion, CounterFile, EnforcedLimit, EventCounter, Notice,
+    kill_pids, mkdir, read_pids, read_u64, rmdir, write,
 };
 use crate::spec::SandboxLimits;
 
@@ -71,12 +71,37 @@ impl V1 {
         dirs.dedup();
         dirs
     }
+}
 
-    /// Nanosecond counters `cpuacct.usage_user` / `cpuacct.usage_sys`.
-    fn cpu_split(&self) -> Result<(Duration, Duration), CgroupError> {
-        let user = read_u64(&self.cpuacct.join("cpuacct.usage_user"))?;
-        let sys = read_u64(&self.cpuacct.join("cpuacct.usage_sys"))?;
-        Ok((Duration::from_nanos(user), Duration::from_nanos(sys)))
+/// A v1 job cgroup's accounting files, open.
+#[derive(Debug)]
+pub(super) struct Counters {
+    usage_user: CounterFile,
+    usage_sys: CounterFile,
+    max_usage: CounterFile,
+    pids_peak: Option<CounterFile>,
+    oom_control: CounterFile,
+    pids_events: CounterFile,
+}
+
+impl Counters {
+    pub(super) fn read(&self) -> Result<CgroupStats, CgroupError> {
+        Ok(CgroupStats {
+            // Nanoseconds.
+            cpu_user: Duration::from_nanos(self.usage_user.u64()?),
+            cpu_system: Duration::from_nanos(self.usage_sys.u64()?),
+            memory_peak: self.max_usage.u64()?,
+            pids_peak: match &self.pids_peak {
+                Some(f) => f.u64()?,
+                None => 0,
+            },
+            oom_kills: self.oom_control.keyed("oom_kill")?,
+            // v1 counts no OOM without a kill (failcnt also counts reclaimed hits).
+            oom_events: 0,
+            pids_limit_hits: self.pids_events.keyed("max")?,
+            io_read: None,
+            io_write: None,
+        })
     }
 }
 
@@ -143,26 +168,17 @@ impl CgroupVersion for V1 {
         )?))
     }
 
-    fn stats(&self) -> Result<CgroupStats, CgroupError> {
-        let (cpu_user, cpu_system) = self.cpu_split()?;
-        let pids_peak_file = self.pids.join("pids.peak");
-        Ok(CgroupStats {
-            cpu_user,
-            cpu_system,
-            memory_peak: read_u64(&self.memory.join("memory.max_usage_in_bytes"))?,
+    fn counters(&self) -> Result<super::Counters, CgroupError> {
+        let open = CounterFile::open;
+        Ok(super::Counters(super::CounterSet::V1(Counters {
+            usage_user: open(self.cpuacct.join("cpuacct.usage_user"))?,
+            usage_sys: open(self.cpuacct.join("cpuacct.usage_sys"))?,
+            max_usage: open(self.memory.join("memory.max_usage_in_bytes"))?,
             // pids.peak reached v1 in Linux 6.1; older kernels report 0.
-            pids_peak: if pids_peak_file.exists() {
-                read_u64(&pids_peak_file)?
-            } else {
-                0
-            },
-            oom_kills: keyed(&self.memory.join("memory.oom_control"), "oom_kill")?,
-            // v1 counts no OOM without a kill (failcnt also counts reclaimed hits).
-            oom_events: 0,
-            pids_limit_hits: keyed(&self.pids.join("pids.events"), "max")?,
-            io_read: None,
-            io_write: None,
-        })
+            pids_peak: CounterFile::open_optional(self.pids.join("pids.peak"))?,
+            oom_control: open(self.memory.join("memory.oom_control"))?,
+            pids_events: open(self.pids.join("pids.events"))?,
+        })))
     }
 
     fn pids(&self) -> Result<Vec<i32>, CgroupError> {
@@ -279,6 +295,42 @@ mod tests {
         assert_eq!(s.pids_limit_hits, 7);
         assert_eq!(s.pids_peak, 64);
         assert_eq!(cg.cpu_usage().unwrap(), Duration::from_millis(1750));
+    }
+
+    #[test]
+    fn counters_opened_ahead_read_what_the_files_hold_when_read() {
+        let (_t, cg) = fake();
+        let w = |p: PathBuf, s: &str| std::fs::write(p, s).unwrap();
+        let files = [
+            ("cpuacct.usage_user", &cg.cpuacct),
+            ("cpuacct.usage_sys", &cg.cpuacct),
+            ("memory.max_usage_in_bytes", &cg.memory),
+            ("pids.events", &cg.pids),
+        ];
+        for (name, dir) in files {
+            w(dir.join(name), "0\n");
+        }
+        w(cg.memory.join("memory.oom_control"), "oom_kill 0\n");
+        // No pids.peak (a kernel before 6.1): 0.
+        let counters = cg.counters().unwrap();
+        assert_eq!(counters.read().unwrap(), CgroupStats::default());
+        // The same inodes, rewritten (as the kernel's counters grow): read from the start.
+        w(cg.cpuacct.join("cpuacct.usage_user"), "2000000\n");
+        w(cg.memory.join("memory.max_usage_in_bytes"), "4096\n");
+        w(
+            cg.memory.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        );
+        let s = counters.read().unwrap();
+        assert_eq!(s.cpu_user, Duration::from_millis(2));
+        assert_eq!((s.memory_peak, s.oom_kills, s.pids_peak), (4096, 3, 0));
+        // A missing required file is an error naming it, when the counters are opened.
+        std::fs::remove_file(cg.pids.join("pids.events")).unwrap();
+        let err = cg.counters().unwrap_err();
+        assert!(
+            matches!(err, CgroupError::Read { ref path, .. } if path.ends_with("pids.events")),
+            "{err:?}"
+        );
     }
 
     #[test]

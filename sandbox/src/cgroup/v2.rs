@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CgroupError, CgroupStats, CgroupVersion, EnforcedLimit, EventCounter, Notice, keyed, mkdir,
-    read, read_pids, read_u64, rmdir, write,
+    CgroupError, CgroupStats, CgroupVersion, CounterFile, EnforcedLimit, EventCounter, Notice,
+    keyed, keyed_in, mkdir, read, read_pids, rmdir, write,
 };
 use crate::spec::SandboxLimits;
 
@@ -104,6 +104,49 @@ fn subtree(dir: &Path) -> Vec<PathBuf> {
     all
 }
 
+/// A v2 job cgroup's accounting files, open.
+#[derive(Debug)]
+pub(super) struct Counters {
+    cpu_stat: CounterFile,
+    memory_peak: Option<CounterFile>,
+    pids_peak: Option<CounterFile>,
+    memory_events: CounterFile,
+    pids_events: CounterFile,
+    io_stat: Option<CounterFile>,
+}
+
+impl Counters {
+    pub(super) fn read(&self) -> Result<CgroupStats, CgroupError> {
+        let (io_read, io_write) = match self
+            .io_stat
+            .as_ref()
+            .and_then(|f| f.text().ok())
+            .and_then(|text| io_bytes(&text))
+        {
+            Some((r, w)) => (Some(r), Some(w)),
+            None => (None, None),
+        };
+        let cpu = self.cpu_stat.text()?;
+        let cpu = |key| keyed_in(&self.cpu_stat.path, &cpu, key);
+        // memory.events (not .local) counts the whole subtree, including cgroups a process
+        // of the job made below its own.
+        let memory = self.memory_events.text()?;
+        let memory = |key| keyed_in(&self.memory_events.path, &memory, key);
+        let optional = |f: &Option<CounterFile>| f.as_ref().map_or(Ok(0), CounterFile::u64);
+        Ok(CgroupStats {
+            cpu_user: Duration::from_micros(cpu("user_usec")?),
+            cpu_system: Duration::from_micros(cpu("system_usec")?),
+            memory_peak: optional(&self.memory_peak)?,
+            pids_peak: optional(&self.pids_peak)?,
+            oom_kills: memory("oom_kill")?,
+            oom_events: memory("oom")?,
+            pids_limit_hits: self.pids_events.keyed("max")?,
+            io_read,
+            io_write,
+        })
+    }
+}
+
 /// Sums `rbytes=` and `wbytes=` over the devices of an `io.stat` file; `None` when it
 /// names no device (no block I/O was charged here: a caller falls back to the processes'
 /// own counters, which also see writes the block layer did not attribute to the cgroup).
@@ -181,34 +224,19 @@ impl CgroupVersion for V2 {
         )?))
     }
 
-    fn stats(&self) -> Result<CgroupStats, CgroupError> {
-        let cpu = self.file("cpu.stat");
-        let peak = self.file("memory.peak");
-        let (io_read, io_write) = match std::fs::read_to_string(self.file("io.stat"))
-            .ok()
-            .and_then(|text| io_bytes(&text))
-        {
-            Some((r, w)) => (Some(r), Some(w)),
-            None => (None, None),
-        };
-        Ok(CgroupStats {
-            cpu_user: Duration::from_micros(keyed(&cpu, "user_usec")?),
-            cpu_system: Duration::from_micros(keyed(&cpu, "system_usec")?),
+    fn counters(&self) -> Result<super::Counters, CgroupError> {
+        let open = |name| CounterFile::open(self.file(name));
+        let optional = |name| CounterFile::open_optional(self.file(name));
+        Ok(super::Counters(super::CounterSet::V2(Counters {
+            cpu_stat: open("cpu.stat")?,
             // memory.peak appeared in Linux 5.19; older kernels report 0.
-            memory_peak: if peak.exists() { read_u64(&peak)? } else { 0 },
-            pids_peak: if self.file("pids.peak").exists() {
-                read_u64(&self.file("pids.peak"))?
-            } else {
-                0
-            },
-            // memory.events (not .local) counts the whole subtree, including cgroups a
-            // process of the job made below its own.
-            oom_kills: keyed(&self.file("memory.events"), "oom_kill")?,
-            oom_events: keyed(&self.file("memory.events"), "oom")?,
-            pids_limit_hits: keyed(&self.file("pids.events"), "max")?,
-            io_read,
-            io_write,
-        })
+            memory_peak: optional("memory.peak")?,
+            pids_peak: optional("pids.peak")?,
+            memory_events: open("memory.events")?,
+            pids_events: open("pids.events")?,
+            // Only where the io controller is enabled for jobs.
+            io_stat: optional("io.stat").ok().flatten(),
+        })))
     }
 
     /// Including processes in cgroups below the job's (a job may make its own).

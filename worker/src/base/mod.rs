@@ -17,11 +17,13 @@ pub mod debootstrap;
 pub mod import;
 pub mod prerequisites;
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use corral_protocol::{BaseName, ByteSize, Layer};
 use serde::{Deserialize, Serialize};
@@ -296,6 +298,32 @@ pub enum Progress<'a> {
 #[derive(Debug, Clone)]
 pub struct Catalogue {
     dir: PathBuf,
+    /// Bases read before, by name, with the identity of the `base.json` they came from
+    /// (shared by clones): a worker asks for the same few bases for every job.
+    read: Arc<Mutex<HashMap<BaseName, (InfoFile, Base)>>>,
+}
+
+/// What tells one `base.json` from another: a base replaced (a new directory renamed into
+/// place) or its file rewritten changes the inode, the size or the change time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct InfoFile {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl InfoFile {
+    fn of(meta: &fs::Metadata) -> InfoFile {
+        InfoFile {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
 }
 
 impl Catalogue {
@@ -306,7 +334,10 @@ impl Catalogue {
             path: dir.clone(),
             source,
         })?;
-        Ok(Catalogue { dir })
+        Ok(Catalogue {
+            dir,
+            read: Arc::default(),
+        })
     }
 
     /// `<data>/bases`.
@@ -348,9 +379,27 @@ impl Catalogue {
     }
 
     /// The base called `name`, or [`BaseError::Unknown`] listing the available ones.
+    /// A base read before is answered from memory while its `base.json` is the same file,
+    /// unchanged (one `stat`, no read or parse).
     pub fn get(&self, name: &BaseName) -> Result<Base, BaseError> {
-        if self.dir.join(name.as_str()).join(BASE_JSON).is_file() {
-            return self.load(name);
+        let path = self.dir.join(name.as_str()).join(BASE_JSON);
+        if let Some(file) = fs::metadata(&path)
+            .ok()
+            .filter(fs::Metadata::is_file)
+            .map(|m| InfoFile::of(&m))
+        {
+            let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((seen, base)) = read.get(name)
+                && *seen == file
+            {
+                return Ok(base.clone());
+            }
+            let base = self.load(name)?;
+            // Remembered only if the file did not change while it was read.
+            if fs::metadata(&path).is_ok_and(|m| InfoFile::of(&m) == file) {
+                read.insert(name.clone(), (file, base.clone()));
+            }
+            return Ok(base);
         }
         Err(BaseError::Unknown {
             name: name.clone(),
@@ -779,6 +828,18 @@ mod tests {
             fs::read_to_string(replaced.rootfs().join("etc/os-release")).unwrap(),
             "three"
         );
+        // The base read before is not answered from memory once replaced, by this
+        // catalogue or a clone of it; nor once its base.json is rewritten in place.
+        let clone = catalogue.clone();
+        assert_eq!(catalogue.get(&name).unwrap().info, replaced.info);
+        assert_eq!(clone.get(&name).unwrap().info, replaced.info);
+        assert_ne!(replaced.info, base.info);
+        let path = replaced.dir().join(BASE_JSON);
+        let mut edited = replaced.info.clone();
+        edited.size += 1;
+        fs::write(&path, serde_json::to_vec(&edited).unwrap()).unwrap();
+        assert_eq!(clone.get(&name).unwrap().info, edited);
+        assert_eq!(catalogue.get(&name).unwrap().info, edited);
 
         // A failed creation leaves neither a base nor a build behind.
         let other = BaseName::new("c").unwrap();
