@@ -30,7 +30,22 @@ const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600
 #[derive(Debug, Clone)]
 pub struct DirStore {
     root: Arc<PathBuf>,
+    /// Held by the one thread of this process writing `index.json`.
     index: Arc<Mutex<IndexCache>>,
+    /// Tags waiting for that writer (see [`DirStore::set_tag`]).
+    tags: Arc<Mutex<TagQueue>>,
+}
+
+/// Group commit of tags: whoever writes `index.json` writes every tag waiting, so tags set
+/// by concurrent jobs share one write and its two fsyncs instead of taking turns for them
+/// (each fsync is milliseconds on a slow disk, and the writes are serialized by the lock).
+#[derive(Debug, Default)]
+struct TagQueue {
+    last_ticket: u64,
+    /// In the order they were set: the last of one tag wins.
+    waiting: Vec<(u64, String, Value)>,
+    /// Tickets another caller's write made durable, for their callers to collect.
+    written: std::collections::HashSet<u64>,
 }
 
 /// Which `index.json` a cache was read from or written as: a writer replaces the file by
@@ -66,6 +81,8 @@ impl FileId {
 #[derive(Debug, Default)]
 struct IndexCache {
     file: Option<FileId>,
+    /// `index.json` files this process wrote.
+    writes: u64,
     /// The members other than `manifests`, serialized, by key.
     members: BTreeMap<String, String>,
     manifests: Vec<Descriptor>,
@@ -175,6 +192,7 @@ impl DirStore {
         let store = DirStore {
             root: Arc::new(root),
             index: Arc::default(),
+            tags: Arc::default(),
         };
         let s = store.clone();
         blocking(move || s.create_layout()).await?;
@@ -595,8 +613,49 @@ impl DirStore {
     }
 
     /// Points `tag` at `descriptor`: a read-modify-write of `index.json` under the store's
-    /// lock, replaced by rename.
+    /// lock, replaced by rename. Returns once an `index.json` with the tag is durable: the
+    /// one this call wrote, or one another thread wrote with this tag among the ones
+    /// waiting while it held the writer's place. A write that failed leaves each tag it
+    /// took to its own caller, which writes it again and gets its own error.
     fn set_tag(&self, tag: &str, descriptor: &Value) -> Result<(), StoreError> {
+        let ticket = {
+            let mut queue = lock_queue(&self.tags);
+            queue.last_ticket += 1;
+            let ticket = queue.last_ticket;
+            queue
+                .waiting
+                .push((ticket, tag.to_owned(), descriptor.clone()));
+            ticket
+        };
+        let mut index = lock_cache(&self.index);
+        let batch = {
+            let mut queue = lock_queue(&self.tags);
+            if queue.written.remove(&ticket) {
+                return Ok(());
+            }
+            // Ours is among them: only the writer takes tags, and none took ours.
+            std::mem::take(&mut queue.waiting)
+        };
+        let result = self.write_tags(&mut index, &batch);
+        let mut queue = lock_queue(&self.tags);
+        let others = batch.into_iter().filter(|(t, _, _)| *t != ticket);
+        if result.is_ok() {
+            queue.written.extend(others.map(|(t, _, _)| t));
+        } else {
+            // Back in front of anything set since, in their order.
+            let mut again: Vec<_> = others.collect();
+            again.append(&mut queue.waiting);
+            queue.waiting = again;
+        }
+        result
+    }
+
+    /// [`DirStore::set_tag`]'s write: every tag of `batch`, in one `index.json`.
+    fn write_tags(
+        &self,
+        index: &mut IndexCache,
+        batch: &[(u64, String, Value)],
+    ) -> Result<(), StoreError> {
         let lock_path = self.root.join(".corral/index.lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -611,8 +670,7 @@ impl DirStore {
             path: lock_path.clone(),
             source: e.into(),
         })?;
-        let mut index = lock_cache(&self.index);
-        let result = self.write_index(&mut index, tag, descriptor);
+        let result = self.write_index(index, batch);
         if result.is_err() {
             // Whatever happened to the file, read it afresh next time.
             index.file = None;
@@ -625,12 +683,15 @@ impl DirStore {
     fn write_index(
         &self,
         index: &mut IndexCache,
-        tag: &str,
-        descriptor: &Value,
+        batch: &[(u64, String, Value)],
     ) -> Result<(), StoreError> {
         self.load_index(index)?;
-        index.manifests.retain(|d| d.tag.as_deref() != Some(tag));
-        index.manifests.push(Descriptor::new(descriptor));
+        for (_, tag, descriptor) in batch {
+            index
+                .manifests
+                .retain(|d| d.tag.as_deref() != Some(tag.as_str()));
+            index.manifests.push(Descriptor::new(descriptor));
+        }
         let tmp = self.spool_readable(&index.to_bytes())?;
         let path = self.index_path();
         let file = tmp.persist(&path).map_err(|e| StoreError::Rename {
@@ -645,6 +706,7 @@ impl DirStore {
             .metadata()
             .map_err(|source| StoreError::Read { path, source })?;
         index.file = Some(FileId::of(&written));
+        index.writes += 1;
         Ok(())
     }
 
@@ -725,6 +787,12 @@ impl DirStore {
     pub fn reference(&self, tag: &str) -> String {
         format!("oci:{}:{tag}", self.root.display())
     }
+}
+
+fn lock_queue(queue: &Mutex<TagQueue>) -> std::sync::MutexGuard<'_, TagQueue> {
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn lock_cache(cache: &Mutex<IndexCache>) -> std::sync::MutexGuard<'_, IndexCache> {
@@ -846,4 +914,107 @@ fn create_dirs(dir: &Path, mode: u32) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn descriptor(tag: &str, n: usize) -> Value {
+        json!({
+            "mediaType": super::super::MEDIA_TYPE_MANIFEST,
+            "digest": format!("sha256:{n:064x}"),
+            "size": n,
+            "annotations": {REF_NAME: tag},
+        })
+    }
+
+    fn tags_in(root: &Path) -> Vec<(String, String)> {
+        let index: Value =
+            serde_json::from_slice(&fs::read(root.join("index.json")).unwrap()).unwrap();
+        let mut tags: Vec<(String, String)> = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let tag = ref_name(d).unwrap().to_owned();
+                (tag, d["digest"].as_str().unwrap().to_owned())
+            })
+            .collect();
+        tags.sort();
+        tags
+    }
+
+    /// Starts `n` threads setting tags `t0..` while the writer's place is held, and waits
+    /// until all of them are queued.
+    fn queue_behind_held_writer(
+        store: &DirStore,
+        n: usize,
+    ) -> Vec<std::thread::JoinHandle<Result<(), StoreError>>> {
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                let (store, tag) = (store.clone(), format!("t{i}"));
+                std::thread::spawn(move || store.set_tag(&tag, &descriptor(&tag, i)))
+            })
+            .collect();
+        while lock_queue(&store.tags).waiting.len() < n {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        threads
+    }
+
+    #[tokio::test]
+    async fn tags_set_while_another_is_written_share_one_write() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::open(tmp.path().to_path_buf()).await.unwrap();
+        store.set_tag("first", &descriptor("first", 100)).unwrap();
+        let before = lock_cache(&store.index).writes;
+        let held = lock_cache(&store.index);
+        let threads = queue_behind_held_writer(&store, 8);
+        drop(held);
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(
+            lock_cache(&store.index).writes - before,
+            1,
+            "eight tags waiting, one index.json written"
+        );
+        let mut want: Vec<(String, String)> = (0..8)
+            .map(|i| (format!("t{i}"), format!("sha256:{i:064x}")))
+            .collect();
+        want.push(("first".into(), format!("sha256:{:064x}", 100)));
+        want.sort();
+        assert_eq!(tags_in(tmp.path()), want);
+        assert!(lock_queue(&store.tags).written.is_empty());
+        assert!(lock_queue(&store.tags).waiting.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_shared_write_fails_each_tag_with_its_own_attempt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::open(tmp.path().to_path_buf()).await.unwrap();
+        store.set_tag("first", &descriptor("first", 100)).unwrap();
+        // No temp file can be made: every write of index.json fails.
+        let tmp_dir = store.tmp_dir();
+        fs::remove_dir_all(&tmp_dir).unwrap();
+        fs::write(&tmp_dir, "not a dir").unwrap();
+        let before = lock_cache(&store.index).writes;
+        let held = lock_cache(&store.index);
+        let threads = queue_behind_held_writer(&store, 4);
+        drop(held);
+        for t in threads {
+            let err = t.join().unwrap().unwrap_err();
+            assert!(matches!(err, StoreError::Write { .. }), "{err:?}");
+        }
+        assert_eq!(lock_cache(&store.index).writes, before);
+        assert!(lock_queue(&store.tags).waiting.is_empty());
+        assert!(lock_queue(&store.tags).written.is_empty());
+        // The store works again once the disk does; nothing of the failed tags was kept.
+        fs::remove_file(&tmp_dir).unwrap();
+        fs::create_dir(&tmp_dir).unwrap();
+        store.set_tag("t9", &descriptor("t9", 9)).unwrap();
+        let tags: Vec<String> = tags_in(tmp.path()).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(tags, ["first", "t9"]);
+    }
 }
