@@ -13,6 +13,10 @@ use crate::spec::{JOB_GID, JOB_UID, JOB_UMASK, SandboxSpec};
 use crate::sys;
 use crate::trace::{Mark, mark};
 
+/// The most cgroup files the shim hands over: a join and a leave file for each v1
+/// hierarchy (memory, pids, cpu, cpuacct, blkio, when none is co-mounted).
+const MAX_CGROUP_FILES: usize = 16;
+
 const SIGNALS: [libc::c_int; 5] = [
     libc::SIGCHLD,
     libc::SIGTERM,
@@ -119,28 +123,27 @@ fn setup(
     mark(Mark::Signals);
     // Meanwhile the shim made the job's cgroup. On v1 we move ourselves (cheap), through
     // host paths, so before the pivot; on v2 the shim has moved us and the lists are empty.
-    let (join, leave) = match handshake::recv::<ToInit>(link, 0) {
-        Ok(Some((ToInit::Cgroup { join, leave }, _))) => (join, leave),
+    // The files come open, the join files first (see `shim::place`).
+    let (join, _leave, mut files) = match handshake::recv::<ToInit>(link, MAX_CGROUP_FILES) {
+        Ok(Some((ToInit::Cgroup { join, leave }, files)))
+            if files.len() == join.len() + leave.len() =>
+        {
+            (join, leave, files)
+        }
         // The shim could not make the cgroup (its reason is its own to report), or the
         // link broke: we only stop.
         _ => sys::exit_now(1),
     };
     mark(Mark::CgroupWait);
-    for file in join {
-        std::fs::write(&file, "0")
-            .map_err(|e| SetupError::io_on(Step::JoinCgroup, file.display(), &e))?;
+    let leave_files = files.split_off(join.len());
+    for (path, fd) in join.iter().zip(files) {
+        std::fs::File::from(fd)
+            .write_all(b"0")
+            .map_err(|e| SetupError::io_on(Step::JoinCgroup, path.display(), &e))?;
     }
     mark(Mark::CgroupJoined);
-    // Opened now, while the host's cgroup tree is in reach; written at the very end.
-    let leave = leave
-        .iter()
-        .map(|f| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(f)
-                .map_err(|e| SetupError::io_on(Step::JoinCgroup, f.display(), &e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // Written at the very end, once the job is dead.
+    let leave: Vec<std::fs::File> = leave_files.into_iter().map(std::fs::File::from).collect();
     crate::rootfs::enter(&kernel, root).map_err(|e| SetupError::chain(Step::EnterRoot, &e))?;
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| SetupError::io_on(Step::Workdir, spec.cwd.display(), &e))?;

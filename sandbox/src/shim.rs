@@ -629,6 +629,10 @@ impl Report {
 
 /// Puts pid 1 in the job's cgroup: on v1 by sending it the files to write `0` to (it moves
 /// itself), otherwise by writing its pid here and sending it an empty list.
+///
+/// On v1 the files go open with the message (join files first): opened here, while pid 1
+/// builds the root, its way to the job has a write per hierarchy instead of two path
+/// walks, opens and closes.
 fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, link: RawFd) -> Result<(), SetupError> {
     let (join, leave) = match (cg.self_join_files(), cg.self_leave_files()) {
         (Some(join), Some(leave)) => (join, leave),
@@ -640,7 +644,18 @@ fn place(cg: &dyn CgroupVersion, pid: libc::pid_t, link: RawFd) -> Result<(), Se
             (Vec::new(), Vec::new())
         }
     };
-    handshake::send(link, &ToInit::Cgroup { join, leave }, &[])
+    let files = join
+        .iter()
+        .chain(&leave)
+        .map(|f| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .map_err(|e| SetupError::io_on(SetupStep::JoinCgroup, f.display(), &e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    handshake::send(link, &ToInit::Cgroup { join, leave }, &fds)
         .map_err(|e| SetupError::io(SetupStep::Link, &e))
 }
 
