@@ -33,6 +33,8 @@ pub mod egress;
 pub mod events;
 /// Exit codes that say whose fault a failure is.
 pub mod exit;
+/// Which version of a file a cache holds.
+mod file_id;
 /// What a fixture job needs on its first replay, made once and announced.
 pub mod firstrun;
 /// OCI image config and manifest.

@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use corral_protocol::{BaseName, ByteSize, Layer};
 use serde::{Deserialize, Serialize};
 
+use crate::file_id::FileId;
+
 pub use debootstrap::Recipe;
 pub use import::ImportFormat;
 
@@ -300,30 +302,7 @@ pub struct Catalogue {
     dir: PathBuf,
     /// Bases read before, by name, with the identity of the `base.json` they came from
     /// (shared by clones): a worker asks for the same few bases for every job.
-    read: Arc<Mutex<HashMap<BaseName, (InfoFile, Base)>>>,
-}
-
-/// What tells one `base.json` from another: a base replaced (a new directory renamed into
-/// place) or its file rewritten changes the inode, the size or the change time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct InfoFile {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl InfoFile {
-    fn of(meta: &fs::Metadata) -> InfoFile {
-        InfoFile {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
+    read: Arc<Mutex<HashMap<BaseName, (FileId, Base)>>>,
 }
 
 impl Catalogue {
@@ -386,7 +365,7 @@ impl Catalogue {
         if let Some(file) = fs::metadata(&path)
             .ok()
             .filter(fs::Metadata::is_file)
-            .map(|m| InfoFile::of(&m))
+            .map(|m| FileId::of(&m))
         {
             let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some((seen, base)) = read.get(name)
@@ -396,7 +375,7 @@ impl Catalogue {
             }
             let base = self.load(name)?;
             // Remembered only if the file did not change while it was read.
-            if fs::metadata(&path).is_ok_and(|m| InfoFile::of(&m) == file) {
+            if fs::metadata(&path).is_ok_and(|m| FileId::of(&m) == file) {
                 read.insert(name.clone(), (file, base.clone()));
             }
             return Ok(base);

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use corral_protocol::Digest;
+
+use crate::file_id::FileId;
 use rustix::fs::{FlockOperation, RenameFlags};
 use serde_json::{Value, json};
 
@@ -46,30 +48,6 @@ struct TagQueue {
     waiting: Vec<(u64, String, Value)>,
     /// Tickets another caller's write made durable, for their callers to collect.
     written: std::collections::HashSet<u64>,
-}
-
-/// Which `index.json` a cache was read from or written as: a writer replaces the file by
-/// rename, so a new one has a new inode (and, were the number reused, new times).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileId {
-    fn of(m: &fs::Metadata) -> FileId {
-        use std::os::unix::fs::MetadataExt;
-        FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
 }
 
 /// `index.json` as this process last read or wrote it, each descriptor kept serialized
@@ -619,7 +597,7 @@ impl DirStore {
     /// took to its own caller, which writes it again and gets its own error.
     fn set_tag(&self, tag: &str, descriptor: &Value) -> Result<(), StoreError> {
         let ticket = {
-            let mut queue = lock_queue(&self.tags);
+            let mut queue = lock(&self.tags);
             queue.last_ticket += 1;
             let ticket = queue.last_ticket;
             queue
@@ -627,9 +605,9 @@ impl DirStore {
                 .push((ticket, tag.to_owned(), descriptor.clone()));
             ticket
         };
-        let mut index = lock_cache(&self.index);
+        let mut index = lock(&self.index);
         let batch = {
-            let mut queue = lock_queue(&self.tags);
+            let mut queue = lock(&self.tags);
             if queue.written.remove(&ticket) {
                 return Ok(());
             }
@@ -637,7 +615,7 @@ impl DirStore {
             std::mem::take(&mut queue.waiting)
         };
         let result = self.write_tags(&mut index, &batch);
-        let mut queue = lock_queue(&self.tags);
+        let mut queue = lock(&self.tags);
         let others = batch.into_iter().filter(|(t, _, _)| *t != ticket);
         if result.is_ok() {
             queue.written.extend(others.map(|(t, _, _)| t));
@@ -736,7 +714,7 @@ impl DirStore {
         let wanted = tag_or_digest.to_string();
         blocking(move || {
             let (digest, media_type) = {
-                let mut index = lock_cache(&s.index);
+                let mut index = lock(&s.index);
                 s.load_index(&mut index)?;
                 let manifests = &index.manifests;
                 if wanted.starts_with("sha256:") {
@@ -789,14 +767,8 @@ impl DirStore {
     }
 }
 
-fn lock_queue(queue: &Mutex<TagQueue>) -> std::sync::MutexGuard<'_, TagQueue> {
-    queue
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn lock_cache(cache: &Mutex<IndexCache>) -> std::sync::MutexGuard<'_, IndexCache> {
-    cache
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -957,7 +929,7 @@ mod tests {
                 std::thread::spawn(move || store.set_tag(&tag, &descriptor(&tag, i)))
             })
             .collect();
-        while lock_queue(&store.tags).waiting.len() < n {
+        while lock(&store.tags).waiting.len() < n {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         threads
@@ -968,15 +940,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = DirStore::open(tmp.path().to_path_buf()).await.unwrap();
         store.set_tag("first", &descriptor("first", 100)).unwrap();
-        let before = lock_cache(&store.index).writes;
-        let held = lock_cache(&store.index);
+        let before = lock(&store.index).writes;
+        let held = lock(&store.index);
         let threads = queue_behind_held_writer(&store, 8);
         drop(held);
         for t in threads {
             t.join().unwrap().unwrap();
         }
         assert_eq!(
-            lock_cache(&store.index).writes - before,
+            lock(&store.index).writes - before,
             1,
             "eight tags waiting, one index.json written"
         );
@@ -986,8 +958,8 @@ mod tests {
         want.push(("first".into(), format!("sha256:{:064x}", 100)));
         want.sort();
         assert_eq!(tags_in(tmp.path()), want);
-        assert!(lock_queue(&store.tags).written.is_empty());
-        assert!(lock_queue(&store.tags).waiting.is_empty());
+        assert!(lock(&store.tags).written.is_empty());
+        assert!(lock(&store.tags).waiting.is_empty());
     }
 
     #[tokio::test]
@@ -999,17 +971,17 @@ mod tests {
         let tmp_dir = store.tmp_dir();
         fs::remove_dir_all(&tmp_dir).unwrap();
         fs::write(&tmp_dir, "not a dir").unwrap();
-        let before = lock_cache(&store.index).writes;
-        let held = lock_cache(&store.index);
+        let before = lock(&store.index).writes;
+        let held = lock(&store.index);
         let threads = queue_behind_held_writer(&store, 4);
         drop(held);
         for t in threads {
             let err = t.join().unwrap().unwrap_err();
             assert!(matches!(err, StoreError::Write { .. }), "{err:?}");
         }
-        assert_eq!(lock_cache(&store.index).writes, before);
-        assert!(lock_queue(&store.tags).waiting.is_empty());
-        assert!(lock_queue(&store.tags).written.is_empty());
+        assert_eq!(lock(&store.index).writes, before);
+        assert!(lock(&store.tags).waiting.is_empty());
+        assert!(lock(&store.tags).written.is_empty());
         // The store works again once the disk does; nothing of the failed tags was kept.
         fs::remove_file(&tmp_dir).unwrap();
         fs::create_dir(&tmp_dir).unwrap();
