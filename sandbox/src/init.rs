@@ -121,9 +121,9 @@ fn setup(
     sys::mask_signals(&SIGNALS, true).map_err(io(Step::Signals))?;
     sys::reset_signal_dispositions().map_err(io(Step::Signals))?;
     mark(Mark::Signals);
-    // Meanwhile the shim made the job's cgroup. On v1 we move ourselves (cheap), through
-    // host paths, so before the pivot; on v2 the shim has moved us and the lists are empty.
-    // The files come open, the join files first (see `shim::place`).
+    // Meanwhile the shim made the job's cgroup. On v1 we move ourselves (cheap) through
+    // the `tasks` files the shim opened and sent with the message, the join files first
+    // (see `shim::place`); on v2 the shim has moved us and the lists are empty.
     let (join, _leave, mut files) = match handshake::recv::<ToInit>(link, MAX_CGROUP_FILES) {
         Ok(Some((ToInit::Cgroup { join, leave }, files)))
             if files.len() == join.len() + leave.len() =>

@@ -676,7 +676,7 @@ impl Sandbox {
     }
 
     /// A fresh job cgroup for [`Sandbox::spawn`]: from the config's pool when it has one,
-    /// then with its counters open.
+    /// with its counters open (the pool opened them).
     fn spawn_cgroup(config: &SandboxConfig) -> Result<(JobCgroup, Option<Counters>), Error> {
         match &config.cgroup_pool {
             Some(pool) => Ok(pool.take()?),

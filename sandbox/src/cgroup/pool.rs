@@ -7,11 +7,11 @@
 //! `memory.oom_control`'s `oom_kill`, `pids.events`, `cpuacct.usage`…, v2 `memory.peak`,
 //! `memory.events`…) start at zero for the job as for a cgroup made on the spot; the
 //! limits are written for each job. Each comes with its accounting files already open
-//! ([`Counters`]), so reading them when the job ends skips the path walks and opens. A cgroup given back (every process in
-//! it dead) is never handed out again: the background thread removes it (killing what
-//! may be left, as [`JobCgroup::destroy`] does). Reusing a cgroup instead would carry the
-//! last job's counters and its page cache charges (v1 cannot reset `oom_kill`,
-//! `pids.events` or `pids.peak`), so it is not done.
+//! ([`Counters`]), so reading them when the job ends skips the path walks and opens. A
+//! cgroup given back (every process in it dead) is never handed out again: the background
+//! thread removes it (killing what may be left, as [`JobCgroup::destroy`] does). Reusing
+//! a cgroup instead would carry the last job's counters and its page cache charges (v1
+//! cannot reset `oom_kill`, `pids.events` or `pids.peak`), so it is not done.
 //!
 //! Names are `job-<pid>-<n>` as for every job cgroup: if the worker is killed, the next
 //! start's [`super::remove_stale`] removes the spares and the cgroups still queued.
