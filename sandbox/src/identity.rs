@@ -208,9 +208,7 @@ impl IdentityMap {
             collided_with,
         })
     }
-}
 
-impl IdentityMap {
     fn lock_known(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         // The map is only ever inserted into: a panic elsewhere cannot leave it half-made.
         self.known

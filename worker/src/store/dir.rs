@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use corral_protocol::Digest;
-
-use crate::file_id::FileId;
 use rustix::fs::{FlockOperation, RenameFlags};
 use serde_json::{Value, json};
 
@@ -23,6 +21,7 @@ use super::{
     FetchedManifest, MEDIA_TYPE_MANIFEST, PutOutcome, StoreError, blocking, sha256_bytes,
     sha256_reader,
 };
+use crate::file_id::FileId;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
