@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use crate::handshake::{self, FromInit, SetupError, SetupStep, Status, ToInit};
+use crate::rootfs::Staged;
 use crate::spec::{JOB_GID, JOB_UID, JOB_UMASK, SandboxSpec};
 use crate::sys;
 use crate::trace::{Mark, mark};
@@ -27,12 +28,26 @@ const SIGNALS: [libc::c_int; 5] = [
 
 /// Runs in the cloned child, `link` its end of the seqpacket link to the shim. With
 /// `netns` (made ahead, loopback up) the clone kept the shim's network namespace and we
-/// enter that one first. Never returns.
-pub fn run(spec: &SandboxSpec, root: &Path, link: OwnedFd, netns: Option<OwnedFd>) -> ! {
-    let (exec, leave) = match setup(spec, root, link.as_raw_fd(), netns) {
+/// enter that one first. We may be cloned before the job is known: what does not depend
+/// on it is done first, then we wait for [`ToInit::Job`]. Never returns.
+pub fn run(link: OwnedFd, netns: Option<OwnedFd>) -> ! {
+    let fresh_netns = netns.is_none();
+    let staged = match ahead(netns) {
+        Ok(staged) => staged,
+        Err(error) => fail(link.as_raw_fd(), error),
+    };
+    let job = match handshake::recv::<ToInit>(link.as_raw_fd(), 0) {
+        Ok(Some((ToInit::Job(job), _))) => job,
+        // The shim went away without a job (a shim kept ready that was let go), or broke
+        // the protocol: nothing was started.
+        _ => sys::exit_now(0),
+    };
+    mark(Mark::JobReceived);
+    let (exec, leave) = match setup(&job.spec, &job.root, link.as_raw_fd(), staged, fresh_netns) {
         Ok(ready) => ready,
         Err(error) => fail(link.as_raw_fd(), error),
     };
+    drop(job);
     let job = match exec.spawn() {
         Ok(pid) => pid,
         Err(err) => fail(link.as_raw_fd(), SetupError::io(SetupStep::Start, &err)),
@@ -89,21 +104,15 @@ fn fail(link: RawFd, error: SetupError) -> ! {
     sys::exit_now(1)
 }
 
-/// Everything between the clone and the job's start. We start as real root in fresh mount,
-/// pid, net, ipc and uts namespaces (all owned by the initial user namespace, so nothing
-/// the job does later can remount, rename or reconfigure them), build and enter the root,
-/// and only then move into the job's own user namespace. Returns the job's prepared exec.
-fn setup(
-    spec: &SandboxSpec,
-    root: &Path,
-    link: RawFd,
-    netns: Option<OwnedFd>,
-) -> Result<(sys::PreparedExec, Vec<std::fs::File>), SetupError> {
+/// What does not depend on the job, done as soon as we are cloned (possibly before the
+/// shim has its request). We start as real root in fresh pid, net, ipc and uts namespaces
+/// (still in the host's mount namespace), all owned by the initial user namespace, so
+/// nothing the job does later can remount, rename or reconfigure them.
+fn ahead(netns: Option<OwnedFd>) -> Result<Option<Staged>, SetupError> {
     use SetupStep as Step;
     let io = |step: Step| move |e: std::io::Error| SetupError::io(step, &e);
     // Before anything that could open a socket. The descriptor goes at once: the job must
     // not inherit a handle on a namespace.
-    let fresh_netns = netns.is_none();
     if let Some(ns) = netns {
         use std::os::fd::AsFd;
         sys::setns_net(ns.as_fd()).map_err(io(Step::NetworkNamespace))?;
@@ -113,14 +122,34 @@ fn setup(
     // The worker's umask is its operator's choice; the job's root and the job get ours.
     sys::set_umask(JOB_UMASK);
     mark(Mark::DeathSignal);
-    let kernel = crate::rootfs::Kernel;
-    crate::rootfs::prepare(&kernel, spec, root).map_err(|e| SetupError::chain(Step::Rootfs, &e))?;
-    // What the job inherits and does not depend on namespaces, done now in case the shim
-    // is still making the cgroup. Ignored signals survive exec; we only wait for blocked
-    // ones, so the defaults suit us.
+    let staged = crate::rootfs::stage(&crate::rootfs::Kernel)
+        .map_err(|e| SetupError::chain(Step::Rootfs, &e))?;
+    // What the job inherits and does not depend on namespaces. Ignored signals survive
+    // exec; we only wait for blocked ones, so the defaults suit us.
     sys::mask_signals(&SIGNALS, true).map_err(io(Step::Signals))?;
     sys::reset_signal_dispositions().map_err(io(Step::Signals))?;
     mark(Mark::Signals);
+    Ok(staged)
+}
+
+/// Everything between the job's arrival and its start: build and enter the root, and
+/// only then move into the job's own user namespace. Returns the job's prepared exec.
+fn setup(
+    spec: &SandboxSpec,
+    root: &Path,
+    link: RawFd,
+    staged: Option<Staged>,
+    fresh_netns: bool,
+) -> Result<(sys::PreparedExec, Vec<std::fs::File>), SetupError> {
+    use SetupStep as Step;
+    let io = |step: Step| move |e: std::io::Error| SetupError::io(step, &e);
+    // Our mount namespace: a copy of the host's mounts as they are now, with the job's
+    // dir and layers, which may have been mounted after our clone.
+    sys::unshare(libc::CLONE_NEWNS).map_err(io(Step::MountNamespace))?;
+    mark(Mark::MountNamespace);
+    let kernel = crate::rootfs::Kernel;
+    crate::rootfs::prepare(&kernel, spec, root, staged.as_ref())
+        .map_err(|e| SetupError::chain(Step::Rootfs, &e))?;
     // Meanwhile the shim made the job's cgroup. On v1 we move ourselves (cheap) through
     // the `tasks` files the shim opened and sent with the message, the join files first
     // (see `shim::place`); on v2 the shim has moved us and the lists are empty.
@@ -144,7 +173,8 @@ fn setup(
     mark(Mark::CgroupJoined);
     // Written at the very end, once the job is dead.
     let leave: Vec<std::fs::File> = leave_files.into_iter().map(std::fs::File::from).collect();
-    crate::rootfs::enter(&kernel, root).map_err(|e| SetupError::chain(Step::EnterRoot, &e))?;
+    crate::rootfs::enter(&kernel, root, staged)
+        .map_err(|e| SetupError::chain(Step::EnterRoot, &e))?;
     std::env::set_current_dir(&spec.cwd)
         .map_err(|e| SetupError::io_on(Step::Workdir, spec.cwd.display(), &e))?;
     sys::sethostname(&spec.hostname).map_err(io(Step::Hostname))?;

@@ -39,9 +39,10 @@
 //! one long-lived zygote instead of exec'd per job, and while jobs come one is kept forked
 //! ahead for the next job's request. The shim (the role of containerd-shim or
 //! conmon) clones the job's init (what runc, youki and crun call the container's init) into
-//! new mount, pid, net, ipc and uts namespaces. Still real root, init builds the overlay
-//! root in its own mount namespace (which dies with it, so no crash can leave a mount on
-//! the host), then joins the job's cgroup (on v1 by moving itself, which avoids an RCU grace
+//! new pid, net, ipc and uts namespaces as soon as it starts, before its request comes; init
+//! stages the mounts every job gets the same (detached, see `rootfs`) and waits for its
+//! job. Then, still real root, it makes its own mount namespace and builds the overlay root
+//! there (the namespace dies with it, so no crash can leave a mount on the host), joins the job's cgroup (on v1 by moving itself, which avoids an RCU grace
 //! period; on v2 the shim moves it), pivots into the root and enters the job's user and
 //! cgroup namespaces. While the shim writes its id maps, init sets what the job inherits:
 //! signal dispositions, bounding set, rlimits and the seccomp filter (whose listener it

@@ -6,12 +6,12 @@ use crate::spec::{Identity, JOB_GID, JOB_UID};
 
 /// Created at clone time, owned by the initial user namespace: the job's pid 1 mounts its
 /// root as real root, and nothing in the job can ever reconfigure these namespaces. The
-/// cgroup and user namespaces come later, from inside (see `init::setup`).
-pub const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWNS
-    | libc::CLONE_NEWPID
-    | libc::CLONE_NEWNET
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS;
+/// mount namespace, the cgroup and the user namespaces come later, from inside (see
+/// `init::setup`): pid 1 may be cloned before its job is known, and its mount namespace
+/// must be a copy of the host's mounts as they are when the job comes (its job dir and
+/// layers may be mounted after the clone).
+pub const CLONE_FLAGS: libc::c_int =
+    libc::CLONE_NEWPID | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
 
 /// `uid_map` content: only the project's host uid exists inside, as [`JOB_UID`]. Host root
 /// is not mapped, so root-owned files of the base show as `nobody` and stay root's.

@@ -2,8 +2,14 @@
 //! size-limited `/tmp`, read-only binds, a fresh masked `/proc`, and the `pivot_root` into
 //! it. Every step goes through [`Syscalls`], so the order the kernel sees is unit-tested
 //! against a recording fake without root.
+//!
+//! What does not depend on the job is made before pid 1 knows its job ([`stage`]): `/dev`
+//! with its nodes, a devpts and a proc instance, created detached with the new mount API
+//! and attached where the job's root needs them once it exists. On a kernel without that
+//! API (before 5.12) they are made in place, after the overlay, as before.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use crate::spec::SandboxSpec;
@@ -47,6 +53,29 @@ pub trait Syscalls {
     fn chown(&self, path: &Path, uid: u32, gid: u32) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
     fn is_dir(&self, path: &Path) -> bool;
+    /// A new `fstype` instance mounted detached, with `MOUNT_ATTR_*` `attrs`.
+    fn mount_detached(
+        &self,
+        fstype: &str,
+        flags: &[&str],
+        options: &[(&str, &str)],
+        attrs: u64,
+    ) -> io::Result<OwnedFd>;
+    /// Attaches a detached mount at `target`.
+    fn attach(&self, mount: &OwnedFd, target: &Path) -> io::Result<()>;
+    /// Sets `MOUNT_ATTR_*` bits on a mount.
+    fn set_attrs(&self, mount: &OwnedFd, attrs: u64) -> io::Result<()>;
+    /// A character device node `name` in the directory `dir` (the mode applied exactly).
+    fn mknod_char_at(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    ) -> io::Result<()>;
+    fn mkdir_at(&self, dir: &OwnedFd, name: &str) -> io::Result<()>;
+    fn symlink_at(&self, target: &str, dir: &OwnedFd, name: &str) -> io::Result<()>;
 }
 
 /// The real kernel.
@@ -100,6 +129,37 @@ impl Syscalls for Kernel {
     fn is_dir(&self, path: &Path) -> bool {
         path.is_dir()
     }
+    fn mount_detached(
+        &self,
+        fstype: &str,
+        flags: &[&str],
+        options: &[(&str, &str)],
+        attrs: u64,
+    ) -> io::Result<OwnedFd> {
+        crate::sys::mount_detached(fstype, flags, options, attrs)
+    }
+    fn attach(&self, mount: &OwnedFd, target: &Path) -> io::Result<()> {
+        crate::sys::attach_mount(mount.as_fd(), target)
+    }
+    fn set_attrs(&self, mount: &OwnedFd, attrs: u64) -> io::Result<()> {
+        crate::sys::set_mount_attrs(mount.as_fd(), attrs)
+    }
+    fn mknod_char_at(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    ) -> io::Result<()> {
+        crate::sys::mknod_char_at(dir.as_fd(), name, mode, major, minor)
+    }
+    fn mkdir_at(&self, dir: &OwnedFd, name: &str) -> io::Result<()> {
+        crate::sys::mkdir_at(dir.as_fd(), name, 0o755)
+    }
+    fn symlink_at(&self, target: &str, dir: &OwnedFd, name: &str) -> io::Result<()> {
+        crate::sys::symlink_at(target, dir.as_fd(), name)
+    }
 }
 
 /// Character devices created in the job's `/dev`: (name, major, minor). Created with
@@ -127,6 +187,89 @@ const MASKED_FILES: [&str; 5] = [
 const READ_ONLY_DIRS: [&str; 1] = ["sys"];
 
 const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// `/dev`'s tmpfs options: room for its nodes and links, nothing more.
+const DEV_OPTIONS: [(&str, &str); 3] = [("mode", "755"), ("size", "64k"), ("nr_inodes", "64")];
+/// Directories of `/dev` that get mounts of their own.
+const DEV_DIRS: [&str; 2] = ["pts", "shm"];
+/// `/dev`'s symbolic links: (name, target).
+const DEV_LINKS: [(&str, &str); 5] = [
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+/// devpts: a private instance, its `ptmx` usable by all.
+const PTS_FLAGS: [&str; 1] = ["newinstance"];
+const PTS_OPTIONS: [(&str, &str); 2] = [("ptmxmode", "0666"), ("mode", "0620")];
+
+/// The mounts pid 1 makes before it knows its job ([`stage`]), detached until [`prepare`]
+/// and [`enter`] attach them: a read-only `/dev` with its nodes and links, a devpts
+/// instance, and a proc instance of the job's pid namespace.
+#[derive(Debug)]
+pub struct Staged {
+    dev: OwnedFd,
+    pts: OwnedFd,
+    proc: OwnedFd,
+}
+
+/// Run by the job's pid 1 as real root in its fresh pid namespace, before it knows its job
+/// and still in the host's mount namespace: stages what every job's root gets the same,
+/// detached (nothing is attached to any tree here). `None` where the kernel has no new
+/// mount API: [`prepare`] and [`enter`] then make those mounts in place.
+pub fn stage(sys: &dyn Syscalls) -> Result<Option<Staged>, RootfsError> {
+    let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::ENOSYS);
+    let dev_path = Path::new("/dev");
+    use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+    let dev = match sys.mount_detached(
+        "tmpfs",
+        &[],
+        &DEV_OPTIONS,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+    ) {
+        Ok(dev) => dev,
+        Err(e) if unsupported(&e) => return Ok(None),
+        Err(e) => return Err(mount_err("tmpfs /dev", dev_path)(e)),
+    };
+    for (name, major, minor) in DEVICES {
+        sys.mknod_char_at(&dev, name, 0o666, major, minor)
+            .map_err(point_err(&dev_path.join(name)))?;
+    }
+    for dir in DEV_DIRS {
+        sys.mkdir_at(&dev, dir)
+            .map_err(point_err(&dev_path.join(dir)))?;
+    }
+    for (link, target) in DEV_LINKS {
+        sys.symlink_at(target, &dev, link)
+            .map_err(point_err(&dev_path.join(link)))?;
+    }
+    // No more nodes may appear in /dev.
+    match sys.set_attrs(&dev, MOUNT_ATTR_RDONLY) {
+        Ok(()) => {}
+        Err(e) if unsupported(&e) => return Ok(None),
+        Err(e) => return Err(mount_err("read-only /dev", dev_path)(e)),
+    }
+    let pts = sys
+        .mount_detached(
+            "devpts",
+            &PTS_FLAGS,
+            &PTS_OPTIONS,
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+        )
+        .map_err(mount_err("devpts", &dev_path.join("pts")))?;
+    // proc belongs to the pid namespace of whoever creates it: ours, the job's.
+    let proc = sys
+        .mount_detached(
+            "proc",
+            &[],
+            &[],
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )
+        .map_err(mount_err("proc", Path::new("/proc")))?;
+    mark(Mark::Staged);
+    Ok(Some(Staged { dev, pts, proc }))
+}
 
 /// Joins an absolute in-sandbox path onto the root.
 pub fn inside(root: &Path, path: &Path) -> PathBuf {
@@ -171,8 +314,14 @@ pub fn overlay_options(spec: &SandboxSpec) -> Result<String, RootfsError> {
 }
 
 /// Builds the job's root at `root`, run by the job's pid 1 as real root in its fresh mount
-/// namespace (before it enters its user namespace): overlay, `/dev`, `/tmp`, binds, cwd.
-pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<(), RootfsError> {
+/// namespace (before it enters its user namespace), after [`stage`]: overlay, `/dev`,
+/// `/tmp`, binds, cwd.
+pub fn prepare(
+    sys: &dyn Syscalls,
+    spec: &SandboxSpec,
+    root: &Path,
+    staged: Option<&Staged>,
+) -> Result<(), RootfsError> {
     // Nothing mounted from here on may propagate back to the host.
     sys.mount(
         None,
@@ -218,32 +367,34 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
 
     let dev = root.join("dev");
     sys.mkdir_all(&dev).map_err(point_err(&dev))?;
-    sys.mount(
-        Some(Path::new("tmpfs")),
-        &dev,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("mode=755,size=64k,nr_inodes=64"),
-    )
-    .map_err(mount_err("tmpfs /dev", &dev))?;
-    for (name, major, minor) in DEVICES {
-        let node = dev.join(name);
-        sys.mknod_char(&node, 0o666, major, minor)
-            .map_err(point_err(&node))?;
-    }
-    for dir in ["pts", "shm"] {
-        let d = dev.join(dir);
-        sys.mkdir_all(&d).map_err(point_err(&d))?;
-    }
-    for (link, target) in [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
-        let l = dev.join(link);
-        sys.symlink(target, &l).map_err(point_err(&l))?;
+    let dev_options = DEV_OPTIONS.map(|(k, v)| format!("{k}={v}")).join(",");
+    match staged {
+        Some(staged) => sys
+            .attach(&staged.dev, &dev)
+            .map_err(mount_err("staged /dev", &dev))?,
+        None => {
+            sys.mount(
+                Some(Path::new("tmpfs")),
+                &dev,
+                Some("tmpfs"),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                Some(&dev_options),
+            )
+            .map_err(mount_err("tmpfs /dev", &dev))?;
+            for (name, major, minor) in DEVICES {
+                let node = dev.join(name);
+                sys.mknod_char(&node, 0o666, major, minor)
+                    .map_err(point_err(&node))?;
+            }
+            for dir in DEV_DIRS {
+                let d = dev.join(dir);
+                sys.mkdir_all(&d).map_err(point_err(&d))?;
+            }
+            for (link, target) in DEV_LINKS {
+                let l = dev.join(link);
+                sys.symlink(target, &l).map_err(point_err(&l))?;
+            }
+        }
     }
     mark(Mark::Dev);
     let tmp_size = format!("mode=1777,size={}", spec.limits.tmp_bytes);
@@ -267,16 +418,18 @@ pub fn prepare(sys: &dyn Syscalls, spec: &SandboxSpec, root: &Path) -> Result<()
     )
     .map_err(mount_err("tmpfs /tmp", &tmp))?;
     mark(Mark::Tmp);
-    // No more nodes may appear in /dev.
-    sys.mount(
-        None,
-        &dev,
-        None,
-        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("mode=755,size=64k,nr_inodes=64"),
-    )
-    .map_err(mount_err("read-only /dev", &dev))?;
-    mark(Mark::DevReadOnly);
+    if staged.is_none() {
+        // No more nodes may appear in /dev (a staged one is read-only already).
+        sys.mount(
+            None,
+            &dev,
+            None,
+            libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(&dev_options),
+        )
+        .map_err(mount_err("read-only /dev", &dev))?;
+        mark(Mark::DevReadOnly);
+    }
 
     for (host, target) in &spec.read_only_binds {
         let t = inside(root, target);
@@ -330,18 +483,22 @@ fn bind_read_only(
     .map_err(mount_err("read-only remount", target))
 }
 
-/// Finishes the root from inside the job's pid and mount namespaces (proc must be mounted
-/// by a member of the new pid namespace), then pivots into it.
-pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
+/// Finishes the root from inside the job's pid and mount namespaces (proc must be made by
+/// a member of the new pid namespace), then pivots into it. The staged mounts are
+/// attached (or, without them, made here) and their descriptors closed.
+pub fn enter(sys: &dyn Syscalls, root: &Path, staged: Option<Staged>) -> Result<(), RootfsError> {
     let proc_dir = root.join("proc");
     let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    sys.mount(
-        Some(Path::new("proc")),
-        &proc_dir,
-        Some("proc"),
-        proc_flags,
-        None,
-    )
+    match &staged {
+        Some(staged) => sys.attach(&staged.proc, &proc_dir),
+        None => sys.mount(
+            Some(Path::new("proc")),
+            &proc_dir,
+            Some("proc"),
+            proc_flags,
+            None,
+        ),
+    }
     .map_err(mount_err("proc", &proc_dir))?;
     mark(Mark::Proc);
     let null = root.join("dev/null");
@@ -361,13 +518,23 @@ pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
     }
     mark(Mark::ProcMasked);
     let pts = root.join("dev/pts");
-    sys.mount(
-        Some(Path::new("devpts")),
-        &pts,
-        Some("devpts"),
-        libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    )
+    match staged {
+        Some(staged) => sys.attach(&staged.pts, &pts),
+        None => {
+            let options: Vec<String> = PTS_FLAGS
+                .iter()
+                .map(|f| f.to_string())
+                .chain(PTS_OPTIONS.iter().map(|(k, v)| format!("{k}={v}")))
+                .collect();
+            sys.mount(
+                Some(Path::new("devpts")),
+                &pts,
+                Some("devpts"),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                Some(&options.join(",")),
+            )
+        }
+    }
     .map_err(mount_err("devpts", &pts))?;
     mark(Mark::Devpts);
     sys.pivot_root_here(root)
@@ -382,21 +549,31 @@ pub fn enter(sys: &dyn Syscalls, root: &Path) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use std::cell::RefCell;
+    use std::os::fd::{AsRawFd, RawFd};
     use std::time::Duration;
 
     use super::*;
     use crate::spec::{Identity, Network, SandboxLimits};
 
-    /// Records every call; every path "exists" only once created.
+    /// Records every call; every path "exists" only once created. Detached mounts are
+    /// descriptors of /dev/null, named in the log by their filesystem type.
     #[derive(Default)]
     struct Recorder {
         calls: RefCell<Vec<String>>,
         existing: RefCell<Vec<PathBuf>>,
+        detached: RefCell<Vec<(RawFd, String)>>,
+        /// A kernel without the new mount API.
+        old_kernel: bool,
     }
 
     impl Recorder {
         fn log(&self, s: String) {
             self.calls.borrow_mut().push(s);
+        }
+        fn name(&self, fd: &OwnedFd) -> String {
+            let raw = fd.as_raw_fd();
+            let detached = self.detached.borrow();
+            detached.iter().find(|(f, _)| *f == raw).unwrap().1.clone()
         }
     }
 
@@ -468,6 +645,58 @@ mod tests {
         fn is_dir(&self, path: &Path) -> bool {
             !path.to_string_lossy().ends_with(".conf")
         }
+        fn mount_detached(
+            &self,
+            fstype: &str,
+            flags: &[&str],
+            options: &[(&str, &str)],
+            attrs: u64,
+        ) -> io::Result<OwnedFd> {
+            if self.old_kernel {
+                return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+            }
+            let fd = OwnedFd::from(std::fs::File::open("/dev/null")?);
+            let config: Vec<String> = flags
+                .iter()
+                .map(|f| f.to_string())
+                .chain(options.iter().map(|(k, v)| format!("{k}={v}")))
+                .collect();
+            self.log(format!("fsmount {fstype} {} {attrs:#x}", config.join(",")));
+            self.detached
+                .borrow_mut()
+                .push((fd.as_raw_fd(), fstype.to_owned()));
+            Ok(fd)
+        }
+        fn attach(&self, mount: &OwnedFd, target: &Path) -> io::Result<()> {
+            self.log(format!("attach {} {}", self.name(mount), target.display()));
+            Ok(())
+        }
+        fn set_attrs(&self, mount: &OwnedFd, attrs: u64) -> io::Result<()> {
+            self.log(format!("setattr {} {attrs:#x}", self.name(mount)));
+            Ok(())
+        }
+        fn mknod_char_at(
+            &self,
+            dir: &OwnedFd,
+            name: &str,
+            mode: u32,
+            major: u32,
+            minor: u32,
+        ) -> io::Result<()> {
+            self.log(format!(
+                "mknodat {}:{name} c {major}:{minor} {mode:o}",
+                self.name(dir)
+            ));
+            Ok(())
+        }
+        fn mkdir_at(&self, dir: &OwnedFd, name: &str) -> io::Result<()> {
+            self.log(format!("mkdirat {}:{name}", self.name(dir)));
+            Ok(())
+        }
+        fn symlink_at(&self, target: &str, dir: &OwnedFd, name: &str) -> io::Result<()> {
+            self.log(format!("symlinkat {}:{name} -> {target}", self.name(dir)));
+            Ok(())
+        }
     }
 
     fn spec() -> SandboxSpec {
@@ -498,9 +727,94 @@ mod tests {
     }
 
     #[test]
+    fn stage_makes_a_read_only_dev_devpts_and_proc_detached() {
+        let rec = Recorder::default();
+        let staged = stage(&rec).unwrap();
+        assert!(staged.is_some());
+        let calls = rec.calls.borrow().clone();
+        assert!(
+            calls
+                .iter()
+                .all(|c| !c.starts_with("mount ") && !c.starts_with("attach")),
+            "staging runs in the host's mount namespace: it must attach nothing: {calls:#?}"
+        );
+        assert_eq!(calls[0], "fsmount tmpfs mode=755,size=64k,nr_inodes=64 0xa");
+        assert!(calls.contains(&"mknodat tmpfs:null c 1:3 666".to_owned()));
+        assert!(calls.contains(&"mknodat tmpfs:tty c 5:0 666".to_owned()));
+        assert!(calls.contains(&"mkdirat tmpfs:shm".to_owned()));
+        assert!(calls.contains(&"symlinkat tmpfs:ptmx -> pts/ptmx".to_owned()));
+        let ro = calls.iter().position(|c| c == "setattr tmpfs 0x1").unwrap();
+        let last_write = calls
+            .iter()
+            .rposition(|c| c.starts_with("mknodat") || c.starts_with("symlinkat"))
+            .unwrap();
+        assert!(ro > last_write, "/dev is made read-only once populated");
+        assert_eq!(
+            calls[calls.len() - 2],
+            "fsmount devpts newinstance,ptmxmode=0666,mode=0620 0xa"
+        );
+        assert_eq!(calls.last().unwrap(), "fsmount proc  0xe");
+        let (dev, pts, proc) = {
+            let s = staged.as_ref().unwrap();
+            (rec.name(&s.dev), rec.name(&s.pts), rec.name(&s.proc))
+        };
+        assert_eq!(
+            (dev.as_str(), pts.as_str(), proc.as_str()),
+            ("tmpfs", "devpts", "proc")
+        );
+
+        // Attached where the root needs them, instead of made there.
+        rec.calls.borrow_mut().clear();
+        prepare(&rec, &spec(), Path::new("/r"), staged.as_ref()).unwrap();
+        enter(&rec, Path::new("/r"), staged).unwrap();
+        let calls = rec.calls.into_inner();
+        let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+        let overlay = calls
+            .iter()
+            .position(|c| c.starts_with("mount overlay /r "))
+            .unwrap();
+        assert!(overlay < at("attach tmpfs /r/dev"));
+        assert!(
+            at("attach tmpfs /r/dev")
+                < at("mount tmpfs /r/dev/shm tmpfs [nosuid,nodev] mode=1777,size=1048576")
+        );
+        assert!(at("attach proc /r/proc") < at("mount /r/dev/null /r/proc/kcore - [bind] -"));
+        assert!(at("attach devpts /r/dev/pts") < at("pivot_root /r"));
+        assert!(
+            !calls.iter().any(|c| c.starts_with("mount tmpfs /r/dev ")
+                || c.starts_with("mknod ")
+                || c.starts_with("mount proc")
+                || c.starts_with("mount devpts")
+                || c.contains("[remount,ro")),
+            "nothing staged is made again: {calls:#?}"
+        );
+    }
+
+    #[test]
+    fn without_the_new_mount_api_everything_is_made_in_place() {
+        let rec = Recorder {
+            old_kernel: true,
+            ..Recorder::default()
+        };
+        assert!(stage(&rec).unwrap().is_none());
+        assert!(rec.calls.borrow().is_empty());
+        prepare(&rec, &spec(), Path::new("/r"), None).unwrap();
+        enter(&rec, Path::new("/r"), None).unwrap();
+        let calls = rec.calls.into_inner();
+        for made in [
+            "mount tmpfs /r/dev tmpfs [nosuid,noexec] mode=755,size=64k,nr_inodes=64",
+            "mknod /r/dev/null c 1:3 666",
+            "mount proc /r/proc proc [nosuid,nodev,noexec] -",
+            "mount devpts /r/dev/pts devpts [nosuid,noexec] newinstance,ptmxmode=0666,mode=0620",
+        ] {
+            assert!(calls.contains(&made.to_owned()), "{made} in {calls:#?}");
+        }
+    }
+
+    #[test]
     fn prepare_mounts_in_the_order_the_kernel_needs() {
         let rec = Recorder::default();
-        prepare(&rec, &spec(), Path::new("/r")).unwrap();
+        prepare(&rec, &spec(), Path::new("/r"), None).unwrap();
         let calls = rec.calls.into_inner();
         let mounts: Vec<&String> = calls.iter().filter(|c| c.starts_with("mount")).collect();
         assert_eq!(
@@ -569,7 +883,7 @@ mod tests {
     #[test]
     fn enter_mounts_proc_masks_then_pivots() {
         let rec = Recorder::default();
-        enter(&rec, Path::new("/r")).unwrap();
+        enter(&rec, Path::new("/r"), None).unwrap();
         let calls = rec.calls.into_inner();
         assert_eq!(calls[0], "mount proc /r/proc proc [nosuid,nodev,noexec] -");
         assert!(calls.contains(&"mount /r/dev/null /r/proc/kcore - [bind] -".to_owned()));
@@ -595,7 +909,8 @@ mod tests {
             dir: "/run/scratch".into(),
             size_bytes: 1 << 20,
         });
-        prepare(&rec, &s, Path::new("/r")).unwrap();
+        let staged = stage(&rec).unwrap();
+        prepare(&rec, &s, Path::new("/r"), staged.as_ref()).unwrap();
         let calls = rec.calls.into_inner();
         let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
         let tmpfs = at("mount tmpfs /run/scratch tmpfs [nosuid,nodev] mode=755,size=1048576");
@@ -612,7 +927,7 @@ mod tests {
 
         s.work = "/elsewhere/work".into();
         assert!(matches!(
-            prepare(&Recorder::default(), &s, Path::new("/r")),
+            prepare(&Recorder::default(), &s, Path::new("/r"), None),
             Err(RootfsError::OutsideScratch { .. })
         ));
     }

@@ -610,6 +610,15 @@ impl Sandbox {
                     setup
                 })
             };
+            // Pid 1 starts on the other CPU, so that it builds the root while we make the
+            // cgroup (see `start_init`). Only when nothing else is runnable: next to a busy
+            // task on the other CPU, pid 1 would run at half speed instead of waiting
+            // ~0.3 ms for ours (measured: 1.47x bwrap against 1.02x with a spinning process
+            // on the second of two CPUs).
+            let cpus = crate::sys::running_alone()
+                .then(|| crate::sys::CpuSet::current().ok())
+                .flatten();
+            let init = crate::shim::start_init(None, &job_output, cpus);
             let report = crate::shim::supervise(
                 spec,
                 &root,
@@ -617,8 +626,7 @@ impl Sandbox {
                 Supervisor {
                     ctl: None,
                     signals: Some(signals),
-                    job_output,
-                    netns: None,
+                    init,
                     events: on_event,
                     egress: on_egress,
                 },

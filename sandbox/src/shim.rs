@@ -1,8 +1,9 @@
 //! The sandbox shim: the per-job process that supervises a job from outside, the role of
 //! containerd-shim or conmon. It is the `corral-worker` binary re-executed (`corral-worker
 //! __sandbox-shim`) or forked from the [zygote](crate::zygote), single threaded. It clones
-//! the job's [init](crate::init) (its pid 1) into fresh namespaces, places it in the job's
-//! cgroup while init builds the root, writes its id maps, then supervises: answers seccomp
+//! the job's [init](crate::init) (its pid 1) into fresh namespaces at once, before its
+//! request comes, sends init the job when it comes, places it in the job's cgroup while
+//! init builds the root, writes its id maps, then supervises: answers seccomp
 //! notifications, enforces the wall-clock and CPU-seconds limits, relays cancellation, and
 //! finally reports to the worker. It never mounts anything itself.
 //!
@@ -57,6 +58,12 @@ fn run(netns: Option<OwnedFd>) -> ! {
         Ok(fd) => UnixStream::from(fd),
         Err(_) => sys::exit_now(70),
     };
+    // Pid 1 is cloned before the request comes: in a shim kept ahead (see
+    // `Zygote::take_ready`), its namespaces and the mounts every job gets the same are made
+    // while we wait, off the job's path. Its marks are taken once the request turns tracing
+    // on.
+    crate::trace::prepare();
+    let init = start_init(netns, &JobOutput::OwnPipes, None);
     let mut frames = Frames::default();
     let mut outbox = Outbox::new(ctl.as_raw_fd());
     // The report goes out as soon as every process of the job is dead and pid 1 is out of
@@ -75,8 +82,7 @@ fn run(netns: Option<OwnedFd>) -> ! {
                 Supervisor {
                     ctl: Some((&ctl, frames)),
                     signals: None,
-                    job_output: JobOutput::OwnPipes,
-                    netns,
+                    init,
                     events: &mut |event| outbox.push(&FromShim::Event(event)),
                     // Sent before the job starts, so before any event: nothing is pending in
                     // the outbox and the frame goes out whole, with its descriptor.
@@ -186,6 +192,103 @@ pub(crate) enum CgroupSetup<'a> {
     Create(&'a mut dyn FnMut() -> Result<JobCgroup, SetupError>),
 }
 
+/// The job's pid 1, cloned by [`start_init`] and waiting for its [`ToInit::Job`].
+pub(crate) struct Init {
+    pid: libc::pid_t,
+    /// Our end of the seqpacket link with it.
+    link: OwnedFd,
+}
+
+impl Init {
+    /// For a run that ends before pid 1 got its job.
+    fn kill(self) {
+        let _ = sys::kill(self.pid, libc::SIGKILL);
+        let _ = sys::wait4(self.pid, 0);
+    }
+}
+
+/// Clones the job's pid 1 into fresh pid, ipc and uts namespaces, and a fresh network
+/// namespace unless `netns` (made ahead, loopback up) is given, which it enters (its mount
+/// namespace it makes once its job comes). Pid 1 at once does what does not depend on the
+/// job ([`crate::init::run`]) and then waits for it. Our supplementary groups are cleared first: pid 1 and the job inherit
+/// them. `cpus`: the whole CPU set, to start pid 1 on another CPU than ours (see below).
+pub(crate) fn start_init(
+    netns: Option<OwnedFd>,
+    job_output: &JobOutput,
+    cpus: Option<sys::CpuSet>,
+) -> Result<Init, SetupError> {
+    sys::clear_supplementary_groups().map_err(|e| SetupError::io(SetupStep::Groups, &e))?;
+    // One link to init for the whole setup and its status; it carries the seccomp
+    // listener too.
+    let (link, init_link) =
+        sys::seqpacket_pair().map_err(|e| SetupError::io(SetupStep::Link, &e))?;
+    // When we make the cgroup while pid 1 builds the root, the two overlap only on two
+    // CPUs, but a new child often starts queued on its parent's CPU, and then they take
+    // turns (each ~0.3 ms). Restricting a task to other CPUs moves it there at once;
+    // giving it back the whole set leaves it where it is. Both of us do it, whoever runs
+    // first; each pair ends with the whole set, so the job inherits it whatever the order.
+    let move_off = |pid: libc::pid_t, cpu: Option<usize>| {
+        if let Some(all) = &cpus
+            && let Some(elsewhere) = cpu.and_then(|cpu| all.without(cpu))
+        {
+            let _ = elsewhere.apply(pid);
+            let _ = all.apply(pid);
+        }
+    };
+    let our_cpu = sys::current_cpu();
+    mark(Mark::LinkMade);
+    let flags = match netns {
+        Some(_) => crate::namespaces::CLONE_FLAGS & !libc::CLONE_NEWNET,
+        None => crate::namespaces::CLONE_FLAGS,
+    };
+    let pid = match sys::clone_fork(flags) {
+        Ok(Forked::Child) => {
+            mark(Mark::InitStarted);
+            move_off(0, our_cpu);
+            drop(link);
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                let _ = sys::dup2(null.as_raw_fd(), 0);
+            }
+            if let JobOutput::Fds(out, err) = *job_output {
+                let _ = sys::dup2(out, 1);
+                let _ = sys::dup2(err, 2);
+            }
+            crate::init::run(init_link, netns)
+        }
+        Ok(Forked::Parent(pid)) => pid,
+        Err(e) => return Err(SetupError::io(SetupStep::Clone, &e)),
+    };
+    mark(Mark::Cloned);
+    drop(netns);
+    move_off(pid, sys::current_cpu());
+    drop(init_link);
+    if let JobOutput::OwnPipes = job_output
+        && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null")
+    {
+        let _ = sys::dup2(null.as_raw_fd(), 1);
+        let _ = sys::dup2(null.as_raw_fd(), 2);
+    }
+    mark(Mark::Placed);
+    Ok(Init { pid, link })
+}
+
+/// Sends pid 1 its job. A job larger than the link's send buffer gets room made for it.
+fn send_job(link: &OwnedFd, spec: &SandboxSpec, root: &Path) -> Result<(), SetupError> {
+    let job = ToInit::Job(Box::new(handshake::Job {
+        spec: spec.clone(),
+        root: root.to_owned(),
+    }));
+    let frame = handshake::encode(&job);
+    let link_err = |e: std::io::Error| SetupError::io(SetupStep::Link, &e);
+    if frame.len() > SMALL_FRAME {
+        sys::reserve_send_buffer(link.as_raw_fd(), frame.len() + SMALL_FRAME).map_err(link_err)?;
+    }
+    sys::send_fds(link.as_raw_fd(), &frame, &[]).map_err(link_err)
+}
+
+/// A frame every seqpacket socket takes with its default buffer.
+const SMALL_FRAME: usize = 64 << 10;
+
 /// How the supervisor hears about cancellation, and what it hands the job.
 pub(crate) struct Supervisor<'a> {
     /// The worker's control stream and what was read of it: [`ToShim::Cancel`] frames;
@@ -194,10 +297,8 @@ pub(crate) struct Supervisor<'a> {
     /// A signalfd for SIGINT, SIGTERM and SIGHUP (a CLI running the supervisor itself):
     /// the first cancels with [`SIGNAL_GRACE`], the next kills at once.
     pub signals: Option<OwnedFd>,
-    pub job_output: JobOutput,
-    /// A fresh network namespace (loopback up) made ahead for this job, which pid 1 enters
-    /// instead of cloning one; `None`: pid 1 gets a new one at its clone.
-    pub netns: Option<OwnedFd>,
+    /// The job's pid 1, from [`start_init`] (or why it could not be cloned).
+    pub init: Result<Init, SetupError>,
     /// Receives what the job does as it happens ([`LiveEvent`]s, already rate-limited).
     /// Called on the supervisor's thread: it must not block.
     pub events: &'a mut dyn FnMut(LiveEvent),
@@ -247,23 +348,22 @@ pub(crate) fn supervise(
     sup: Supervisor<'_>,
 ) -> Supervised {
     let started = Instant::now();
-    if spec.argv.is_empty() {
-        return fail(SetupError::new(SetupStep::Command, "empty argv")).into();
-    }
-    mark(Mark::Prepared);
-    if let Err(e) = sys::clear_supplementary_groups() {
-        return fail(SetupError::io(SetupStep::Groups, &e)).into();
-    }
-    // The mount point only: the root is mounted by the job's pid 1 in its own mount
-    // namespace, which dies with it, so no mount can outlive the job (or a crash of ours).
-    // The worker removes the directory.
-    if let Err(e) = std::fs::create_dir_all(root) {
-        return fail(SetupError::io_on(
-            SetupStep::RootMountPoint,
-            root.display(),
-            &e,
-        ))
-        .into();
+    let refused = if spec.argv.is_empty() {
+        Some(SetupError::new(SetupStep::Command, "empty argv"))
+    } else {
+        mark(Mark::Prepared);
+        // The mount point only: the root is mounted by the job's pid 1 in its own mount
+        // namespace, which dies with it, so no mount can outlive the job (or a crash of
+        // ours). The worker removes the directory.
+        std::fs::create_dir_all(root)
+            .err()
+            .map(|e| SetupError::io_on(SetupStep::RootMountPoint, root.display(), &e))
+    };
+    if let Some(why) = refused {
+        if let Ok(init) = sup.init {
+            init.kill();
+        }
+        return fail(why).into();
     }
     mark(Mark::GroupsCleared);
     run_job(spec, root, cgroup, sup, started)
@@ -279,71 +379,20 @@ fn run_job(
     let Supervisor {
         mut ctl,
         signals,
-        job_output,
-        netns,
+        init,
         events,
         egress,
     } = sup;
-    // One link to init for the whole setup and its status; it carries the seccomp
-    // listener too.
-    let (link, init_link) = match sys::seqpacket_pair() {
-        Ok(pair) => pair,
-        Err(e) => return fail(SetupError::io(SetupStep::Link, &e)).into(),
+    let Init { pid, link } = match init {
+        Ok(init) => init,
+        Err(e) => return fail(e).into(),
     };
-    // When we make the cgroup while pid 1 builds the root, the two overlap only on two
-    // CPUs, but a new child often starts queued on its parent's CPU, and then they take
-    // turns (each ~0.3 ms). Restricting a task to other CPUs moves it there at once;
-    // giving it back the whole set leaves it where it is. Both of us do it, whoever runs
-    // first; each pair ends with the whole set, so the job inherits it whatever the order.
-    // Only when nothing else is runnable: next to a busy task on the other CPU, pid 1
-    // would run at half speed instead of waiting ~0.3 ms for ours (measured: 1.47x bwrap
-    // against 1.02x with a spinning process on the second of two CPUs).
-    let cpus = match cgroup {
-        CgroupSetup::Create(_) if sys::running_alone() => sys::CpuSet::current().ok(),
-        CgroupSetup::Create(_) | CgroupSetup::Ready(_) => None,
-    };
-    let move_off = |pid: libc::pid_t, cpu: Option<usize>| {
-        if let Some(all) = &cpus
-            && let Some(elsewhere) = cpu.and_then(|cpu| all.without(cpu))
-        {
-            let _ = elsewhere.apply(pid);
-            let _ = all.apply(pid);
-        }
-    };
-    let our_cpu = sys::current_cpu();
-    mark(Mark::LinkMade);
-    let flags = match netns {
-        Some(_) => crate::namespaces::CLONE_FLAGS & !libc::CLONE_NEWNET,
-        None => crate::namespaces::CLONE_FLAGS,
-    };
-    let pid = match sys::clone_fork(flags) {
-        Ok(Forked::Child) => {
-            mark(Mark::InitStarted);
-            move_off(0, our_cpu);
-            drop(link);
-            if let Ok(null) = std::fs::File::open("/dev/null") {
-                let _ = sys::dup2(null.as_raw_fd(), 0);
-            }
-            if let JobOutput::Fds(out, err) = job_output {
-                let _ = sys::dup2(out, 1);
-                let _ = sys::dup2(err, 2);
-            }
-            crate::init::run(spec, root, init_link, netns)
-        }
-        Ok(Forked::Parent(pid)) => pid,
-        Err(e) => return fail(SetupError::io(SetupStep::Clone, &e)).into(),
-    };
-    mark(Mark::Cloned);
-    drop(netns);
-    move_off(pid, sys::current_cpu());
-    drop(init_link);
-    if let JobOutput::OwnPipes = job_output
-        && let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null")
-    {
-        let _ = sys::dup2(null.as_raw_fd(), 1);
-        let _ = sys::dup2(null.as_raw_fd(), 2);
+    // Pid 1 builds the root from now on.
+    if let Err(ours) = send_job(&link, spec, root) {
+        // It may have failed before it could read the job.
+        return fail(give_up(pid, &link, ours)).into();
     }
-    mark(Mark::Placed);
+    mark(Mark::JobSent);
     // The cgroup is made (when it is ours to make) and entered while pid 1 builds the root.
     // Moving another process into a cgroup waits for an RCU grace period, so on v1 pid 1
     // moves itself (cheaply) once it has the list of files; on v2 we move it. Pid 1 forks
@@ -388,16 +437,7 @@ fn run_job(
         });
     let cgroup = match placed {
         Ok(cg) => cg,
-        Err(ours) => {
-            // Pid 1's own reason (it failed first) beats ours (a consequence).
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let _ = sys::wait4(pid, 0);
-            let why = match last_word(link.as_raw_fd()) {
-                Some(FromInit::Failed(theirs)) => theirs,
-                _ => ours,
-            };
-            return fail(why).into();
-        }
+        Err(ours) => return fail(give_up(pid, &link, ours)).into(),
     };
     let mut report = Report::default();
     // The job starts only after `Mapped`, so no counter can have moved yet.
@@ -604,6 +644,17 @@ fn run_job(
     Supervised {
         report,
         exiting: left.then_some(pid),
+    }
+}
+
+/// Kills pid 1 during setup and says why: its own reason when it sent one (it failed
+/// first), else `ours` (a consequence).
+fn give_up(pid: libc::pid_t, link: &OwnedFd, ours: SetupError) -> SetupError {
+    let _ = sys::kill(pid, libc::SIGKILL);
+    let _ = sys::wait4(pid, 0);
+    match last_word(link.as_raw_fd()) {
+        Some(FromInit::Failed(theirs)) => theirs,
+        _ => ours,
     }
 }
 

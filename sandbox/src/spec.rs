@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Everything one sandboxed run needs. The worker maps a wire `Job` to this.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxSpec {
     /// Read-only layers of the root filesystem, top first (e.g. `[source, base]`).
     pub lower_dirs: Vec<PathBuf>,
@@ -43,7 +43,7 @@ pub struct SandboxSpec {
 }
 
 /// See [`SandboxSpec::scratch`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Scratch {
     /// An existing empty host directory to mount the tmpfs on (the host never sees the
     /// mount, so one directory serves every job).
@@ -74,7 +74,7 @@ pub struct Identity {
 }
 
 /// Resource limits of one run. `None` means "no limit of that kind".
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxLimits {
     /// Memory (RAM, no swap) of the whole job, in bytes (cgroup).
     pub memory_bytes: Option<u64>,

@@ -79,8 +79,9 @@ marks! {
     Prepared = Supervisor, "thread check, signalfd, output";
     GroupsCleared = Supervisor, "groups cleared, root mount point";
     LinkMade = Supervisor, "link, CPU check";
-    Cloned = Supervisor, "clone (mount, pid, net, ipc, uts namespaces)";
+    Cloned = Supervisor, "clone (pid, net, ipc, uts namespaces)";
     Placed = Supervisor, "CPU placement, stdio";
+    JobSent = Supervisor, "job sent to init";
     MountinfoRead = Supervisor, "mountinfo read";
     CgroupFound = Supervisor, "cgroup layout found";
     CgroupMade = Supervisor, "cgroup made";
@@ -95,6 +96,10 @@ marks! {
 
     InitStarted = Init, "init running";
     DeathSignal = Init, "death signal, umask";
+    Staged = Init, "/dev, devpts, proc staged";
+    Signals = Init, "signals reset";
+    JobReceived = Init, "job received";
+    MountNamespace = Init, "mount namespace made";
     RootPrivate = Init, "mounts made private";
     Scratch = Init, "scratch tmpfs, upper dirs";
     Overlay = Init, "overlay mounted";
@@ -102,7 +107,6 @@ marks! {
     Tmp = Init, "/dev/shm and /tmp tmpfs";
     DevReadOnly = Init, "/dev read-only";
     Binds = Init, "binds, cwd";
-    Signals = Init, "signals reset";
     CgroupWait = Init, "waited for the cgroup";
     CgroupJoined = Init, "cgroup joined";
     Proc = Init, "proc mounted";
@@ -123,30 +127,54 @@ marks! {
     StatusSent = Init, "status sent";
 }
 
-/// The shared page of this process's run, once [`enable`]d.
+/// The shared page of this process's run, once [`prepare`]d: a word per mark, then the
+/// word that turns marks on.
 static PAGE: OnceLock<SharedWords> = OnceLock::new();
 
-/// Turns marks on for this process and every process it forks or clones from now on.
-/// Call in the single-threaded supervisor before the clone. False if no page could be
-/// mapped (tracing then stays off; the run does not care).
-pub fn enable() -> bool {
+/// The page's last word: nonzero once [`enable`]d.
+const ON: usize = ALL.len();
+
+/// Maps the shared page without turning marks on, so that a process cloned now (a pid 1
+/// cloned before its job is known) takes marks once [`enable`] is called later. False if
+/// no page could be mapped.
+pub fn prepare() -> bool {
     if PAGE.get().is_some() {
         return true;
     }
-    match SharedWords::new(ALL.len()) {
+    match SharedWords::new(ALL.len() + 1) {
         Ok(words) => PAGE.set(words).is_ok() || PAGE.get().is_some(),
         Err(_) => false,
     }
 }
 
+/// Turns marks on for this process, every process it forks or clones from now on, and
+/// any cloned since [`prepare`]. Call in the single-threaded supervisor. False if no page
+/// could be mapped (tracing then stays off; the run does not care).
+pub fn enable() -> bool {
+    prepare();
+    match PAGE.get() {
+        Some(page) => {
+            page.word(ON).store(1, Ordering::Relaxed);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The page, when marks are on.
+fn on() -> Option<&'static SharedWords> {
+    PAGE.get()
+        .filter(|page| page.word(ON).load(Ordering::Relaxed) != 0)
+}
+
 /// Whether [`enable`] was called.
 pub fn enabled() -> bool {
-    PAGE.get().is_some()
+    on().is_some()
 }
 
 /// Records `mark` now (nothing unless [`enable`]d). Safe in a vfork-free child: a store.
 pub fn mark(mark: Mark) {
-    if let Some(page) = PAGE.get() {
+    if let Some(page) = on() {
         page.word(mark as usize)
             .store(sys::monotonic_ns(), Ordering::Relaxed);
     }
@@ -155,7 +183,7 @@ pub fn mark(mark: Mark) {
 /// Records `mark` as taken at `at` (nothing unless [`enable`]d): for a time read before
 /// tracing could be turned on, such as a command's start.
 pub fn mark_at(mark: Mark, at: u64) {
-    if let Some(page) = PAGE.get() {
+    if let Some(page) = on() {
         page.word(mark as usize).store(at, Ordering::Relaxed);
     }
 }
@@ -163,7 +191,7 @@ pub fn mark_at(mark: Mark, at: u64) {
 /// The marks taken so far in this process and its children (empty unless enabled).
 pub fn take() -> Timings {
     let mut timings = Timings::default();
-    if let Some(page) = PAGE.get() {
+    if let Some(page) = on() {
         for &m in ALL {
             let at = page.word(m as usize).load(Ordering::Relaxed);
             if at != 0 {

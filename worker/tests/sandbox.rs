@@ -936,6 +936,65 @@ fn gone(pid: u32) -> bool {
     eventually(|| (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())).is_some()
 }
 
+/// The children of `pid` (none once it is gone).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// A job whose spec is larger than a seqpacket socket takes by default (about 208 KiB)
+/// still reaches its pid 1: through a shim forked from the zygote, an exec'd shim, and
+/// `corral sandbox` supervising in its own process.
+#[test]
+fn a_job_larger_than_a_socket_buffer_reaches_its_pid_1() {
+    if !prerequisites() {
+        return;
+    }
+    let _dirs = leaves_nothing("big-job");
+    let jobs = tempfile::tempdir_in("/var/tmp").unwrap();
+    let uid = 211_021;
+    // Each value under the kernel's 128 KiB limit on one exec string.
+    let value = "x".repeat(100 << 10);
+    let script = "echo ${#BIG0} ${#BIG1} ${#BIG2} ${#BIG3}";
+    let expected = "102400 102400 102400 102400\n";
+    for (name, cfg) in [
+        ("zygote", zygote_config("big-job")),
+        ("exec", config("big-job")),
+    ] {
+        let job = JobDir::create(jobs.path(), name, 16 << 20).unwrap();
+        let mut spec = simple_spec(&job, uid, &["sh", "-c", script]);
+        spec.env
+            .extend((0..4).map(|i| (format!("BIG{i}"), value.clone())));
+        let ran = spawn_and_wait(&spec, &cfg);
+        assert_eq!(
+            ran.outcome.exit,
+            Exit::Code(0),
+            "{name}: {:?} {}",
+            ran.outcome,
+            ran.stderr
+        );
+        assert_eq!(ran.stdout, expected, "{name}");
+        job.remove().unwrap();
+    }
+    assert_nothing_left("big-job", uid, "exec");
+
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_corral"));
+    cli.args(["sandbox", "--rootfs"]).arg(rootfs());
+    for i in 0..4 {
+        cli.arg("--env").arg(format!("BIG{i}={value}"));
+    }
+    let out = cli.args(["--", "sh", "-c", script]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with(expected),
+        "corral sandbox: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Once jobs run, the zygote keeps a shim forked ahead and the next job starts in it; one
 /// killed while it waits is passed over (the job forks its own); those kept ahead go after
 /// a few seconds without a job, and with the handle.
@@ -951,24 +1010,43 @@ fn the_next_job_starts_in_a_shim_forked_ahead() {
     echo_hi(&cfg, jobs.path(), "ready-0", uid);
     let ready = eventually(|| zygote.ready_pids().first().copied())
         .expect("a shim is forked ahead once jobs run");
+    // It cloned the job's pid 1 before any job came, into namespaces of its own but the
+    // mount namespace, which it makes once its job comes (with the job's dir mounted).
+    let init = eventually(|| children(ready).first().copied())
+        .expect("a shim kept ahead clones its pid 1 ahead");
+    let ns = |pid: &str, ns: &str| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+    for kind in ["pid", "uts", "ipc", "net"] {
+        assert_ne!(ns(&init.to_string(), kind), ns("self", kind), "{kind}");
+    }
+    assert_eq!(ns(&init.to_string(), "mnt"), ns("self", "mnt"));
     let shim = echo_hi(&cfg, jobs.path(), "ready-1", uid);
     assert_eq!(
         shim, ready,
         "the job did not start in the shim forked ahead"
     );
+    assert!(gone(init), "the job's pid 1 outlived its job");
 
     let waiting = eventually(|| zygote.ready_pids().first().copied().filter(|&p| p != ready))
         .expect("the next shim is forked ahead");
+    let waiting_init = eventually(|| children(waiting).first().copied())
+        .expect("the next shim clones its pid 1 ahead");
     kill(waiting);
     assert!(gone(waiting), "the killed shim is still there");
+    assert!(
+        gone(waiting_init),
+        "the pid 1 of a killed shim kept ahead outlived it"
+    );
     let shim = echo_hi(&cfg, jobs.path(), "ready-2", uid);
     assert_ne!(shim, waiting, "a dead shim was handed a job");
 
     // Idle: let go after `READY_IDLE`.
     let idle = eventually(|| zygote.ready_pids().first().copied())
         .expect("a shim is forked ahead after the job");
+    let idle_init = eventually(|| children(idle).first().copied())
+        .expect("a shim kept ahead clones its pid 1 ahead");
     std::thread::sleep(Zygote::READY_IDLE);
     assert!(gone(idle), "a shim forked ahead outlived the idle time");
+    assert!(gone(idle_init), "the pid 1 of a shim let go outlived it");
     assert!(zygote.ready_pids().is_empty());
 
     // Busy again, then the handle goes: so do the shims kept ahead.

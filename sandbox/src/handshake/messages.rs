@@ -56,8 +56,11 @@ pub(crate) enum FromShim {
 }
 
 /// Shim → init.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub(crate) enum ToInit {
+    /// The job: init was cloned before it was known, and builds its root now. The first
+    /// message, once.
+    Job(Box<Job>),
     /// The files init writes `0` to: `join` to enter the job's cgroup now (cgroup v1: a
     /// task moving itself is cheap), `leave` to leave it once the job is dead. Both empty
     /// when the shim placed init itself (v2).
@@ -92,6 +95,14 @@ pub(crate) struct Request {
     /// Take timing marks (see [`crate::trace`]) and send them back in the report.
     #[serde(default)]
     pub trace: bool,
+}
+
+/// What a pid 1 cloned ahead learns once the shim has its request.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Job {
+    pub spec: SandboxSpec,
+    /// The empty directory the job's root is mounted on.
+    pub root: PathBuf,
 }
 
 /// Which of the shim's own limits ended the job, if any.
@@ -221,6 +232,7 @@ const CANCEL: u8 = b'C';
 const REPORT: u8 = b'O';
 const EVENT: u8 = b'V';
 const EGRESS: u8 = b'N';
+const JOB: u8 = b'J';
 const CGROUP: u8 = b'G';
 const MAPPED: u8 = b'M';
 const UNSHARED: u8 = b'U';
@@ -354,29 +366,36 @@ impl Message for FromShim {
 
 impl Message for ToInit {
     const LINK: &'static str = "shim-to-init";
-    const MAX_LEN: usize = 64 << 10;
+    const MAX_LEN: usize = MAX_FRAME;
 
     fn kind(&self) -> u8 {
         match self {
+            ToInit::Job(_) => JOB,
             ToInit::Cgroup { .. } => CGROUP,
             ToInit::Mapped => MAPPED,
         }
     }
 
-    /// `Cgroup`: the number of `join` files (u32), then every path NUL-terminated.
+    /// `Job`: JSON. `Cgroup`: the number of `join` files (u32), then every path
+    /// NUL-terminated.
     fn put_body(&self, out: &mut Vec<u8>) {
-        if let ToInit::Cgroup { join, leave } = self {
-            out.extend((join.len() as u32).to_le_bytes());
-            for path in join.iter().chain(leave) {
-                out.extend_from_slice(path.as_os_str().as_bytes());
-                out.push(0);
+        match self {
+            ToInit::Job(job) => put_json(out, job),
+            ToInit::Cgroup { join, leave } => {
+                out.extend((join.len() as u32).to_le_bytes());
+                for path in join.iter().chain(leave) {
+                    out.extend_from_slice(path.as_os_str().as_bytes());
+                    out.push(0);
+                }
             }
+            ToInit::Mapped => {}
         }
     }
 
     fn parse(kind: u8, bytes: &[u8]) -> Result<Self, HandshakeError> {
         let mut b = body(Self::LINK, bytes);
         match kind {
+            JOB => Ok(ToInit::Job(Box::new(b.json()?))),
             CGROUP => {
                 let joins = b.u32()? as usize;
                 let rest = b.rest();
@@ -512,6 +531,26 @@ mod tests {
             errno: libc::EAGAIN,
         });
         round_trip(ToInit::Mapped);
+        round_trip(ToInit::Job(Box::new(Job {
+            spec: SandboxSpec {
+                lower_dirs: vec!["/layers/src".into(), "/layers/base".into()],
+                upper: "/job/upper".into(),
+                work: "/job/work".into(),
+                identity: crate::spec::Identity {
+                    host_uid: 200_001,
+                    host_gid: 200_001,
+                },
+                argv: vec!["sh".into(), "-c".into(), "echo é".into()],
+                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+                cwd: "/build".into(),
+                limits: crate::spec::SandboxLimits::default(),
+                network: crate::spec::Network::Egress { port: 3128 },
+                read_only_binds: vec![("/host/probes".into(), "/probes".into())],
+                hostname: "corral".into(),
+                scratch: None,
+            },
+            root: "/run/corral/jobs/j1/root".into(),
+        })));
         round_trip(ToInit::Cgroup {
             join: vec![],
             leave: vec![],

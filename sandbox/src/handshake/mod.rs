@@ -17,7 +17,7 @@
 //! | zygote → worker | the same | [`FromZygote`]: the forked shim's pid, or why the fork failed |
 //! | worker → shim | stream, the shim's fd 0 | [`ToShim::Request`] once, then [`ToShim::Cancel`]; end of stream cancels at once |
 //! | shim → worker | the same | [`FromShim::Egress`] with the egress proxy's listening socket (egress jobs, before the job starts), [`FromShim::Event`] while the job runs (never blocking the shim: dropped and counted when the worker does not read), then [`FromShim::Report`] once, then the shim exits |
-//! | shim → init | seqpacket | [`ToInit::Cgroup`], then [`ToInit::Mapped`] |
+//! | shim → init | seqpacket | [`ToInit::Job`] (init is cloned before the job is known), then [`ToInit::Cgroup`], then [`ToInit::Mapped`] |
 //! | init → shim | the same | [`FromInit::Unshared`] (with the egress listener for egress jobs), [`FromInit::Listener`] with the seccomp listener, then [`FromInit::Status`] or [`FromInit::Failed`] |
 //!
 //! Small messages have fixed binary bodies (init speaks under the job's seccomp filter and

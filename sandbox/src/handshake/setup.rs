@@ -64,10 +64,12 @@ pub enum SetupStep {
     Egress,
     /// Entering the network namespace the zygote made ahead of the job.
     NetworkNamespace,
+    /// Init's own mount namespace, made once its job is known.
+    MountNamespace,
 }
 
 impl SetupStep {
-    pub(super) const ALL: [SetupStep; 28] = [
+    pub(super) const ALL: [SetupStep; 29] = [
         SetupStep::Request,
         SetupStep::Command,
         SetupStep::Output,
@@ -96,6 +98,7 @@ impl SetupStep {
         SetupStep::InitDied,
         SetupStep::Egress,
         SetupStep::NetworkNamespace,
+        SetupStep::MountNamespace,
     ];
 
     /// What the step does, for messages.
@@ -129,6 +132,7 @@ impl SetupStep {
             SetupStep::InitDied => "the job's pid 1 died during setup",
             SetupStep::Egress => "the egress proxy's listening socket",
             SetupStep::NetworkNamespace => "entering the pre-made network namespace",
+            SetupStep::MountNamespace => "mount namespace",
         }
     }
 

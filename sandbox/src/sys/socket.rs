@@ -126,3 +126,25 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: fresh fds we own.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
+
+/// Makes room in `sock`'s send buffer for a datagram of `bytes` (a unix datagram or
+/// seqpacket socket refuses one larger than its buffer): `SO_SNDBUFFORCE` (root), else
+/// `SO_SNDBUF` (up to `net.core.wmem_max`).
+pub fn reserve_send_buffer(sock: RawFd, bytes: usize) -> io::Result<()> {
+    let size =
+        libc::c_int::try_from(bytes).map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+    let set = |option: libc::c_int| {
+        // SAFETY: a live fd and an int of the size passed, valid for the call.
+        check(unsafe {
+            libc::setsockopt(
+                sock,
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+        .map(drop)
+    };
+    set(libc::SO_SNDBUFFORCE).or_else(|_| set(libc::SO_SNDBUF))
+}
