@@ -210,6 +210,8 @@ struct Inner {
     ready: Mutex<Ready>,
     /// Wakes the refill thread: a shim was taken, or the zygote is dropped.
     wake: Condvar,
+    /// Wakes [`Zygote::settle`]: a shim was forked ahead.
+    filled: Condvar,
 }
 
 #[derive(Default)]
@@ -251,6 +253,11 @@ impl Zygote {
     /// next while a job runs, so at a worker's usual concurrency the next job finds one).
     const READY: usize = 1;
 
+    /// How long after a job took a shim the next is forked: the fork, and the work the new
+    /// shim does ahead (its pid 1 and staged mounts), should not share the CPUs with the
+    /// job that just started.
+    const REFILL_AFTER: Duration = Duration::from_millis(3);
+
     /// How long the shims kept ahead outlive the last job.
     pub const READY_IDLE: Duration = Duration::from_secs(5);
 
@@ -262,6 +269,7 @@ impl Zygote {
                 running: Mutex::new(None),
                 ready: Mutex::new(Ready::default()),
                 wake: Condvar::new(),
+                filled: Condvar::new(),
             }),
         }
     }
@@ -279,6 +287,26 @@ impl Zygote {
             .lock()
             .map(|r| r.shims.iter().map(|s| s.pid).collect())
             .unwrap_or_default()
+    }
+
+    /// Waits (at most `limit`) until the shims kept ahead are forked again after the last
+    /// job took one, as they are on a worker between jobs. For benchmarks: a round then
+    /// does not share the machine with the previous round's background work.
+    pub fn settle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let Ok(mut ready) = self.inner.ready.lock() else {
+            return;
+        };
+        while ready.filling && !ready.closed && ready.shims.len() < Zygote::READY {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            ready = match self.inner.filled.wait_timeout(ready, left) {
+                Ok((r, _)) => r,
+                Err(_) => return,
+            };
+        }
     }
 
     /// A shim forked ahead, if one waits and is alive; either way the refill thread is
@@ -353,6 +381,16 @@ impl Inner {
                 };
                 continue;
             }
+            if idle_for < Zygote::REFILL_AFTER {
+                ready = match self
+                    .wake
+                    .wait_timeout(ready, Zygote::REFILL_AFTER - idle_for)
+                {
+                    Ok((r, _)) => r,
+                    Err(_) => return,
+                };
+                continue;
+            }
             drop(ready);
             let forked = self.fork_ready();
             ready = match self.ready.lock() {
@@ -360,7 +398,10 @@ impl Inner {
                 Err(_) => return,
             };
             match forked {
-                Ok(shim) if !ready.closed => ready.shims.push(shim),
+                Ok(shim) if !ready.closed => {
+                    ready.shims.push(shim);
+                    self.filled.notify_all();
+                }
                 Ok(_) => {}
                 // The zygote cannot fork now: jobs fork their own shim (and say why) until
                 // the next one is taken.

@@ -10,7 +10,10 @@
 //! `--upper`). A run is timed from the call to `Sandbox::spawn` to the outcome, as the
 //! worker gets it (`Running::wait_outcome_live`: the output, live events and report read on
 //! the waiting thread as they come); the wait for the shim's exit that follows is not counted,
-//! as the worker leaves it to its job dir pool, but it is done before the next round.
+//! as the worker leaves it to its job dir pool, but it is done before the next round, and so
+//! is the rest of the background work a worker does between jobs (the cgroup pool's, the next
+//! shim forked ahead with its pid 1), so that neither corral's next round nor the peer's
+//! shares the machine with it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -238,6 +241,13 @@ fn corral_once(
     // jobs.
     if let Some(pool) = &config.cgroup_pool {
         pool.settle();
+    }
+    // So is the zygote's: the next job's shim, forked ahead a few milliseconds after this
+    // one was taken, and the work it does before its request (its pid 1's clone and staged
+    // mounts, a fraction of a millisecond, given one here).
+    if let Some(zygote) = &config.zygote {
+        zygote.settle(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(1));
     }
     if !outcome.success() {
         bail!(
