@@ -1008,7 +1008,12 @@ fn the_next_job_starts_in_a_shim_forked_ahead() {
     let (zygote, cfg) = own_zygote_config("ready-shim");
     let uid = 211_008;
     echo_hi(&cfg, jobs.path(), "ready-0", uid);
-    let ready = eventually(|| zygote.ready_pids().first().copied())
+    // Forked a moment after the job took its own (`Zygote::REFILL_AFTER`); `settle` waits
+    // for it.
+    zygote.settle(Duration::from_secs(10));
+    let ready = *zygote
+        .ready_pids()
+        .first()
         .expect("a shim is forked ahead once jobs run");
     // It cloned the job's pid 1 before any job came, into namespaces of its own but the
     // mount namespace, which it makes once its job comes (with the job's dir mounted).
