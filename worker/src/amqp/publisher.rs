@@ -58,6 +58,8 @@ pub enum PublishError {
     Blocked(Duration),
     #[error("no confirm from the broker within {0:?}")]
     ConfirmTimeout(Duration),
+    #[error("the broker node did not let the publisher in within {0:?}")]
+    ConnectTimeout(Duration),
 }
 
 /// The broker's confirm of one [`Publisher::send`], to wait for when it matters.
@@ -73,6 +75,9 @@ const MANDATORY_CHANNELS: usize = 8;
 const NACKS_BEFORE_RESET: u64 = 3;
 /// How long closing a channel or connection the publisher gives up may take.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// Bounds connecting and opening a confirm channel: a node killed while the publisher
+/// connects may never answer, and every publish waits behind the connection being made.
+const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// One connection of the publisher and its channels.
 #[derive(Clone)]
@@ -128,17 +133,32 @@ impl Publisher {
         }
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let (i, node) = self.nodes.current();
-        let conn = match Connection::connect_uri(node.uri.clone(), props).await {
+        let connect = Connection::connect_uri(node.uri.clone(), props);
+        let connected = match tokio::time::timeout(CONNECT_WAIT, connect).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(err)) => Err(PublishError::Connect(err)),
+            Err(_) => Err(PublishError::ConnectTimeout(CONNECT_WAIT)),
+        };
+        let conn = match connected {
             Ok(conn) => conn,
             Err(err) => {
                 tracing::warn!(node = %node.name, error = %err, "publisher cannot reach this broker node; trying the next one");
                 self.nodes.failed(i);
-                return Err(PublishError::Connect(err));
+                return Err(err);
             }
         };
         tracing::info!(node = %node.name, "publisher connected");
         let conn = Arc::new(conn);
-        let stream = confirm_channel(&conn).await?;
+        let stream = match confirm_channel(&conn).await {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(node = %node.name, error = %err, "publisher connected but got no channel; trying the next node");
+                self.nodes.failed(i);
+                let _ =
+                    tokio::time::timeout(CLOSE_WAIT, conn.close(320, "no channel".into())).await;
+                return Err(err);
+            }
+        };
         let current = Link {
             generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
             node: i,
@@ -377,11 +397,16 @@ fn close_channel(ch: Channel) {
 }
 
 async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {
-    let ch = conn.create_channel().await.map_err(PublishError::Connect)?;
-    ch.confirm_select(ConfirmSelectOptions::default())
+    let open = async {
+        let ch = conn.create_channel().await.map_err(PublishError::Connect)?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(PublishError::Connect)?;
+        Ok(ch)
+    };
+    tokio::time::timeout(CONNECT_WAIT, open)
         .await
-        .map_err(PublishError::Connect)?;
-    Ok(ch)
+        .map_err(|_| PublishError::ConnectTimeout(CONNECT_WAIT))?
 }
 
 /// What the confirm of a mandatory publish on a channel of its own says. The channel had
@@ -417,4 +442,46 @@ fn mandatory_outcome(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amqp::settings::Node;
+
+    /// A node that takes the TCP connection and never speaks AMQP (a broker killed or
+    /// frozen while the publisher connects): the publish fails with a timeout, the node is
+    /// marked failed, and the publisher moves on, instead of every later publish waiting
+    /// behind that connection for ever.
+    #[tokio::test]
+    async fn a_node_that_never_answers_fails_the_publish_instead_of_hanging_it() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let node = |name: &str, port: u16| Node {
+            uri: format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+                .parse()
+                .unwrap(),
+            name: name.into(),
+        };
+        let nodes = Arc::new(Nodes::new(vec![node("silent", port), node("next", port)]));
+        let publisher = Arc::new(Publisher::new(
+            nodes.clone(),
+            "test".into(),
+            Duration::from_secs(1),
+        ));
+        let sent = publisher
+            .send("", "q", b"x", BasicProperties::default())
+            .await;
+        assert!(
+            matches!(sent, Err(PublishError::ConnectTimeout(_))),
+            "{:?}",
+            sent.err()
+        );
+        assert_eq!(
+            nodes.current().1.name,
+            "next",
+            "the silent node is passed over"
+        );
+        drop(silent);
+    }
 }
